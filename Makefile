@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (each sets itself up):
+#   make bench   the main job until the trainer lands: the benchmark on small shapes, table printed
+#   make test    the test suite
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: venv test bench bench-full clean
+
+# torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
+# Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "torch==2.13.0"
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VPY) -m bench.core --preset small
+
+bench-full: $(STAMP)
+	$(VPY) -m bench.core --preset full --write
+
+clean:
+	rm -rf $(VENV) build alignkit/_C*.so *.egg-info

@@ -1,0 +1,18 @@
+"""alignkit: fused LM-head log-probs and preference losses, straight from hidden states."""
+from alignkit.api import (
+    LinearTokenLogprobs,
+    linear_token_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
+from alignkit.ops.backends import cpp_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "linear_token_logprobs",
+    "token_logprobs",
+    "sequence_logprobs",
+    "LinearTokenLogprobs",
+    "cpp_available",
+]

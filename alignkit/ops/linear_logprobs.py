@@ -1,0 +1,223 @@
+"""Fused linear log-probs: log p(label | hidden) through the LM head without [N, V] logits.
+
+    x = h·Wᵀ + b                      raw logits of one tile, [rows, vocab_block] fp32
+    z = softcap·tanh(x/softcap) / T   (softcap optional)
+    logp_i = z_{i,y_i} − logsumexp_v z_{i,v},   entropy_i = lse_i − Σ_v p_{i,v} z_{i,v}
+
+Forward: only labelled tokens are gathered, a chunk at a time; each chunk walks the vocab in blocks,
+one GEMM per tile, and the tile is folded into per-token online-LSE statistics (tile_kernels).
+Nothing of size N·V is kept: backward recomputes each tile (one more GEMM), turns it into
+dL/dx in place, and feeds it to the two gradient GEMMs. That is 4 GEMMs against the 3-GEMM floor;
+a generic op cannot do better, since it learns its upstream gradient only in backward (the fused
+losses in alignkit.losses know it in forward and skip the recompute).
+
+A no-grad call runs 1 GEMM per tile plus the fold and saves nothing.
+
+Registered as custom ops (alignkit::linear_logprobs_fwd / _bwd) with a fake implementation and
+autograd, so torch.compile traces around it without a graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from alignkit.ops import tiling
+from alignkit.ops.backends import resolve
+from alignkit.ops.options import LogprobOptions
+from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
+from alignkit.ops.validate import check_label_range, check_linear_inputs
+
+_EMPTY = (0,)
+
+
+def _compute_dtype(t: Tensor) -> Tensor:
+    # fp32 GEMMs: fp32 accumulation for bf16/fp16 inputs, and on CPUs without bf16 units bf16
+    # matmul runs ~20x slower than fp32. Only [rows, H] and [vocab_block, H] slices are converted.
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _tiles(M: int, H: int, V: int, backend: str):
+    p = tiling.plan(M, H, V, live_tiles=LIVE_TILES[backend])
+    for c0 in range(0, M, p.rows):
+        yield c0, min(M, c0 + p.rows), p
+
+
+def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int):
+    r = hc.shape[0]
+    tile = buf[: r * (v1 - v0)].view(r, v1 - v0)
+    wb = _compute_dtype(weight[v0:v1])
+    if bias is None:
+        torch.mm(hc, wb.t(), out=tile)
+    else:
+        torch.addmm(_compute_dtype(bias[v0:v1]), hc, wb.t(), out=tile)
+    return tile, wb
+
+
+def _opts(ignore_index, temperature, softcap, return_entropy, backend) -> LogprobOptions:
+    return LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+                          softcap=softcap if softcap > 0 else None,
+                          return_entropy=return_entropy, backend=backend)
+
+
+def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+                 opts: LogprobOptions, backend: str):
+    """Returns (logprobs[N], entropy[N] or [0], lse2[N, 2]) for flattened inputs.
+
+    lse2 holds (running max m, log Σexp(z − m)) per token: lse = m + log s, kept in two parts
+    for an exact backward at large logits (tile_kernels).
+    """
+    V, H = weight.shape
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1).long()
+    N = y.numel()
+    check_label_range(y, V, opts.ignore_index)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lp = torch.zeros(N, **f32)
+    lse_out = torch.zeros(N, 2, **f32)
+    ent_out = torch.zeros(N if opts.return_entropy else 0, **f32)
+    idx = (y != opts.ignore_index).nonzero().squeeze(1)
+    M = idx.numel()
+    if M == 0:
+        return lp, ent_out, lse_out
+    fold, _ = KERNELS[backend]
+    buf = None
+    for c0, c1, p in _tiles(M, H, V, backend):
+        if buf is None:
+            buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), **f32)
+        ic = idx[c0:c1]
+        hc = _compute_dtype(h2.index_select(0, ic))
+        yc = y.index_select(0, ic)
+        st = RowStats.new(c1 - c0, opts.return_entropy, hidden.device)
+        for v0 in range(0, V, p.vocab_block):
+            v1 = min(V, v0 + p.vocab_block)
+            tile, _ = _logits_tile(buf, hc, weight, bias, v0, v1)
+            fold(tile, yc, v0, st, opts)
+        lp.index_copy_(0, ic, st.logprob())
+        lse_out.index_copy_(0, ic, st.lse2())
+        if opts.return_entropy:
+            ent_out.index_copy_(0, ic, st.entropy())
+    return lp, ent_out, lse_out
+
+
+def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
+                  labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
+                  opts: LogprobOptions, backend: str, need_h: bool, need_w: bool, need_b: bool):
+    V, H = weight.shape
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1).long()
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    gh = torch.zeros(h2.shape, **f32) if need_h else None
+    gw = torch.zeros(V, H, **f32) if need_w else None
+    gb = torch.zeros(V, **f32) if need_b else None
+    idx = (y != opts.ignore_index).nonzero().squeeze(1)
+    M = idx.numel()
+    _, grad = KERNELS[backend]
+    g_lp_all = grad_lp.reshape(-1).float()
+    g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
+    buf = None
+    for c0, c1, p in _tiles(M, H, V, backend):
+        if buf is None:
+            buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), **f32)
+        ic = idx[c0:c1]
+        hc = _compute_dtype(h2.index_select(0, ic))
+        yc = y.index_select(0, ic)
+        lse_c = lse.index_select(0, ic)
+        g_c = g_lp_all.index_select(0, ic)
+        ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None
+        ent_c = entropy.reshape(-1).index_select(0, ic) if ge_c is not None else None
+        ghc = torch.zeros(c1 - c0, H, **f32) if need_h else None
+        for v0 in range(0, V, p.vocab_block):
+            v1 = min(V, v0 + p.vocab_block)
+            tile, wb = _logits_tile(buf, hc, weight, bias, v0, v1)
+            grad(tile, tile, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
+            if need_h:
+                ghc.addmm_(tile, wb)
+            if need_w:
+                gw[v0:v1].addmm_(tile.t(), hc)
+            if need_b:
+                gb[v0:v1] += tile.sum(0)
+        if need_h:
+            gh.index_copy_(0, ic, ghc)
+    out_h = gh.to(hidden.dtype).reshape(hidden.shape) if need_h else None
+    out_w = gw.to(weight.dtype) if need_w else None
+    out_b = gb.to(bias.dtype) if need_b else None
+    return out_h, out_w, out_b
+
+
+# ------------------------------------------------------------------------------ custom op layer
+@torch.library.custom_op("alignkit::linear_logprobs_fwd", mutates_args=())
+def _fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+            ignore_index: int, temperature: float, softcap: float, return_entropy: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, return_entropy, backend)
+    lp, ent, lse = forward_impl(hidden, weight, labels, bias, opts, backend)
+    shape = labels.shape
+    return (lp.view(shape), (ent.view(shape) if return_entropy else ent),
+            lse.view(*shape, 2))
+
+
+@_fwd_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend):
+    out = labels.new_empty(labels.shape, dtype=torch.float32)
+    ent = labels.new_empty(labels.shape if return_entropy else _EMPTY, dtype=torch.float32)
+    return out, ent, labels.new_empty((*labels.shape, 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("alignkit::linear_logprobs_bwd", mutates_args=())
+def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
+            labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
+            ignore_index: int, temperature: float, softcap: float, backend: str,
+            need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, entropy is not None, backend)
+    gh, gw, gb = backward_impl(grad_lp, grad_ent, hidden, weight, labels, bias, lse.reshape(-1, 2),
+                               entropy, opts, backend, need_h, need_w, need_b)
+    # outputs may not alias each other: a fresh empty tensor for each gradient not asked for
+    return tuple(g if g is not None else hidden.new_empty(_EMPTY) for g in (gh, gw, gb))
+
+
+@_bwd_op.register_fake
+def _(grad_lp, grad_ent, hidden, weight, labels, bias, lse, entropy, ignore_index, temperature,
+      softcap, backend, need_h, need_w, need_b):
+    gh = hidden.new_empty(hidden.shape if need_h else _EMPTY)
+    gw = weight.new_empty(weight.shape if need_w else _EMPTY)
+    gb = (bias if bias is not None else weight).new_empty(bias.shape if need_b else _EMPTY)
+    return gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, labels, bias, lse, ent if return_entropy else None)
+    ctx.args = (ignore_index, temperature, softcap, backend)
+
+
+def _backward(ctx, grad_lp, grad_ent, _grad_lse):
+    hidden, weight, labels, bias, lse, ent = ctx.saved_tensors
+    ignore_index, temperature, softcap, backend = ctx.args
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[3]
+    if grad_lp is None:
+        grad_lp = torch.zeros_like(lse[..., 0])
+    if ent is None:
+        grad_ent = None
+    elif grad_ent is None:
+        grad_ent = torch.zeros_like(ent)
+    gh, gw, gb = _bwd_op(grad_lp, grad_ent, hidden, weight, labels, bias, lse, ent, ignore_index,
+                         temperature, softcap, backend, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
+            None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor],
+                    opts: LogprobOptions):
+    """Launcher: validates, resolves the backend, calls the op. Returns (logprobs, entropy|None)."""
+    check_linear_inputs(hidden, weight, labels, bias)
+    backend = resolve(opts.backend, hidden.device)
+    lp, ent, _ = _fwd_op(hidden, weight, labels, bias, opts.ignore_index, float(opts.temperature),
+                         opts.cap, opts.return_entropy, backend)
+    return lp, (ent if opts.return_entropy else None)

@@ -1,0 +1,46 @@
+"""Non-tensor options of the log-prob ops, carried in one frozen dataclass."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "torch", "triton", "cpp")
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    """Options shared by every layer of the log-prob ops.
+
+    ignore_index:   label value that marks a position with no target; its outputs are exactly 0.0.
+    temperature:    logits are divided by it (after the softcap), > 0.
+    softcap:        if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2 style).
+    return_entropy: also return the entropy of the full distribution at labelled positions.
+    backend:        "auto" | "torch" | "triton" | "cpp".
+    """
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: float | None = None
+    return_entropy: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.softcap is not None and not (isinstance(self.softcap, (int, float))
+                                             and math.isfinite(self.softcap) and self.softcap > 0):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def inv_temp(self) -> float:
+        return 1.0 / float(self.temperature)
+
+    @property
+    def cap(self) -> float:
+        """softcap as the kernels take it: 0.0 means off."""
+        return float(self.softcap) if self.softcap is not None else 0.0

@@ -1,0 +1,59 @@
+"""Input checks shared by the launchers: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), "
+                        f"got dtype {t.dtype}")
+
+
+def check_labels(labels: torch.Tensor, expected_shape, what: str):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"labels must have shape {tuple(expected_shape)} ({what}), "
+                         f"got {tuple(labels.shape)}")
+
+
+def check_same_device(**tensors):
+    devs = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devs.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"all inputs must be on one device, got {desc}")
+
+
+def check_linear_inputs(hidden, weight, labels, bias):
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden's last dim must equal weight's H={H} (weight is [V, H] = "
+                         f"{tuple(weight.shape)}), got hidden {tuple(hidden.shape)}")
+    check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    if bias is not None:
+        check_float("bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape [V] = ({V},), got {tuple(bias.shape)}")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int):
+    """Data-dependent check, run inside the op (not while torch.compile traces)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0, 0])
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                         f"got {int(labels.flatten()[i])} at flat position {i}")

@@ -1,0 +1,94 @@
+"""Core-op benchmark: per-token log-probs from hidden states, fwd+bwd of a sequence-level loss.
+
+    python -m bench.core --preset small            # quick table (the README's main command)
+    python -m bench.core --preset full --write     # B1-B3, writes bench/RESULTS.md, CSV and PNG
+
+Each method runs on the same inputs in one process: time (median after warm-up) and the exact peak
+of live tensor memory (profiler allocation events). Ratios are to the GEMM floor (the three GEMMs
+over the labelled tokens, timed in the same run) and to grad_W + grad_h.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import harness, methods
+
+PRESETS = {
+    # 25% of each row is a masked prompt (labels -100)
+    "small": [("S1 2x256 H256 V8000", 2, 256, 256, 8000)],
+    "full": [
+        ("B1 4x1024 H1024 V32000", 4, 1024, 1024, 32000),
+        ("B2 2x512 H384 V151936", 2, 512, 384, 151936),
+        ("B3 1x8192 H256 V32000", 1, 8192, 256, 32000),
+    ],
+}
+OUT = Path(__file__).parent
+
+
+def run(preset: str, only: list[str] | None, reps: int, skip_memory: bool, log=print):
+    rows: list[harness.Row] = []
+    for name, S, T, H, V in PRESETS[preset]:
+        case = methods.make_case(name, S, T, H, V)
+        M = int(case.mask.sum())
+        grads_mib = (V * H + S * T * H) * 4 / 2**20
+        floor_s = harness.median_time(methods.floor(case), reps=reps)
+        gemm_s = harness.median_time(methods.one_gemm(case), reps=reps)
+        log(f"[{name}] labelled tokens {M}, floor {floor_s:.3f}s, one GEMM {gemm_s:.3f}s")
+        rows.append(harness.Row(name, "GEMM floor (3 GEMMs)", floor_s, None, floor_s, grads_mib))
+        for mname, setup in methods.METHODS.items():
+            if only and not any(o.lower() in mname.lower() for o in only):
+                continue
+            try:
+                step = setup(case)
+                if step is None:
+                    log(f"  {mname:40s} n/a (needs pairs)")
+                    continue
+                t = harness.median_time(step, reps=reps)
+                mem = None if skip_memory else harness.peak_bytes(step) / 2**20
+                rows.append(harness.Row(name, mname, t, mem, floor_s, grads_mib))
+                log(f"  {mname:40s} {t:7.3f}s  {t / floor_s:5.2f}x floor  "
+                    f"{harness.fmt(mem, '7.0f')} MiB")
+            except Exception as exc:  # a peer that fails here is reported, not hidden
+                rows.append(harness.Row(name, mname, None, None, floor_s, grads_mib,
+                                        note=f"failed: {type(exc).__name__}: {exc}"[:120]))
+                log(f"  {mname:40s} FAILED {type(exc).__name__}: {exc}")
+        t = harness.median_time(methods.alignkit_nograd(case), reps=reps)
+        rows.append(harness.Row(name, "alignkit no-grad forward", t, None, gemm_s, grads_mib,
+                                note="time / floor is vs ONE GEMM"))
+        log(f"  {'alignkit no-grad forward':40s} {t:7.3f}s  {t / gemm_s:5.2f}x one GEMM")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--only", nargs="*", help="substrings of method names to run")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--write", action="store_true", help="write RESULTS section, CSV and PNG")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    rows = run(a.preset, a.only, a.reps, a.skip_memory)
+    table = harness.markdown(rows)
+    print()
+    print(f"machine: {harness.machine()}")
+    print(table)
+    if a.write:
+        out = OUT / "out"
+        out.mkdir(exist_ok=True)
+        harness.write_csv(rows, out / f"core_{a.preset}.csv")
+        harness.plot(rows, OUT / f"core_{a.preset}.png", "alignkit core op, fwd+bwd (CPU)")
+        section = (f"## Core op, preset `{a.preset}`\n\nMachine: {harness.machine()}. Command: "
+                   f"`python -m bench.core {' '.join(sys.argv[1:] if argv is None else argv)}` "
+                   f"({time.time() - t0:.0f} s).\n\n{table}\n")
+        (out / f"core_{a.preset}.md").write_text(section)
+        print(f"\nwrote {out}/core_{a.preset}.{{csv,md}} and bench/core_{a.preset}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Timing and exact peak-memory measurement shared by the bench scripts.
+
+Time: median of `reps` runs after `warmup` runs, each a full fwd+bwd (or forward) from fresh grads.
+Memory: the exact peak of live tensor memory allocated during one run, from the profiler's
+allocation events (`[memory]` events summed in time order, running maximum). Tensors that exist
+before the run (inputs, weights) are not counted; gradients and everything the method allocates are.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.profiling import peak_memory_bytes
+
+
+peak_bytes = peak_memory_bytes
+
+
+def median_time(fn, warmup: int = 1, reps: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str
+    seconds: float | None
+    peak_mib: float | None
+    floor_s: float
+    grads_mib: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def x_floor(self):
+        return None if self.seconds is None else self.seconds / self.floor_s
+
+    @property
+    def x_grads(self):
+        return None if self.peak_mib is None else self.peak_mib / self.grads_mib
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(rows: list[Row]) -> str:
+    out = ["| shape | method | time (s) | time / floor | peak MiB | peak / (grad_W+grad_h) | note |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.shape} | {r.method} | {fmt(r.seconds, '.3f')} | {fmt(r.x_floor, '.2f')}x "
+                   f"| {fmt(r.peak_mib, '.0f')} | {fmt(r.x_grads, '.2f')}x | {r.note} |")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[Row], path):
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["shape", "method", "seconds", "x_floor", "peak_mib", "x_grads", "floor_s",
+                    "grads_mib", "note"])
+        for r in rows:
+            w.writerow([r.shape, r.method, r.seconds, r.x_floor, r.peak_mib, r.x_grads, r.floor_s,
+                        r.grads_mib, r.note])
+
+
+def plot(rows: list[Row], path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows if r.seconds is not None))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(methods), 1)
+    for k, (ax, attr, label) in enumerate(zip(axes, ("x_floor", "x_grads"),
+                                              ("time / GEMM floor", "peak / (grad_W + grad_h)"))):
+        for i, m in enumerate(methods):
+            vals = []
+            for s in shapes:
+                r = next((r for r in rows if r.shape == s and r.method == m), None)
+                v = getattr(r, attr) if r else None
+                vals.append(v if v is not None else 0.0)
+            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    import os
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")

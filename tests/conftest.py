@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+import alignkit
+
+BACKENDS = ["torch"] + (["cpp"] if alignkit.cpp_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_oracle(name, ours, ref64, naive, factor=4.0):
+    """Tolerance relative to torch's own error: |ours − ref64| ≤ factor·|naive − ref64| + floor.
+
+    `naive` is the plain-torch computation in the same dtype as `ours` (full logits, log_softmax),
+    `ref64` the float64 oracle. The floor (a few fp32 ulps of the values' scale) only matters where
+    torch happens to be exact.
+    """
+    e_ours, e_torch = max_err(ours, ref64), max_err(naive, ref64)
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    floor = 8 * torch.finfo(torch.float32).eps * max(scale, 1.0)
+    assert e_ours <= factor * e_torch + floor, (
+        f"{name}: error {e_ours:.3e} vs torch's own {e_torch:.3e} (floor {floor:.1e})")
+
+
+def make_inputs(shape, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.25, scale=1.0,
+                seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * (scale / H**0.5) * 3
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
+    return cast(h), cast(W), cast(b), y
