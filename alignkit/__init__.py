@@ -5,6 +5,7 @@ from alignkit.api import (
     sequence_logprobs,
     token_logprobs,
 )
+from alignkit.losses import preference_loss
 from alignkit.ops.backends import cpp_available
 
 __version__ = "0.1.0"
@@ -14,5 +15,6 @@ __all__ = [
     "token_logprobs",
     "sequence_logprobs",
     "LinearTokenLogprobs",
+    "preference_loss",
     "cpp_available",
 ]

@@ -1,6 +1,7 @@
 """Timing and exact peak-memory measurement shared by the bench scripts.
 
-Time: median of `reps` runs after `warmup` runs, each a full fwd+bwd (or forward) from fresh grads.
+Time: median of `reps` interleaved rounds after `warmup` runs, each a full fwd+bwd (or forward)
+from fresh grads.
 Memory: the exact peak of live tensor memory allocated during one run, from the profiler's
 allocation events (`[memory]` events summed in time order, running maximum). Tensors that exist
 before the run (inputs, weights) are not counted; gradients and everything the method allocates are.
@@ -20,16 +21,35 @@ from alignkit.profiling import peak_memory_bytes
 peak_bytes = peak_memory_bytes
 
 
-def median_time(fn, warmup: int = 1, reps: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
+def median_time(fn, warmup: int = 1, reps: int = 3, reset=None) -> float:
+    return interleaved_times({"x": fn}, warmup, reps, reset)["x"]
+
+
+def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None) -> dict:
+    """Median time of each step, measured in `reps` interleaved rounds (one run of every step per
+    round) after `warmup` runs each. This machine's speed drifts by up to ~30% over minutes;
+    interleaving makes every method see the same drift, so ratios within one run stay honest."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            if reset:
+                reset()
+            fn()
+    times = {k: [] for k in steps}
     for _ in range(reps):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for k, fn in steps.items():
+            if reset:
+                reset()
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_after_reset(fn, reset=None) -> int:
+    if reset:
+        reset()
+    return peak_bytes(fn)
 
 
 @dataclass

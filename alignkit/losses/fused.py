@@ -1,0 +1,156 @@
+"""Fused preference losses straight from hidden states: no [tokens x vocab] logits, ever.
+
+Layout: sequences 0..B-1 are the chosen responses of pairs 0..B-1, sequences B..2B-1 the rejected
+ones; padded hidden [2B, T, H] with labels [2B, T], or packed hidden [N, H] with labels [N] and
+segment_ids [N] in [0, 2B). Labels are aligned with hidden (label i is predicted from hidden i).
+
+How the gradient is computed (the memory arithmetic, measured on the 2-core bench machine):
+the per-sequence log-probs come from the fused op (alignkit.ops), whose backward recomputes each
+logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W, Gᵀ·h), peak memory grad_W + grad_h + one tile.
+A single-pass gradient (3 GEMMs) needs, while a tile is alive, both the token's final
+log-sum-exp (so the tile must span the whole vocabulary: rows x V fp32) and the pair's scalar
+dL/dlogp (known only after the pair's last token). The two ways to have them are an extra [V, H]
+fp32 accumulator per pair in flight (+grad_W-sized memory: 2.0-2.4x (grad_W + grad_h) at the
+bench shapes, against the 1.3x budget) or the pair's logits ([T, V] per pair: O(T·V)). Both
+break the memory contract that long-sequence users rely on, so the recompute path is the one
+shipped; see bench/RESULTS.md for the measured cost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from alignkit.api import sequence_logprobs
+from alignkit.losses.pairwise import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.ops.validate import check_linear_inputs
+
+# per loss: its own options, whether it reads a reference, the default reduction
+_SPECS = {
+    "dpo": (("beta", "loss_type", "loss_weights", "label_smoothing", "discopop_tau"), True, False),
+    "simpo": (("beta", "gamma", "label_smoothing"), False, True),
+    "cpo": (("beta", "alpha", "loss_type", "label_smoothing"), False, True),
+    "orpo": (("beta",), False, True),
+}
+# options every loss takes: the reduction and the log-prob op's own options
+_COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend")
+LOSSES = tuple(_SPECS)
+
+
+def split_options(loss: str, options: dict):
+    """Splits **loss_options into (loss kwargs, common kwargs); unknown names raise."""
+    if loss not in _SPECS:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} "
+                         "(KTO is unpaired: use alignkit.losses.kto_loss on sequence_logprobs)")
+    own = _SPECS[loss][0]
+    bad = [k for k in options if k not in own and k not in _COMMON]
+    if bad:
+        raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
+                         f"{', '.join(own + _COMMON)}")
+    return ({k: v for k, v in options.items() if k in own},
+            {k: v for k, v in options.items() if k in _COMMON})
+
+
+def _num_sequences(hidden, labels, segment_ids, num_segments):
+    if segment_ids is None:
+        if hidden.dim() != 3:
+            raise ValueError("preference_loss needs padded hidden [2B, T, H] or packed hidden "
+                             f"[N, H] with segment_ids [N]; got hidden {tuple(hidden.shape)} and "
+                             "no segment_ids")
+        return hidden.shape[0]
+    if num_segments is not None:
+        return int(num_segments)
+    return int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+
+
+def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str = "dpo",
+                    ref_logprobs: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
+                    ref_weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    segment_ids: Optional[Tensor] = None, **loss_options):
+    """Preference loss of a packed chosen/rejected batch, from hidden states.
+
+    loss: "dpo" (sums; needs a reference), "simpo", "cpo", "orpo" (per-token averages by default;
+    reference-free). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
+    orpo_loss in alignkit.losses) plus ``average`` (override the reduction), ``num_segments``,
+    ``ignore_index``, ``temperature``, ``softcap``, ``backend``. An option the loss does not read
+    raises.
+
+    Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
+    ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
+    inside without gradients and without logits.
+
+    A fully masked response has log-prob 0 and 0 tokens: its sum and its average are 0.0 and the
+    loss stays finite (ORPO clamps its average just below 0, where the odds are infinite).
+
+    Returns (loss, metrics): 0-dim loss; metrics as 0-dim detached tensors with TRL's keys
+    (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
+    logps/rejected, and nll where the loss has an NLL term).
+    """
+    own, common = split_options(loss, loss_options)
+    check_linear_inputs(hidden, weight, labels, bias)
+    uses_ref, default_avg = _SPECS[loss][1], _SPECS[loss][2]
+    average = common.pop("average", None)
+    average = default_avg if average is None else bool(average)
+    num_segments = common.pop("num_segments", None)
+    S = _num_sequences(hidden, labels, segment_ids, num_segments)
+    if S == 0 or S % 2:
+        raise ValueError(f"preference_loss needs an even number of sequences (B chosen, then B "
+                         f"rejected); got {S}" + (" segments (max segment id + 1)"
+                                                   if segment_ids is not None else " rows"))
+    B = S // 2
+    seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
+                  bias=bias, **common)
+    sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
+    counts_f = counts.to(sums.dtype)
+    avg = sums / counts_f.clamp(min=1)
+    logps = avg if average else sums
+
+    ref = None
+    if uses_ref:
+        ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
+                         average, seq_kw, S)
+    elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
+        raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
+                         "ref_weight would be ignored, so they are refused")
+
+    c, r = logps[:B], logps[B:]
+    if loss == "dpo":
+        out = dpo_loss(c, r, ref[:B], ref[B:], chosen_counts=counts_f[:B],
+                       rejected_counts=counts_f[B:], **own)
+    elif loss == "simpo":
+        out = simpo_loss(c, r, **own)
+    else:
+        # NLL of the chosen tokens, as a token mean over the batch (TRL's cross-entropy term)
+        nll = -sums[:B].sum() / counts_f[:B].sum().clamp(min=1)
+        if loss == "cpo":
+            out = cpo_loss(c, r, nll=nll, **own)
+        else:
+            out = orpo_loss(c, r, nll=nll, **own)
+    return out
+
+
+def _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias, average,
+               seq_kw, S):
+    if ref_logprobs is not None:
+        if ref_hidden is not None or ref_weight is not None:
+            raise ValueError("give ref_logprobs or ref_hidden + ref_weight, not both")
+        if not isinstance(ref_logprobs, Tensor) or tuple(ref_logprobs.shape) != (S,):
+            shape = tuple(ref_logprobs.shape) if isinstance(ref_logprobs, Tensor) else ref_logprobs
+            raise ValueError(f"ref_logprobs must have shape [2B] = ({S},), got {shape}")
+        return ref_logprobs.detach().to(torch.float32)
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("DPO needs a reference: ref_logprobs [2B], or ref_hidden + ref_weight")
+    if tuple(ref_hidden.shape) != tuple(hidden.shape):
+        raise ValueError(f"ref_hidden must have the shape of hidden {tuple(hidden.shape)}, got "
+                         f"{tuple(ref_hidden.shape)}")
+    if bias is not None:
+        # the API has no ref_bias: using the policy's bias, or none, would each be a silent guess
+        raise ValueError("with an LM-head bias, pass the reference as ref_logprobs (the ref_hidden"
+                         " path has no ref_bias argument)")
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(ref_hidden, ref_weight, labels, **seq_kw)
+    return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
+
+
+__all__ = ["preference_loss", "split_options", "LOSSES"]

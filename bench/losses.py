@@ -1,0 +1,160 @@
+"""Fused preference losses from hidden states: DPO, SimPO, ORPO fwd+bwd against the peers.
+
+    python -m bench.losses --preset full --write     # B1-B3 and the long pair
+    python -m bench.losses --preset small
+
+Methods per loss: alignkit.preference_loss; naive full logits + the same loss; Liger's fused loss
+(compiled=False and True); TRL's ChunkedLogProbFunction log-probs + the loss math; the GEMM floor
+(three GEMMs over the labelled tokens). Same inputs, one process, interleaved timing rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import alignkit
+from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
+from bench import harness, methods
+
+PRESETS = {
+    "small": [("S1 2x256 H256 V8000", 2, 256, 256, 8000)],
+    "full": [
+        ("B1 4x1024 H1024 V32000", 4, 1024, 1024, 32000),
+        ("B2 2x512 H384 V151936", 2, 512, 384, 151936),
+        # B3 is one 8192-token row in the core bench; a loss needs pairs: the same tokens as 2x4096
+        ("B3 2x4096 H256 V32000", 2, 4096, 256, 32000),
+        ("long pair 2x8192 H256 V32000", 2, 8192, 256, 32000),
+    ],
+}
+LOSSES = ("dpo", "simpo", "orpo")
+OUT = Path(__file__).parent
+
+
+def _loss_from_seq(loss, sums, counts, case):
+    B = case.S // 2
+    counts = counts.to(sums.dtype)
+    avg = sums / counts.clamp(min=1)
+    if loss == "dpo":
+        return dpo_loss(sums[:B], sums[B:], case.ref[:B], case.ref[B:])[0]
+    if loss == "simpo":
+        return simpo_loss(avg[:B], avg[B:])[0]
+    nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+    return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
+
+
+def _from_token_lp(loss, case, token_lp_fn):
+    def step():
+        lp = token_lp_fn().reshape(case.S, case.T)
+        _loss_from_seq(loss, lp.sum(-1), case.mask.sum(-1), case).backward()
+    return step
+
+
+def alignkit_fused(loss):
+    def setup(case):
+        kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
+        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss, **kw)[0].backward()
+    return setup
+
+
+def naive(loss):
+    def setup(case):
+        def lp():
+            logp = torch.log_softmax((case.h @ case.W.t()).float(), -1)
+            return logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
+        return _from_token_lp(loss, case, lp)
+    return setup
+
+
+def trl_math(loss):
+    def setup(case):
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
+
+        def lp():
+            out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
+                                               case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None,
+                                               1.0, ())
+            return out[0].view(case.S, case.T).masked_fill(~case.mask, 0)
+        return _from_token_lp(loss, case, lp)
+    return setup
+
+
+def liger(loss, compiled):
+    def setup(case):
+        from liger_kernel.chunked_loss import (LigerFusedLinearDPOLoss, LigerFusedLinearORPOLoss,
+                                               LigerFusedLinearSimPOLoss)
+        if loss == "dpo":
+            fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=compiled, use_ref_model=False)
+        elif loss == "simpo":
+            fn = LigerFusedLinearSimPOLoss(beta=2.0, gamma=1.0, compiled=compiled)
+        else:
+            fn = LigerFusedLinearORPOLoss(beta=0.1, compiled=compiled)
+        return lambda: fn(case.W, case.h, case.y)[0].backward()
+    return setup
+
+
+def run(preset, losses, reps, skip_memory, log=print):
+    rows = []
+    for name, S, T, H, V in PRESETS[preset]:
+        case = methods.make_case(name, S, T, H, V)
+        grads_mib = (V * H + S * T * H) * 4 / 2**20
+        for loss in losses:
+            steps = {"GEMM floor (3 GEMMs)": methods.floor(case),
+                     "alignkit preference_loss": alignkit_fused(loss)(case),
+                     "naive full logits": naive(loss)(case),
+                     "TRL chunked log-probs + loss": trl_math(loss)(case),
+                     "Liger fused (eager)": liger(loss, False)(case),
+                     "Liger fused (compiled)": liger(loss, True)(case)}
+            notes = {}
+            for k in list(steps):
+                try:
+                    case.reset()
+                    steps[k]()
+                except Exception as exc:
+                    notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
+                    log(f"  {k} FAILED {notes[k]}")
+                    del steps[k]
+            label = f"{name} {loss.upper()}"
+            log(f"[{label}] timing {len(steps)} steps x {reps} rounds")
+            t = harness.interleaved_times(steps, warmup=1, reps=reps, reset=case.reset)
+            floor_s = t["GEMM floor (3 GEMMs)"]
+            for k in steps:
+                mem = None
+                if not skip_memory and k != "GEMM floor (3 GEMMs)":
+                    mem = harness.peak_after_reset(steps[k], case.reset) / 2**20
+                rows.append(harness.Row(label, k, t[k], mem, floor_s, grads_mib))
+                log(f"  {k:32s} {t[k]:7.3f}s {t[k] / floor_s:5.2f}x floor "
+                    f"{harness.fmt(mem, '7.0f')} MiB")
+            for k, note in notes.items():
+                rows.append(harness.Row(label, k, None, None, floor_s, grads_mib, note=note))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--losses", nargs="*", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--write", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    rows = run(a.preset, a.losses, a.reps, a.skip_memory)
+    table = harness.markdown(rows)
+    print(f"\nmachine: {harness.machine()}\n{table}")
+    if a.write:
+        out = OUT / "out"
+        out.mkdir(exist_ok=True)
+        harness.write_csv(rows, out / f"losses_{a.preset}.csv")
+        harness.plot(rows, OUT / f"losses_{a.preset}.png", "alignkit fused losses, fwd+bwd (CPU)")
+        (out / f"losses_{a.preset}.md").write_text(
+            f"## Fused losses, preset `{a.preset}`\n\nMachine: {harness.machine()}. Command: "
+            f"`python -m bench.losses --preset {a.preset} --write` ({time.time() - t0:.0f} s)."
+            f"\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
