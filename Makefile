@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test bench bench-full clean
+.PHONY: venv test bench bench-full clean sanitize
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
 # Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
@@ -30,3 +30,9 @@ bench-full: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build alignkit/_C*.so *.egg-info
+
+# The C++ kernels' own test binary under AddressSanitizer + UBSan (no Python involved).
+sanitize:
+	g++ -std=c++17 -O1 -g -fopenmp -fsanitize=address,undefined -fno-omit-frame-pointer \
+	    -Icsrc csrc/test_kernels.cpp csrc/logprob_kernels.cpp -o csrc/test_kernels
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1 ./csrc/test_kernels

@@ -25,25 +25,37 @@ def median_time(fn, warmup: int = 1, reps: int = 3, reset=None) -> float:
     return interleaved_times({"x": fn}, warmup, reps, reset)["x"]
 
 
-def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None) -> dict:
+def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
+                      slow_after: float | None = None) -> dict:
     """Median time of each step, measured in `reps` interleaved rounds (one run of every step per
     round) after `warmup` runs each. This machine's speed drifts by up to ~30% over minutes;
-    interleaving makes every method see the same drift, so ratios within one run stay honest."""
-    for fn in steps.values():
+    interleaving makes every method see the same drift, so ratios within one run stay honest.
+
+    A step whose last warm-up run took longer than `slow_after` seconds is timed once only (a peer
+    at 40x the floor would otherwise take most of the bench's time); `slow` lists those."""
+    slow = set()
+    for k, fn in steps.items():
         for _ in range(warmup):
             if reset:
                 reset()
+            t0 = time.perf_counter()
             fn()
+            if slow_after is not None and time.perf_counter() - t0 > slow_after:
+                slow.add(k)
     times = {k: [] for k in steps}
-    for _ in range(reps):
+    for r in range(reps):
         for k, fn in steps.items():
+            if k in slow and r > 0:
+                continue
             if reset:
                 reset()
             gc.collect()
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    interleaved_times.slow = slow
+    return out
 
 
 def peak_after_reset(fn, reset=None) -> int:

@@ -119,13 +119,17 @@ def run(preset, losses, reps, skip_memory, log=print):
                     del steps[k]
             label = f"{name} {loss.upper()}"
             log(f"[{label}] timing {len(steps)} steps x {reps} rounds")
-            t = harness.interleaved_times(steps, warmup=1, reps=reps, reset=case.reset)
+            floor0 = harness.median_time(steps["GEMM floor (3 GEMMs)"], reps=1)
+            t = harness.interleaved_times(steps, warmup=1, reps=reps, reset=case.reset,
+                                          slow_after=8 * floor0)
+            slow = harness.interleaved_times.slow
             floor_s = t["GEMM floor (3 GEMMs)"]
             for k in steps:
                 mem = None
                 if not skip_memory and k != "GEMM floor (3 GEMMs)":
                     mem = harness.peak_after_reset(steps[k], case.reset) / 2**20
-                rows.append(harness.Row(label, k, t[k], mem, floor_s, grads_mib))
+                rows.append(harness.Row(label, k, t[k], mem, floor_s, grads_mib,
+                                        note="timed once (> 8x floor)" if k in slow else ""))
                 log(f"  {k:32s} {t[k]:7.3f}s {t[k] / floor_s:5.2f}x floor "
                     f"{harness.fmt(mem, '7.0f')} MiB")
             for k, note in notes.items():

@@ -14,6 +14,14 @@
 #include <omp.h>
 #endif
 
+// The row helpers must be inlined into each clone: a helper compiled once (baseline ISA) and
+// called from the AVX-512 clone would run at baseline speed.
+#if defined(__GNUC__)
+#define AK_INLINE inline __attribute__((always_inline))
+#else
+#define AK_INLINE inline
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ALIGNKIT_NO_CLONES)
 #define AK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define AK_HAVE_CLONES 1
@@ -34,7 +42,7 @@ constexpr int64_t kSumBlock = 256;
 // exp(x) for fp32, Cephes-style: x = n·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial for e^r and
 // 2^n from the exponent bits. Max relative error ~2 ulp on [-87, 88]. The round-to-nearest uses
 // the 1.5·2²³ trick so it vectorises on every ISA. NaN propagates.
-inline float fast_exp(float x) {
+AK_INLINE float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;  // keeps 2^n normal; exp(-87) ~ 1.6e-38 is below any useful sum
   x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f + 12582912.0f;
@@ -48,7 +56,11 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // n sits in t's low mantissa bits (t = 1.5·2²³ + n): take it from there, with integer ops only,
+  // so a NaN input stays defined behaviour (a float→int cast of NaN is UB) and comes out NaN.
+  int32_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const int32_t bits = (tb - 0x4B400000 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
@@ -56,7 +68,7 @@ inline float fast_exp(float x) {
 
 // tanh(u): odd Taylor series for |u| < 1/16 (no cancellation), (1 − e^{−2|u|})/(1 + e^{−2|u|})
 // otherwise.
-inline float fast_tanh(float u) {
+AK_INLINE float fast_tanh(float u) {
   const float au = u < 0.0f ? -u : u;
   const float e = fast_exp(-2.0f * au);
   float big = (1.0f - e) / (1.0f + e);
@@ -66,7 +78,7 @@ inline float fast_tanh(float u) {
   return au < 0.0625f ? small : big;
 }
 
-inline float bf16_to_f32(uint16_t b) {
+AK_INLINE float bf16_to_f32(uint16_t b) {
   uint32_t bits = static_cast<uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
@@ -75,20 +87,20 @@ inline float bf16_to_f32(uint16_t b) {
 
 struct LoadF32 {
   const float* p;
-  float operator()(int64_t j) const { return p[j]; }
+  AK_INLINE float operator()(int64_t j) const { return p[j]; }
 };
 struct LoadBF16 {
   const uint16_t* p;
-  float operator()(int64_t j) const { return bf16_to_f32(p[j]); }
+  AK_INLINE float operator()(int64_t j) const { return bf16_to_f32(p[j]); }
 };
 
 // z from x; the softcap branch is hoisted out of the loops by the callers' `if (cap > 0)`.
-inline float capped(float x, float inv_temp, float cap, float inv_cap) {
+AK_INLINE float capped(float x, float inv_temp, float cap, float inv_cap) {
   return cap * fast_tanh(x * inv_cap) * inv_temp;
 }
 
 template <class Load>
-inline void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, float* a, float& tgt,
+AK_INLINE void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, float* a, float& tgt,
                      float inv_temp, float cap) {
   const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
   float mx = kNegInf;
@@ -138,7 +150,7 @@ inline void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, float
 }
 
 template <class Load>
-inline void grad_row(Load x, float* out, int64_t cols, int64_t tj, float m, float logs, float g,
+AK_INLINE void grad_row(Load x, float* out, int64_t cols, int64_t tj, float m, float logs, float g,
                      float ent, float ge, bool has_ent, float inv_temp, float cap) {
   const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
   const float shift = logs - ent;  // z − lse + H = (z − m) − shift

@@ -1,6 +1,7 @@
-"""Launchers (input validation + backend dispatch) and the autograd of each op."""
-from alignkit.ops.linear_logprobs import linear_logprobs
-from alignkit.ops.logits_logprobs import logits_logprobs
-from alignkit.ops.options import BACKENDS, LogprobOptions
+"""Launchers (input validation + backend dispatch) and the autograd of each op.
 
-__all__ = ["linear_logprobs", "logits_logprobs", "LogprobOptions", "BACKENDS"]
+    alignkit.ops.linear_logprobs   fused LM head + log-probs (custom ops alignkit::linear_logprobs_*)
+    alignkit.ops.logits_logprobs   log-probs from given logits (alignkit::logits_logprobs_*)
+    alignkit.ops.tile_kernels      per-tile elementwise work, "cpp" and "torch" implementations
+    alignkit.ops.tiling            tile sizes from the memory budget
+"""
