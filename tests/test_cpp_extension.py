@@ -38,3 +38,22 @@ def test_thread_count_independent():
         # the kernels' per-row work is identical for any split; only MKL's GEMM may reorder sums
         for a, b_ in zip(outs[0], o):
             assert torch.allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    import warnings
+
+    from alignkit.ops import backends
+    monkeypatch.setattr(backends, "_cpp", None)
+    monkeypatch.setattr(backends, "_CPP_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(backends, "_warned", False)
+    h, W, _, y = make_inputs((3, 5), 8, 40, seed=22)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = alignkit.linear_token_logprobs(h, W, y)
+        b = alignkit.linear_token_logprobs(h, W, y)
+    msgs = [str(w.message) for w in caught if "alignkit._C" in str(w.message)]
+    assert len(msgs) == 1 and "torch backend" in msgs[0]
+    assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"backend='cpp' requested but alignkit._C is not built"):
+        alignkit.linear_token_logprobs(h, W, y, backend="cpp")

@@ -1,7 +1,8 @@
 """Backend resolution and the optional compiled module.
 
-"auto" picks, per device: CUDA -> "triton" (once the Triton issue lands; until then "torch"),
-CPU -> "cpp" when alignkit._C loaded, else "torch". Forcing a backend that cannot run raises.
+"auto" picks, per device: CUDA -> "triton" (when triton imports, else "torch"), CPU -> "cpp" when
+alignkit._C loaded, else "torch". Forcing a backend that cannot run raises; "triton" on CPU
+tensors runs under the Triton interpreter when TRITON_INTERPRET=1 is set.
 """
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
     _CPP_ERROR = exc
 
 _warned = False
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cpp_module():
@@ -44,10 +53,15 @@ def _warn_no_cpp():
 def resolve(backend: str, device: torch.device) -> str:
     """Returns the concrete backend ("torch" or "cpp") for tensors on `device`."""
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available yet: the Triton kernels (alignkit.kernels) have not "
-            "landed. Use backend='auto', 'torch' or (on CPU) 'cpp'."
-        )
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package "
+                               "(pip install 'alignkit[triton]')")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under "
+                             f"TRITON_INTERPRET=1 (the interpreter); got tensors on {device}")
+        return "triton"
+    if backend == "auto" and device.type == "cuda" and triton_available():
+        return "triton"
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors only, got tensors on {device}")

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.ops import tiling
+from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
@@ -39,7 +39,7 @@ def _compute_dtype(t: Tensor) -> Tensor:
 
 
 def _tiles(M: int, H: int, V: int, backend: str):
-    p = tiling.plan(M, H, V, live_tiles=LIVE_TILES[backend])
+    p = tiling.plan(M, H, V, live_tiles=LIVE_TILES.get(backend, 1))
     for c0 in range(0, M, p.rows):
         yield c0, min(M, c0 + p.rows), p
 
@@ -81,6 +81,14 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
     M = idx.numel()
     if M == 0:
         return lp, ent_out, lse_out
+    if backend == "triton":
+        lp_s, m_s, logs_s, ent_s = triton_path.linear_forward(
+            h2.index_select(0, idx), weight, bias, y.index_select(0, idx), opts.inv_temp, opts.cap)
+        lp.index_copy_(0, idx, lp_s)
+        lse_out.index_copy_(0, idx, torch.stack([m_s, logs_s], 1))
+        if opts.return_entropy:
+            ent_out.index_copy_(0, idx, ent_s)
+        return lp, ent_out, lse_out
     fold, _ = KERNELS[backend]
     buf = None
     for c0, c1, p in _tiles(M, H, V, backend):
@@ -113,9 +121,20 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     gb = torch.zeros(V, **f32) if need_b else None
     idx = (y != opts.ignore_index).nonzero().squeeze(1)
     M = idx.numel()
-    _, grad = KERNELS[backend]
     g_lp_all = grad_lp.reshape(-1).float()
     g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
+    if backend == "triton" and M:
+        lse_s = lse.index_select(0, idx)
+        dh, gw, gb = triton_path.linear_backward(
+            h2.index_select(0, idx), weight, bias, y.index_select(0, idx),
+            lse_s[:, 0].contiguous(), lse_s[:, 1].contiguous(), g_lp_all.index_select(0, idx),
+            entropy.reshape(-1).index_select(0, idx) if g_ent_all is not None else None,
+            g_ent_all.index_select(0, idx) if g_ent_all is not None else None,
+            opts.inv_temp, opts.cap, need_h, need_w, need_b)
+        if need_h:
+            gh.index_copy_(0, idx, dh)
+        M = 0  # done: skip the tile loop below
+    _, grad = KERNELS.get(backend, (None, None))
     buf = None
     for c0, c1, p in _tiles(M, H, V, backend):
         if buf is None:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.ops import tiling
+from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.linear_logprobs import _opts
 from alignkit.ops.options import LogprobOptions
@@ -47,6 +47,10 @@ def forward_impl(logits: Tensor, labels: Tensor, opts: LogprobOptions, backend: 
     lp = torch.zeros(N, **f32)
     lse = torch.zeros(N, 2, **f32)
     ent = torch.zeros(N if opts.return_entropy else 0, **f32)
+    if backend == "triton":
+        lp_t, m, logs, ent_t = triton_path.logits_forward(x, y.contiguous(), opts.inv_temp,
+                                                          opts.ignore_index)
+        return lp_t, (ent_t if opts.return_entropy else ent), torch.stack([m, logs], 1)
     fold, _ = KERNELS[backend]
     R = tiling.row_plan(N, V, live_tiles=LIVE_TILES[backend])
     for r0 in range(0, N, R):
@@ -70,8 +74,12 @@ def backward_impl(grad_lp: Tensor, grad_ent, logits: Tensor, labels: Tensor, lse
     g = grad_lp.reshape(-1).float() * keep
     ge = grad_ent.reshape(-1).float() * keep if grad_ent is not None else None
     ent = entropy.reshape(-1) if ge is not None else None
-    _, grad = KERNELS[backend]
     out = torch.empty(N, V, dtype=logits.dtype, device=logits.device)
+    if backend == "triton":
+        triton_path.logits_backward(x, out, y.contiguous(), lse[:, 0].contiguous(),
+                                    lse[:, 1].contiguous(), g, ent, ge, opts.inv_temp)
+        return out.view(logits.shape)
+    _, grad = KERNELS[backend]
     R = tiling.row_plan(N, V, live_tiles=LIVE_TILES[backend])
     scratch = None
     for r0 in range(0, N, R):

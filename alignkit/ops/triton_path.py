@@ -1,0 +1,118 @@
+"""Launchers of the Triton kernels (alignkit.kernels) for the linear and logits log-prob ops.
+
+Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
+tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
+Block sizes are fixed defaults (BLOCKS); ALIGNKIT_TRITON_DETERMINISTIC=1 selects the atomic-free
+backward. Inputs here are already validated and restricted to the labelled tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# (BLOCK_N, BLOCK_V, BLOCK_K): H100-oriented defaults; the interpreter is happy with any powers
+# of two >= 16. Override with ALIGNKIT_TRITON_BLOCKS="n,v,k".
+DEFAULT_BLOCKS = (64, 128, 64)
+LOGITS_BLOCK_V = 1024
+
+
+def blocks():
+    env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
+    return tuple(int(x) for x in env.split(",")) if env else DEFAULT_BLOCKS
+
+
+def deterministic() -> bool:
+    return os.environ.get("ALIGNKIT_TRITON_DETERMINISTIC") == "1"
+
+
+def _common_dtype(h, w):
+    dt = torch.promote_types(h.dtype, w.dtype)
+    dt = torch.float32 if dt == torch.float64 else dt
+    return h.to(dt).contiguous(), w.to(dt).contiguous()
+
+
+def _dot_f32(h) -> bool:
+    # numpy (the interpreter) has no bf16/fp16 dot: upcast there; on a GPU only fp32 upcasts
+    return h.dtype == torch.float32 or h.device.type != "cuda"
+
+
+def linear_forward(h, w, b, y, inv_temp, cap):
+    """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
+    from alignkit.kernels.linear_logprobs import _fwd_merge, _fwd_partials
+    h, w = _common_dtype(h, w)
+    M, H = h.shape
+    V = w.shape[0]
+    BN, BV, BK = blocks()
+    nvb = triton_cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    parts = [torch.empty(nvb, M, **f32) for _ in range(4)]
+    _fwd_partials[(triton_cdiv(M, BN), nvb)](
+        h, w, b if b is not None else h, y, *parts, M, V, H, h.stride(0), w.stride(0),
+        inv_temp, cap if cap > 0 else 1.0,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+    outs = [torch.empty(M, **f32) for _ in range(4)]
+    _fwd_merge[(triton_cdiv(M, BN),)](*parts, *outs, M, nvb, BLOCK_N=BN)
+    return outs
+
+
+def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b):
+    """→ (dh [M, H], dW [V, H], db [V]) fp32, None where not needed."""
+    from alignkit.kernels.linear_logprobs import _bwd_atomic, _bwd_dh, _bwd_dw
+    h, w = _common_dtype(h, w)
+    M, H = h.shape
+    V = w.shape[0]
+    BN, BV, BK = blocks()
+    f32 = dict(dtype=torch.float32, device=h.device)
+    dh = torch.zeros(M, H, **f32) if need_h else None
+    dw = torch.zeros(V, H, **f32) if need_w else None
+    db = torch.zeros(V, **f32) if need_b else None
+    has_ent = ge is not None
+    common = (h, w, b if b is not None else h, y, m, logs, g, ent if has_ent else g,
+              ge if has_ent else g)
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent)
+    scal = (inv_temp, cap if cap > 0 else 1.0)
+    if not deterministic():
+        dummy = torch.empty(1, **f32)
+        _bwd_atomic[(triton_cdiv(M, BN), triton_cdiv(V, BV))](
+            *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
+            M, V, H, h.stride(0), w.stride(0), *scal, **flags,
+            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+        return dh, dw, db
+    if need_h:
+        _bwd_dh[(triton_cdiv(M, BN), triton_cdiv(H, BK))](
+            *common, dh, M, V, H, h.stride(0), w.stride(0), *scal, **flags,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+    if need_w or need_b:
+        dummy = torch.empty(1, **f32)
+        _bwd_dw[(triton_cdiv(V, BV), triton_cdiv(H, BK))](
+            *common, dw if need_w else torch.empty(V, H, **f32), db if need_b else dummy,
+            M, V, H, h.stride(0), w.stride(0), *scal, **flags, NEED_B=need_b,
+            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+    return dh, dw, db
+
+
+def logits_forward(x, y, inv_temp, ignore_index):
+    from alignkit.kernels.logits_logprobs import _logits_fwd
+    N, V = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    outs = [torch.empty(N, **f32) for _ in range(4)]
+    if N:
+        _logits_fwd[(N,)](x, y, *outs, N, V, x.stride(0), inv_temp, ignore_index,
+                          BLOCK_V=LOGITS_BLOCK_V)
+    return outs
+
+
+def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp):
+    from alignkit.kernels.logits_logprobs import _logits_bwd
+    N, V = x.shape
+    has_ent = ge is not None
+    if N:
+        _logits_bwd[(N,)](x, out, y, m, logs, g, ent if has_ent else g, ge if has_ent else g,
+                          N, V, x.stride(0), out.stride(0), inv_temp, HAS_ENT=has_ent,
+                          BLOCK_V=LOGITS_BLOCK_V)
+    return out
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b

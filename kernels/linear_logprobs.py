@@ -1,0 +1,237 @@
+"""Triton kernels of the fused linear log-prob op (GPU path; exact under TRITON_INTERPRET=1).
+
+No autograd here: alignkit/ops/triton_path.py launches these and owns the autograd.
+
+Forward, two kernels, deterministic (no atomics):
+  _fwd_partials  grid (cdiv(M, BLOCK_N), cdiv(V, BLOCK_V)). Each program builds one
+                 BLOCK_N x BLOCK_V logits tile in registers (fp32 accumulator over H in BLOCK_K
+                 steps), applies softcap/temperature and folds it into per-row partials for its
+                 vocab block: max m, Σexp(z−m), Σexp(z−m)(z−m), and the target logit if the
+                 target falls in the block. Partials are [n_vblocks, M] fp32: logits never reach
+                 global memory.
+  _fwd_merge     grid (cdiv(M, BLOCK_N),): merges the partials of each row in a fixed order.
+Backward, recomputing the tile (G = dL/dx in registers):
+  _bwd_atomic        grid (n-blocks, v-blocks): one recompute, grad_h and grad_W accumulated
+                     with fp32 atomics (fast, order-dependent rounding).
+  _bwd_dh / _bwd_dw  deterministic mode: each program owns one output block (grad_h rows x H
+                     block, or grad_W rows x H block) and loops over the other axis, recomputing
+                     tiles as it goes. Bitwise reproducible, more recompute.
+Row offsets are int64 (M·V and V·H can exceed 2³¹); masks cover sizes that are not multiples of
+the blocks; inputs may be fp32, bf16 or fp16, accumulation is fp32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _transform(acc, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """z from raw logits x: softcap·tanh(x/softcap) (tanh(u) = 2σ(2u) − 1), then / T. Also dz/dx."""
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0
+        return softcap * t * inv_temp, (1.0 - t * t) * inv_temp
+    else:
+        return acc * inv_temp, inv_temp + 0.0 * acc
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, stride_wv,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    # fp32 inputs: exact IEEE products (TF32 would cost ~1e-3 relative on the logits);
+    # bf16/fp16 inputs: tensor-core products, fp32 accumulation. DOT_F32 upcasts the operands
+    # first: always for fp32, and for bf16/fp16 under the interpreter (numpy has no bf16 dot).
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        hb = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wb = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
+                     mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(hb, tl.trans(wb), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
+                  M, V, H,
+                  stride_hm, stride_wv,
+                  inv_temp, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < M
+    cmask = cols < V
+    acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, stride_wv,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+    z, _ = _transform(acc, inv_temp, softcap, HAS_SOFTCAP)
+    z = tl.where(cmask[None, :], z, float("-inf"))
+    m = tl.max(z, 1)
+    zm = z - m[:, None]
+    e = tl.exp(zm)
+    s = tl.sum(e, 1)
+    a = tl.sum(tl.where(cmask[None, :], e * zm, 0.0), 1)
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    t = tl.sum(tl.where(y[:, None] == cols[None, :], z, 0.0), 1)
+    off = pid_v * M + rows
+    tl.store(pm_ptr + off, m, mask=rmask)
+    tl.store(ps_ptr + off, s, mask=rmask)
+    tl.store(pa_ptr + off, a, mask=rmask)
+    tl.store(pt_ptr + off, t, mask=rmask)
+
+
+@triton.jit
+def _fwd_merge(pm_ptr, ps_ptr, pa_ptr, pt_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
+               M, NVB,
+               BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    for i in range(0, NVB):
+        m = tl.maximum(m, tl.load(pm_ptr + i * M + rows, mask=rmask, other=0.0))
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    a = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(0, NVB):
+        mi = tl.load(pm_ptr + i * M + rows, mask=rmask, other=0.0)
+        si = tl.load(ps_ptr + i * M + rows, mask=rmask, other=0.0)
+        ai = tl.load(pa_ptr + i * M + rows, mask=rmask, other=0.0)
+        c = tl.exp(mi - m)
+        s += si * c
+        a += (ai + (mi - m) * si) * c  # Σ e·(z − m) relative to the row max
+        t += tl.load(pt_ptr + i * M + rows, mask=rmask, other=0.0)
+    logs = tl.log(s)
+    tl.store(lp_ptr + rows, (t - m) - logs, mask=rmask)
+    tl.store(m_ptr + rows, m, mask=rmask)
+    tl.store(logs_ptr + rows, logs, mask=rmask)
+    tl.store(ent_ptr + rows, logs - a / s, mask=rmask)
+
+
+@triton.jit
+def _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
+               rows, cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """dL/dx for one tile: g·(onehot − p) − g_ent·p·(z − lse + H), times dz/dx."""
+    acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, stride_wv,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+    z, dzdx = _transform(acc, inv_temp, softcap, HAS_SOFTCAP)
+    m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    logs = tl.load(logs_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    zl = (z - m[:, None]) - logs[:, None]
+    p = tl.exp(zl)
+    y = tl.load(y_ptr + rows, mask=rmask, other=-1)
+    d = g[:, None] * (tl.where(y[:, None] == cols[None, :], 1.0, 0.0) - p)
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
+        ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0)
+        d -= ge[:, None] * p * (zl + ent[:, None])
+    d = d * dzdx
+    return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+
+
+@triton.jit
+def _bwd_atomic(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
+                dh_ptr, dw_ptr, db_ptr,
+                M, V, H,
+                stride_hm, stride_wv,
+                inv_temp, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < M
+    cmask = cols < V
+    d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+                   cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
+                   HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+    if NEED_B:
+        tl.atomic_add(db_ptr + cols, tl.sum(d, 0), mask=cmask)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        if NEED_H:
+            wb = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
+                         mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], tl.dot(d, wb, input_precision="ieee"),
+                          mask=rmask[:, None] & kmask[None, :])
+        if NEED_W:
+            hb = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], tl.dot(tl.trans(d), hb, input_precision="ieee"),
+                          mask=cmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _bwd_dh(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr,
+            M, V, H,
+            stride_hm, stride_wv,
+            inv_temp, softcap,
+            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """Deterministic grad_h: program (n-block, k-block) sums over every vocab block in order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    kmask = ks < H
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cmask = cols < V
+        d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+                       cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
+                       HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+        wb = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
+                     mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(d, wb, acc, input_precision="ieee")
+    tl.store(dh_ptr + rows[:, None] * H + ks[None, :], acc, mask=rmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _bwd_dw(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dw_ptr, db_ptr,
+            M, V, H,
+            stride_hm, stride_wv,
+            inv_temp, softcap,
+            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+            NEED_B: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """Deterministic grad_W (and grad_b): program (v-block, k-block) sums over token blocks."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_k = tl.program_id(1)
+    ks = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < V
+    kmask = ks < H
+    acc = tl.zeros((BLOCK_V, BLOCK_K), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < M
+        d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+                       cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
+                       HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+        hb = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(d), hb, acc, input_precision="ieee")
+        bacc += tl.sum(d, 0)
+    tl.store(dw_ptr + cols[:, None] * H + ks[None, :], acc, mask=cmask[:, None] & kmask[None, :])
+    if NEED_B:
+        if pid_k == 0:
+            tl.store(db_ptr + cols, bacc, mask=cmask)

@@ -1,0 +1,71 @@
+"""The Triton kernels against the same float64 oracle, under the interpreter (TRITON_INTERPRET=1).
+
+The interpreter runs each program in numpy, so shapes are small: odd sizes, block sizes that do
+not divide V, H crossing two K blocks, several vocab blocks. CI runs this file as its own pytest
+process with TRITON_INTERPRET=1 (see the Makefile's test target).
+"""
+import os
+
+import pytest
+import torch
+
+import alignkit
+from alignkit.reference import reference_token_logprobs as ref_tok
+from conftest import assert_oracle, make_inputs
+from test_linear_logprobs import check_all
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="run with TRITON_INTERPRET=1 (make test does)")
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture(params=["atomic", "deterministic"])
+def mode(request, monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    if request.param == "deterministic":
+        monkeypatch.setenv("ALIGNKIT_TRITON_DETERMINISTIC", "1")
+    return request.param
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_against_oracle(mode, bias):
+    # N=37 (3 row blocks of 16), H=48 (2 K blocks of 32), V=1000 (16 vocab blocks, ragged last)
+    h, W, b, y = make_inputs((37,), 48, 1000, bias=bias, seed=41)
+    y[:5] = -100
+    check_all(h, W, b, y, "triton")
+
+
+def test_linear_softcap_temperature_and_odd_vocab(mode):
+    h, W, b, y = make_inputs((2, 9), 40, 4099, bias=True, seed=42)
+    y[1] = -100  # a fully ignored row
+    check_all(h, W, b, y, "triton", softcap=3.0, temperature=0.8)
+
+
+def test_linear_bf16(monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    h, W, b, y = make_inputs((19,), 32, 500, dtype=torch.bfloat16, seed=43)
+    check_all(h, W, b, y, "triton", factor=2.0)
+
+
+def test_logits_against_oracle():
+    g = torch.Generator().manual_seed(44)
+    x = torch.randn(2, 7, 3001, generator=g) * 5
+    y = torch.randint(0, 3001, (2, 7), generator=g)
+    y[0, :3] = -100
+    g1, g2 = torch.randn(2, 7, generator=g).double(), torch.randn(2, 7, generator=g).double()
+
+    def run(fn, x_, **kw):
+        x_ = x_.detach().clone().requires_grad_()
+        lp, ent = fn(x_, y, return_entropy=True, **kw)
+        (lp * g1.to(lp.dtype) + ent * g2.to(ent.dtype)).sum().backward()
+        return lp, ent, x_.grad
+    ours = run(alignkit.token_logprobs, x, backend="triton", temperature=0.9)
+    oracle = run(ref_tok, x.double(), temperature=0.9)
+    naive = run(ref_tok, x, temperature=0.9)
+    for name, a, o, n in zip(("logprobs", "entropy", "grad_logits"), ours, oracle, naive):
+        assert_oracle(name, a, o, n)
+
+
+def test_auto_does_not_pick_triton_on_cpu():
+    from alignkit.ops.backends import resolve
+    assert resolve("auto", torch.device("cpu")) in ("cpp", "torch")
