@@ -54,7 +54,9 @@ def test_devices():
         alignkit.linear_token_logprobs(h, W.to("meta"), y)
 
 
-def test_missing_backends_are_clear():
+def test_triton_on_cpu_without_interpreter_is_clear(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     h, W, y = _ok()
-    with pytest.raises(NotImplementedError, match=r"backend='triton' is not available yet"):
+    with pytest.raises(ValueError, match=r"backend='triton' runs on CUDA tensors, or on CPU "
+                                         r"tensors under TRITON_INTERPRET=1"):
         alignkit.linear_token_logprobs(h, W, y, backend="triton")
