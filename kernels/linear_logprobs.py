@@ -11,11 +11,15 @@ Forward, two kernels, deterministic (no atomics):
                  global memory.
   _fwd_merge     grid (cdiv(M, BLOCK_N),): merges the partials of each row in a fixed order.
 Backward, recomputing the tile (G = dL/dx in registers):
-  _bwd_atomic        grid (n-blocks, v-blocks): one recompute, grad_h and grad_W accumulated
-                     with fp32 atomics (fast, order-dependent rounding).
-  _bwd_dh / _bwd_dw  deterministic mode: each program owns one output block (grad_h rows x H
-                     block, or grad_W rows x H block) and loops over the other axis, recomputing
-                     tiles as it goes. Bitwise reproducible, more recompute.
+  _bwd_g_chunk       the default: grid (n-blocks, v-blocks) over one chunk of rows; writes G for
+                     the chunk ([rows, V], the only logits-sized buffer, bounded by the chunk) and
+                     the launcher hands it to two vendor GEMMs (G·W into grad_h, Gᵀ·h into
+                     grad_W). No atomics: deterministic, and the GEMMs run at cuBLAS speed.
+  _bwd_atomic        opt-in (ALIGNKIT_TRITON_BWD=atomic): one kernel, grad_h and grad_W
+                     accumulated with fp32 atomics; no G buffer, but every row block adds into all
+                     of grad_W (N/BLOCK_N passes over V·H fp32), which dominates at LLM sizes.
+  _bwd_dh / _bwd_dw  opt-in (ALIGNKIT_TRITON_BWD=blocked): atomic-free and bufferless, each
+                     program owns one output block and recomputes tiles (H/BLOCK_K times).
 Row offsets are int64 (M·V and V·H can exceed 2³¹); masks cover sizes that are not multiples of
 the blocks; inputs may be fp32, bf16 or fp16, accumulation is fp32.
 """
@@ -140,6 +144,26 @@ def _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_p
         d -= ge[:, None] * p * (zl + ent[:, None])
     d = d * dzdx
     return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
+
+
+@triton.jit
+def _bwd_g_chunk(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, out_ptr,
+                 M, V, H,
+                 stride_hm, stride_wv, stride_om,
+                 inv_temp, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """Writes G = dL/dx for rows [0, M) of a chunk into out [M, V] (out's dtype)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < M
+    cmask = cols < V
+    d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+                   cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
+                   HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
+             d.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit

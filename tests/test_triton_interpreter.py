@@ -19,11 +19,12 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture(params=["atomic", "deterministic"])
+@pytest.fixture(params=["chunked", "atomic", "blocked"])
 def mode(request, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
-    if request.param == "deterministic":
-        monkeypatch.setenv("ALIGNKIT_TRITON_DETERMINISTIC", "1")
+    monkeypatch.setenv("ALIGNKIT_TRITON_BWD", request.param)
+    if request.param == "chunked":
+        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(16 * 4099 * 4))  # several row chunks
     return request.param
 
 

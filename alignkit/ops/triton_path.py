@@ -2,8 +2,10 @@
 
 Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
-Block sizes are fixed defaults (BLOCKS); ALIGNKIT_TRITON_DETERMINISTIC=1 selects the atomic-free
-backward. Inputs here are already validated and restricted to the labelled tokens.
+Block sizes are fixed defaults (BLOCKS). Backward modes (ALIGNKIT_TRITON_BWD): "chunked" (default:
+G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see alignkit.kernels).
+The G chunk holds ALIGNKIT_TILE_BYTES (16 MiB default) worth of fp32 rows. Inputs here are already
+validated and restricted to the labelled tokens.
 """
 from __future__ import annotations
 
@@ -22,8 +24,14 @@ def blocks():
     return tuple(int(x) for x in env.split(",")) if env else DEFAULT_BLOCKS
 
 
-def deterministic() -> bool:
-    return os.environ.get("ALIGNKIT_TRITON_DETERMINISTIC") == "1"
+BWD_MODES = ("chunked", "atomic", "blocked")
+
+
+def bwd_mode() -> str:
+    mode = os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
+    if mode not in BWD_MODES:
+        raise ValueError(f"ALIGNKIT_TRITON_BWD must be one of {BWD_MODES}, got {mode!r}")
+    return mode
 
 
 def _common_dtype(h, w):
@@ -58,7 +66,7 @@ def linear_forward(h, w, b, y, inv_temp, cap):
 
 def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b):
     """→ (dh [M, H], dW [V, H], db [V]) fp32, None where not needed."""
-    from alignkit.kernels.linear_logprobs import _bwd_atomic, _bwd_dh, _bwd_dw
+    from alignkit.kernels.linear_logprobs import _bwd_atomic, _bwd_dh, _bwd_dw, _bwd_g_chunk
     h, w = _common_dtype(h, w)
     M, H = h.shape
     V = w.shape[0]
@@ -72,7 +80,40 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
               ge if has_ent else g)
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent)
     scal = (inv_temp, cap if cap > 0 else 1.0)
-    if not deterministic():
+    mode = bwd_mode()
+    if mode == "chunked":
+        from alignkit.ops import tiling
+        R = tiling.row_plan(M, V)
+        # On a GPU with bf16/fp16 inputs G is stored in that dtype and the two GEMMs run on tensor
+        # cores with fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once).
+        lowp = h.device.type == "cuda" and h.dtype != torch.float32
+        G_all = torch.empty(min(R, M) * V, dtype=h.dtype if lowp else torch.float32,
+                            device=h.device)
+        wc = w if lowp or w.dtype == torch.float32 else w.float()
+        for r0 in range(0, M, R):
+            r1 = min(M, r0 + R)
+            G = G_all[: (r1 - r0) * V].view(r1 - r0, V)
+            sl = lambda t: t[r0:r1] if t is not None else None  # noqa: E731
+            args = (h[r0:r1], w, b if b is not None else h, y[r0:r1], m[r0:r1], logs[r0:r1],
+                    g[r0:r1], sl(ent) if has_ent else g[r0:r1], sl(ge) if has_ent else g[r0:r1])
+            _bwd_g_chunk[(triton_cdiv(r1 - r0, BN), triton_cdiv(V, BV))](
+                *args, G, r1 - r0, V, H, h.stride(0), w.stride(0), G.stride(0), *scal, **flags,
+                BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+            hc = h[r0:r1] if lowp or h.dtype == torch.float32 else h[r0:r1].float()
+            if lowp:
+                if need_h:
+                    torch.mm(G, wc, out_dtype=torch.float32, out=dh[r0:r1])
+                if need_w:
+                    torch.addmm(dw, G.t(), hc, out_dtype=torch.float32, out=dw)
+            else:
+                if need_h:
+                    torch.mm(G, wc, out=dh[r0:r1])
+                if need_w:
+                    dw.addmm_(G.t(), hc)
+            if need_b:
+                db += G.sum(0, dtype=torch.float32)
+        return dh, dw, db
+    if mode == "atomic":
         dummy = torch.empty(1, **f32)
         _bwd_atomic[(triton_cdiv(M, BN), triton_cdiv(V, BV))](
             *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
