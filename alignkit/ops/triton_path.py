@@ -40,6 +40,18 @@ def _common_dtype(h, w):
     return h.to(dt).contiguous(), w.to(dt).contiguous()
 
 
+def g_chunk_rows(M: int, V: int, h) -> int:
+    """Rows of G per chunk. On a GPU the chunk is sized for the GEMMs that read it (default
+    1 GiB: 4186 rows at V=128256 in bf16), not for a CPU cache; ALIGNKIT_TRITON_G_BYTES overrides.
+    Elsewhere (the interpreter) the CPU tile budget applies."""
+    from alignkit.ops import tiling
+    if h.device.type != "cuda":
+        return tiling.row_plan(M, V)
+    budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
+    elem = h.element_size() if h.dtype != torch.float32 else 4
+    return max(1, min(M, budget // (elem * V)))
+
+
 def _dot_f32(h) -> bool:
     # numpy (the interpreter) has no bf16/fp16 dot: upcast there; on a GPU only fp32 upcasts
     return h.dtype == torch.float32 or h.device.type != "cuda"
@@ -82,8 +94,7 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     scal = (inv_temp, cap if cap > 0 else 1.0)
     mode = bwd_mode()
     if mode == "chunked":
-        from alignkit.ops import tiling
-        R = tiling.row_plan(M, V)
+        R = g_chunk_rows(M, V, h)
         # On a GPU with bf16/fp16 inputs G is stored in that dtype and the two GEMMs run on tensor
         # cores with fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once).
         lowp = h.device.type == "cuda" and h.dtype != torch.float32
