@@ -67,6 +67,16 @@ def test_logits_against_oracle():
         assert_oracle(name, a, o, n)
 
 
+def test_autotune_opt_in(monkeypatch):
+    # the tuner's configs are GPU-sized; under the interpreter they run too, on a small case
+    monkeypatch.setenv("ALIGNKIT_TRITON_AUTOTUNE", "1")
+    from alignkit.kernels import linear_logprobs as K
+    monkeypatch.setattr(K.fwd_partials_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
+    monkeypatch.setattr(K.bwd_g_chunk_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
+    h, W, b, y = make_inputs((21,), 64, 300, bias=True, seed=45)
+    check_all(h, W, b, y, "triton")
+
+
 def test_auto_does_not_pick_triton_on_cpu():
     from alignkit.ops.backends import resolve
     assert resolve("auto", torch.device("cpu")) in ("cpp", "torch")

@@ -19,6 +19,10 @@ DEFAULT_BLOCKS = (64, 128, 64)
 LOGITS_BLOCK_V = 1024
 
 
+def autotune() -> bool:
+    return os.environ.get("ALIGNKIT_TRITON_AUTOTUNE") == "1"
+
+
 def blocks():
     env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
     return tuple(int(x) for x in env.split(",")) if env else DEFAULT_BLOCKS
@@ -59,26 +63,38 @@ def _dot_f32(h) -> bool:
 
 def linear_forward(h, w, b, y, inv_temp, cap):
     """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
-    from alignkit.kernels.linear_logprobs import _fwd_merge, _fwd_partials
+    from alignkit.kernels import linear_logprobs as K
     h, w = _common_dtype(h, w)
     M, H = h.shape
     V = w.shape[0]
     BN, BV, BK = blocks()
-    nvb = triton_cdiv(V, BV)
     f32 = dict(dtype=torch.float32, device=h.device)
-    parts = [torch.empty(nvb, M, **f32) for _ in range(4)]
-    _fwd_partials[(triton_cdiv(M, BN), nvb)](
-        h, w, b if b is not None else h, y, *parts, M, V, H, h.stride(0), w.stride(0),
-        inv_temp, cap if cap > 0 else 1.0,
-        HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+    args = (h, w, b if b is not None else h, y)
+    tail = (M, V, H, h.stride(0), w.stride(0), inv_temp, cap if cap > 0 else 1.0)
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, DOT_F32=_dot_f32(h))
+    if autotune():
+        # the partials' width depends on the BLOCK_V the tuner picks: size them for the
+        # smallest configured BLOCK_V and let the merge read the first cdiv(V, BLOCK_V) rows
+        bv_min = min(c.kwargs["BLOCK_V"] for c in K.AUTOTUNE_CONFIGS)
+        parts = [torch.empty(triton_cdiv(V, bv_min), M, **f32) for _ in range(4)]
+        K.fwd_partials_tuned[lambda meta: (triton_cdiv(M, meta["BLOCK_N"]),
+                                           triton_cdiv(V, meta["BLOCK_V"]))](
+            *args, *parts, *tail, **flags)
+        nvb = triton_cdiv(V, K.fwd_partials_tuned.best_config.kwargs["BLOCK_V"])
+    else:
+        nvb = triton_cdiv(V, BV)
+        parts = [torch.empty(nvb, M, **f32) for _ in range(4)]
+        K._fwd_partials[(triton_cdiv(M, BN), nvb)](*args, *parts, *tail, **flags,
+                                                   BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK)
     outs = [torch.empty(M, **f32) for _ in range(4)]
-    _fwd_merge[(triton_cdiv(M, BN),)](*parts, *outs, M, nvb, BLOCK_N=BN)
+    K._fwd_merge[(triton_cdiv(M, BN),)](*parts, *outs, M, nvb, BLOCK_N=BN)
     return outs
 
 
 def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b):
     """→ (dh [M, H], dW [V, H], db [V]) fp32, None where not needed."""
-    from alignkit.kernels.linear_logprobs import _bwd_atomic, _bwd_dh, _bwd_dw, _bwd_g_chunk
+    from alignkit.kernels.linear_logprobs import (_bwd_atomic, _bwd_dh, _bwd_dw, _bwd_g_chunk,
+                                                  bwd_g_chunk_tuned)
     h, w = _common_dtype(h, w)
     M, H = h.shape
     V = w.shape[0]
@@ -107,9 +123,15 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
             sl = lambda t: t[r0:r1] if t is not None else None  # noqa: E731
             args = (h[r0:r1], w, b if b is not None else h, y[r0:r1], m[r0:r1], logs[r0:r1],
                     g[r0:r1], sl(ent) if has_ent else g[r0:r1], sl(ge) if has_ent else g[r0:r1])
-            _bwd_g_chunk[(triton_cdiv(r1 - r0, BN), triton_cdiv(V, BV))](
-                *args, G, r1 - r0, V, H, h.stride(0), w.stride(0), G.stride(0), *scal, **flags,
-                BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+            tail = (G, r1 - r0, V, H, h.stride(0), w.stride(0), G.stride(0), *scal)
+            if autotune():
+                bwd_g_chunk_tuned[lambda meta, n=r1 - r0: (triton_cdiv(n, meta["BLOCK_N"]),
+                                                           triton_cdiv(V, meta["BLOCK_V"]))](
+                    *args, *tail, **flags, DOT_F32=_dot_f32(h))
+            else:
+                _bwd_g_chunk[(triton_cdiv(r1 - r0, BN), triton_cdiv(V, BV))](
+                    *args, *tail, **flags, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK,
+                    DOT_F32=_dot_f32(h))
             hc = h[r0:r1] if lowp or h.dtype == torch.float32 else h[r0:r1].float()
             if lowp:
                 if need_h:
