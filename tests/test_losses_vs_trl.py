@@ -85,3 +85,24 @@ def test_orpo_matches_trl():
     assert torch.allclose(loss.double(), nll - losses.mean(), rtol=1e-6)
     assert abs(m["log_odds_ratio"].item() - ratio.item()) < 1e-6
     assert abs(m["log_odds_chosen"].item() - log_odds.item()) < 1e-6
+
+
+def test_kto_matches_trl():
+    from alignkit.losses import kto_loss
+    from trl_oracle import trl_kto
+    g = torch.Generator().manual_seed(9)
+    N = 7
+    mask = torch.zeros(N, L, dtype=torch.long)
+    mask[:, 3:] = 1
+    ptl = -torch.rand(N, L - 1, generator=g, dtype=torch.float64) * 2 * mask[:, 1:]
+    labels = torch.tensor([True, False, True, True, False, True, False])
+    ref = -torch.rand(N, generator=g, dtype=torch.float64) * 20
+    pkl = -torch.rand(N, generator=g, dtype=torch.float64) * 20
+    rkl = -torch.rand(N, generator=g, dtype=torch.float64) * 20 - 3
+    t_loss, t_m = trl_kto(ptl, mask, labels, ref, pkl, rkl, beta=0.3, desirable_weight=1.2,
+                          undesirable_weight=0.8)
+    loss, m = kto_loss(ptl.sum(1), ref, labels, beta=0.3, desirable_weight=1.2,
+                       undesirable_weight=0.8, policy_kl_logps=pkl, ref_kl_logps=rkl)
+    assert torch.allclose(loss, t_loss.double(), rtol=1e-10)
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"):
+        assert abs(m[k].item() - t_m[k]) < 1e-9, k

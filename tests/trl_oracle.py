@@ -58,3 +58,23 @@ def trl_orpo(chosen, rejected, *, beta):
     from trl.experimental.orpo import ORPOTrainer
     me = SimpleNamespace(beta=beta, accelerator=_Acc())
     return ORPOTrainer.odds_ratio_loss(me, chosen, rejected)
+
+
+def trl_kto(per_token_logps, completion_mask, labels, ref_logps, policy_kl, ref_kl, *, beta,
+            desirable_weight=1.0, undesirable_weight=1.0):
+    """KTOTrainer._compute_loss on given per-token log-probs [N, L-1]; returns (loss, metrics)."""
+    from trl import KTOTrainer
+    N, L = completion_mask.shape
+    outputs = SimpleNamespace(log_probs=per_token_logps, entropy=torch.zeros(N, L - 1),
+                              mean_logits=torch.zeros(N, L - 1))
+    me = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_Acc(), calculate_KL=True,
+        _compute_kl_logps=lambda model, batch: policy_kl, precompute_ref_logps=True,
+        loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    batch = {"input_ids": torch.zeros(N, L, dtype=torch.long), "attention_mask": torch.ones(N, L),
+             "completion_mask": completion_mask, "label": labels, "ref_logps": ref_logps,
+             "ref_KL_logps": ref_kl}
+    loss = KTOTrainer._compute_loss(me, lambda **kw: outputs, batch, return_outputs=False)
+    return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
