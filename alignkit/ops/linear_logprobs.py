@@ -25,7 +25,7 @@ from torch import Tensor
 
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import resolve
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_label_range, check_linear_inputs
 
@@ -38,10 +38,16 @@ def _compute_dtype(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _tiles(M: int, H: int, V: int, backend: str):
+def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str):
+    """Yields (ic, hc, yc, buf, plan) per token chunk of the labelled tokens idx: their indices,
+    hidden rows (fp32) and labels, and the one tile buffer every chunk reuses."""
+    M, H = idx.numel(), h2.shape[1]
     p = tiling.plan(M, H, V, live_tiles=LIVE_TILES.get(backend, 1))
+    buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=torch.float32,
+                      device=h2.device) if M else None
     for c0 in range(0, M, p.rows):
-        yield c0, min(M, c0 + p.rows), p
+        ic = idx[c0:c0 + p.rows]
+        yield ic, _compute_dtype(h2.index_select(0, ic)), y.index_select(0, ic), buf, p
 
 
 def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int):
@@ -90,14 +96,8 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
             ent_out.index_copy_(0, idx, ent_s)
         return lp, ent_out, lse_out
     fold, _ = KERNELS[backend]
-    buf = None
-    for c0, c1, p in _tiles(M, H, V, backend):
-        if buf is None:
-            buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), **f32)
-        ic = idx[c0:c1]
-        hc = _compute_dtype(h2.index_select(0, ic))
-        yc = y.index_select(0, ic)
-        st = RowStats.new(c1 - c0, opts.return_entropy, hidden.device)
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend):
+        st = RowStats.new(ic.numel(), opts.return_entropy, hidden.device)
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
             tile, _ = _logits_tile(buf, hc, weight, bias, v0, v1)
@@ -117,13 +117,10 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     y = labels.reshape(-1).long()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.zeros(h2.shape, **f32) if need_h else None
-    gw = torch.zeros(V, H, **f32) if need_w else None
-    gb = torch.zeros(V, **f32) if need_b else None
     idx = (y != opts.ignore_index).nonzero().squeeze(1)
-    M = idx.numel()
     g_lp_all = grad_lp.reshape(-1).float()
     g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
-    if backend == "triton" and M:
+    if backend == "triton" and idx.numel():
         lse_s = lse.index_select(0, idx)
         dh, gw, gb = triton_path.linear_backward(
             h2.index_select(0, idx), weight, bias, y.index_select(0, idx),
@@ -133,20 +130,16 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
             opts.inv_temp, opts.cap, need_h, need_w, need_b)
         if need_h:
             gh.index_copy_(0, idx, dh)
-        M = 0  # done: skip the tile loop below
+        return _cast_grads(gh, gw, gb, hidden, weight, bias)
+    gw = torch.zeros(V, H, **f32) if need_w else None
+    gb = torch.zeros(V, **f32) if need_b else None
     _, grad = KERNELS.get(backend, (None, None))
-    buf = None
-    for c0, c1, p in _tiles(M, H, V, backend):
-        if buf is None:
-            buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), **f32)
-        ic = idx[c0:c1]
-        hc = _compute_dtype(h2.index_select(0, ic))
-        yc = y.index_select(0, ic)
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend):
         lse_c = lse.index_select(0, ic)
         g_c = g_lp_all.index_select(0, ic)
         ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None
         ent_c = entropy.reshape(-1).index_select(0, ic) if ge_c is not None else None
-        ghc = torch.zeros(c1 - c0, H, **f32) if need_h else None
+        ghc = torch.zeros(ic.numel(), H, **f32) if need_h else None
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
             tile, wb = _logits_tile(buf, hc, weight, bias, v0, v1)
@@ -159,10 +152,14 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
                 gb[v0:v1] += tile.sum(0)
         if need_h:
             gh.index_copy_(0, ic, ghc)
-    out_h = gh.to(hidden.dtype).reshape(hidden.shape) if need_h else None
-    out_w = gw.to(weight.dtype) if need_w else None
-    out_b = gb.to(bias.dtype) if need_b else None
-    return out_h, out_w, out_b
+    return _cast_grads(gh, gw, gb, hidden, weight, bias)
+
+
+def _cast_grads(gh, gw, gb, hidden, weight, bias):
+    """fp32 accumulators -> the inputs' dtypes and shapes (no copy for fp32 inputs)."""
+    return (gh.to(hidden.dtype).reshape(hidden.shape) if gh is not None else None,
+            gw.to(weight.dtype) if gw is not None else None,
+            gb.to(bias.dtype) if gb is not None else None)
 
 
 # ------------------------------------------------------------------------------ custom op layer
@@ -217,12 +214,7 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     ignore_index, temperature, softcap, backend = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[3]
-    if grad_lp is None:
-        grad_lp = torch.zeros_like(lse[..., 0])
-    if ent is None:
-        grad_ent = None
-    elif grad_ent is None:
-        grad_ent = torch.zeros_like(ent)
+    grad_lp, grad_ent = materialize_grads(grad_lp, grad_ent, lse, ent)
     gh, gw, gb = _bwd_op(grad_lp, grad_ent, hidden, weight, labels, bias, lse, ent, ignore_index,
                          temperature, softcap, backend, need_h, need_w, need_b)
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,

@@ -14,7 +14,7 @@ from torch import Tensor
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.linear_logprobs import _opts
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_float, check_label_range, check_labels, check_same_device
 
@@ -139,12 +139,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     logits, labels, lse, ent = ctx.saved_tensors
     ignore_index, temperature, backend = ctx.args
-    if grad_lp is None:
-        grad_lp = torch.zeros_like(lse[..., 0])
-    if ent is None:
-        grad_ent = None
-    elif grad_ent is None:
-        grad_ent = torch.zeros_like(ent)
+    grad_lp, grad_ent = materialize_grads(grad_lp, grad_ent, lse, ent)
     g = _bwd_op(grad_lp, grad_ent, logits, labels, lse, ent, ignore_index, temperature, backend)
     return g, None, None, None, None, None
 

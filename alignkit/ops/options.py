@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
 
@@ -44,3 +46,13 @@ class LogprobOptions:
     def cap(self) -> float:
         """softcap as the kernels take it: 0.0 means off."""
         return float(self.softcap) if self.softcap is not None else 0.0
+
+
+def materialize_grads(grad_lp, grad_ent, lse, ent):
+    """Upstream gradients of (logprobs, entropy) as the backward ops take them: zeros for an
+    unused log-prob output, None for the entropy when it was not returned."""
+    if grad_lp is None:
+        grad_lp = lse.new_zeros(lse.shape[:-1])
+    if ent is None:
+        return grad_lp, None
+    return grad_lp, (grad_ent if grad_ent is not None else torch.zeros_like(ent))
