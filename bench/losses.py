@@ -10,6 +10,7 @@ Methods per loss: alignkit.preference_loss; naive full logits + the same loss; L
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -96,9 +97,11 @@ def liger(loss, compiled):
     return setup
 
 
-def run(preset, losses, reps, skip_memory, log=print):
+def run(preset, losses, reps, skip_memory, shapes=None, log=print):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
+        if shapes and not any(x in name for x in shapes):
+            continue
         case = methods.make_case(name, S, T, H, V)
         grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
@@ -142,11 +145,12 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--losses", nargs="*", default=list(LOSSES), choices=LOSSES)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.losses, a.reps, a.skip_memory)
+    rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
@@ -156,7 +160,8 @@ def main(argv=None):
         harness.plot(rows, OUT / f"losses_{a.preset}.png", "alignkit fused losses, fwd+bwd (CPU)")
         (out / f"losses_{a.preset}.md").write_text(
             f"## Fused losses, preset `{a.preset}`\n\nMachine: {harness.machine()}. Command: "
-            f"`python -m bench.losses --preset {a.preset} --write` ({time.time() - t0:.0f} s)."
+            f"`python -m bench.losses {' '.join(sys.argv[1:] if argv is None else argv)}` "
+            f"({time.time() - t0:.0f} s)."
             f"\n\n{table}\n")
 
 

@@ -4,16 +4,20 @@ Layout: sequences 0..B-1 are the chosen responses of pairs 0..B-1, sequences B..
 ones; padded hidden [2B, T, H] with labels [2B, T], or packed hidden [N, H] with labels [N] and
 segment_ids [N] in [0, 2B). Labels are aligned with hidden (label i is predicted from hidden i).
 
-How the gradient is computed (the memory arithmetic, measured on the 2-core bench machine):
-the per-sequence log-probs come from the fused op (alignkit.ops), whose backward recomputes each
+How the gradient is computed (the memory arithmetic; measurements in bench/RESULTS.md): the
+per-sequence log-probs come from the fused op (alignkit.ops), whose backward recomputes each
 logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W, Gᵀ·h), peak memory grad_W + grad_h + one tile.
 A single-pass gradient (3 GEMMs) needs, while a tile is alive, both the token's final
-log-sum-exp (so the tile must span the whole vocabulary: rows x V fp32) and the pair's scalar
-dL/dlogp (known only after the pair's last token). The two ways to have them are an extra [V, H]
-fp32 accumulator per pair in flight (+grad_W-sized memory: 2.0-2.4x (grad_W + grad_h) at the
-bench shapes, against the 1.3x budget) or the pair's logits ([T, V] per pair: O(T·V)). Both
-break the memory contract that long-sequence users rely on, so the recompute path is the one
-shipped; see bench/RESULTS.md for the measured cost.
+log-sum-exp (so the tile must span the whole vocabulary: [rows, V] fp32, rows = budget / 4V, i.e.
+128 rows at V=32000 and 27 at V=151936 for 16 MiB) and the pair's scalar dL/dlogp (known only
+after the pair's last token). Holding the unscaled contribution of the pair in flight costs an
+extra [V, H] fp32 accumulator once there are two pairs or more: 1.8-2.0x (grad_W + grad_h) at the
+bench shapes, against the 1.3x budget; whole-pair tiles cost [T, V] per pair instead, O(T·V).
+The GEMMs alone favour a single pass where V is moderate and the tiles are big
+(bench/single_pass_probe.py: 1.04x vs 1.36x of the floor at B1 with 64 MiB tiles) and the
+recompute where V is large and the budget small (2.21x vs 1.55x at B2, 16 MiB). Memory decides
+here: the recompute path is the one shipped, lean for any T and any number of pairs. A
+single-pass mode for one pair per call (no extra accumulator) is the open follow-up.
 """
 from __future__ import annotations
 
