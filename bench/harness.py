@@ -84,16 +84,16 @@ class Row:
         return None if self.peak_mib is None else self.peak_mib / self.grads_mib
 
 
-def fmt(v, spec):
-    return "n/a" if v is None else format(v, spec)
+def fmt(v, spec, unit=""):
+    return "n/a" if v is None else format(v, spec) + unit
 
 
 def markdown(rows: list[Row]) -> str:
     out = ["| shape | method | time (s) | time / floor | peak MiB | peak / (grad_W+grad_h) | note |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r.shape} | {r.method} | {fmt(r.seconds, '.3f')} | {fmt(r.x_floor, '.2f')}x "
-                   f"| {fmt(r.peak_mib, '.0f')} | {fmt(r.x_grads, '.2f')}x | {r.note} |")
+        out.append(f"| {r.shape} | {r.method} | {fmt(r.seconds, '.3f')} | {fmt(r.x_floor, '.2f', 'x')} "
+                   f"| {fmt(r.peak_mib, '.0f')} | {fmt(r.x_grads, '.2f', 'x')} | {r.note} |")
     return "\n".join(out)
 
 
