@@ -38,6 +38,14 @@ def _transform(acc, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _tile_index(M, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Rows and vocab columns of this program's (row block, vocab block) tile, int64, masked."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols, rows < M, cols < V
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, stride_wv,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
@@ -70,12 +78,7 @@ def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                   DOT_F32: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < M
-    cmask = cols < V
+    rows, cols, rmask, cmask = _tile_index(M, V, BLOCK_N, BLOCK_V)
     acc = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, stride_wv,
                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
     z, _ = _transform(acc, inv_temp, softcap, HAS_SOFTCAP)
@@ -87,7 +90,7 @@ def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
     a = tl.sum(tl.where(cmask[None, :], e * zm, 0.0), 1)
     y = tl.load(y_ptr + rows, mask=rmask, other=-1)
     t = tl.sum(tl.where(y[:, None] == cols[None, :], z, 0.0), 1)
-    off = pid_v * M + rows
+    off = tl.program_id(1).to(tl.int64) * M + rows
     tl.store(pm_ptr + off, m, mask=rmask)
     tl.store(ps_ptr + off, s, mask=rmask)
     tl.store(pa_ptr + off, a, mask=rmask)
@@ -155,10 +158,7 @@ def _bwd_g_chunk(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_F32: tl.constexpr):
     """Writes G = dL/dx for rows [0, M) of a chunk into out [M, V] (out's dtype)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < M
-    cmask = cols < V
+    rows, cols, rmask, cmask = _tile_index(M, V, BLOCK_N, BLOCK_V)
     d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                    cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                    HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
@@ -176,12 +176,7 @@ def _bwd_atomic(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_
                 NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                 DOT_F32: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < M
-    cmask = cols < V
+    rows, cols, rmask, cmask = _tile_index(M, V, BLOCK_N, BLOCK_V)
     d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                    cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                    HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, DOT_F32)
