@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from bench import harness, methods
 
@@ -34,11 +33,9 @@ def run(preset: str, only: list[str] | None, reps: int, skip_memory: bool, log=p
     rows: list[harness.Row] = []
     for name, S, T, H, V in PRESETS[preset]:
         case = methods.make_case(name, S, T, H, V)
-        M = int(case.mask.sum())
         grads_mib = (V * H + S * T * H) * 4 / 2**20
-        steps, notes = {"GEMM floor (3 GEMMs)": methods.floor(case),
-                        "one GEMM": methods.one_gemm(case),
-                        "alignkit no-grad forward": methods.alignkit_nograd(case)}, {}
+        steps = {harness.FLOOR: methods.floor(case), "one GEMM": methods.one_gemm(case),
+                 "alignkit no-grad forward": methods.alignkit_nograd(case)}
         for mname, setup in methods.METHODS.items():
             if only and not any(o.lower() in mname.lower() for o in only):
                 continue
@@ -46,32 +43,13 @@ def run(preset: str, only: list[str] | None, reps: int, skip_memory: bool, log=p
             if step is None:
                 log(f"  {mname:40s} n/a (needs pairs)")
                 continue
-            try:  # a peer that fails here is reported, not hidden
-                case.reset()
-                step()
-                steps[mname] = step
-            except Exception as exc:
-                notes[mname] = f"failed: {type(exc).__name__}: {exc}"[:120]
-                log(f"  {mname:40s} FAILED {notes[mname]}")
-        log(f"[{name}] labelled tokens {M}; timing {len(steps)} steps x {reps} interleaved rounds")
-        # a floor measured up front sets the cut-off for peers too slow to time 3 times
-        floor0 = harness.median_time(steps["GEMM floor (3 GEMMs)"], reps=1)
-        t = harness.interleaved_times(steps, warmup=1, reps=reps, reset=case.reset,
-                                      slow_after=8 * floor0)
-        slow = harness.interleaved_times.slow
-        floor_s, gemm_s = t["GEMM floor (3 GEMMs)"], t["one GEMM"]
-        rows.append(harness.Row(name, "GEMM floor (3 GEMMs)", floor_s, None, floor_s, grads_mib))
-        for mname in steps:
-            if mname in ("GEMM floor (3 GEMMs)", "one GEMM", "alignkit no-grad forward"):
-                continue
-            mem = None if skip_memory else harness.peak_after_reset(steps[mname], case.reset) / 2**20
-            rows.append(harness.Row(name, mname, t[mname], mem, floor_s, grads_mib,
-                                    note="timed once (> 8x floor)" if mname in slow else ""))
-            log(f"  {mname:40s} {t[mname]:7.3f}s  {t[mname] / floor_s:5.2f}x floor  "
-                f"{harness.fmt(mem, '7.0f')} MiB")
-        for mname, note in notes.items():
-            rows.append(harness.Row(name, mname, None, None, floor_s, grads_mib, note=note))
-        ng = t["alignkit no-grad forward"]
+            steps[mname] = step
+        log(f"[{name}] labelled tokens {int(case.mask.sum())}")
+        t, shape_rows = harness.measure(name, steps, reset=case.reset, reps=reps,
+                                        grads_mib=grads_mib, skip_memory=skip_memory,
+                                        unlisted=("one GEMM", "alignkit no-grad forward"), log=log)
+        rows += shape_rows
+        ng, gemm_s = t["alignkit no-grad forward"], t["one GEMM"]
         rows.append(harness.Row(name, "alignkit no-grad forward", ng, None, gemm_s, grads_mib,
                                 note="time / floor is vs ONE GEMM"))
         log(f"  {'alignkit no-grad forward':40s} {ng:7.3f}s  {ng / gemm_s:5.2f}x one GEMM")

@@ -22,7 +22,7 @@ peak_bytes = peak_memory_bytes
 
 
 def median_time(fn, warmup: int = 1, reps: int = 3, reset=None) -> float:
-    return interleaved_times({"x": fn}, warmup, reps, reset)["x"]
+    return interleaved_times({"x": fn}, warmup, reps, reset)[0]["x"]
 
 
 def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
@@ -32,7 +32,8 @@ def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
     interleaving makes every method see the same drift, so ratios within one run stay honest.
 
     A step whose last warm-up run took longer than `slow_after` seconds is timed once only (a peer
-    at 40x the floor would otherwise take most of the bench's time); `slow` lists those."""
+    at 40x the floor would otherwise take most of the bench's time); those are returned as `slow`.
+    Returns (median seconds per step, slow)."""
     slow = set()
     for k, fn in steps.items():
         for _ in range(warmup):
@@ -53,15 +54,49 @@ def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    interleaved_times.slow = slow
-    return out
+    return {k: statistics.median(v) for k, v in times.items()}, slow
 
 
 def peak_after_reset(fn, reset=None) -> int:
     if reset:
         reset()
     return peak_bytes(fn)
+
+
+FLOOR = "GEMM floor (3 GEMMs)"
+
+
+def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip_memory: bool,
+            unlisted=(), log=print):
+    """Runs each step once (a step that fails is reported as a row, not hidden), times the rest in
+    interleaved rounds (steps[FLOOR] sets the cut-off for peers too slow to time `reps` times),
+    profiles their peak memory, and returns (times, rows). Steps named in `unlisted` are timed but
+    get no row: the caller reports them against another baseline."""
+    notes = {}
+    for k in list(steps):
+        try:
+            reset()
+            steps[k]()
+        except Exception as exc:
+            notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
+            log(f"  {k:40s} FAILED {notes[k]}")
+            del steps[k]
+    log(f"[{label}] timing {len(steps)} steps x {reps} interleaved rounds")
+    floor0 = median_time(steps[FLOOR], reps=1)
+    t, slow = interleaved_times(steps, warmup=1, reps=reps, reset=reset, slow_after=8 * floor0)
+    floor_s = t[FLOOR]
+    rows = []
+    for k in steps:
+        if k in unlisted:
+            continue
+        mem = None
+        if not skip_memory and k != FLOOR:
+            mem = peak_after_reset(steps[k], reset) / 2**20
+        rows.append(Row(label, k, t[k], mem, floor_s, grads_mib,
+                        note="timed once (> 8x floor)" if k in slow else ""))
+        log(f"  {k:40s} {t[k]:7.3f}s  {t[k] / floor_s:5.2f}x floor  {fmt(mem, '7.0f')} MiB")
+    rows += [Row(label, k, None, None, floor_s, grads_mib, note=n) for k, n in notes.items()]
+    return t, rows
 
 
 @dataclass

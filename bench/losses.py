@@ -105,38 +105,14 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print):
         case = methods.make_case(name, S, T, H, V)
         grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
-            steps = {"GEMM floor (3 GEMMs)": methods.floor(case),
+            steps = {harness.FLOOR: methods.floor(case),
                      "alignkit preference_loss": alignkit_fused(loss)(case),
                      "naive full logits": naive(loss)(case),
                      "TRL chunked log-probs + loss": trl_math(loss)(case),
                      "Liger fused (eager)": liger(loss, False)(case),
                      "Liger fused (compiled)": liger(loss, True)(case)}
-            notes = {}
-            for k in list(steps):
-                try:
-                    case.reset()
-                    steps[k]()
-                except Exception as exc:
-                    notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
-                    log(f"  {k} FAILED {notes[k]}")
-                    del steps[k]
-            label = f"{name} {loss.upper()}"
-            log(f"[{label}] timing {len(steps)} steps x {reps} rounds")
-            floor0 = harness.median_time(steps["GEMM floor (3 GEMMs)"], reps=1)
-            t = harness.interleaved_times(steps, warmup=1, reps=reps, reset=case.reset,
-                                          slow_after=8 * floor0)
-            slow = harness.interleaved_times.slow
-            floor_s = t["GEMM floor (3 GEMMs)"]
-            for k in steps:
-                mem = None
-                if not skip_memory and k != "GEMM floor (3 GEMMs)":
-                    mem = harness.peak_after_reset(steps[k], case.reset) / 2**20
-                rows.append(harness.Row(label, k, t[k], mem, floor_s, grads_mib,
-                                        note="timed once (> 8x floor)" if k in slow else ""))
-                log(f"  {k:32s} {t[k]:7.3f}s {t[k] / floor_s:5.2f}x floor "
-                    f"{harness.fmt(mem, '7.0f')} MiB")
-            for k, note in notes.items():
-                rows.append(harness.Row(label, k, None, None, floor_s, grads_mib, note=note))
+            rows += harness.measure(f"{name} {loss.upper()}", steps, reset=case.reset, reps=reps,
+                                    grads_mib=grads_mib, skip_memory=skip_memory, log=log)[1]
     return rows
 
 
