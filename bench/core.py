@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from bench import harness, methods
 
 PRESETS = {
