@@ -1,5 +1,5 @@
 """Preference losses: functional forms on sequence log-probs, and the fused entry point."""
-from alignkit.losses.fused import LOSSES, preference_loss
+from alignkit.losses.fused import LOSSES, logprob_loss, preference_loss
 from alignkit.losses.modules import CPOLoss, DPOLoss, ORPOLoss, PreferenceLoss, SimPOLoss
 from alignkit.losses.pairwise import (
     CPO_LOSS_TYPES,
@@ -13,7 +13,7 @@ from alignkit.losses.reward import reward_pairwise_loss, reward_ranking_loss
 from alignkit.losses.unpaired import kto_loss
 
 __all__ = [
-    "preference_loss", "LOSSES", "PreferenceLoss", "DPOLoss", "SimPOLoss", "CPOLoss", "ORPOLoss",
+    "preference_loss", "logprob_loss", "LOSSES", "PreferenceLoss", "DPOLoss", "SimPOLoss", "CPOLoss", "ORPOLoss",
     "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "reward_pairwise_loss",
     "reward_ranking_loss", "DPO_LOSS_TYPES", "CPO_LOSS_TYPES",
 ]

@@ -102,7 +102,6 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"preference_loss needs an even number of sequences (B chosen, then B "
                          f"rejected); got {S}" + (" segments (max segment id + 1)"
                                                    if segment_ids is not None else " rows"))
-    B = S // 2
     seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
                   bias=bias, **common)
     sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
@@ -118,20 +117,57 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
 
+    return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+
+def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
+                 ref_logprobs: Optional[Tensor] = None, average: Optional[bool] = None,
+                 **loss_options):
+    """The loss half of ``preference_loss``, on per-sequence log-prob sums.
+
+    sums [2B] (chosen 0..B-1, then rejected), counts [2B] (response tokens per sequence);
+    ``ref_logprobs`` [2B] for DPO, in the loss's reduction (sums, or averages with
+    ``average=True``). For callers that computed the sums themselves (the trainer, the drop-ins).
+    Returns (loss, metrics) as ``preference_loss`` does.
+    """
+    own, common = split_options(loss, loss_options)
+    if common:
+        raise ValueError(f"option(s) {sorted(common)} belong to the log-prob op, not to "
+                         "logprob_loss, which starts from the sums")
+    S = sums.shape[0] if isinstance(sums, Tensor) and sums.dim() == 1 else None
+    if S is None or S == 0 or S % 2 or not isinstance(counts, Tensor) or counts.shape != sums.shape:
+        raise ValueError("sums and counts must be 1-D tensors of one even length 2B (chosen, then "
+                         f"rejected); got {getattr(sums, 'shape', sums)} and "
+                         f"{getattr(counts, 'shape', counts)}")
+    uses_ref, default_avg = _SPECS[loss][1], _SPECS[loss][2]
+    average = default_avg if average is None else bool(average)
+    counts_f = counts.to(sums.dtype)
+    logps = sums / counts_f.clamp(min=1) if average else sums
+    ref = None
+    if uses_ref:
+        if ref_logprobs is None or tuple(ref_logprobs.shape) != (S,):
+            raise ValueError(f"loss {loss!r} needs ref_logprobs of shape [2B] = ({S},), got "
+                             f"{None if ref_logprobs is None else tuple(ref_logprobs.shape)}")
+        ref = ref_logprobs.detach().to(sums.dtype)
+    elif ref_logprobs is not None:
+        raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs would be ignored, so it "
+                         "is refused")
+    return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+
+def _loss_on_logps(loss, logps, sums, counts_f, ref, own):
+    B = logps.shape[0] // 2
     c, r = logps[:B], logps[B:]
     if loss == "dpo":
-        out = dpo_loss(c, r, ref[:B], ref[B:], chosen_counts=counts_f[:B],
-                       rejected_counts=counts_f[B:], **own)
-    elif loss == "simpo":
-        out = simpo_loss(c, r, **own)
-    else:
-        # NLL of the chosen tokens, as a token mean over the batch (TRL's cross-entropy term)
-        nll = -sums[:B].sum() / counts_f[:B].sum().clamp(min=1)
-        if loss == "cpo":
-            out = cpo_loss(c, r, nll=nll, **own)
-        else:
-            out = orpo_loss(c, r, nll=nll, **own)
-    return out
+        return dpo_loss(c, r, ref[:B], ref[B:], chosen_counts=counts_f[:B],
+                        rejected_counts=counts_f[B:], **own)
+    if loss == "simpo":
+        return simpo_loss(c, r, **own)
+    # NLL of the chosen tokens, as a token mean over the batch (TRL's cross-entropy term)
+    nll = -sums[:B].sum() / counts_f[:B].sum().clamp(min=1)
+    if loss == "cpo":
+        return cpo_loss(c, r, nll=nll, **own)
+    return orpo_loss(c, r, nll=nll, **own)
 
 
 def _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias, average,
@@ -157,4 +193,4 @@ def _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bia
     return sums / counts.clamp(min=1).to(sums.dtype) if average else sums
 
 
-__all__ = ["preference_loss", "split_options", "LOSSES"]
+__all__ = ["preference_loss", "logprob_loss", "split_options", "LOSSES"]

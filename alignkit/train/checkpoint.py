@@ -1,0 +1,104 @@
+"""Checkpoints written atomically: a temp directory, then one rename.
+
+Layout: ``OUTPUT_DIR/checkpoints/step-00000012/`` with ``model.pt``, ``optimizer.pt`` (full,
+unsharded state dicts, so DDP, FSDP2 and single-process runs read each other's),
+``scheduler.pt``, ``rng-rank{r}.pt`` (torch, CUDA, python and numpy generators of each rank) and
+``state.json`` (step, examples consumed). A run killed at any moment leaves either the previous
+checkpoint or the new one, never a half-written one; the two newest are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+KEEP = 2
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def checkpoints(output_dir):
+    d = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, n) for n in os.listdir(d) if n.startswith("step-"))
+
+
+def save(output_dir, step, state: dict, model, optimizer, scheduler):
+    """Collective under torch.distributed: every rank calls it."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    root = os.path.join(output_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = os.path.join(root, f".tmp-step-{step:08d}")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{_rank()}.pt"))
+    if _rank() == 0:
+        torch.save(msd, os.path.join(tmp, "model.pt"))
+        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(state, step=step), f)
+    _barrier()
+    if _rank() == 0:
+        for f in os.listdir(tmp):                 # flush file contents before the rename
+            fd = os.open(os.path.join(tmp, f), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path, model, optimizer, scheduler) -> dict:
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    msd = torch.load(os.path.join(path, "model.pt"), weights_only=False)
+    set_model_state_dict(model, msd, options=opts)
+    osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
+    set_optimizer_state_dict(model, optimizer, osd, options=opts)
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    rng = os.path.join(path, f"rng-rank{_rank()}.pt")
+    if os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)

@@ -1,0 +1,177 @@
+"""One config for ``alignkit.PreferenceTrainer`` and ``alignkit train CONFIG.yaml [--key value]``.
+
+Every key is a field of ``TrainConfig``; unknown keys, bad values and incompatible options raise
+``ConfigError`` naming the key. YAML is read with ``yaml.safe_load``; ``--key value`` overrides are
+parsed as YAML scalars (``--lr 1e-4``, ``--packing padding_free``, ``--loss_options '{beta: 0.2}'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PACKINGS = ("padded", "padding_free", "shared_prompt")
+REFERENCES = ("precompute", "live", "none")
+LOSSES = ("dpo", "simpo", "cpo", "orpo", "kto")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("linear", "cosine", "constant")
+DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, out of range, or incompatible with another."""
+
+
+@dataclass
+class TrainConfig:
+    # model: a local transformers directory, or none with model_config for a random init
+    model: Optional[str] = None
+    model_config: Optional[dict] = None      # e.g. {model_type: llama, hidden_size: 256, ...}
+    tokenizer: Optional[str] = None          # a local tokenizer directory (default: model)
+    attn_implementation: str = "sdpa"
+    # data
+    data: Optional[str] = None               # .json / .jsonl path (or a datasets.Dataset in Python)
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.0               # held out from data when eval_data is not given
+    data_format: str = "auto"
+    max_length: int = 1024                   # prompt + response tokens per sequence
+    max_prompt_length: int = 512
+    append_eos: bool = True
+    # objective
+    loss: str = "dpo"
+    loss_options: dict = field(default_factory=dict)   # beta, loss_type, gamma, ... (per loss)
+    reference: str = "precompute"
+    reference_cache_dir: Optional[str] = None  # default $ALIGNKIT_CACHE or ~/.cache/alignkit
+    packing: str = "padding_free"
+    backend: str = "auto"                    # the log-prob op's backend
+    # loop
+    output_dir: str = "alignkit-out"
+    seed: int = 0
+    batch_size: int = 2                      # pairs (KTO: examples) per micro-batch per rank
+    grad_accum: int = 1
+    max_steps: int = 100                     # optimizer steps; the data order repeats per epoch
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    max_grad_norm: Optional[float] = 1.0
+    precision: str = "auto"                  # auto: bf16 autocast where the device has bf16
+    gradient_checkpointing: bool = False
+    fsdp: bool = False                       # FSDP2 (fully_shard) under torchrun; else DDP
+    logging_steps: int = 1
+    eval_steps: int = 0                      # 0: eval at the end only (when there is eval data)
+    save_steps: int = 0                      # 0: checkpoint at the end only
+    progress: bool = True
+    tensorboard: bool = True                 # when tensorboard is installed
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def choice(key, options):
+            if getattr(self, key) not in options:
+                raise ConfigError(f"{key} must be one of {', '.join(options)}; got "
+                                  f"{getattr(self, key)!r}")
+
+        def positive(key, minimum=1):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ConfigError(f"{key} must be an integer >= {minimum}; got {v!r}")
+
+        choice("packing", PACKINGS)
+        choice("reference", REFERENCES)
+        choice("loss", LOSSES)
+        choice("precision", PRECISIONS)
+        choice("lr_scheduler", SCHEDULES)
+        choice("data_format", DATA_FORMATS)
+        for k in ("max_length", "max_prompt_length", "batch_size", "grad_accum", "max_steps",
+                  "logging_steps"):
+            positive(k)
+        for k in ("warmup_steps", "eval_steps", "save_steps", "seed"):
+            positive(k, 0)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
+                              f"max_length ({self.max_length}) to leave room for a response")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be a number > 0; got {self.lr!r}")
+        if not (0.0 <= self.eval_fraction < 1.0):
+            raise ConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or null; got {self.max_grad_norm!r}")
+        if not isinstance(self.loss_options, dict):
+            raise ConfigError(f"loss_options must be a mapping; got {self.loss_options!r}")
+        if self.model is None and self.model_config is None:
+            raise ConfigError("give model (a local transformers directory) or model_config "
+                              "(a transformers config as a mapping, for a random init)")
+        if self.model is not None and self.model_config is not None:
+            raise ConfigError("give model or model_config, not both")
+        if self.model is None and self.tokenizer is None:
+            raise ConfigError("with model_config, give tokenizer (a local tokenizer directory)")
+        if self.loss in ("simpo", "cpo", "orpo") and self.reference != "none":
+            if self.reference != REFERENCES[0] or "reference" in self._explicit:
+                raise ConfigError(f"loss {self.loss!r} is reference-free: set reference: none")
+            self.reference = "none"
+        if self.loss == "kto" and self.packing == "shared_prompt":
+            raise ConfigError("packing shared_prompt needs pairs; loss kto is unpaired "
+                              "(use padded or padding_free)")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError("attn_implementation must be sdpa or eager (the packed modes pass a "
+                              "4D float mask, which flash-attention kernels do not take); got "
+                              f"{self.attn_implementation!r}")
+        # the loss's own options are checked against the loss functions' signatures
+        from alignkit.train.objective import check_loss_options
+        try:
+            check_loss_options(self.loss, self.loss_options)
+        except ValueError as e:
+            raise ConfigError(f"loss_options: {e}") from None
+
+    _explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
+        return cls(**values, _explicit=frozenset(values))
+
+    @classmethod
+    def from_yaml(cls, path: Optional[str], overrides: Optional[dict] = None) -> "TrainConfig":
+        import yaml
+        values: dict[str, Any] = {}
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} does not exist")
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
+            values.update(loaded)
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.name.startswith("_")}
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--lr", "1e-4", "--packing=padded"]`` -> {"lr": 1e-4, "packing": "padded"}."""
+    import yaml
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"expected --key value, got {a!r}")
+        key = a[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            raw = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = yaml.safe_load(raw)
+        i += 1
+    return out

@@ -1,0 +1,82 @@
+"""A transformers CausalLM as (body, LM head), and the module the trainer runs.
+
+``SequenceLogprobs(model)`` runs the body (``model.get_decoder()``) only, gathers the response
+positions of its hidden states and calls alignkit's fused ``sequence_logprobs`` with the LM head's
+weight: the model's logits path is never called. Wrapping the whole model in one module is also
+what DDP and FSDP2 need: the head weight is used inside this module's forward, so DDP syncs its
+gradient and FSDP2 all-gathers it with the root's parameters (and reduce-scatters its gradient).
+
+Head transforms read from the config: ``final_logit_softcapping`` (Gemma 2/3) -> softcap,
+``logits_scaling`` (Granite, logits / s) -> temperature s, ``logit_scale`` (Cohere, logits · s)
+-> temperature 1/s. A model whose head does anything else is refused by ``head_of``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.api import sequence_logprobs
+
+
+class ModelError(ValueError):
+    """The model's body or LM head cannot be reached, or its head is not a plain linear map."""
+
+
+def head_of(model):
+    """(body, head module, op options) of a transformers CausalLM."""
+    get_dec = getattr(model, "get_decoder", None)
+    body = get_dec() if callable(get_dec) else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or not isinstance(head, nn.Module) or \
+            not isinstance(getattr(head, "weight", None), Tensor):
+        raise ModelError(f"{type(model).__name__}: cannot reach its body (get_decoder()) and LM "
+                         "head (get_output_embeddings() with a weight [V, H]); alignkit needs "
+                         "both to skip the logits")
+    if type(head) not in (nn.Linear,) and not isinstance(head, nn.Linear):
+        raise ModelError(f"{type(model).__name__}: LM head is {type(head).__name__}, not a "
+                         "linear layer")
+    cfg = model.config
+    opts = {}
+    sc = getattr(cfg, "final_logit_softcapping", None)
+    if sc:
+        opts["softcap"] = float(sc)
+    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
+        opts["temperature"] = float(cfg.logits_scaling)
+    if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        opts["temperature"] = 1.0 / float(cfg.logit_scale)
+    return body, head, opts
+
+
+class SequenceLogprobs(nn.Module):
+    """forward(batch tensors) -> (sums [S], counts [S]) of the response tokens' log-probs."""
+
+    def __init__(self, model, backend: str = "auto"):
+        super().__init__()
+        self.model = model
+        _, _, self.head_opts = head_of(model)
+        self.backend = backend
+
+    def forward(self, input_ids, position_ids, attention_mask, gather, labels, segment_ids,
+                num_sequences: int):
+        body, head, _ = head_of(self.model)
+        out = body(input_ids=input_ids, position_ids=position_ids,
+                   attention_mask=attention_mask, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather)
+        w, b = head.weight, head.bias
+        if torch.is_autocast_enabled(h.device.type):
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+            b = b.to(dt) if b is not None else None
+        elif h.dtype != w.dtype:
+            h = h.to(w.dtype)
+        return sequence_logprobs(h, w, labels, bias=b, segment_ids=segment_ids,
+                                 num_segments=num_sequences, backend=self.backend,
+                                 **self.head_opts)
+
+
+
+def forward_batch(module, batch):
+    """Calls a SequenceLogprobs (or its DDP / FSDP wrapper) on a packing.Batch."""
+    return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.gather,
+                  batch.labels, batch.segment_ids, batch.num_sequences)

@@ -1,0 +1,369 @@
+"""``PreferenceTrainer``: a thin loop around the fused preference losses.
+
+One optimizer step consumes G = batch_size · grad_accum · world_size examples of a seeded stream
+(the concatenation of per-epoch permutations, so nothing is dropped at an epoch's end): micro-batch
+m of rank r takes examples [m·world + r]·batch_size onward. So a 2-rank run and a 1-rank run with
+twice the accumulation see the same examples per step and, with the loss averaged the same way,
+take the same step. The data position is the step count, saved in every checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from alignkit.train import checkpoint as ckpt
+from alignkit.train.config import ConfigError, TrainConfig
+from alignkit.train.data import DataError, Tokenise, load_rows, tokenise_rows
+from alignkit.train.metrics import MetricsLog
+from alignkit.train.model import SequenceLogprobs, forward_batch, head_of
+from alignkit.train.objective import compute_loss, kto_uses_kl
+from alignkit.train.packing import collate, pad_id_of
+from alignkit.train.reference import LiveReference, precompute
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if cfg.model is not None:
+        if not os.path.isdir(cfg.model):
+            raise ConfigError(f"model {cfg.model!r} is not a local directory (alignkit never "
+                              "downloads weights)")
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32,
+                                                     attn_implementation=cfg.attn_implementation)
+    else:
+        mc = dict(cfg.model_config)
+        model_type = mc.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model_config needs model_type (e.g. llama, qwen2, gemma)")
+        try:
+            conf = AutoConfig.for_model(model_type, **mc)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model_config: {e}") from None
+        conf._attn_implementation = cfg.attn_implementation
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation)
+    tok_path = cfg.tokenizer or cfg.model
+    if not os.path.isdir(tok_path):
+        raise ConfigError(f"tokenizer {tok_path!r} is not a local directory")
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    return model, tokenizer
+
+
+class PreferenceTrainer:
+    """``PreferenceTrainer(config, model=None, tokenizer=None, train_data=None, eval_data=None)``.
+
+    config: a ``TrainConfig`` (or a dict of its keys). model / tokenizer: a transformers CausalLM
+    and tokenizer (default: loaded as the config says). train_data / eval_data: a path, a
+    ``datasets.Dataset`` or a list of rows (default: config.data / config.eval_data).
+    ``train(resume=False)`` runs the loop and returns the last logged metrics.
+    """
+
+    def __init__(self, config, model=None, tokenizer=None, train_data=None, eval_data=None,
+                 log=None):
+        self.cfg = cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                       if torch.cuda.is_available() else torch.device("cpu"))
+        self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
+        if model is None or tokenizer is None:
+            m, t = load_model_and_tokenizer(cfg)
+            model, tokenizer = model or m, tokenizer or t
+        head_of(model)                                  # fail early if the head is unreachable
+        if cfg.packing != "padded" and getattr(model.config, "_attn_implementation", "sdpa") \
+                not in ("sdpa", "eager"):
+            raise ConfigError(f"packing {cfg.packing!r} passes a 4D float attention mask, which "
+                              f"attn_implementation {model.config._attn_implementation!r} cannot "
+                              "take; use sdpa or eager, or packing: padded")
+        self.model, self.tokenizer = model.to(self.device), tokenizer
+        self.pad_id = pad_id_of(tokenizer)
+        tk = Tokenise(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.append_eos)
+        self.tok_settings = tk.settings()
+        rows = load_rows(train_data if train_data is not None else _need(cfg.data, "data"))
+        eval_rows = None
+        if eval_data is not None or cfg.eval_data is not None:
+            eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_data)
+        elif cfg.eval_fraction > 0:
+            n_eval = max(1, int(round(len(rows) * cfg.eval_fraction)))
+            order = np.random.default_rng(cfg.seed).permutation(len(rows))
+            eval_rows = [rows[i] for i in order[:n_eval]]
+            rows = [rows[i] for i in sorted(order[n_eval:])]
+        self.train_ex = tokenise_rows(rows, tk, cfg.data_format, cfg.loss, "data")
+        self.eval_ex = (tokenise_rows(eval_rows, tk, cfg.data_format, cfg.loss, "eval_data")
+                        if eval_rows else None)
+        self.kl = kto_uses_kl(cfg.loss, cfg.loss_options)
+        self.loss_options = {k: v for k, v in cfg.loss_options.items()}
+        self.precision = cfg.precision if cfg.precision != "auto" else (
+            "bf16" if (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+            or (self.device.type == "cpu" and cpu_has_bf16()) else "fp32")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = SequenceLogprobs(model, backend=cfg.backend)
+        self.ref_tables = {}
+        self.live_ref = None
+        self._ref_ready = False
+        self._perms = {}
+        self.last_eval = None
+
+    # ---------------------------------------------------------------- data order
+    def _kl_partner(self, examples):
+        n = len(examples)
+        return (lambda i: (i + 1) % n) if self.kl else None
+
+    def step_indices(self, step: int):
+        """Examples of optimizer step `step` for this rank: [[micro-batch indices] * grad_accum]."""
+        cfg, n = self.cfg, len(self.train_ex)
+        b, G = cfg.batch_size, cfg.batch_size * cfg.grad_accum * self.world
+        out = []
+        for m in range(cfg.grad_accum):
+            start = step * G + (m * self.world + self.rank) * b
+            out.append([self._stream(start + j, n) for j in range(b)])
+        return out
+
+    def _stream(self, pos, n):
+        epoch, k = divmod(pos, n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+            perm = self._perms[epoch] = torch.randperm(n, generator=g).tolist()
+        return perm[k]
+
+    # ---------------------------------------------------------------- reference
+    def _prepare_reference(self):
+        cfg = self.cfg
+        if self._ref_ready:
+            return
+        self._ref_ready = True
+        if cfg.reference == "none":
+            return
+        if cfg.reference == "live":
+            self.live_ref = LiveReference(self.model, cfg.backend)
+            return
+        key_extra = dict(tok=self.tok_settings, head=self.module.head_opts, kl=self.kl,
+                         precision=self.precision)
+        for name, exs in (("train", self.train_ex), ("eval", self.eval_ex)):
+            if exs:
+                self.ref_tables[name] = precompute(
+                    self.model, exs, packing=cfg.packing, pad_id=self.pad_id,
+                    batch_size=cfg.batch_size, kl_partner=self._kl_partner(exs),
+                    head_backend=cfg.backend, cache_dir=cfg.reference_cache_dir,
+                    key_extra=key_extra, device=self.device, log=self._log)
+
+    def _reference(self, batch, split):
+        if self.cfg.reference == "none":
+            return None
+        if self.live_ref is not None:
+            return self.live_ref(batch)
+        return self.ref_tables[split].lookup(batch, self.device)
+
+    # ---------------------------------------------------------------- one micro-batch
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+    def micro_loss(self, module, examples, idx, split="train"):
+        batch = collate(examples, idx, self.cfg.packing, self.pad_id,
+                        kl_partner=self._kl_partner(examples)).to(self.device)
+        with self._autocast():
+            sums, counts = forward_batch(module, batch)
+            ref = self._reference(batch, split)
+        desirable = None
+        if self.cfg.loss == "kto":
+            desirable = torch.tensor([examples[i].desirable for i in idx], device=self.device)
+        loss, metrics = compute_loss(self.cfg.loss, self.loss_options, sums.float(), counts,
+                                     ref, desirable)
+        return loss, metrics, batch.tokens
+
+    # ---------------------------------------------------------------- loop
+    def _schedule(self, optimizer):
+        cfg = self.cfg
+
+        def f(step):
+            if step < cfg.warmup_steps:
+                return (step + 1) / (cfg.warmup_steps + 1)
+            if cfg.lr_scheduler == "constant":
+                return 1.0
+            frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            if cfg.lr_scheduler == "linear":
+                return max(0.0, 1.0 - frac)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+    def _wrap(self):
+        if not self.distributed:
+            return self.module
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            body = self.model.get_decoder()
+            for layer in getattr(body, "layers", []):
+                fully_shard(layer)
+            return fully_shard(self.module)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda"
+                   else None)
+
+    def _reduce(self, metrics: dict) -> dict:
+        keys = sorted(metrics)
+        vals = torch.stack([metrics[k].detach().float().to(self.device) for k in keys])
+        if self.distributed:
+            dist.all_reduce(vals)
+            vals /= self.world
+        return dict(zip(keys, vals.tolist()))
+
+    def evaluate(self, module=None, step: int = 0) -> Optional[dict]:
+        if not self.eval_ex:
+            return None
+        module = module or self.module
+        self._prepare_reference()
+        sums, n = {}, 0
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            shard = list(range(self.rank, len(self.eval_ex), self.world))
+            for s in range(0, len(shard), self.cfg.batch_size):
+                idx = shard[s:s + self.cfg.batch_size]
+                loss, m, _ = self.micro_loss(module, self.eval_ex, idx, "eval")
+                m = dict(m, loss=loss)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() * len(idx)
+                n += len(idx)
+        self.model.train(was)
+        keys = sorted(sums)
+        vals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n), device=self.device)])
+        if self.distributed:
+            dist.all_reduce(vals)
+        rec = {k: (vals[i] / vals[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+        return dict(step=step, split="eval", **rec)
+
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        self._prepare_reference()
+        module = self._wrap()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+            foreach=False if cfg.fsdp else None)
+        scheduler = self._schedule(optimizer)
+        logger = MetricsLog(cfg.output_dir, cfg.tensorboard) if self.rank == 0 else None
+        start = 0
+        if resume:
+            found = ckpt.checkpoints(cfg.output_dir)
+            if found:
+                state = ckpt.load(found[-1], module, optimizer, scheduler)
+                start = state["step"]
+                self._log(f"resumed from {found[-1]} (step {start})")
+            else:
+                self._log(f"--resume: no checkpoint under {cfg.output_dir}; starting at step 0")
+            if logger is not None:
+                logger.truncate_after(start)
+        elif logger is not None and os.path.isfile(logger.path):
+            os.remove(logger.path)
+        self.model.train()
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+        last = {}
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            acc, tokens = {}, 0
+            micro = self.step_indices(step)
+            for m, idx in enumerate(micro):
+                sync = m == len(micro) - 1
+                ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else _null()
+                with ctx:
+                    loss, metrics, ntok = self.micro_loss(module, self.train_ex, idx)
+                    (loss / cfg.grad_accum).backward()
+                tokens += ntok
+                for k, v in dict(metrics, loss=loss).items():
+                    acc[k] = acc.get(k, 0) + v.detach().float() / cfg.grad_accum
+            if cfg.max_grad_norm is not None:
+                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                acc["grad_norm"] = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+                rec = self._reduce(acc)
+                dt = time.perf_counter() - t0
+                rec = dict(step=done, **rec, lr=scheduler.get_last_lr()[0],
+                           tokens_per_second=tokens * self.world / dt, step_seconds=dt)
+                last = rec
+                if logger is not None:
+                    logger.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}",
+                                    acc=f"{rec.get('rewards/accuracies', float('nan')):.2f}")
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
+                self._eval_log(module, done, logger)
+            if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+                ckpt.save(cfg.output_dir, done, dict(examples_seen=done * cfg.batch_size *
+                                                     cfg.grad_accum * self.world),
+                          module, optimizer, scheduler)
+        if bar is not None:
+            bar.close()
+        self.last_eval = self._eval_log(module, cfg.max_steps, logger)
+        self.save_final(module)
+        return last
+
+    def _eval_log(self, module, step, logger):
+        rec = self.evaluate(module, step)
+        if rec is not None and logger is not None:
+            logger.write(rec)
+            self._log(f"eval @ step {step}: loss {rec['loss']:.4f}, reward accuracy "
+                      f"{rec.get('rewards/accuracies', float('nan')):.3f}")
+        return rec
+
+    def save_final(self, module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+        if self.rank == 0:
+            out = os.path.join(self.cfg.output_dir, "final")
+            sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+            self.model.save_pretrained(out, state_dict=sd)
+            self.tokenizer.save_pretrained(out)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _need(value, key):
+    if value is None:
+        raise DataError(f"no training data: set {key} in the config or pass train_data")
+    return value
