@@ -1,12 +1,12 @@
 # Two commands for a fresh machine (each sets itself up):
-#   make bench   the main job until the trainer lands: the benchmark on small shapes, table printed
+#   make demo    the main job: alignkit demo (DPO on an embedded task, offline, about a minute)
 #   make test    the test suite
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv test bench bench-full clean sanitize
+.PHONY: venv demo test bench bench-full bench-trainer clean sanitize
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
 # Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
@@ -24,6 +24,9 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -W ignore::RuntimeWarning tests/test_triton_interpreter.py
+
+demo: $(STAMP)
+	$(VENV)/bin/alignkit demo
 
 bench: $(STAMP)
 	$(VPY) -m bench.core --preset small

@@ -10,6 +10,15 @@ from alignkit.ops.backends import cpp_available
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # the trainer imports lazily: the kernels and losses need neither transformers nor yaml
+    if name in ("PreferenceTrainer", "TrainConfig"):
+        import alignkit.train as train
+        return getattr(train, name)
+    raise AttributeError(f"module 'alignkit' has no attribute {name!r}")
+
+
 __all__ = [
     "linear_token_logprobs",
     "token_logprobs",
@@ -17,4 +26,6 @@ __all__ = [
     "LinearTokenLogprobs",
     "preference_loss",
     "cpp_available",
+    "PreferenceTrainer",
+    "TrainConfig",
 ]

@@ -39,3 +39,35 @@ def make_inputs(shape, H, V, *, dtype=torch.float32, bias=False, ignore_frac=0.2
     y[torch.rand(shape, generator=g) < ignore_frac] = -100
     cast = lambda t: None if t is None else t.to(dtype).requires_grad_()  # noqa: E731
     return cast(h), cast(W), cast(b), y
+
+
+def shared_data_dir():
+    """../shared/data next to the repo (LLaMA-Factory demo sets), or $ALIGNKIT_DATA_DIR."""
+    import os
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for d in (os.environ.get("ALIGNKIT_DATA_DIR"), os.path.join(here, "..", "shared", "data"),
+              "/work/shared/data"):
+        if d and os.path.isfile(os.path.join(d, "dpo_en_demo.json")):
+            return d
+    raise FileNotFoundError("the preference demo data (dpo_en_demo.json) is not in ../shared/data;"
+                            " set ALIGNKIT_DATA_DIR")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(data_dir, tmp_path_factory):
+    """A byte-level BPE with a chat template, trained here on the demo data (about 3 s)."""
+    import json
+    import os
+    from alignkit.train.tokenizer import texts_of, train_bpe
+    rows = []
+    for f in ("dpo_en_demo.json", "dpo_zh_demo.json", "kto_en_demo.json"):
+        with open(os.path.join(data_dir, f)) as fh:
+            rows += json.load(fh)
+    out = str(tmp_path_factory.mktemp("bpe"))
+    train_bpe(texts_of(rows), 4000, out)
+    return out

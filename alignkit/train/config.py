@@ -69,6 +69,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
+        # YAML 1.1 reads 1e-4 (no dot) as a string: accept numeric strings for the float keys
+        for k in ("lr", "weight_decay", "eval_fraction", "max_grad_norm"):
+            v = getattr(self, k)
+            if isinstance(v, str):
+                try:
+                    setattr(self, k, float(v))
+                except ValueError:
+                    raise ConfigError(f"{k} must be a number; got {v!r}") from None
         def choice(key, options):
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key} must be one of {', '.join(options)}; got "
@@ -125,6 +133,21 @@ class TrainConfig:
             check_loss_options(self.loss, self.loss_options)
         except ValueError as e:
             raise ConfigError(f"loss_options: {e}") from None
+
+    def check_paths(self, need_data: bool = True, need_model: bool = True):
+        """The files the config names exist (checked before any model is built)."""
+        checks = [("data", self.data, os.path.isfile)] if need_data else []
+        checks += [("eval_data", self.eval_data, os.path.isfile)]
+        if need_model:
+            checks += [("model", self.model, os.path.isdir),
+                       ("tokenizer", self.tokenizer, os.path.isdir)]
+        if need_data and self.data is None:
+            raise ConfigError("data: no training data (a .json or .jsonl path)")
+        for key, path, ok in checks:
+            if path is not None and not ok(path):
+                kind = "file" if ok is os.path.isfile else "local directory (alignkit never " \
+                    "downloads from a hub)"
+                raise ConfigError(f"{key}: {path!r} is not a {kind}")
 
     _explicit: frozenset = field(default=frozenset(), repr=False, compare=False)
 

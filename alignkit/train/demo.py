@@ -15,8 +15,10 @@ import json
 import os
 import random
 
+from alignkit.train.tokenizer import from_vocabulary
+
 DIGITS = [str(d) for d in range(10)]
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]      # from_vocabulary puts these first
 WORDS = ["sort", "user", "assistant", "system", ":"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
@@ -26,16 +28,7 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(out_dir: str):
     """A word-level tokenizer from the task's vocabulary, saved to out_dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + DIGITS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    return tok
+    return from_vocabulary(WORDS + DIGITS, CHAT_TEMPLATE, out_dir)
 
 
 def make_rows(n: int, seed: int):

@@ -70,11 +70,13 @@ class PreferenceTrainer:
     config: a ``TrainConfig`` (or a dict of its keys). model / tokenizer: a transformers CausalLM
     and tokenizer (default: loaded as the config says). train_data / eval_data: a path, a
     ``datasets.Dataset`` or a list of rows (default: config.data / config.eval_data).
-    ``train(resume=False)`` runs the loop and returns the last logged metrics.
+    callbacks: callables ``cb(trainer, step, record)`` run after every optimizer step (record:
+    the logged metrics of that step, or None). ``train(resume=False)`` runs the loop and returns
+    the last logged metrics.
     """
 
     def __init__(self, config, model=None, tokenizer=None, train_data=None, eval_data=None,
-                 log=None):
+                 log=None, callbacks=()):
         self.cfg = cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
@@ -84,6 +86,8 @@ class PreferenceTrainer:
         self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                        if torch.cuda.is_available() else torch.device("cpu"))
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
+        self.callbacks = list(callbacks)
+        cfg.check_paths(need_data=train_data is None, need_model=model is None or tokenizer is None)
         if model is None or tokenizer is None:
             m, t = load_model_and_tokenizer(cfg)
             model, tokenizer = model or m, tokenizer or t
@@ -308,7 +312,7 @@ class PreferenceTrainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
+            done, rec = step + 1, None
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
                 rec = self._reduce(acc)
                 dt = time.perf_counter() - t0
@@ -328,6 +332,8 @@ class PreferenceTrainer:
                 ckpt.save(cfg.output_dir, done, dict(examples_seen=done * cfg.batch_size *
                                                      cfg.grad_accum * self.world),
                           module, optimizer, scheduler)
+            for cb in self.callbacks:
+                cb(self, done, rec)
         if bar is not None:
             bar.close()
         self.last_eval = self._eval_log(module, cfg.max_steps, logger)

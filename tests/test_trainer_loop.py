@@ -1,0 +1,172 @@
+"""The loop end to end on a tiny random Llama: every loss, reference modes and their cache,
+eval records, the saved model, resume after SIGKILL, and DDP / FSDP2 against one process."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from alignkit.train import PreferenceTrainer, TrainConfig  # noqa: E402
+from alignkit.train.demo import build_tokenizer, make_rows  # noqa: E402
+from alignkit.train.metrics import read_metrics  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = dict(model_type="llama", vocab_size=24, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    build_tokenizer(str(root / "tok"))
+    rows = make_rows(48, seed=3)
+    with open(root / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:40])
+    with open(root / "eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[40:])
+    kto = [{"messages": r["prompt"] + r[k], "label": k == "chosen"} for r in rows
+           for k in ("chosen", "rejected")]
+    with open(root / "kto.json", "w") as f:
+        json.dump(kto, f)
+    return root
+
+
+def config(setup, out, **kw):
+    base = dict(model_config=MODEL, tokenizer=str(setup / "tok"),
+                data=str(setup / "train.jsonl"), eval_data=str(setup / "eval.jsonl"),
+                max_length=40, max_prompt_length=24, output_dir=str(out), batch_size=4,
+                max_steps=3, lr=1e-3, precision="fp32", progress=False, tensorboard=False,
+                reference_cache_dir=str(setup / "cache"), seed=0)
+    base.update(kw)
+    return base
+
+
+KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+        "rewards/accuracies", "tokens_per_second"}
+
+
+@pytest.mark.parametrize("loss,packing,extra", [
+    ("dpo", "padded", {"reference": "live", "loss_options": {"loss_type": ["sigmoid", "sft"],
+                                                             "loss_weights": [1.0, 0.5]}}),
+    ("simpo", "shared_prompt", {"loss_options": {"beta": 2.0, "gamma": 0.5}}),
+    ("orpo", "padding_free", {}),
+    ("cpo", "padded", {"loss_options": {"loss_type": "hinge"}}),
+    ("kto", "padding_free", {"data": "kto.json", "eval_data": None, "eval_fraction": 0.2}),
+])
+def test_every_loss_trains_and_logs(setup, tmp_path, loss, packing, extra):
+    if "data" in extra:
+        extra = dict(extra, data=str(setup / extra["data"]))
+    cfg = config(setup, tmp_path, loss=loss, packing=packing, **extra)
+    PreferenceTrainer(cfg).train()
+    recs = read_metrics(str(tmp_path))
+    train = [r for r in recs if r.get("split", "train") == "train"]
+    evals = [r for r in recs if r.get("split") == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3] and len(evals) == 1
+    need = KEYS if loss != "kto" else KEYS - {"rewards/margins", "rewards/accuracies"}
+    for r in train + evals:
+        assert need - {"tokens_per_second"} <= set(r), set(r)
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+    assert all(r["tokens_per_second"] > 0 for r in train)
+    assert train[0]["loss"] != train[-1]["loss"]
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    assert m.config.hidden_size == 32
+
+
+def test_precompute_matches_live_and_hits_its_cache(setup, tmp_path):
+    logs = []
+    cfg = config(setup, tmp_path / "pre", reference="precompute",
+                 reference_cache_dir=str(tmp_path / "cache"))
+    PreferenceTrainer(cfg, log=logs.append).train()
+    PreferenceTrainer(config(setup, tmp_path / "live", reference="live")).train()
+    pre, live = (read_metrics(str(tmp_path / d)) for d in ("pre", "live"))
+    for a, b in zip(pre, live):
+        for k in ("loss", "rewards/chosen", "rewards/margins"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    assert any("computed 40 examples" in m for m in logs)
+    logs.clear()
+    PreferenceTrainer(dict(cfg, output_dir=str(tmp_path / "again")), log=logs.append).train()
+    assert sum("cache hit" in m for m in logs) == 2          # train and eval sets
+    again = read_metrics(str(tmp_path / "again"))
+    for a, b in zip(pre, again):
+        assert a["loss"] == b["loss"] and a["rewards/margins"] == b["rewards/margins"]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "final", "model.safetensors"))
+
+
+KILLER = """
+import os, signal, sys
+from alignkit.train import PreferenceTrainer, TrainConfig
+cfg = TrainConfig.from_yaml(sys.argv[1])
+def die(trainer, step, rec):
+    if step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+PreferenceTrainer(cfg, callbacks=[die]).train()
+"""
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
+    import yaml
+    common = dict(max_steps=8, save_steps=3, eval_steps=4)
+    PreferenceTrainer(config(setup, tmp_path / "full", **common)).train()
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(setup, tmp_path / "killed", **common)))
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(cfg_path), "5"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ckpts = sorted(os.listdir(tmp_path / "killed" / "checkpoints"))
+    assert ckpts == ["step-00000003"], ckpts          # killed after step 5, before step 6's save
+    p = subprocess.run([sys.executable, "-m", "alignkit.cli", "train", str(cfg_path), "--resume"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step 3" in p.stdout
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "killed"))
+             if r.get("split", "train") == "train"]
+    assert steps == list(range(1, 9))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp):
+    import yaml
+    one = config(setup, tmp_path / "one", max_steps=3, batch_size=2, grad_accum=2,
+                 reference="precompute")
+    PreferenceTrainer(one).train()
+    two = dict(one, output_dir=str(tmp_path / "two"), grad_accum=1, fsdp=fsdp)
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), "-m", "alignkit.cli", "train",
+                        str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        moved += 1
+    assert moved == len(b)
+    ra = read_metrics(str(tmp_path / "one"))
+    rb = read_metrics(str(tmp_path / "two"))
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
