@@ -11,13 +11,34 @@ from torch.profiler import ProfilerActivity, profile
 
 
 def peak_memory_bytes(fn) -> int:
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    w = MemoryWindow()
+    w.start()
+    try:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
+    finally:
+        peak = w.stop()
     return peak
+
+
+class MemoryWindow:
+    """The same peak over a window opened and closed by callbacks (e.g. one training step):
+    ``w.start()`` ... ``w.stop()`` -> peak bytes allocated in between."""
+
+    def __init__(self):
+        self.prof, self.peak = None, None
+
+    def start(self):
+        gc.collect()
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def stop(self) -> int:
+        self.prof.__exit__(None, None, None)
+        events = [e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        cur = peak = 0
+        for e in events:
+            cur += e.nbytes()
+            peak = max(peak, cur)
+        self.peak, self.prof = peak, None
+        return peak

@@ -232,3 +232,15 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     lp, ent, _ = _fwd_op(hidden, weight, labels, bias, opts.ignore_index, float(opts.temperature),
                          opts.cap, opts.return_entropy, backend)
     return lp, (ent if opts.return_entropy else None)
+
+
+def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
+                          bias: Optional[Tensor], opts: LogprobOptions):
+    """As linear_logprobs, plus the per-token row statistics [..., 2] = (max logit m,
+    log Σ exp(z − m)) of the transformed logits z, without gradient: the drop-ins derive TRL's
+    is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m))."""
+    check_linear_inputs(hidden, weight, labels, bias)
+    backend = resolve(opts.backend, hidden.device)
+    lp, ent, lse = _fwd_op(hidden, weight, labels, bias, opts.ignore_index,
+                           float(opts.temperature), opts.cap, opts.return_entropy, backend)
+    return lp, (ent if opts.return_entropy else None), lse.detach()

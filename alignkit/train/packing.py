@@ -11,12 +11,15 @@ gathers positions P-1 .. P+R-2.
 - ``padding_free``: all sequences concatenated into one row; ``position_ids`` restart per
   sequence; a 4D float block-causal mask [1, 1, N, N] (0 or the dtype's min) keeps each sequence
   to itself (position_ids alone do not, with sdpa or eager attention).
-- ``shared_prompt``: per pair, [prompt, chosen, rejected] in one block. Both responses attend to
-  the prompt and not to each other; positions continue after the prompt for both. The prompt is
-  computed once per pair. The last prompt position predicts the first token of both responses,
-  so it is gathered twice.
+- ``shared_prompt``: one row per pair, [prompt, chosen, rejected] right-padded; a 4D float mask
+  [B, 1, L, L] lets both responses attend to the prompt and not to each other; positions continue
+  after the prompt for both. The prompt is computed once per pair. The last prompt position
+  predicts the first token of both responses, so it is gathered twice.
 
-The 4D mask costs 4·N² bytes (64 MiB at N=4096); ``padded`` needs none.
+The dense 4D mask costs 4·N² bytes per row (64 MiB at N=4096) and, with sdpa on CPU, attention
+over a masked row costs O(N²) whatever the mask: ``padding_free`` puts the whole micro-batch in
+one row, so its attention grows with the square of the micro-batch's tokens (bench/RESULTS.md).
+``padded`` uses the causal kernel and no dense mask.
 """
 from __future__ import annotations
 
@@ -111,23 +114,28 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
         mask = _block_mask(blocks, off, mask_dtype)
     elif packing == "shared_prompt":
+        # one row per pair, right-padded: a row is [prompt, chosen, rejected, pad...]
         B = S // 2
         if examples[indices[0]].desirable is not None:
             raise ValueError("packing shared_prompt needs pairs; KTO examples are unpaired")
-        flat, pos_l, blocks, off = [], [], [], 0
+        L = max(len(seqs[i][0]) + len(seqs[i][1]) + len(seqs[B + i][1]) for i in range(B))
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        pos = torch.zeros(B, L, dtype=torch.long)
+        masks = []
         for i in range(B):
             (p, c), (_, r) = seqs[i], seqs[B + i]
             P, C, R = len(p), len(c), len(r)
-            flat.extend(p + c + r)
-            pos_l.extend(list(range(P)) + list(range(P, P + C)) + list(range(P, P + R)))
-            blocks.append([(off, P, ()), (off + P, C, (0,)), (off + P + C, R, (0,))])
+            off = i * L
+            ids[i, :P + C + R] = torch.tensor(p + c + r)
+            pos[i, :P + C + R] = torch.tensor(list(range(P)) + list(range(P, P + C))
+                                              + list(range(P, P + R)))
+            masks.append(_block_mask([[(0, P, ()), (P, C, (0,)), (P + C, R, (0,))]], L,
+                                     mask_dtype))
             last_prompt = off + P - 1
             add(i, [last_prompt] + list(range(off + P, off + P + C - 1)) if C else [], c)
             add(B + i, [last_prompt] + list(range(off + P + C, off + P + C + R - 1)) if R else [],
                 r)
-            off += P + C + R
-        ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
-        mask = _block_mask(blocks, off, mask_dtype)
+        mask = torch.cat(masks, 0)
     else:
         raise ValueError(f"packing must be padded, padding_free or shared_prompt; got {packing!r}")
     return Batch(ids, pos, mask, torch.tensor(gather, dtype=torch.long),

@@ -1,0 +1,201 @@
+"""Per-token log-probs from a transformers CausalLM without its logits, safe under sharding.
+
+``fused_forward(model, ..., labels=...)`` runs the model body, then alignkit's fused LM-head op
+on the positions whose next-token label is not -100. It returns a ``FusedOutput`` whose per-token
+fields have shape [B, L-1] (label t+1 scored from position t, as HF's loss shifts; or [B, L] with
+``shift_labels``) and are 0.0 where the label is ignored.
+
+The gather hook: the op runs *inside the LM head module's own call* (``head(hidden)`` with its
+``forward`` swapped for the op for that one call). Whatever gathers a sharded head around its
+forward and backward -- FSDP2 on a separately wrapped head, DeepSpeed ZeRO-3's module hooks, the
+stand-in in tests/test_integrations_sharded.py -- therefore runs around ours too; reading
+``lm_head.weight`` directly, as Liger's drop-in did, sees ZeRO-3's empty partition. A head left
+as a DTensor (FSDP2 root group read outside the root's forward) is gathered with full_tensor().
+
+``patch_model(model)`` installs this as the model's forward for calls that pass ``labels``
+(generation, which passes none, is untouched); as a context manager it removes itself on exit.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from alignkit.ops.linear_logprobs import linear_logprobs_stats
+from alignkit.ops.options import LogprobOptions
+
+# head transforms alignkit reproduces; any other logit multiplier in a config is refused
+_UNSUPPORTED_SCALES = ("output_multiplier", "lm_head_multiplier")
+
+
+@dataclass
+class FusedOutput:
+    """Per-token fields [B, L-1] (0 at ignored labels). mean_logits: mean over the vocabulary of
+    the (temperature-scaled) logits; is_top1: the label is the argmax. loss: mean NLL over the
+    labelled tokens (or over num_items_in_batch)."""
+    loss: Tensor
+    log_probs: Tensor
+    label_mask: Tensor
+    entropy: Optional[Tensor] = None
+    mean_logits: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
+    aux_loss: Optional[Tensor] = None
+
+    def __getitem__(self, k):                 # ModelOutput-style access: out["log_probs"]
+        return getattr(self, k)
+
+
+def head_options(model, temperature: float = 1.0) -> dict:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    for k in _UNSUPPORTED_SCALES:
+        if getattr(cfg, k, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(model).__name__}: config.{k} scales the logits in a "
+                                      "way alignkit's head does not reproduce")
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = (cfg.logits_scaling if cfg.model_type == "hyperclovax"
+                 else 1.0 / cfg.logits_scaling)
+    scale = 1.0 if scale is None else float(scale)
+    if scale <= 0:
+        raise NotImplementedError(f"{type(model).__name__}: logit scale {scale} <= 0")
+    sc = getattr(cfg, "final_logit_softcapping", None)
+    return dict(temperature=float(temperature) / scale, softcap=float(sc) if sc else None)
+
+
+def _head_call(head, fn, *args):
+    """fn(weight, bias, *args) inside head.__call__, so the head's gather hooks run around it."""
+    had = "forward" in head.__dict__
+    prev = head.__dict__.get("forward")
+    head.forward = lambda *a: fn(head.weight, head.bias, *a)
+    try:
+        return head(*args)
+    finally:
+        if had:
+            head.forward = prev
+        else:
+            del head.forward
+
+
+def _full(t):
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_logits=False,
+                  is_top1=False, temperature: float = 1.0, backend: str = "auto"):
+    """hidden [B, T, H], labels [B, T] aligned (label t scored from hidden t; -100 ignored) ->
+    dict of per-token [B, T] fields (0 where ignored). Only labelled rows meet the vocabulary."""
+    head = model.get_output_embeddings()
+    opts_kw = head_options(model, temperature)
+    if mean_logits and opts_kw["softcap"] is not None:
+        raise NotImplementedError("mean_logits with final_logit_softcapping: the mean of "
+                                  "soft-capped logits needs the logits, which alignkit never forms")
+    mask = labels != -100
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    y = labels.reshape(-1).index_select(0, idx)
+    opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend, **opts_kw)
+
+    def op(weight, bias, h):
+        weight, bias = _full(weight), _full(bias)
+        hs = h.reshape(-1, h.shape[-1])
+        if torch.is_autocast_enabled(hs.device.type):
+            dt = torch.get_autocast_dtype(hs.device.type)
+            hs, weight = hs.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        elif hs.dtype != weight.dtype:
+            hs = hs.to(weight.dtype)
+        rows = hs.index_select(0, idx)
+        lp, ent, lse = linear_logprobs_stats(rows, weight, y, bias=bias, opts=opts)
+        out = {"log_probs": lp, "entropy": ent}
+        if is_top1:
+            out["is_top1"] = (lp.detach() + lse[:, 1]) >= 0
+        if mean_logits:
+            with torch.no_grad():
+                wbar = weight.float().mean(0)
+                ml = rows.float() @ wbar + (bias.float().mean() if bias is not None else 0.0)
+                out["mean_logits"] = ml * (1.0 / opts.temperature)
+        return out
+
+    flat = _head_call(head, op, hidden)
+
+    def scatter(x, dtype=torch.float32):
+        if x is None:
+            return None
+        z = torch.zeros(mask.numel(), dtype=dtype, device=hidden.device)
+        return z.index_copy(0, idx, x.to(dtype)).view(mask.shape) if idx.numel() else \
+            z.view(mask.shape) + 0 * hidden.sum()      # keep the graph on an all-masked batch
+    return dict(log_probs=scatter(flat["log_probs"]), entropy=scatter(flat.get("entropy")),
+                mean_logits=scatter(flat.get("mean_logits")),
+                is_top1=scatter(flat.get("is_top1"), torch.bool), label_mask=mask)
+
+
+def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_batch=None,
+                  outputs=("log_probs",), temperature: float = 1.0, backend: str = "auto",
+                  **kwargs) -> FusedOutput:
+    """Body, then the fused head: per-token fields of the next-token labels (see module doc)."""
+    unknown = set(outputs) - {"log_probs", "entropy", "mean_logits", "is_top1"}
+    if unknown:
+        raise NotImplementedError(f"per-token output(s) {sorted(unknown)} are not computed by "
+                                  "alignkit (it serves log_probs, entropy, mean_logits, is_top1)")
+    if kwargs.get("output_router_logits"):
+        raise NotImplementedError("output_router_logits (MoE load-balancing loss) is not served by "
+                                  "alignkit's fused forward")
+    kwargs["use_cache"] = False
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    hidden = body(*args, **kwargs).last_hidden_state
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("fused_forward needs labels [B, L] (or shift_labels)")
+        hidden, lab = hidden[:, :-1], labels[:, 1:]
+    else:
+        lab = shift_labels
+    if lab.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (shift_labels: "
+                         f"{tuple(hidden.shape[:-1])}); got {tuple(lab.shape)}")
+    f = head_logprobs(model, hidden, lab.to(hidden.device), entropy="entropy" in outputs,
+                      mean_logits="mean_logits" in outputs, is_top1="is_top1" in outputs,
+                      temperature=temperature, backend=backend)
+    n = f["label_mask"].sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -f["log_probs"].sum() / n
+    return FusedOutput(loss=loss, **f)
+
+
+class patch_model:
+    """``patch_model(model, entropy=False, temperature=1.0)``: ``model(input_ids, labels=labels,
+    ...)`` returns a FusedOutput (per-token ``log_probs`` [B, L-1], ``entropy`` if asked, ``loss``)
+    instead of logits; calls without labels run the original forward. The model is patched in
+    place; the returned handle's ``unpatch()`` restores it, and as a context manager
+    (``with patch_model(model) as m: ...``, m being the model) so does leaving the block.
+    Works through DDP / FSDP2 wrappers (the patched forward is what they call)."""
+
+    def __init__(self, model, *, entropy: bool = False, temperature: float = 1.0,
+                 backend: str = "auto"):
+        self.model = model
+        head_options(model, temperature)                      # refuse unsupported heads now
+        self.had = "forward" in model.__dict__
+        self.prev = model.__dict__.get("forward")
+        original = model.forward
+        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+
+        def forward(self_, *args, labels=None, shift_labels=None, **kw):
+            if labels is None and shift_labels is None:
+                return original(*args, **kw)
+            return fused_forward(self_, *args, labels=labels, shift_labels=shift_labels,
+                                 outputs=outputs, temperature=temperature, backend=backend, **kw)
+        model.forward = types.MethodType(forward, model)
+
+    def unpatch(self):
+        if self.had:
+            self.model.forward = self.prev
+        else:
+            del self.model.forward
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        self.unpatch()
+        return False

@@ -1,0 +1,189 @@
+"""Trainer-level bench: alignkit's PreferenceTrainer against TRL 1.16's DPOTrainer, same model,
+same data, same batch, same sequence length, fp32 on this CPU.
+
+    python -m bench.trainer [--lengths 1024] [--steps 5] [--cap-gib 2] [--write]
+
+Model: Llama-style, H=256, 4 layers, 4 heads, V=32000, random init. Data: synthetic pairs of
+exact lengths (prompt P = L/2 words, chosen and rejected L/2 words each, one word one token), so
+every step of every trainer holds the same tokens. Per trainer and length:
+- step time: median of the gaps between consecutive step ends (data, forward, backward,
+  optimizer, logging: everything a user waits for), after one warm-up step;
+- tokens/s: the step's sequence tokens (2 pairs x 2 sequences x L) over the step time;
+- peak memory: the exact peak of tensor memory allocated during one step (profiler events), on
+  top of the resident model and optimizer state (identical for both);
+- the longest L (one pair per step) whose step peak stays under --cap-gib, per packing mode.
+TRL runs with its default live reference model and with ``precompute_ref_log_probs=True``;
+alignkit precomputes its reference (cached), so its step holds no reference forward.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from alignkit.profiling import MemoryWindow
+from bench.harness import machine
+
+H, LAYERS, V, WORDS = 256, 4, 32000, 8000
+MODEL = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=688,
+             num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+             max_position_embeddings=65536, tie_word_embeddings=False)
+
+
+def make_tokenizer(out_dir):
+    from alignkit.train.tokenizer import from_vocabulary
+    return from_vocabulary([f"w{i}" for i in range(WORDS)],
+                           "{% for m in messages %}{{ m['content'] }} {% endfor %}", out_dir)
+
+
+def make_rows(n, L, seed=0):
+    rng = random.Random(seed)
+
+    def words(k):
+        return " ".join(f"w{rng.randrange(WORDS)}" for _ in range(k))
+    half = L // 2
+    # responses get L/2 - 1 words: with EOS each sequence is exactly L tokens
+    return [{"prompt": words(half), "chosen": " " + words(half - 1),
+             "rejected": " " + words(half - 1)} for _ in range(n)]
+
+
+class StepClock:
+    """Step-end times, and a memory window over step `profile_step`."""
+
+    def __init__(self, profile_step):
+        self.ends, self.window, self.profile_step, self.peak = [], MemoryWindow(), profile_step, None
+
+    def on_end(self, step):
+        self.ends.append(time.perf_counter())
+        if step == self.profile_step - 1:
+            self.window.start()
+        elif step == self.profile_step:
+            self.peak = self.window.stop()
+
+    def step_seconds(self):
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
+        # the profiled step is slower: leave it out
+        skip = self.profile_step - 2
+        gaps = [g for i, g in enumerate(gaps) if i != skip] or gaps
+        return statistics.median(gaps)
+
+
+def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=None):
+    from alignkit.train import PreferenceTrainer
+    profile_step = profile_step or min(3, steps)
+    cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8, max_prompt_length=L // 2 + 4,
+               loss="dpo", loss_options={"beta": 0.1}, reference="precompute",
+               reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
+               output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
+               max_steps=steps, lr=1e-5, precision="fp32", progress=False, tensorboard=False,
+               seed=0, save_steps=10**6)
+    clock = StepClock(profile_step)
+    tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[lambda t, s, r: clock.on_end(s)],
+                           log=lambda *a: None)
+    tr.save_final = lambda module: None               # not part of a step
+    torch.manual_seed(0)
+    tr.train()
+    return clock
+
+
+def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None):
+    import datasets
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    profile_step = profile_step or min(3, steps)
+    mc = dict(MODEL)
+    conf = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = None
+    clock = StepClock(profile_step)
+
+    class CB(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.on_end(state.global_step)
+
+    args = DPOConfig(output_dir=os.path.join(work, f"trl-{L}-{precompute}"),
+                     per_device_train_batch_size=batch, max_length=L + 8, max_steps=steps,
+                     logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                     save_strategy="no", beta=0.1, learning_rate=1e-5,
+                     precompute_ref_log_probs=precompute, dataloader_num_workers=0,
+                     disable_tqdm=True, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import copy
+        ref = None if precompute else copy.deepcopy(model)
+        trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(rows), callbacks=[CB()])
+        trainer.train()
+    return clock
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="512,1024")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cap-gib", type=float, default=2.0)
+    ap.add_argument("--cap-lengths", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--skip-cap", action="store_true")
+    ap.add_argument("--write", action="store_true", help="write bench/out/trainer.md")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    work = tempfile.mkdtemp(prefix="ak-bench-trainer-")
+    tok_dir = os.path.join(work, "tok")
+    make_tokenizer(tok_dir)
+    lines = [f"machine: {machine()}", "",
+             f"Llama H={H}, {LAYERS} layers, V={V}, fp32; 2 pairs per step; "
+             f"median of {a.steps - 2} step times (step 1 warm-up, step 3 profiled)", "",
+             "| L | trainer | step s | tokens/s | vs TRL (live ref) | peak step MiB | vs TRL |",
+             "|---|---|---|---|---|---|---|"]
+    for L in [int(x) for x in a.lengths.split(",")]:
+        rows = make_rows(a.steps * 2 + 4, L)
+        tokens = 2 * 2 * L
+        res = {}
+        res["TRL DPOTrainer (live ref)"] = run_trl(rows, L, a.steps, tok_dir, work, False)
+        res["TRL DPOTrainer (precomputed ref)"] = run_trl(rows, L, a.steps, tok_dir, work, True)
+        for packing in ("padded", "padding_free", "shared_prompt"):
+            res[f"alignkit {packing}"] = run_alignkit(rows, L, a.steps, packing, tok_dir, work)
+        base = res["TRL DPOTrainer (live ref)"]
+        bt, bm = base.step_seconds(), base.peak
+        for name, c in res.items():
+            t = c.step_seconds()
+            lines.append(f"| {L} | {name} | {t:.2f} | {tokens / t:.0f} | {bt / t:.2f}x | "
+                         f"{c.peak / 2**20:.0f} | {c.peak / bm:.2f}x |")
+            print(lines[-1], flush=True)
+    if not a.skip_cap:
+        cap = a.cap_gib * 2**30
+        lines += ["", f"Longest L (one pair per step) whose step peak is under {a.cap_gib:g} GiB:",
+                  "", "| trainer | longest L | peak at that L, MiB |", "|---|---|---|"]
+        runners = {"TRL DPOTrainer (precomputed ref)":
+                   lambda rows, L: run_trl(rows, L, 2, tok_dir, work, True, 1, 2)}
+        for packing in ("padded", "padding_free", "shared_prompt"):
+            runners[f"alignkit {packing}"] = (
+                lambda rows, L, p=packing: run_alignkit(rows, L, 2, p, tok_dir, work, 1, 2))
+        for name, run in runners.items():
+            best = (0, 0)
+            for L in [int(x) for x in a.cap_lengths.split(",")]:
+                peak = run(make_rows(4, L, seed=L), L).peak
+                print(f"  cap search {name} L={L}: {peak / 2**20:.0f} MiB", flush=True)
+                if peak > cap:
+                    break
+                best = (L, peak)
+            lines.append(f"| {name} | {best[0]} | {best[1] / 2**20:.0f} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        os.makedirs("bench/out", exist_ok=True)
+        with open("bench/out/trainer.md", "w") as f:
+            f.write(f"command: python -m bench.trainer {' '.join(os.sys.argv[1:])}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
