@@ -1,0 +1,140 @@
+"""``patch_trainer(trainer) -> trainer``: TRL 1.16 trainers' LM head through alignkit.
+
+What changes, per trainer, and why no option can be dropped:
+- ``DPOTrainer`` and ``KTOTrainer`` already call ``model(..., labels=..., fused_lm_head=True)``
+  and read per-token fields (log_probs, entropy, mean_logits, is_top1). The patch answers that
+  call with alignkit's op (only labelled positions meet the vocabulary; TRL's CPU path scores
+  every position). TRL's own loss code then runs unchanged, so every ``loss_type``,
+  ``loss_weights``, ``label_smoothing``, precomputed reference log-probs and every metric name
+  are TRL's by construction.
+- ``CPOTrainer`` and ``ORPOTrainer`` (``trl.experimental``) build full logits in
+  ``concatenated_forward``. The patch replaces that method: one fused call gives the sequence
+  log-probs and the NLL term exactly as TRL defines them (ORPO's NLL covers prompt and response,
+  CPO's the response), and ``logits/chosen|rejected`` -- means over positions and vocabulary --
+  come from hidden · mean(W) + mean(b), which needs no logits. ``get_batch_loss_metrics`` and
+  ``cpo_loss`` / ``odds_ratio_loss`` stay TRL's.
+What is refused, naming the option: ``use_weighting`` (WPO needs log Σp², not computed here),
+MoE router logits (``output_router_logits``), encoder-decoder models, soft-capped heads where a
+metric needs the mean logit, logit multipliers alignkit does not reproduce.
+The call goes through ``model(...)``, i.e. through accelerate's DDP / FSDP wrapper, so gradient
+sync and parameter gathering are the wrapper's; the head op runs inside the head module's call
+(alignkit.integrations.head), so a separately sharded head is gathered too.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from alignkit.integrations.head import fused_forward, head_options
+
+
+def _install(model, outputs, temperature=1.0, backend="auto"):
+    """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
+    head_options(model, temperature)
+    previous = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kw):
+        if not fused_lm_head:
+            if labels is not None:
+                kw["labels"] = labels
+            if shift_labels is not None:
+                kw["shift_labels"] = shift_labels
+            if num_items_in_batch is not None:
+                kw["num_items_in_batch"] = num_items_in_batch
+            return previous(*args, **kw)
+        return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
+                             num_items_in_batch=num_items_in_batch, outputs=outputs,
+                             temperature=temperature, backend=backend, **kw)
+    model.forward = types.MethodType(forward, model)
+    model._alignkit_patched = True
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_common(trainer):
+    if getattr(trainer, "is_encoder_decoder", False):
+        raise NotImplementedError("encoder-decoder models are not served by alignkit's drop-in")
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise NotImplementedError("output_router_logits / aux_loss (MoE) is not served by "
+                                  "alignkit's drop-in")
+
+
+def patch_trainer(trainer, *, backend: str = "auto"):
+    """Routes a TRL 1.16 trainer's LM head through alignkit's fused op; returns the trainer."""
+    from trl import DPOTrainer, KTOTrainer
+    names = {c.__name__ for c in type(trainer).__mro__}
+    if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
+            names & {"CPOTrainer", "ORPOTrainer"}:
+        raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer and "
+                        f"ORPOTrainer; got {type(trainer).__name__}")
+    if getattr(_base(trainer.model), "_alignkit_patched", False):
+        return trainer
+    _check_common(trainer)
+    if isinstance(trainer, DPOTrainer):
+        if getattr(trainer, "use_weighting", False):
+            raise NotImplementedError("DPOConfig.use_weighting=True (WPO) needs log Σ p² per "
+                                      "token, which alignkit does not compute")
+        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits", "is_top1"),
+                 backend=backend)
+    elif isinstance(trainer, KTOTrainer):
+        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits"), backend=backend)
+    else:
+        orpo = "ORPOTrainer" in names
+        _install(_base(trainer.model), ("log_probs", "mean_logits"), backend=backend)
+        trainer.concatenated_forward = types.MethodType(
+            _orpo_forward if orpo else _cpo_forward, trainer)
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None and not getattr(_base(ref), "_alignkit_patched", False):
+        _install(_base(ref), ("log_probs",), backend=backend)
+    return trainer
+
+
+def _concat(trainer, batch):
+    cb = trainer.concatenated_inputs(batch, is_encoder_decoder=False,
+                                     padding_value=getattr(trainer, "padding_value", None)
+                                     if getattr(trainer, "padding_value", None) is not None
+                                     else trainer.pad_token_id,
+                                     device=trainer.accelerator.device)
+    return cb, batch["chosen_labels"].shape[0]
+
+
+def _scored_forward(model, ids, attn):
+    """One fused call through the (wrapped) model scoring every position t against token t+1
+    (the last position against token 0, for its mean logit only): per-token fields [B, L]."""
+    shift = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+    return model(ids, attention_mask=attn, shift_labels=shift, fused_lm_head=True,
+                 use_cache=False)
+
+
+def _cpo_forward(self, model, batch):
+    cb, n = _concat(self, batch)
+    ids, attn, labels = (cb["concatenated_input_ids"], cb["concatenated_attention_mask"],
+                         cb["concatenated_labels"])
+    out = _scored_forward(model, ids, attn)
+    resp = torch.cat([labels[:, 1:] != -100, torch.zeros_like(labels[:, :1], dtype=torch.bool)], 1)
+    lp = out.log_probs * resp
+    sums, counts = lp.sum(-1), resp.sum(-1)
+    logps = sums / counts if self.loss_type in ("ipo", "simpo") else sums
+    if self.cpo_alpha == 0:
+        nll = torch.tensor(0.0, device=self.accelerator.device)
+    else:                                            # CrossEntropyLoss: mean over chosen labels
+        nll = -lp[:n].sum() / counts[:n].sum()
+    ml = out.mean_logits                             # TRL: all_logits[:n].mean(), all L positions
+    return (logps[:n], logps[n:], ml[:n].mean(), ml[n:].mean(), nll)
+
+
+def _orpo_forward(self, model, batch):
+    cb, n = _concat(self, batch)
+    ids, attn, labels = (cb["concatenated_input_ids"], cb["concatenated_attention_mask"],
+                         cb["concatenated_labels"])
+    out = _scored_forward(model, ids, attn)
+    lp, ml = out.log_probs[:, :-1], out.mean_logits[:, :-1]   # TRL drops the last position
+    full = attn[:, 1:] == 1                          # ORPO's NLL: prompt and response tokens
+    resp = labels[:, 1:] != -100
+    nll = -(lp[:n] * full[:n]).sum() / full[:n].sum()
+    logps = (lp * resp).sum(-1) / resp.sum(-1)
+    return (logps[:n], logps[n:], ml[:n].mean(), ml[n:].mean(), nll)
