@@ -5,6 +5,7 @@ from alignkit.api import (
     sequence_logprobs,
     token_logprobs,
 )
+from alignkit.integrations.head import patch_model
 from alignkit.losses import preference_loss
 from alignkit.ops.backends import cpp_available
 
@@ -26,6 +27,7 @@ __all__ = [
     "LinearTokenLogprobs",
     "preference_loss",
     "cpp_available",
+    "patch_model",
     "PreferenceTrainer",
     "TrainConfig",
 ]

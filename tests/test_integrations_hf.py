@@ -1,0 +1,107 @@
+"""patch_model and the HF / plain-loop helper against the model's own logits (float64)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import alignkit  # noqa: E402
+from alignkit.integrations.hf import (  # noqa: E402
+    fused_preference_loss,
+    pack_pairs,
+    sequence_logprobs_from_model,
+)
+from alignkit.losses import dpo_loss  # noqa: E402
+
+V = 101
+
+
+def tiny(seed=0, bias=False, **kw):
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128, **kw)
+    torch.manual_seed(seed)
+    m = transformers.LlamaForCausalLM(cfg)
+    if bias:
+        head = torch.nn.Linear(32, V, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(m.lm_head.weight)
+            head.bias.normal_(0, 0.5)
+        m.lm_head = head
+    return m
+
+
+def oracle(model, ids, labels):
+    with torch.no_grad():
+        lp = model(input_ids=ids).logits.double().log_softmax(-1)[:, :-1]
+    y = labels[:, 1:]
+    tok = lp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
+    ent = -(lp.exp() * lp).sum(-1) * (y != -100)
+    return tok, ent
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_model_returns_the_models_log_probs(bias):
+    m = tiny(bias=bias)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V, (3, 37), generator=g)
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 20:] = -100
+    want, want_ent = oracle(m, ids, labels)
+    with alignkit.patch_model(m, entropy=True) as pm:
+        assert pm is m
+        out = m(input_ids=ids, labels=labels)
+        assert out.log_probs.shape == (3, 36)
+        torch.testing.assert_close(out.log_probs.double(), want, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(out.entropy.double(), want_ent, rtol=1e-5, atol=2e-5)
+        n = (labels[:, 1:] != -100).sum()
+        torch.testing.assert_close(out.loss.double(), -want.sum() / n, rtol=1e-5, atol=1e-6)
+        out.loss.backward()
+        assert m.lm_head.weight.grad is not None and m.model.embed_tokens.weight.grad.abs().sum() > 0
+        assert m(input_ids=ids).logits.shape == (3, 37, V)       # no labels: the original path
+    assert m(input_ids=ids, labels=ids).logits.shape == (3, 37, V)   # unpatched after the block
+
+
+def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients():
+    m = tiny(seed=1)
+    g = torch.Generator().manual_seed(5)
+
+    def r(k):
+        return torch.randint(0, V, (k,), generator=g).tolist()
+    pairs = [(r(6), r(9), r(4)), (r(3), r(5), r(11)), (r(10), r(2), r(7))]
+    want = []
+    for k in (1, 2):
+        for p in pairs:
+            ids = torch.tensor([p[0] + p[k]])
+            lab = ids.clone()
+            lab[:, :len(p[0])] = -100
+            want.append(oracle(m, ids, lab)[0].sum())
+    want = torch.stack(want)
+    ref = want.float() + torch.linspace(-1, 1, 6)
+    grads = {}
+    for packing in ("padded", "padding_free"):
+        batch = pack_pairs(pairs, packing=packing)
+        sums, counts = sequence_logprobs_from_model(m, batch)
+        torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=2e-4)
+        assert counts.tolist() == [9, 5, 2, 4, 11, 7]
+        loss, metrics = fused_preference_loss(m, batch, loss="dpo", ref_logprobs=ref, beta=0.3)
+        exp, _ = dpo_loss(want[:3].float(), want[3:].float(), ref[:3], ref[3:], beta=0.3)
+        torch.testing.assert_close(loss, exp, rtol=1e-4, atol=1e-5)
+        assert "rewards/accuracies" in metrics
+        m.zero_grad()
+        loss.backward()
+        grads[packing] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for n in grads["padded"]:
+        torch.testing.assert_close(grads["padding_free"][n], grads["padded"][n], rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_helper_bad_batches():
+    m = tiny()
+    with pytest.raises(KeyError, match="labels"):
+        sequence_logprobs_from_model(m, {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        sequence_logprobs_from_model(m, {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+                                         "labels": torch.zeros(2, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="packing must be padded or padding_free"):
+        pack_pairs([([1], [2], [3])], packing="shared_prompt")
