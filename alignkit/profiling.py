@@ -42,3 +42,29 @@ class MemoryWindow:
             peak = max(peak, cur)
         self.peak, self.prof = peak, None
         return peak
+
+
+def resident_bytes(modules=(), optimizer=None) -> int:
+    """Bytes held by the modules' parameters and gradients and the optimizer's state, each
+    storage counted once (a tied weight, a parameter shared by two modules)."""
+    import torch
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    for m in modules:
+        if m is None:
+            continue
+        for p in m.parameters():
+            add(p)
+            add(p.grad)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                add(v)
+    return total

@@ -9,11 +9,14 @@ every step of every trainer holds the same tokens. Per trainer and length:
 - step time: median of the gaps between consecutive step ends (data, forward, backward,
   optimizer, logging: everything a user waits for), after one warm-up step;
 - tokens/s: the step's sequence tokens (2 pairs x 2 sequences x L) over the step time;
-- peak memory: the exact peak of tensor memory allocated during one step (profiler events), on
-  top of the resident model and optimizer state (identical for both);
+- peak memory of one step: the tensors resident when it starts (parameters, gradients and
+  optimizer state of the policy, and TRL's live reference model) plus the exact peak allocated
+  during the step (profiler events);
 - the longest L (one pair per step) whose step peak stays under --cap-gib, per packing mode.
 TRL runs with its default live reference model and with ``precompute_ref_log_probs=True``;
-alignkit precomputes its reference (cached), so its step holds no reference forward.
+alignkit precomputes its reference (cached), so its step holds no reference forward. The drop-in
+rows run the same TRL trainers after ``alignkit.integrations.trl.patch_trainer`` (ratios in those
+rows are against TRL live-ref DPO; compare ORPO rows with each other).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import warnings
 
 import torch
 
-from alignkit.profiling import MemoryWindow
+from alignkit.profiling import MemoryWindow, resident_bytes
 from bench.harness import machine
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000
@@ -54,17 +57,21 @@ def make_rows(n, L, seed=0):
 
 
 class StepClock:
-    """Step-end times, and a memory window over step `profile_step`."""
+    """Step-end times, and the memory of step `profile_step`: the tensors resident when it starts
+    (parameters, gradients, optimizer state of the policy and of a reference model) plus the peak
+    the profiler sees allocated during the step."""
 
     def __init__(self, profile_step):
-        self.ends, self.window, self.profile_step, self.peak = [], MemoryWindow(), profile_step, None
+        self.ends, self.window, self.profile_step = [], MemoryWindow(), profile_step
+        self.peak = self.resident = None
 
-    def on_end(self, step):
+    def on_end(self, step, modules=(), optimizer=None):
         self.ends.append(time.perf_counter())
         if step == self.profile_step - 1:
+            self.resident = resident_bytes(modules, optimizer)
             self.window.start()
         elif step == self.profile_step:
-            self.peak = self.window.stop()
+            self.peak = self.resident + self.window.stop()
 
     def step_seconds(self):
         gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
@@ -84,7 +91,8 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
                max_steps=steps, lr=1e-5, precision="fp32", progress=False, tensorboard=False,
                seed=0, save_steps=10**6)
     clock = StepClock(profile_step)
-    tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[lambda t, s, r: clock.on_end(s)],
+    tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
+        lambda t, s, r: clock.on_end(s, [t.model], t.optimizer)],
                            log=lambda *a: None)
     tr.save_final = lambda module: None               # not part of a step
     torch.manual_seed(0)
@@ -92,10 +100,12 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
     return clock
 
 
-def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None):
+def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None, patch=False,
+            kind="dpo"):
     import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     profile_step = profile_step or min(3, steps)
     mc = dict(MODEL)
     conf = AutoConfig.for_model(mc.pop("model_type"), **mc)
@@ -107,20 +117,28 @@ def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=Non
 
     class CB(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            clock.on_end(state.global_step)
+            clock.on_end(state.global_step, [trainer.model, getattr(trainer, "ref_model", None)],
+                         trainer.optimizer)
 
-    args = DPOConfig(output_dir=os.path.join(work, f"trl-{L}-{precompute}"),
-                     per_device_train_batch_size=batch, max_length=L + 8, max_steps=steps,
-                     logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-                     save_strategy="no", beta=0.1, learning_rate=1e-5,
-                     precompute_ref_log_probs=precompute, dataloader_num_workers=0,
-                     disable_tqdm=True, seed=0)
+    common = dict(output_dir=os.path.join(work, f"trl-{kind}-{L}-{precompute}-{patch}"),
+                  per_device_train_batch_size=batch, max_length=L + 8, max_steps=steps,
+                  logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                  save_strategy="no", beta=0.1, learning_rate=1e-5, dataloader_num_workers=0,
+                  disable_tqdm=True, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import copy
-        ref = None if precompute else copy.deepcopy(model)
-        trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
-                             train_dataset=datasets.Dataset.from_list(rows), callbacks=[CB()])
+        if kind == "dpo":
+            args = DPOConfig(**common, precompute_ref_log_probs=precompute)
+            ref = None if precompute else copy.deepcopy(model)
+            trainer = DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
+                                 train_dataset=datasets.Dataset.from_list(rows), callbacks=[CB()])
+        else:
+            trainer = ORPOTrainer(model=model, args=ORPOConfig(**common), processing_class=tok,
+                                  train_dataset=datasets.Dataset.from_list(rows), callbacks=[CB()])
+        if patch:
+            from alignkit.integrations.trl import patch_trainer
+            patch_trainer(trainer)
         trainer.train()
     return clock
 
@@ -141,7 +159,7 @@ def main():
     lines = [f"machine: {machine()}", "",
              f"Llama H={H}, {LAYERS} layers, V={V}, fp32; 2 pairs per step; "
              f"median of {a.steps - 2} step times (step 1 warm-up, step 3 profiled)", "",
-             "| L | trainer | step s | tokens/s | vs TRL (live ref) | peak step MiB | vs TRL |",
+             "| L | trainer | step s | tokens/s | vs TRL (live ref) | peak MiB | vs TRL |",
              "|---|---|---|---|---|---|---|"]
     for L in [int(x) for x in a.lengths.split(",")]:
         rows = make_rows(a.steps * 2 + 4, L)
@@ -149,6 +167,11 @@ def main():
         res = {}
         res["TRL DPOTrainer (live ref)"] = run_trl(rows, L, a.steps, tok_dir, work, False)
         res["TRL DPOTrainer (precomputed ref)"] = run_trl(rows, L, a.steps, tok_dir, work, True)
+        res["TRL DPOTrainer (live ref) + alignkit patch_trainer"] = run_trl(
+            rows, L, a.steps, tok_dir, work, False, patch=True)
+        res["TRL ORPOTrainer"] = run_trl(rows, L, a.steps, tok_dir, work, False, kind="orpo")
+        res["TRL ORPOTrainer + alignkit patch_trainer"] = run_trl(
+            rows, L, a.steps, tok_dir, work, False, patch=True, kind="orpo")
         for packing in ("padded", "padding_free", "shared_prompt"):
             res[f"alignkit {packing}"] = run_alignkit(rows, L, a.steps, packing, tok_dir, work)
         base = res["TRL DPOTrainer (live ref)"]
