@@ -53,10 +53,11 @@ def _from_token_lp(loss, case, token_lp_fn):
     return step
 
 
-def alignkit_fused(loss):
+def alignkit_fused(loss, grad_mode="recompute"):
     def setup(case):
         kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
-        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss, **kw)[0].backward()
+        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss,
+                                                grad_mode=grad_mode, **kw)[0].backward()
     return setup
 
 
@@ -97,7 +98,7 @@ def liger(loss, compiled):
     return setup
 
 
-def run(preset, losses, reps, skip_memory, shapes=None, log=print):
+def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         if shapes and not any(x in name for x in shapes):
@@ -106,11 +107,14 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print):
         grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
             steps = {harness.FLOOR: methods.floor(case),
-                     "alignkit preference_loss": alignkit_fused(loss)(case),
-                     "naive full logits": naive(loss)(case),
-                     "TRL chunked log-probs + loss": trl_math(loss)(case),
-                     "Liger fused (eager)": liger(loss, False)(case),
-                     "Liger fused (compiled)": liger(loss, True)(case)}
+                     "alignkit preference_loss": alignkit_fused(loss)(case)}
+            if S == 2 and loss in ("dpo", "simpo"):   # one pair: the single-pass mode serves it
+                steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
+            if not only_alignkit:
+                steps.update({"naive full logits": naive(loss)(case),
+                              "TRL chunked log-probs + loss": trl_math(loss)(case),
+                              "Liger fused (eager)": liger(loss, False)(case),
+                              "Liger fused (compiled)": liger(loss, True)(case)})
             rows += harness.measure(f"{name} {loss.upper()}", steps, reset=case.reset, reps=reps,
                                     grads_mib=grads_mib, skip_memory=skip_memory, log=log)[1]
     return rows
@@ -123,10 +127,12 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--only-alignkit", action="store_true",
+                   help="the floor and alignkit's two gradient modes only (no peers)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes)
+    rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:

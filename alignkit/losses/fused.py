@@ -38,7 +38,9 @@ _SPECS = {
     "orpo": (("beta",), False, True),
 }
 # options every loss takes: the reduction and the log-prob op's own options
-_COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend")
+_COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
+           "grad_mode")
+GRAD_MODES = ("recompute", "single_pass", "auto")
 LOSSES = tuple(_SPECS)
 
 
@@ -77,8 +79,15 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     loss: "dpo" (sums; needs a reference), "simpo", "cpo", "orpo" (per-token averages by default;
     reference-free). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
     orpo_loss in alignkit.losses) plus ``average`` (override the reduction), ``num_segments``,
-    ``ignore_index``, ``temperature``, ``softcap``, ``backend``. An option the loss does not read
-    raises.
+    ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
+    does not read raises.
+
+    grad_mode: "recompute" (default: any loss, any number of pairs; backward recomputes each
+    tile), "single_pass" (one pair per call, fp32, SimPO or a DPO type tied by the log-ratio
+    difference: the gradient is formed in forward from full-vocabulary tiles, 3 GEMMs instead of 4;
+    see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
+    (single_pass where it can serve the call and V <= 65536, where it measured faster; else
+    recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -97,11 +106,21 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     average = common.pop("average", None)
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
+    grad_mode = common.pop("grad_mode", "recompute")
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
     S = _num_sequences(hidden, labels, segment_ids, num_segments)
     if S == 0 or S % 2:
         raise ValueError(f"preference_loss needs an even number of sequences (B chosen, then B "
                          f"rejected); got {S}" + (" segments (max segment id + 1)"
                                                    if segment_ids is not None else " rows"))
+    if grad_mode != "recompute":
+        why = _single_pass_blocker(loss, own, S, hidden, weight, bias)
+        if why is None and (grad_mode == "single_pass" or _single_pass_pays(weight)):
+            return _single_pass(loss, own, common, average, hidden, weight, labels, bias,
+                                segment_ids, ref_logprobs, ref_hidden, ref_weight)
+        if grad_mode == "single_pass":
+            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
     seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
                   bias=bias, **common)
     sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
@@ -118,6 +137,65 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                          "ref_weight would be ignored, so they are refused")
 
     return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+
+def _single_pass_blocker(loss, own, S, hidden, weight, bias):
+    from alignkit.losses.single_pass import eligibility
+    el = eligibility(loss, own)
+    if el.startswith("no:"):
+        return el[4:]
+    if S != 2:
+        return f"it takes one pair per call (2 sequences), got {S}"
+    if any(t is not None and t.dtype != torch.float32 for t in (hidden, weight, bias)):
+        return "it runs in fp32 (hidden, weight and bias float32)"
+    return None
+
+
+def _single_pass_pays(weight) -> bool:
+    # bench/RESULTS.md (losses, single-pass rows): the single pass wins where a full-vocabulary
+    # tile still holds many rows, and loses at a very large vocabulary
+    return weight.shape[0] <= 65536
+
+
+def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segment_ids,
+                 ref_logprobs, ref_hidden, ref_weight):
+    import os
+
+    from alignkit.losses.single_pass import (
+        DEFAULT_TILE_BYTES,
+        SinglePassOptions,
+        eligibility,
+        single_pass_pair,
+    )
+    from alignkit.ops.options import LogprobOptions
+    lp_opts = LogprobOptions(**common)
+    if segment_ids is None:
+        seg = torch.arange(2, device=hidden.device)[:, None].expand(labels.shape)
+    else:
+        seg = segment_ids
+    ref = None
+    if _SPECS[loss][1]:
+        seq_kw = dict(segment_ids=segment_ids, num_segments=2 if segment_ids is not None else None,
+                      bias=bias, **common)
+        ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
+                         average, seq_kw, 2)
+    elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
+        raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
+                         "ref_weight would be ignored, so they are refused")
+
+    def loss_fn(c, r, counts):
+        if loss == "dpo":
+            return dpo_loss(c, r, ref[:1], ref[1:], chosen_counts=counts[:1],
+                            rejected_counts=counts[1:], **own)
+        return simpo_loss(c, r, **own)
+    tile_bytes = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
+    rows = max(1, tile_bytes // (4 * weight.shape[0]))
+    o = SinglePassOptions(loss_fn, average, eligibility(loss, own), lp_opts, rows)
+    value, sums, counts = single_pass_pair(hidden, weight, bias, labels, seg, o)
+    counts_f = counts.to(sums.dtype)
+    logps = sums / counts_f.clamp(min=1) if average else sums
+    _, metrics = loss_fn(logps[:1], logps[1:], counts_f)
+    return value, metrics
 
 
 def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",

@@ -1,0 +1,120 @@
+"""grad_mode='single_pass' (one pair, gradient formed in forward) against the recompute path and
+the float64 reference: loss, metrics and the gradients of hidden, weight and bias."""
+import pytest
+import torch
+
+import alignkit
+from alignkit.reference import reference_sequence_logprobs
+from alignkit.losses import dpo_loss, simpo_loss
+
+from conftest import BACKENDS, assert_oracle
+
+
+def pair_inputs(T=37, H=24, V=1000, bias=False, packed=False, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, T, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * 3 * scale / H ** 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, (2, T), generator=g)
+    y[:, :5] = -100
+    y[1, -4:] = -100
+    seg = None
+    if packed:                      # [N, H] with chosen and rejected of different lengths
+        h, y = h.reshape(-1, H)[3:], y.reshape(-1)[3:]
+        seg = torch.cat([torch.zeros(T - 3, dtype=torch.long), torch.ones(T, dtype=torch.long)])
+    return h, W, b, y, seg
+
+
+CASES = [
+    ("dpo", dict(beta=0.2), {}),
+    ("dpo", dict(beta=0.2, loss_type="sigmoid", label_smoothing=0.1), dict(bias=True)),
+    ("dpo", dict(beta=0.5, loss_type=["hinge", "robust"], loss_weights=[1.0, 0.3],
+                 label_smoothing=0.1), dict(packed=True)),
+    ("dpo", dict(beta=0.5, loss_type="ipo"), dict(packed=True, bias=True)),
+    ("simpo", dict(beta=2.0, gamma=0.5), dict(bias=True, scale=8.0)),
+    ("simpo", dict(beta=2.0, gamma=0.5, softcap=5.0, temperature=0.7), {}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss,opts,shape", CASES)
+def test_single_pass_matches_recompute_and_float64(loss, opts, shape, backend):
+    h64, W64, b64, y, seg = pair_inputs(**shape)
+    op_keys = {"softcap", "temperature"}
+    lp_opts = {k: v for k, v in opts.items() if k in op_keys}
+    own = {k: v for k, v in opts.items() if k not in op_keys}
+    ref_lp = None
+    if loss == "dpo":
+        ref_lp = torch.tensor([-1500.0, -1450.0]) if seg is None else torch.tensor([-1400., -1500.])
+    # float64 oracle: reference sums through autograd, then the functional loss
+    h64.requires_grad_(), W64.requires_grad_()
+    if b64 is not None:
+        b64.requires_grad_()
+    sums, counts = reference_sequence_logprobs(h64, W64, y, bias=b64, segment_ids=seg,
+                                               num_segments=2 if seg is not None else None,
+                                               **lp_opts)
+    lg = sums / counts.clamp(min=1) if loss == "simpo" else sums
+    if loss == "dpo":
+        want, _ = dpo_loss(lg[:1], lg[1:], ref_lp[:1].double(), ref_lp[1:].double(),
+                           chosen_counts=counts[:1].double(), rejected_counts=counts[1:].double(),
+                           **own)
+    else:
+        want, _ = simpo_loss(lg[:1], lg[1:], **own)
+    want.backward()
+    want64 = (want.detach(), None, h64.grad, W64.grad, None if b64 is None else b64.grad)
+    runs = {}
+    for mode in ("recompute", "single_pass"):
+        h, W = h64.detach().float().requires_grad_(), W64.detach().float().requires_grad_()
+        b = b64.detach().float().requires_grad_() if b64 is not None else None
+        out, m = alignkit.preference_loss(h, W, y, loss=loss, bias=b, segment_ids=seg,
+                                          ref_logprobs=ref_lp, grad_mode=mode, backend=backend,
+                                          **opts)
+        out.backward()
+        runs[mode] = (out.detach(), m, h.grad, W.grad, None if b is None else b.grad)
+    rec, sp = runs["recompute"], runs["single_pass"]
+    # each against float64, within a few times the recompute path's own fp32 error
+    for i, name in ((0, "loss"), (2, "hidden"), (3, "weight"), (4, "bias")):
+        if rec[i] is not None:
+            assert sp[i].abs().sum() > 0, name
+            assert_oracle(f"{loss} {name}", sp[i], want64[i], rec[i])
+    for k in rec[1]:
+        torch.testing.assert_close(sp[1][k], rec[1][k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_fully_masked_response_is_finite():
+    h, W, b, y, _ = pair_inputs()
+    y[1] = -100
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+    out, m = alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="single_pass")
+    out.backward()
+    assert out.isfinite() and h.grad.isfinite().all() and W.grad.isfinite().all()
+    assert h.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(loss="dpo", loss_type="sft"), "not a function of the log-ratio difference"),
+    (dict(loss="orpo"), "NLL term"),
+    (dict(loss="dpo", loss_type=["sigmoid", "ipo"]), "not a function"),
+])
+def test_single_pass_refuses_what_it_cannot_serve(kw, match):
+    h, W, _, y, _ = pair_inputs()
+    ref = torch.zeros(2) if kw["loss"] == "dpo" else None
+    with pytest.raises(ValueError, match=match):
+        alignkit.preference_loss(h.float(), W.float(), y, ref_logprobs=ref,
+                                 grad_mode="single_pass", **kw)
+
+
+def test_single_pass_refuses_two_pairs_and_bf16():
+    g = torch.Generator().manual_seed(1)
+    h, W = torch.randn(4, 9, 16, generator=g), torch.randn(50, 16, generator=g)
+    y = torch.randint(0, 50, (4, 9), generator=g)
+    with pytest.raises(ValueError, match="one pair per call"):
+        alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="single_pass")
+    with pytest.raises(ValueError, match="fp32"):
+        alignkit.preference_loss(h[:2].bfloat16(), W.bfloat16(), y[:2], loss="simpo",
+                                 grad_mode="single_pass")
+    with pytest.raises(ValueError, match="grad_mode must be one of"):
+        alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="fast")
+    # auto falls back to recompute where single pass cannot serve
+    loss, _ = alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="auto")
+    assert loss.isfinite()
