@@ -106,6 +106,7 @@ BASE = dict(model_config={"model_type": "llama"}, tokenizer="tok")
     ({"loss": "simpo", "reference": "live"}, "reference-free"),
     ({"loss_options": {"gamma": 1.0}}, "do not apply to loss 'dpo'"),
     ({"loss_options": {"softcap": 30.0}}, "set by the trainer"),
+    ({"packing": "shared_prompt", "gradient_checkpointing": True}, "KV cache"),
     ({"attn_implementation": "flash_attention_2"}, "attn_implementation must be sdpa or eager"),
     ({"model": "m"}, "give model or model_config, not both"),
 ])

@@ -170,3 +170,35 @@ def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp
     rb = read_metrics(str(tmp_path / "two"))
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
+    peft = pytest.importorskip("peft")
+    from alignkit.train.model import SequenceLogprobs, forward_batch
+    from alignkit.train.packing import collate
+    conf = dict(MODEL)
+    conf = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(conf)
+    # non-zero B so that the adapter changes the model from the first step
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    tok = transformers.AutoTokenizer.from_pretrained(str(setup / "tok"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    tr = PreferenceTrainer(config(setup, tmp_path, reference="live", max_steps=2), model=model,
+                           tokenizer=tok)
+    tr.train()
+    assert tr.live_ref.model is model                        # no copy of the weights
+    batch = collate(tr.train_ex, [0, 1, 2], "padding_free", tr.pad_id)
+    ref, _ = tr.live_ref(batch)
+    mod = SequenceLogprobs(model, backend="torch")
+    with torch.no_grad():
+        policy, _ = forward_batch(mod, batch)
+        with model.disable_adapter():
+            adapter_off, _ = forward_batch(mod, batch)
+    torch.testing.assert_close(ref, adapter_off)
+    assert (ref - policy).abs().max() > 1e-3
+    for n, p in model.named_parameters():                  # only the adapter trained
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert os.path.isfile(tmp_path / "final" / "adapter_config.json")

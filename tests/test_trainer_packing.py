@@ -93,7 +93,8 @@ def test_shared_prompt_computes_the_prompt_once():
     free = collate(exs, [0, 1, 2, 3], "padding_free", pad_id=0)
     shared = collate(exs, [0, 1, 2, 3], "shared_prompt", pad_id=0)
     prompts = sum(len(e.prompt) for e in exs)
-    real = int((shared.position_ids > 0).sum()) + 4        # non-pad positions (4 rows, pos 0 each)
+    # tokens run through the body: pass 1 (prompt + chosen) and pass 2 (rejected only)
+    real = int(shared.attention_mask.sum() + shared.attention_mask2[:, shared.prefix:].sum())
     assert free.input_ids.numel() - real == prompts
     assert padded.tokens == free.tokens == shared.tokens
     # every layout gathers the same labels for each sequence

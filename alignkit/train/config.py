@@ -123,6 +123,10 @@ class TrainConfig:
         if self.loss == "kto" and self.packing == "shared_prompt":
             raise ConfigError("packing shared_prompt needs pairs; loss kto is unpaired "
                               "(use padded or padding_free)")
+        if self.packing == "shared_prompt" and self.gradient_checkpointing:
+            raise ConfigError("packing shared_prompt continues from the prompt's KV cache, which "
+                              "gradient checkpointing turns off in training; use padded or "
+                              "padding_free with gradient_checkpointing")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError("attn_implementation must be sdpa or eager (the packed modes pass a "
                               "4D float mask, which flash-attention kernels do not take); got "

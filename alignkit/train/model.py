@@ -57,12 +57,25 @@ class SequenceLogprobs(nn.Module):
         self.backend = backend
 
     def forward(self, input_ids, position_ids, attention_mask, gather, labels, segment_ids,
-                num_sequences: int):
+                num_sequences: int, input_ids2=None, position_ids2=None, attention_mask2=None,
+                prefix: int = 0):
         body, head, _ = head_of(self.model)
+        two = input_ids2 is not None
         out = body(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=attention_mask, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather)
+                   attention_mask=attention_mask, use_cache=two)
+        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        if two:                  # shared_prompt: the rejected responses over the prompt's cache
+            cache = out.past_key_values
+            if cache is None or not hasattr(cache, "crop"):
+                raise ModelError(f"{type(self.model).__name__}: packing shared_prompt needs a "
+                                 "croppable KV cache from the body (DynamicCache); use padded")
+            drop = input_ids.shape[1] - prefix
+            if drop:
+                cache.crop(-drop)            # transformers 5: a negative count removes columns
+            out2 = body(input_ids=input_ids2, position_ids=position_ids2,
+                        attention_mask=attention_mask2, past_key_values=cache, use_cache=True)
+            hidden = torch.cat([hidden, out2.last_hidden_state.reshape(-1, hidden.shape[-1])])
+        h = hidden.index_select(0, gather)
         w, b = head.weight, head.bias
         if torch.is_autocast_enabled(h.device.type):
             dt = torch.get_autocast_dtype(h.device.type)
@@ -79,4 +92,5 @@ class SequenceLogprobs(nn.Module):
 def forward_batch(module, batch):
     """Calls a SequenceLogprobs (or its DDP / FSDP wrapper) on a packing.Batch."""
     return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.gather,
-                  batch.labels, batch.segment_ids, batch.num_sequences)
+                  batch.labels, batch.segment_ids, batch.num_sequences, batch.input_ids2,
+                  batch.position_ids2, batch.attention_mask2, batch.prefix)

@@ -11,20 +11,23 @@ gathers positions P-1 .. P+R-2.
 - ``padding_free``: all sequences concatenated into one row; ``position_ids`` restart per
   sequence; a 4D float block-causal mask [1, 1, N, N] (0 or the dtype's min) keeps each sequence
   to itself (position_ids alone do not, with sdpa or eager attention).
-- ``shared_prompt``: one row per pair, [prompt, chosen, rejected] right-padded; a 4D float mask
-  [B, 1, L, L] lets both responses attend to the prompt and not to each other; positions continue
-  after the prompt for both. The prompt is computed once per pair. The last prompt position
-  predicts the first token of both responses, so it is gathered twice.
+- ``shared_prompt``: two passes of the body. Pass 1 runs [prompt, chosen] per pair, the prompts
+  left-padded so that they all end at column Pm; its KV cache, cropped to those Pm columns, is the
+  prefix of pass 2, which runs the rejected responses alone. So both responses attend to the
+  prompt and not to each other, positions continue after the prompt for both, the prompt is
+  computed once per pair, and gradients reach it from both (through the cached keys and values).
+  No dense [N, N] mask: pass 1 is an ordinary padded batch, pass 2 a cached continuation. The
+  last prompt position predicts the first token of both responses, so it is gathered twice;
+  gather indices of pass 2 follow pass 1's (flat index B·L1 + ...).
 
-The dense 4D mask costs 4·N² bytes per row (64 MiB at N=4096) and, with sdpa on CPU, attention
-over a masked row costs O(N²) whatever the mask: ``padding_free`` puts the whole micro-batch in
-one row, so its attention grows with the square of the micro-batch's tokens (bench/RESULTS.md).
-``padded`` uses the causal kernel and no dense mask.
+``padding_free``'s dense 4D mask costs 4·N² bytes (64 MiB at N=4096) and, with sdpa on CPU,
+attention over a masked row costs O(N²) whatever the mask, so its attention grows with the
+square of the micro-batch's tokens (bench/RESULTS.md). ``padded`` uses the causal kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,11 +45,17 @@ class Batch:
     tokens: int                  # Σ over sequences of (prompt + response) tokens
     ref_index: Tensor            # [S] example index of each sequence (for cached references)
     num_examples: int            # b: S = b * (sequences per example)
+    # shared_prompt's second pass: the rejected responses over the first pass's prompt KV cache
+    input_ids2: Optional[Tensor] = None        # [B, L2]
+    position_ids2: Optional[Tensor] = None     # [B, L2]
+    attention_mask2: Optional[Tensor] = None   # [B, prefix + L2]
+    prefix: int = 0                            # cache columns kept (the left-padded prompts)
 
     def to(self, device):
         for k in ("input_ids", "position_ids", "attention_mask", "gather", "labels",
-                  "segment_ids"):
-            setattr(self, k, getattr(self, k).to(device, non_blocking=True))
+                  "segment_ids", "input_ids2", "position_ids2", "attention_mask2"):
+            if getattr(self, k) is not None:
+                setattr(self, k, getattr(self, k).to(device, non_blocking=True))
         return self
 
 
@@ -114,28 +123,41 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
         mask = _block_mask(blocks, off, mask_dtype)
     elif packing == "shared_prompt":
-        # one row per pair, right-padded: a row is [prompt, chosen, rejected, pad...]
+        # pass 1: [prompt (left-padded to Pm), chosen, pad] per pair; pass 2: [rejected, pad] on
+        # top of pass 1's KV cache cropped to the Pm prompt columns
         B = S // 2
         if examples[indices[0]].desirable is not None:
             raise ValueError("packing shared_prompt needs pairs; KTO examples are unpaired")
-        L = max(len(seqs[i][0]) + len(seqs[i][1]) + len(seqs[B + i][1]) for i in range(B))
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        pos = torch.zeros(B, L, dtype=torch.long)
-        masks = []
+        Pm = max(len(seqs[i][0]) for i in range(B))
+        L1 = Pm + max(len(seqs[i][1]) for i in range(B))
+        L2 = max(1, max(len(seqs[B + i][1]) for i in range(B)))
+        ids = torch.full((B, L1), pad_id, dtype=torch.long)
+        pos = torch.zeros(B, L1, dtype=torch.long)
+        am = torch.zeros(B, L1, dtype=torch.long)
+        ids2 = torch.full((B, L2), pad_id, dtype=torch.long)
+        pos2 = torch.zeros(B, L2, dtype=torch.long)
+        am2 = torch.zeros(B, Pm + L2, dtype=torch.long)
         for i in range(B):
             (p, c), (_, r) = seqs[i], seqs[B + i]
             P, C, R = len(p), len(c), len(r)
-            off = i * L
-            ids[i, :P + C + R] = torch.tensor(p + c + r)
-            pos[i, :P + C + R] = torch.tensor(list(range(P)) + list(range(P, P + C))
-                                              + list(range(P, P + R)))
-            masks.append(_block_mask([[(0, P, ()), (P, C, (0,)), (P + C, R, (0,))]], L,
-                                     mask_dtype))
-            last_prompt = off + P - 1
-            add(i, [last_prompt] + list(range(off + P, off + P + C - 1)) if C else [], c)
-            add(B + i, [last_prompt] + list(range(off + P + C, off + P + C + R - 1)) if R else [],
-                r)
-        mask = torch.cat(masks, 0)
+            ids[i, Pm - P:Pm + C] = torch.tensor(p + c)
+            pos[i, Pm - P:Pm + C] = torch.arange(P + C)
+            am[i, Pm - P:Pm + C] = 1
+            am2[i, Pm - P:Pm] = 1
+            if R:
+                ids2[i, :R] = torch.tensor(r)
+                pos2[i, :R] = torch.arange(P, P + R)
+                am2[i, Pm:Pm + R] = 1
+            last_prompt = i * L1 + Pm - 1
+            add(i, ([last_prompt] + list(range(i * L1 + Pm, i * L1 + Pm + C - 1))) if C else [],
+                c)
+            off2 = B * L1 + i * L2                     # pass 2's positions follow pass 1's
+            add(B + i, ([last_prompt] + list(range(off2, off2 + R - 1))) if R else [], r)
+        g = torch.tensor(gather, dtype=torch.long)
+        return Batch(ids, pos, am, g, torch.tensor(labels, dtype=torch.long),
+                     torch.tensor(segs, dtype=torch.long), S, tokens,
+                     torch.tensor(list(indices) * 2, dtype=torch.long), len(indices),
+                     ids2, pos2, am2, Pm)
     else:
         raise ValueError(f"packing must be padded, padding_free or shared_prompt; got {packing!r}")
     return Batch(ids, pos, mask, torch.tensor(gather, dtype=torch.long),

@@ -357,8 +357,11 @@ class PreferenceTrainer:
                                                                    cpu_offload=True))
         if self.rank == 0:
             out = os.path.join(self.cfg.output_dir, "final")
-            sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
-            self.model.save_pretrained(out, state_dict=sd)
+            if hasattr(self.model, "peft_config"):        # a peft model saves its adapter
+                self.model.save_pretrained(out)
+            else:
+                sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+                self.model.save_pretrained(out, state_dict=sd)
             self.tokenizer.save_pretrained(out)
         if dist.is_initialized():
             dist.barrier()
