@@ -66,6 +66,14 @@ def head_options(model, temperature: float = 1.0) -> dict:
     return dict(temperature=float(temperature) / scale, softcap=float(sc) if sc else None)
 
 
+def match_head_dtypes(h, weight, bias):
+    """Under autocast, hidden, weight and bias in the autocast dtype; else hidden in the weight's."""
+    if torch.is_autocast_enabled(h.device.type):
+        dt = torch.get_autocast_dtype(h.device.type)
+        return h.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
+    return (h.to(weight.dtype) if h.dtype != weight.dtype else h), weight, bias
+
+
 def _head_call(head, fn, *args):
     """fn(weight, bias, *args) inside head.__call__, so the head's gather hooks run around it."""
     had = "forward" in head.__dict__
@@ -100,13 +108,7 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
 
     def op(weight, bias, h):
         weight, bias = _full(weight), _full(bias)
-        hs = h.reshape(-1, h.shape[-1])
-        if torch.is_autocast_enabled(hs.device.type):
-            dt = torch.get_autocast_dtype(hs.device.type)
-            hs, weight = hs.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
-        elif hs.dtype != weight.dtype:
-            hs = hs.to(weight.dtype)
+        hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
         rows = hs.index_select(0, idx)
         lp, ent, lse = linear_logprobs_stats(rows, weight, y, bias=bias, opts=opts)
         out = {"log_probs": lp, "entropy": ent}

@@ -16,8 +16,10 @@ bench shapes, against the 1.3x budget; whole-pair tiles cost [T, V] per pair ins
 The GEMMs alone favour a single pass where V is moderate and the tiles are big
 (bench/single_pass_probe.py: 1.04x vs 1.36x of the floor at B1 with 64 MiB tiles) and the
 recompute where V is large and the budget small (2.21x vs 1.55x at B2, 16 MiB). Memory decides
-here: the recompute path is the one shipped, lean for any T and any number of pairs. A
-single-pass mode for one pair per call (no extra accumulator) is the open follow-up.
+for several pairs: the recompute path is the default, lean for any T and any number of pairs.
+For one pair per call no extra accumulator is needed (the pair's two sequences share one scalar
+gradient), and ``grad_mode="single_pass"`` does it (alignkit/losses/single_pass.py);
+``grad_mode="auto"`` picks it where it serves the call and V <= 65536.
 """
 from __future__ import annotations
 

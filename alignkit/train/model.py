@@ -6,9 +6,10 @@ weight: the model's logits path is never called. Wrapping the whole model in one
 what DDP and FSDP2 need: the head weight is used inside this module's forward, so DDP syncs its
 gradient and FSDP2 all-gathers it with the root's parameters (and reduce-scatters its gradient).
 
-Head transforms read from the config: ``final_logit_softcapping`` (Gemma 2/3) -> softcap,
-``logits_scaling`` (Granite, logits / s) -> temperature s, ``logit_scale`` (Cohere, logits · s)
--> temperature 1/s. A model whose head does anything else is refused by ``head_of``.
+Head transforms read from the config (alignkit.integrations.head.head_options):
+``final_logit_softcapping`` (Gemma 2/3) -> softcap, ``logits_scaling`` (Granite, logits / s) and
+``logit_scale`` (Cohere, logits · s) -> temperature. A config with another logit multiplier is
+refused by ``head_of``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs
+from alignkit.integrations.head import head_options, match_head_dtypes
 
 
 class ModelError(ValueError):
@@ -32,18 +34,14 @@ def head_of(model):
         raise ModelError(f"{type(model).__name__}: cannot reach its body (get_decoder()) and LM "
                          "head (get_output_embeddings() with a weight [V, H]); alignkit needs "
                          "both to skip the logits")
-    if type(head) not in (nn.Linear,) and not isinstance(head, nn.Linear):
+    if not isinstance(head, nn.Linear):
         raise ModelError(f"{type(model).__name__}: LM head is {type(head).__name__}, not a "
                          "linear layer")
-    cfg = model.config
-    opts = {}
-    sc = getattr(cfg, "final_logit_softcapping", None)
-    if sc:
-        opts["softcap"] = float(sc)
-    if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
-        opts["temperature"] = float(cfg.logits_scaling)
-    if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        opts["temperature"] = 1.0 / float(cfg.logit_scale)
+    try:
+        opts = head_options(model)
+    except NotImplementedError as e:
+        raise ModelError(str(e)) from None
+    opts = {k: v for k, v in opts.items() if v is not None and not (k == "temperature" and v == 1.0)}
     return body, head, opts
 
 
@@ -76,13 +74,7 @@ class SequenceLogprobs(nn.Module):
                         attention_mask=attention_mask2, past_key_values=cache, use_cache=True)
             hidden = torch.cat([hidden, out2.last_hidden_state.reshape(-1, hidden.shape[-1])])
         h = hidden.index_select(0, gather)
-        w, b = head.weight, head.bias
-        if torch.is_autocast_enabled(h.device.type):
-            dt = torch.get_autocast_dtype(h.device.type)
-            h, w = h.to(dt), w.to(dt)
-            b = b.to(dt) if b is not None else None
-        elif h.dtype != w.dtype:
-            h = h.to(w.dtype)
+        h, w, b = match_head_dtypes(h, head.weight, head.bias)
         return sequence_logprobs(h, w, labels, bias=b, segment_ids=segment_ids,
                                  num_segments=num_sequences, backend=self.backend,
                                  **self.head_opts)
