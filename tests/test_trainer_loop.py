@@ -57,7 +57,7 @@ KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
     ("dpo", "padded", {"reference": "live", "loss_options": {"loss_type": ["sigmoid", "sft"],
                                                              "loss_weights": [1.0, 0.5]}}),
     ("simpo", "shared_prompt", {"loss_options": {"beta": 2.0, "gamma": 0.5}}),
-    ("orpo", "padding_free", {}),
+    ("orpo", "padding_free", {"precision": "bf16", "gradient_checkpointing": True}),
     ("cpo", "padded", {"loss_options": {"loss_type": "hinge"}}),
     ("kto", "padding_free", {"data": "kto.json", "eval_data": None, "eval_fraction": 0.2}),
 ])

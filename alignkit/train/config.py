@@ -43,7 +43,7 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)   # beta, loss_type, gamma, ... (per loss)
     reference: str = "precompute"
     reference_cache_dir: Optional[str] = None  # default $ALIGNKIT_CACHE or ~/.cache/alignkit
-    packing: str = "padding_free"
+    packing: str = "padded"                  # fastest on CPU with sdpa (bench/RESULTS.md)
     backend: str = "auto"                    # the log-prob op's backend
     # loop
     output_dir: str = "alignkit-out"

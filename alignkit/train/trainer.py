@@ -119,8 +119,11 @@ class PreferenceTrainer:
             "bf16" if (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
             or (self.device.type == "cpu" and cpu_has_bf16()) else "fp32")
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):       # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         self.module = SequenceLogprobs(model, backend=cfg.backend)
         self.ref_tables = {}
         self.live_ref = None
