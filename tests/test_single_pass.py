@@ -118,3 +118,15 @@ def test_single_pass_refuses_two_pairs_and_bf16():
     # auto falls back to recompute where single pass cannot serve
     loss, _ = alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="auto")
     assert loss.isfinite()
+
+
+def test_auto_takes_the_single_pass_for_one_pair_at_moderate_vocab():
+    h64, W64, _, y, _ = pair_inputs()
+    grads = {}
+    for mode in ("single_pass", "auto", "recompute"):
+        h = h64.float().requires_grad_()
+        loss, _ = alignkit.preference_loss(h, W64.float(), y, loss="simpo", grad_mode=mode)
+        loss.backward()
+        grads[mode] = h.grad
+    assert torch.equal(grads["auto"], grads["single_pass"])      # the same path, bit for bit
+    assert not torch.equal(grads["auto"], grads["recompute"])

@@ -19,7 +19,8 @@ recompute where V is large and the budget small (2.21x vs 1.55x at B2, 16 MiB). 
 for several pairs: the recompute path is the default, lean for any T and any number of pairs.
 For one pair per call no extra accumulator is needed (the pair's two sequences share one scalar
 gradient), and ``grad_mode="single_pass"`` does it (alignkit/losses/single_pass.py);
-``grad_mode="auto"`` picks it where it serves the call and V <= 65536.
+``grad_mode="auto"`` picks it where it serves the call and a full-vocabulary tile holds at
+least 64 rows.
 """
 from __future__ import annotations
 
@@ -88,8 +89,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     tile), "single_pass" (one pair per call, fp32, SimPO or a DPO type tied by the log-ratio
     difference: the gradient is formed in forward from full-vocabulary tiles, 3 GEMMs instead of 4;
     see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
-    (single_pass where it can serve the call and V <= 65536, where it measured faster; else
-    recompute).
+    (single_pass where it can serve the call and its full-vocabulary tile holds >= 64 rows, where
+    it measured faster; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -154,9 +155,14 @@ def _single_pass_blocker(loss, own, S, hidden, weight, bias):
 
 
 def _single_pass_pays(weight) -> bool:
-    # bench/RESULTS.md (losses, single-pass rows): the single pass wins where a full-vocabulary
-    # tile still holds many rows, and loses at a very large vocabulary
-    return weight.shape[0] <= 65536
+    # bench/RESULTS.md (single pass or recompute): with 64 MiB tiles the single pass ran 0.83-1.08x
+    # the floor where a full-vocabulary tile holds >= 110 rows (V <= 152k), against 1.17-1.40x
+    # for the recompute; with 27-row tiles (16 MiB at V=152k) the probe saw it lose (2.21x)
+    import os
+
+    from alignkit.losses.single_pass import DEFAULT_TILE_BYTES
+    tile = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
+    return tile // (4 * weight.shape[0]) >= 64
 
 
 def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segment_ids,
