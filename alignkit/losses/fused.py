@@ -86,11 +86,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     does not read raises.
 
     grad_mode: "recompute" (default: any loss, any number of pairs; backward recomputes each
-    tile), "single_pass" (one pair per call, fp32, SimPO or a DPO type tied by the log-ratio
-    difference: the gradient is formed in forward from full-vocabulary tiles, 3 GEMMs instead of 4;
-    see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
-    (single_pass where it can serve the call and its full-vocabulary tile holds >= 64 rows, where
-    it measured faster; else recompute).
+    tile), "single_pass" (one pair per call, fp32, any of the losses: the gradient is formed in
+    forward from full-vocabulary tiles, 3 GEMMs per tile instead of 4, or 3.5 on average where the
+    loss does not tie the two sequences' gradients; see alignkit/losses/single_pass.py; a call it
+    cannot serve raises, naming why), "auto" (single_pass where it can serve the call and its
+    full-vocabulary tile holds >= 64 rows, where it measured faster; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -143,10 +143,6 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
 
 
 def _single_pass_blocker(loss, own, S, hidden, weight, bias):
-    from alignkit.losses.single_pass import eligibility
-    el = eligibility(loss, own)
-    if el.startswith("no:"):
-        return el[4:]
     if S != 2:
         return f"it takes one pair per call (2 sequences), got {S}"
     if any(t is not None and t.dtype != torch.float32 for t in (hidden, weight, bias)):
@@ -195,7 +191,12 @@ def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segme
         if loss == "dpo":
             return dpo_loss(c, r, ref[:1], ref[1:], chosen_counts=counts[:1],
                             rejected_counts=counts[1:], **own)
-        return simpo_loss(c, r, **own)
+        if loss == "simpo":
+            return simpo_loss(c, r, **own)
+        # the chosen NLL as a token mean (one pair: its sum over its own count)
+        sums_c = c * counts[:1] if average else c
+        nll = -(sums_c / counts[:1].clamp(min=1)).sum()
+        return (cpo_loss if loss == "cpo" else orpo_loss)(c, r, nll=nll, **own)
     tile_bytes = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
     rows = max(1, tile_bytes // (4 * weight.shape[0]))
     o = SinglePassOptions(loss_fn, average, eligibility(loss, own), lp_opts, rows)

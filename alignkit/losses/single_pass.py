@@ -19,10 +19,18 @@ grad_h) and one [rows, V] fp32 tile: rows = tile budget / (4V), whatever T is. O
 is what keeps it at one accumulator: with B pairs each pair's k differs, so B accumulators (or
 a [T, V] tile per pair) would be needed (fused.py has the arithmetic).
 
-Eligible: SimPO; DPO types that are a function of the log-ratio difference (sigmoid incl. cDPO,
-hinge, robust, exo_pair, discopop, aot, aot_unpaired; ipo and sigmoid_norm with the count
-normalisation), alone or combined. Not eligible (their two sequences' gradients are not tied):
-sft, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, CPO and ORPO (their NLL term).
+Tied (one sweep, every tile once): SimPO; DPO types that are a function of the log-ratio
+difference (sigmoid incl. cDPO, hinge, robust, exo_pair, discopop, aot, aot_unpaired; ipo and
+sigmoid_norm with the count normalisation), alone or combined.
+
+Untied (any other loss of the pair: DPO with sft, nca_pair, bco_pair, sppo_hard, apo_*, CPO and
+ORPO with their NLL term): dL/dc and dL/dr are two unrelated scalars, so the order does it
+without a second accumulator. (1) The rejected sequence, forward only: its log-prob. (2) The
+chosen sequence in a single pass, unscaled, into A (= grad_W) and its grad_h rows. (3) Both
+log-probs known: the loss, dL/dc and dL/dr; A, grad_b and the chosen grad_h rows are scaled by
+dL/dc in place. (4) The rejected sequence again, its tiles scaled by dL/dr as they are formed.
+GEMMs: 3 per chosen tile, 4 per rejected one (its logits twice): (3C + 4R) / 3(C + R), about
+1.17x the three-GEMM floor for equal lengths, against the recompute's 4/3; memory as above.
 """
 from __future__ import annotations
 
@@ -40,28 +48,27 @@ _COUNT = {"ipo", "sigmoid_norm"}
 DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
 
 
-def eligibility(loss: str, own: dict):
-    """'unit' or 'count' (the a_s above) when one pair's loss can be done in a single pass, else
-    a reason string starting with 'no:'."""
+def eligibility(loss: str, own: dict) -> str:
+    """How one pair's loss is done in a single pass: 'unit' or 'count' (tied: the a_s above),
+    or 'untied' (any other function of the two log-probs)."""
     if loss == "simpo":
         return "unit"
     if loss != "dpo":
-        return f"no: loss {loss!r} has an NLL term that ties its gradient to the chosen tokens"
+        return "untied"
     types = own.get("loss_type", "sigmoid")
     types = [types] if isinstance(types, str) else list(types)
     if all(t in _UNIT for t in types):
         return "unit"
     if all(t in _COUNT for t in types):
         return "count"
-    return (f"no: DPO loss_type {types} is not a function of the log-ratio difference alone "
-            f"(single pass serves {sorted(_UNIT)} or {sorted(_COUNT)})")
+    return "untied"
 
 
 @dataclass(frozen=True)
 class SinglePassOptions:
     loss_fn: object                  # (c [1], r [1], counts [2]) -> (loss, metrics)
     average: bool
-    norm: str                        # 'unit' | 'count'
+    norm: str                        # 'unit' | 'count' | 'untied'
     logprob: LogprobOptions
     rows: int                        # token rows per [rows, V] tile
 
@@ -71,6 +78,7 @@ class _SinglePassPair(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, seg, o: SinglePassOptions):
         H = weight.shape[1]
         V = weight.shape[0]
+        dev = hidden.device
         h2 = hidden.reshape(-1, H)
         y = labels.reshape(-1)
         s = seg.reshape(-1)
@@ -78,53 +86,80 @@ class _SinglePassPair(torch.autograd.Function):
         counts = torch.stack([(keep & (s == 0)).sum(), (keep & (s == 1)).sum()])
         counts_f = counts.to(torch.float32)
         per = counts_f.clamp(min=1).reciprocal()
-        w = (per if o.average else torch.ones(2)) * (per if o.norm == "count" else 1.0)
-        row_w = torch.stack([w[0], -w[1]])                       # + chosen, − rejected
+        # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
+        w = per if o.average else torch.ones(2)
         idx = keep.nonzero().squeeze(1)
-        fold, grad = KERNELS[resolve(o.logprob.backend, hidden.device)
+        fold, grad = KERNELS[resolve(o.logprob.backend, dev)
                              if o.logprob.backend != "triton" else "torch"]
-        gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=hidden.device)
-        gw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
-        gb = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None \
-            else None
+        gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev)
+        gw = torch.zeros(V, H, dtype=torch.float32, device=dev)
+        gb = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
+        tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32, device=dev)
+
+        def sweep(ids, tok_w):
+            """Log-probs of the tokens `ids`; with tok_w [len(ids)], also their gradient
+            contributions tok_w·(onehot − p) added to gh, gw and gb."""
+            out = torch.empty(ids.numel(), dtype=torch.float32, device=dev)
+            for i0 in range(0, ids.numel(), o.rows):
+                ic = ids[i0:i0 + o.rows]
+                n = ic.numel()
+                hc = h2.index_select(0, ic).float()
+                yc = y.index_select(0, ic)
+                t = tile[:n]
+                torch.mm(hc, weight.t(), out=t)
+                if bias is not None:
+                    t.add_(bias)
+                st = RowStats.new(n, False, dev)
+                fold(t, yc, 0, st, o.logprob)
+                out[i0:i0 + n] = st.logprob()
+                if tok_w is not None:
+                    grad(t, t, yc, 0, st.lse2(), tok_w[i0:i0 + n].contiguous(), None, None,
+                         o.logprob)
+                    gh.index_copy_(0, ic, t @ weight)
+                    gw.addmm_(t.t(), hc)
+                    if gb is not None:
+                        gb.add_(t.sum(0))
+            return out
+
+        def loss_grads(sums64):
+            sums = sums64.float()
+            logps = sums / counts_f.clamp(min=1) if o.average else sums
+            c = logps[:1].clone().requires_grad_()
+            r = logps[1:].clone().requires_grad_()
+            with torch.enable_grad():
+                loss, _ = o.loss_fn(c, r, counts_f)
+                g = torch.autograd.grad(loss, (c, r), allow_unused=True)
+            g_c, g_r = (torch.zeros(1) if x is None else x for x in g)
+            return sums, loss, g_c, g_r
+
         # per-token log-probs of ~1e2 summed over up to 1e5 tokens: accumulate in float64
-        sums64 = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-        tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32,
-                           device=hidden.device)
-        for i0 in range(0, idx.numel(), o.rows):
-            ic = idx[i0:i0 + o.rows]
-            n = ic.numel()
-            hc = h2.index_select(0, ic).float()
-            yc, sc = y.index_select(0, ic), s.index_select(0, ic)
-            t = tile[:n]
-            torch.mm(hc, weight.t(), out=t)
-            if bias is not None:
-                t.add_(bias)
-            st = RowStats.new(n, False, hidden.device)
-            fold(t, yc, 0, st, o.logprob)
-            lp = st.logprob()
-            sums64.index_add_(0, sc, lp.double())
-            grad(t, t, yc, 0, st.lse2(), row_w.index_select(0, sc), None, None, o.logprob)
-            gh.index_copy_(0, ic, t @ weight)
-            gw.addmm_(t.t(), hc)
+        sums64 = torch.zeros(2, dtype=torch.float64, device=dev)
+        if o.norm in ("unit", "count"):
+            # tied: dL/dr = −(a_r/a_c)·dL/dc, so one sweep with ± weights, then one scalar
+            a = per if o.norm == "count" else torch.ones(2)
+            sgn = s.index_select(0, idx)
+            tok_w = torch.stack([w[0] * a[0], -w[1] * a[1]]).index_select(0, sgn)
+            lp = sweep(idx, tok_w)
+            sums64.index_add_(0, sgn, lp.double())
+            sums, loss, g_c, g_r = loss_grads(sums64)
+            k = g_c / a[0]
+            if not torch.allclose(g_r, -k * a[1], rtol=1e-4, atol=1e-12):
+                raise RuntimeError("single-pass: the loss's gradients of chosen and rejected are "
+                                   f"not tied as assumed ({g_c.item()}, {g_r.item()}); use "
+                                   "grad_mode='recompute'")
+        else:
+            # untied: the rejected log-prob first (forward only), then chosen with its weights
+            # unscaled, scaled once both are known, then rejected with its now-known scale
+            idx_c, idx_r = idx[s.index_select(0, idx) == 0], idx[s.index_select(0, idx) == 1]
+            sums64[1] = sweep(idx_r, None).double().sum()
+            sums64[0] = sweep(idx_c, w[0].expand(idx_c.numel())).double().sum()
+            sums, loss, g_c, g_r = loss_grads(sums64)
+            gw.mul_(g_c)
             if gb is not None:
-                gb.add_(t.sum(0))
-        sums = sums64.float()
-        logps = sums / counts_f.clamp(min=1) if o.average else sums
-        c = logps[:1].clone().requires_grad_()
-        r = logps[1:].clone().requires_grad_()
-        with torch.enable_grad():
-            loss, _ = o.loss_fn(c, r, counts_f)
-            g_c, g_r = torch.autograd.grad(loss, (c, r), allow_unused=True)
-        g_c = torch.zeros(1) if g_c is None else g_c
-        g_r = torch.zeros(1) if g_r is None else g_r
-        # the accumulated gradient assumed dL/dr = −(a_r/a_c)·dL/dc; check it held
-        a = per if o.norm == "count" else torch.ones(2)
-        k = g_c / a[0]
-        if not torch.allclose(g_r, -k * a[1], rtol=1e-4, atol=1e-12):
-            raise RuntimeError("single-pass: the loss's gradients of chosen and rejected are not "
-                               f"tied as assumed ({g_c.item()}, {g_r.item()}); use "
-                               "grad_mode='recompute'")
+                gb.mul_(g_c)
+            gh.index_copy_(0, idx_c, gh.index_select(0, idx_c).mul_(g_c))
+            sweep(idx_r, (w[1] * g_r).expand(idx_r.numel()))
+            k = torch.ones(1)
         ctx.save_for_backward(gh, gw, gb, k)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None
                     else None)
