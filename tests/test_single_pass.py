@@ -129,3 +129,14 @@ def test_auto_takes_the_single_pass_for_one_pair_at_moderate_vocab():
         grads[mode] = h.grad
     assert torch.equal(grads["auto"], grads["single_pass"])      # the same path, bit for bit
     assert not torch.equal(grads["auto"], grads["recompute"])
+
+
+def test_auto_keeps_the_recompute_for_untied_losses():
+    h64, W64, _, y, _ = pair_inputs()
+    grads = {}
+    for mode in ("auto", "recompute"):
+        h = h64.float().requires_grad_()
+        loss, _ = alignkit.preference_loss(h, W64.float(), y, loss="orpo", grad_mode=mode)
+        loss.backward()
+        grads[mode] = h.grad
+    assert torch.equal(grads["auto"], grads["recompute"])

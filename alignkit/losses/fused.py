@@ -19,8 +19,8 @@ recompute where V is large and the budget small (2.21x vs 1.55x at B2, 16 MiB). 
 for several pairs: the recompute path is the default, lean for any T and any number of pairs.
 For one pair per call no extra accumulator is needed (the pair's two sequences share one scalar
 gradient), and ``grad_mode="single_pass"`` does it (alignkit/losses/single_pass.py);
-``grad_mode="auto"`` picks it where it serves the call and a full-vocabulary tile holds at
-least 64 rows.
+``grad_mode="auto"`` picks it for the tied losses (SimPO, most DPO types) where a
+full-vocabulary tile holds at least 64 rows; the untied ones measured no faster than recompute.
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     tile), "single_pass" (one pair per call, fp32, any of the losses: the gradient is formed in
     forward from full-vocabulary tiles, 3 GEMMs per tile instead of 4, or 3.5 on average where the
     loss does not tie the two sequences' gradients; see alignkit/losses/single_pass.py; a call it
-    cannot serve raises, naming why), "auto" (single_pass where it can serve the call and its
-    full-vocabulary tile holds >= 64 rows, where it measured faster; else recompute).
+    cannot serve raises, naming why), "auto" (single_pass for SimPO and the tied DPO types where
+    its full-vocabulary tile holds >= 64 rows, where it measured faster; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -119,7 +119,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                                                    if segment_ids is not None else " rows"))
     if grad_mode != "recompute":
         why = _single_pass_blocker(loss, own, S, hidden, weight, bias)
-        if why is None and (grad_mode == "single_pass" or _single_pass_pays(weight)):
+        if why is None and (grad_mode == "single_pass" or _single_pass_pays(loss, own, weight)):
             return _single_pass(loss, own, common, average, hidden, weight, labels, bias,
                                 segment_ids, ref_logprobs, ref_hidden, ref_weight)
         if grad_mode == "single_pass":
@@ -150,13 +150,16 @@ def _single_pass_blocker(loss, own, S, hidden, weight, bias):
     return None
 
 
-def _single_pass_pays(weight) -> bool:
-    # bench/RESULTS.md (single pass or recompute): with 64 MiB tiles the single pass ran 0.83-1.08x
-    # the floor where a full-vocabulary tile holds >= 110 rows (V <= 152k), against 1.17-1.40x
-    # for the recompute; with 27-row tiles (16 MiB at V=152k) the probe saw it lose (2.21x)
+def _single_pass_pays(loss, own, weight) -> bool:
+    # bench/RESULTS.md (single pass or recompute): with 64 MiB tiles the tied single pass ran
+    # 0.82-1.05x the floor where a full-vocabulary tile holds >= 110 rows (V <= 152k), against
+    # 1.17-1.42x for the recompute; with 27-row tiles (16 MiB at V=152k) the probe saw it lose
+    # (2.21x). The untied order (ORPO, CPO, DPO+sft...) measured no faster than the recompute.
     import os
 
-    from alignkit.losses.single_pass import DEFAULT_TILE_BYTES
+    from alignkit.losses.single_pass import DEFAULT_TILE_BYTES, eligibility
+    if eligibility(loss, own) == "untied":
+        return False
     tile = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
     return tile // (4 * weight.shape[0]) >= 64
 
