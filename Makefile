@@ -31,6 +31,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VPY) -m bench.core --preset small
 
+bench-trainer: $(STAMP)
+	$(VPY) -m bench.trainer --write
+
 bench-full: $(STAMP)
 	$(VPY) -m bench.core --preset full --write
 

@@ -1,7 +1,7 @@
 """Trainer-level bench: alignkit's PreferenceTrainer against TRL 1.16's DPOTrainer, same model,
 same data, same batch, same sequence length, fp32 on this CPU.
 
-    python -m bench.trainer [--lengths 1024] [--steps 5] [--cap-gib 2] [--write]
+    python -m bench.trainer [--lengths 512,1024] [--steps 5] [--cap-gib 2] [--write]
 
 Model: Llama-style, H=256, 4 layers, 4 heads, V=32000, random init. Data: synthetic pairs of
 exact lengths (prompt P = L/2 words, chosen and rejected L/2 words each, one word one token), so
@@ -148,7 +148,7 @@ def main():
     ap.add_argument("--lengths", default="512,1024")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--cap-gib", type=float, default=2.0)
-    ap.add_argument("--cap-lengths", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--cap-lengths", default="256,512,1024,2048,4096,8192,16384")
     ap.add_argument("--skip-cap", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/out/trainer.md")
     a = ap.parse_args()
