@@ -29,6 +29,21 @@ def pairs():
     return [(r(5), r(7), r(3)), (r(2), r(4), r(9)), (r(8), r(3), r(5)), (r(4), r(6), r(6))]
 
 
+def one_process_grads():
+    """The reference: one process, each rank's half of the pairs in turn, gradients averaged (each
+    rank's loss is the mean over its pairs, and the ranks' gradients are averaged)."""
+    model = tiny()
+    grads = {}
+    for r in range(2):
+        model.zero_grad()
+        loss, _ = fused_preference_loss(model, pack_pairs(pairs()[r::2], packing="padding_free"),
+                                        loss="simpo", beta=2.0, gamma=0.5)
+        loss.backward()
+        for n, p in model.named_parameters():
+            grads[n] = grads.get(n, 0) + p.grad / 2
+    return grads
+
+
 class ShardedParam:
     """A ZeRO-3-like stand-in that shards a module's parameter for real: rank r keeps rows
     [r·V/w, (r+1)·V/w); between calls the parameter is an empty tensor. A forward pre-hook

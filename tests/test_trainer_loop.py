@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -140,11 +139,6 @@ def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
     assert steps == list(range(1, 9))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp):
@@ -157,7 +151,7 @@ def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp
     cfg_path.write_text(yaml.safe_dump(two))
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "-m", "alignkit.cli", "train",
+                        "--standalone", "-m", "alignkit.cli", "train",
                         str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")

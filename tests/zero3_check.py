@@ -17,28 +17,15 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_dropin_worker import pairs, tiny  # noqa: E402
+from dist_dropin_worker import one_process_grads, pairs, tiny  # noqa: E402
 
 from alignkit.integrations.hf import fused_preference_loss, pack_pairs  # noqa: E402
-
-
-def reference():
-    model = tiny()
-    grads = {}
-    for r in range(2):
-        model.zero_grad()
-        loss, _ = fused_preference_loss(model, pack_pairs(pairs()[r::2], packing="padding_free"),
-                                        loss="simpo", beta=2.0, gamma=0.5)
-        loss.backward()
-        for n, p in model.named_parameters():
-            grads[n] = grads.get(n, 0) + p.grad / 2
-    return grads
 
 
 def main():
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    want = reference()
+    want = one_process_grads()
     model = tiny()
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "zero_allow_untested_optimizer": True}
