@@ -31,21 +31,24 @@ from alignkit.ops.options import LogprobOptions
 _UNSUPPORTED_SCALES = ("output_multiplier", "lm_head_multiplier")
 
 
+try:       # a transformers ModelOutput, so that hooks that walk outputs (ZeRO-3's) see the tensors
+    from transformers.utils import ModelOutput as _OutputBase
+except ImportError:                            # pragma: no cover - transformers is optional here
+    _OutputBase = object
+
+
 @dataclass
-class FusedOutput:
+class FusedOutput(_OutputBase):
     """Per-token fields [B, L-1] (0 at ignored labels). mean_logits: mean over the vocabulary of
     the (temperature-scaled) logits; is_top1: the label is the argmax. loss: mean NLL over the
     labelled tokens (or over num_items_in_batch)."""
-    loss: Tensor
-    log_probs: Tensor
-    label_mask: Tensor
+    loss: Optional[Tensor] = None
+    log_probs: Optional[Tensor] = None
+    label_mask: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
-
-    def __getitem__(self, k):                 # ModelOutput-style access: out["log_probs"]
-        return getattr(self, k)
 
 
 def head_options(model, temperature: float = 1.0) -> dict:
