@@ -117,20 +117,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"preference_loss needs an even number of sequences (B chosen, then B "
                          f"rejected); got {S}" + (" segments (max segment id + 1)"
                                                    if segment_ids is not None else " rows"))
-    if grad_mode != "recompute":
-        why = _single_pass_blocker(loss, own, S, hidden, weight, bias)
-        if why is None and (grad_mode == "single_pass" or _single_pass_pays(loss, own, weight)):
-            return _single_pass(loss, own, common, average, hidden, weight, labels, bias,
-                                segment_ids, ref_logprobs, ref_hidden, ref_weight)
-        if grad_mode == "single_pass":
-            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
     seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
                   bias=bias, **common)
-    sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
-    counts_f = counts.to(sums.dtype)
-    avg = sums / counts_f.clamp(min=1)
-    logps = avg if average else sums
-
     ref = None
     if uses_ref:
         ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
@@ -138,11 +126,20 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
-
+    if grad_mode != "recompute":
+        why = _single_pass_blocker(S, hidden, weight, bias)
+        if why is None and (grad_mode == "single_pass" or _single_pass_pays(loss, own, weight)):
+            return _single_pass(loss, own, common, average, hidden, weight, labels, bias,
+                                segment_ids, ref)
+        if grad_mode == "single_pass":
+            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+    sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
+    counts_f = counts.to(sums.dtype)
+    logps = sums / counts_f.clamp(min=1) if average else sums
     return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
-def _single_pass_blocker(loss, own, S, hidden, weight, bias):
+def _single_pass_blocker(S, hidden, weight, bias):
     if S != 2:
         return f"it takes one pair per call (2 sequences), got {S}"
     if any(t is not None and t.dtype != torch.float32 for t in (hidden, weight, bias)):
@@ -155,54 +152,30 @@ def _single_pass_pays(loss, own, weight) -> bool:
     # 0.82-1.05x the floor where a full-vocabulary tile holds >= 110 rows (V <= 152k), against
     # 1.17-1.42x for the recompute; with 27-row tiles (16 MiB at V=152k) the probe saw it lose
     # (2.21x). The untied order (ORPO, CPO, DPO+sft...) measured no faster than the recompute.
-    import os
-
-    from alignkit.losses.single_pass import DEFAULT_TILE_BYTES, eligibility
-    if eligibility(loss, own) == "untied":
-        return False
-    tile = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
-    return tile // (4 * weight.shape[0]) >= 64
+    from alignkit.losses.single_pass import eligibility, tile_rows
+    return eligibility(loss, own) != "untied" and tile_rows(weight.shape[0]) >= 64
 
 
-def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segment_ids,
-                 ref_logprobs, ref_hidden, ref_weight):
-    import os
-
+def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segment_ids, ref):
     from alignkit.losses.single_pass import (
-        DEFAULT_TILE_BYTES,
         SinglePassOptions,
         eligibility,
         single_pass_pair,
+        tile_rows,
     )
     from alignkit.ops.options import LogprobOptions
-    lp_opts = LogprobOptions(**common)
     if segment_ids is None:
         seg = torch.arange(2, device=hidden.device)[:, None].expand(labels.shape)
     else:
         seg = segment_ids
-    ref = None
-    if _SPECS[loss][1]:
-        seq_kw = dict(segment_ids=segment_ids, num_segments=2 if segment_ids is not None else None,
-                      bias=bias, **common)
-        ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
-                         average, seq_kw, 2)
-    elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
-        raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
-                         "ref_weight would be ignored, so they are refused")
 
     def loss_fn(c, r, counts):
-        if loss == "dpo":
-            return dpo_loss(c, r, ref[:1], ref[1:], chosen_counts=counts[:1],
-                            rejected_counts=counts[1:], **own)
-        if loss == "simpo":
-            return simpo_loss(c, r, **own)
-        # the chosen NLL as a token mean (one pair: its sum over its own count)
-        sums_c = c * counts[:1] if average else c
-        nll = -(sums_c / counts[:1].clamp(min=1)).sum()
-        return (cpo_loss if loss == "cpo" else orpo_loss)(c, r, nll=nll, **own)
-    tile_bytes = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
-    rows = max(1, tile_bytes // (4 * weight.shape[0]))
-    o = SinglePassOptions(loss_fn, average, eligibility(loss, own), lp_opts, rows)
+        # the same loss as the recompute path, on the pair's two log-probs (differentiable in c, r)
+        logps = torch.cat([c, r])
+        return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
+                              own)
+    o = SinglePassOptions(loss_fn, average, eligibility(loss, own), LogprobOptions(**common),
+                          tile_rows(weight.shape[0]))
     value, sums, counts = single_pass_pair(hidden, weight, bias, labels, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -34,6 +34,7 @@ GEMMs: 3 per chosen tile, 4 per rejected one (its logits twice): (3C + 4R) / 3(C
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,11 @@ from alignkit.ops.tile_kernels import KERNELS, RowStats
 _UNIT = {"sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot", "aot_unpaired"}
 _COUNT = {"ipo", "sigmoid_norm"}
 DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
+
+
+def tile_rows(V: int) -> int:
+    """Token rows per [rows, V] fp32 tile: ALIGNKIT_TILE_BYTES (default 64 MiB) / 4V."""
+    return max(1, int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES)) // (4 * V))
 
 
 def eligibility(loss: str, own: dict) -> str:
