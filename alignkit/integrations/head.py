@@ -77,18 +77,26 @@ def match_head_dtypes(h, weight, bias):
     return (h.to(weight.dtype) if h.dtype != weight.dtype else h), weight, bias
 
 
+def _set_forward(obj, fn):
+    """Sets ``obj.forward`` (an instance attribute); returns a function that restores the old."""
+    had, prev = "forward" in obj.__dict__, obj.__dict__.get("forward")
+    obj.forward = fn
+
+    def restore():
+        if had:
+            obj.forward = prev
+        else:
+            del obj.forward
+    return restore
+
+
 def _head_call(head, fn, *args):
     """fn(weight, bias, *args) inside head.__call__, so the head's gather hooks run around it."""
-    had = "forward" in head.__dict__
-    prev = head.__dict__.get("forward")
-    head.forward = lambda *a: fn(head.weight, head.bias, *a)
+    restore = _set_forward(head, lambda *a: fn(head.weight, head.bias, *a))
     try:
         return head(*args)
     finally:
-        if had:
-            head.forward = prev
-        else:
-            del head.forward
+        restore()
 
 
 def _full(t):
@@ -119,8 +127,10 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
             out["is_top1"] = (lp.detach() + lse[:, 1]) >= 0
         if mean_logits:
             with torch.no_grad():
-                wbar = weight.float().mean(0)
-                ml = rows.float() @ wbar + (bias.float().mean() if bias is not None else 0.0)
+                # fp32 means without an fp32 copy of a bf16 weight
+                wbar = weight.mean(0, dtype=torch.float32)
+                ml = rows.float() @ wbar + (bias.mean(dtype=torch.float32) if bias is not None
+                                            else 0.0)
                 out["mean_logits"] = ml * (1.0 / opts.temperature)
         return out
 
@@ -168,6 +178,35 @@ def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_bat
     return FusedOutput(loss=loss, **f)
 
 
+def install_fused_forward(model, *, outputs=("log_probs",), temperature: float = 1.0,
+                          backend: str = "auto", on: str = "labels"):
+    """Makes ``model.forward`` answer with ``fused_forward`` when called with labels
+    (``on="labels"``) or with ``fused_lm_head=True`` (``on="fused_lm_head"``, TRL's call); every
+    other call goes to the forward the model had. Returns a function that restores that forward.
+    The patched forward is what DDP / FSDP2 wrappers call, so they keep working."""
+    head_options(model, temperature)                      # refuse unsupported heads now
+    original = model.forward
+
+    def forward(self, *args, fused_lm_head=None, labels=None, shift_labels=None,
+                num_items_in_batch=None, **kw):
+        if on == "fused_lm_head":
+            fused = bool(fused_lm_head)
+        else:
+            fused = labels is not None or shift_labels is not None
+            if fused_lm_head is not None:
+                kw["fused_lm_head"] = fused_lm_head
+        if fused:
+            return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
+                                 num_items_in_batch=num_items_in_batch, outputs=outputs,
+                                 temperature=temperature, backend=backend, **kw)
+        for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                     ("num_items_in_batch", num_items_in_batch)):
+            if v is not None:
+                kw[k] = v
+        return original(*args, **kw)
+    return _set_forward(model, types.MethodType(forward, model))
+
+
 class patch_model:
     """``patch_model(model, entropy=False, temperature=1.0)``: ``model(input_ids, labels=labels,
     ...)`` returns a FusedOutput (per-token ``log_probs`` [B, L-1], ``entropy`` if asked, ``loss``)
@@ -179,24 +218,9 @@ class patch_model:
     def __init__(self, model, *, entropy: bool = False, temperature: float = 1.0,
                  backend: str = "auto"):
         self.model = model
-        head_options(model, temperature)                      # refuse unsupported heads now
-        self.had = "forward" in model.__dict__
-        self.prev = model.__dict__.get("forward")
-        original = model.forward
-        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
-
-        def forward(self_, *args, labels=None, shift_labels=None, **kw):
-            if labels is None and shift_labels is None:
-                return original(*args, **kw)
-            return fused_forward(self_, *args, labels=labels, shift_labels=shift_labels,
-                                 outputs=outputs, temperature=temperature, backend=backend, **kw)
-        model.forward = types.MethodType(forward, model)
-
-    def unpatch(self):
-        if self.had:
-            self.model.forward = self.prev
-        else:
-            del self.model.forward
+        self.unpatch = install_fused_forward(
+            model, outputs=("log_probs", "entropy") if entropy else ("log_probs",),
+            temperature=temperature, backend=backend)
 
     def __enter__(self):
         return self.model

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from alignkit.api import reduce_sequences
 from alignkit.integrations.head import patch_model
 from alignkit.losses import logprob_loss
 
@@ -49,21 +50,17 @@ def sequence_logprobs_from_model(model, batch: dict, *, num_sequences: Optional[
     _ensure_patched(model)
     kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     out = model(input_ids=ids, labels=labels, **kw)
-    lp = out.log_probs                                   # [R, L-1], label t+1 from position t
-    scored = labels[:, 1:] != -100
+    lp, lab = out.log_probs, labels[:, 1:]              # [R, L-1], label t+1 from position t
     seq = batch.get("sequence_ids")
     if seq is None:
-        return lp.sum(-1), scored.sum(-1)
-    seg = seq[:, 1:].reshape(-1)
-    if bool((seg[scored.reshape(-1)] < 0).any()):
+        return reduce_sequences(lp, lab)
+    seg = seq[:, 1:]
+    if bool((seg[lab != -100] < 0).any()):
         raise ValueError("sequence_ids is -1 at a labelled token: every scored token needs its "
                          "sequence")
     S = num_sequences if num_sequences is not None else int(seg.max()) + 1
-    seg = seg.clamp(min=0)
-    sums = torch.zeros(S, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp.reshape(-1))
-    counts = torch.zeros(S, dtype=torch.long, device=lp.device).index_add(
-        0, seg, scored.reshape(-1).long())
-    return sums, counts
+    # unlabelled positions (log-prob 0, not counted) may belong to no sequence: any index does
+    return reduce_sequences(lp, lab, segment_ids=seg.clamp(min=0), num_segments=S)
 
 
 def fused_preference_loss(model, batch: dict, *, loss: str = "dpo",

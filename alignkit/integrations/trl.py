@@ -26,28 +26,12 @@ import types
 
 import torch
 
-from alignkit.integrations.head import fused_forward, head_options
+from alignkit.integrations.head import install_fused_forward
 
 
-def _install(model, outputs, temperature=1.0, backend="auto"):
+def _install(model, outputs, backend="auto"):
     """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
-    head_options(model, temperature)
-    previous = model.forward
-
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None,
-                num_items_in_batch=None, **kw):
-        if not fused_lm_head:
-            if labels is not None:
-                kw["labels"] = labels
-            if shift_labels is not None:
-                kw["shift_labels"] = shift_labels
-            if num_items_in_batch is not None:
-                kw["num_items_in_batch"] = num_items_in_batch
-            return previous(*args, **kw)
-        return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
-                             num_items_in_batch=num_items_in_batch, outputs=outputs,
-                             temperature=temperature, backend=backend, **kw)
-    model.forward = types.MethodType(forward, model)
+    install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head")
     model._alignkit_patched = True
 
 
@@ -94,10 +78,9 @@ def patch_trainer(trainer, *, backend: str = "auto"):
 
 
 def _concat(trainer, batch):
+    pad = getattr(trainer, "padding_value", None)          # ORPO has one, CPO pads with pad_token_id
     cb = trainer.concatenated_inputs(batch, is_encoder_decoder=False,
-                                     padding_value=getattr(trainer, "padding_value", None)
-                                     if getattr(trainer, "padding_value", None) is not None
-                                     else trainer.pad_token_id,
+                                     padding_value=trainer.pad_token_id if pad is None else pad,
                                      device=trainer.accelerator.device)
     return cb, batch["chosen_labels"].shape[0]
 
