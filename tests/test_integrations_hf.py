@@ -105,3 +105,15 @@ def test_helper_bad_batches():
                                          "labels": torch.zeros(2, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="packing must be padded or padding_free"):
         pack_pairs([([1], [2], [3])], packing="shared_prompt")
+
+
+def test_all_masked_batch_keeps_the_graph_and_the_field_dtypes():
+    from alignkit.integrations.head import fused_forward
+    m = tiny()
+    ids = torch.randint(0, V, (2, 9))
+    out = fused_forward(m, input_ids=ids, labels=torch.full_like(ids, -100),
+                        outputs=("log_probs", "entropy", "is_top1", "mean_logits"))
+    assert out.is_top1.dtype == torch.bool and not out.is_top1.any()
+    assert out.log_probs.abs().sum() == 0 and out.loss == 0
+    out.loss.backward()                          # a differentiable zero, not an error
+    assert m.model.embed_tokens.weight.grad is not None

@@ -140,8 +140,12 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
         if x is None:
             return None
         z = torch.zeros(mask.numel(), dtype=dtype, device=hidden.device)
-        return z.index_copy(0, idx, x.to(dtype)).view(mask.shape) if idx.numel() else \
-            z.view(mask.shape) + 0 * hidden.sum()      # keep the graph on an all-masked batch
+        if idx.numel():
+            return z.index_copy(0, idx, x.to(dtype)).view(mask.shape)
+        z = z.view(mask.shape)
+        # an all-masked batch: a differentiable zero keeps the graph (float fields only; is_top1
+        # stays bool)
+        return z + 0 * hidden.sum() if dtype.is_floating_point else z
     return dict(log_probs=scatter(flat["log_probs"]), entropy=scatter(flat.get("entropy")),
                 mean_logits=scatter(flat.get("mean_logits")),
                 is_top1=scatter(flat.get("is_top1"), torch.bool), label_mask=mask)
