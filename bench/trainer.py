@@ -103,14 +103,12 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
 def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None, patch=False,
             kind="dpo"):
     import datasets
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     profile_step = profile_step or min(3, steps)
-    mc = dict(MODEL)
-    conf = AutoConfig.for_model(mc.pop("model_type"), **mc)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa")
+    from alignkit.train.trainer import model_from_config
+    model = model_from_config(MODEL, "sdpa", seed=0)     # alignkit's own init, same seed
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.chat_template = None
     clock = StepClock(profile_step)

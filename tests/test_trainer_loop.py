@@ -170,10 +170,8 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
     peft = pytest.importorskip("peft")
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
-    conf = dict(MODEL)
-    conf = transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(conf)
+    from alignkit.train.trainer import model_from_config
+    base = model_from_config(MODEL, seed=0)
     # non-zero B so that the adapter changes the model from the first step
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))

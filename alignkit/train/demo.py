@@ -18,7 +18,6 @@ import random
 from alignkit.train.tokenizer import from_vocabulary
 
 DIGITS = [str(d) for d in range(10)]
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]      # from_vocabulary puts these first
 WORDS = ["sort", "user", "assistant", "system", ":"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
@@ -61,9 +60,9 @@ def demo_config(output_dir: str, **overrides) -> dict:
             for r in make_rows(n, seed):
                 f.write(json.dumps(r) + "\n")
     tok_dir = os.path.join(output_dir, "tokenizer")
-    build_tokenizer(tok_dir)
+    tokenizer = build_tokenizer(tok_dir)
     cfg = dict(
-        model_config=dict(model_type="llama", vocab_size=len(SPECIALS + WORDS + DIGITS),
+        model_config=dict(model_type="llama", vocab_size=len(tokenizer),
                           hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=64, tie_word_embeddings=False),

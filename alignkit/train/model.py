@@ -80,7 +80,6 @@ class SequenceLogprobs(nn.Module):
                                  **self.head_opts)
 
 
-
 def forward_batch(module, batch):
     """Calls a SequenceLogprobs (or its DDP / FSDP wrapper) on a packing.Batch."""
     return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.gather,

@@ -71,18 +71,12 @@ def sequences_of(examples, indices, kl_partner=None):
     return seqs
 
 
-def _block_mask(blocks: Sequence[Sequence[tuple]], n: int, dtype) -> Tensor:
-    """blocks: per block a list of (start, length, attends) spans in one row of n positions,
-    `attends` being the span indices inside the block this span sees fully (earlier spans); each
-    span is causal within itself. Returns [1, 1, n, n] with 0 where attention is allowed."""
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for spans in blocks:
-        for start, length, attends in spans:
-            q = slice(start, start + length)
-            allowed[q, q] = torch.ones(length, length, dtype=torch.bool).tril()
-            for j in attends:
-                s2, l2, _ = spans[j]
-                allowed[q, s2:s2 + l2] = True
+def _block_causal_mask(lengths: Sequence[int], dtype) -> Tensor:
+    """[1, 1, N, N] for sequences of `lengths` laid end to end in one row: 0 where a position
+    may attend (same sequence, not later), the dtype's min elsewhere."""
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    n = seq.numel()
+    allowed = (seq[:, None] == seq[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
     mask = torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -94,6 +88,7 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
     tokens = sum(len(p) + len(r) for p, r in seqs)
     ref_index = torch.tensor(list(indices) * (S // len(indices)), dtype=torch.long)
     gather, labels, segs = [], [], []
+    second = ()                                 # shared_prompt's second pass
 
     def add(seg, positions, resp):
         gather.extend(positions)
@@ -112,16 +107,15 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
         pos = torch.arange(L).expand(S, L).contiguous()
         mask = am
     elif packing == "padding_free":
-        flat, pos_l, blocks, off = [], [], [], 0
+        flat, pos_l, off = [], [], 0
         for s, (p, r) in enumerate(seqs):
             n = len(p) + len(r)
             flat.extend(p + r)
             pos_l.extend(range(n))
-            blocks.append([(off, n, ())])
             add(s, range(off + len(p) - 1, off + n - 1), r)
             off += n
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
-        mask = _block_mask(blocks, off, mask_dtype)
+        mask = _block_causal_mask([len(p) + len(r) for p, r in seqs], mask_dtype)
     elif packing == "shared_prompt":
         # pass 1: [prompt (left-padded to Pm), chosen, pad] per pair; pass 2: [rejected, pad] on
         # top of pass 1's KV cache cropped to the Pm prompt columns
@@ -153,23 +147,18 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
                 c)
             off2 = B * L1 + i * L2                     # pass 2's positions follow pass 1's
             add(B + i, ([last_prompt] + list(range(off2, off2 + R - 1))) if R else [], r)
-        g = torch.tensor(gather, dtype=torch.long)
-        return Batch(ids, pos, am, g, torch.tensor(labels, dtype=torch.long),
-                     torch.tensor(segs, dtype=torch.long), S, tokens,
-                     torch.tensor(list(indices) * 2, dtype=torch.long), len(indices),
-                     ids2, pos2, am2, Pm)
+        mask, second = am, (ids2, pos2, am2, Pm)
     else:
         raise ValueError(f"packing must be padded, padding_free or shared_prompt; got {packing!r}")
     return Batch(ids, pos, mask, torch.tensor(gather, dtype=torch.long),
                  torch.tensor(labels, dtype=torch.long), torch.tensor(segs, dtype=torch.long),
-                 S, tokens, ref_index, len(indices))
+                 S, tokens, ref_index, len(indices), *second)
 
 
 def pad_id_of(tokenizer) -> int:
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if t is not None:
-            return int(t)
-    return 0
+    """The pad token, else EOS, else 0 (padding is never attended to nor scored)."""
+    return next(int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+                if t is not None)
 
 
 __all__ = ["Batch", "collate", "sequences_of", "pad_id_of"]

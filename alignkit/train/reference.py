@@ -39,11 +39,15 @@ def model_digest(model) -> str:
     return h.hexdigest()
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
 def reference_context(model):
     """no_grad, plus the adapter disabled for a peft model."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+    if is_peft(model):
         stack.enter_context(model.disable_adapter())
     return stack
 
@@ -98,8 +102,7 @@ class LiveReference:
     """A frozen copy of the initial model (or the adapter-disabled peft model) per micro-batch."""
 
     def __init__(self, model, head_backend):
-        peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-        self.model = model if peft else copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = model if is_peft(model) else copy.deepcopy(model).eval().requires_grad_(False)
         self.module = SequenceLogprobs(self.model, backend=head_backend)
 
     def __call__(self, batch):

@@ -8,6 +8,7 @@ take the same step. The data position is the step count, saved in every checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -20,12 +21,12 @@ import torch.distributed as dist
 
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.config import ConfigError, TrainConfig
-from alignkit.train.data import DataError, Tokenise, load_rows, tokenise_rows
+from alignkit.train.data import Tokenise, load_rows, tokenise_rows
 from alignkit.train.metrics import MetricsLog
 from alignkit.train.model import SequenceLogprobs, forward_batch, head_of
 from alignkit.train.objective import compute_loss, kto_uses_kl
 from alignkit.train.packing import collate, pad_id_of
-from alignkit.train.reference import LiveReference, precompute
+from alignkit.train.reference import LiveReference, is_peft, precompute
 
 
 def cpu_has_bf16() -> bool:
@@ -37,31 +38,30 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def model_from_config(model_config: dict, attn_implementation: str = "sdpa", seed: int = 0):
+    """A transformers CausalLM with random init from a config mapping with ``model_type``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    mc = dict(model_config)
+    model_type = mc.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model_config needs model_type (e.g. llama, qwen2, gemma)")
+    try:
+        conf = AutoConfig.for_model(model_type, **mc)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model_config: {e}") from None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """The config's model and tokenizer (paths already checked by ``cfg.check_paths``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     if cfg.model is not None:
-        if not os.path.isdir(cfg.model):
-            raise ConfigError(f"model {cfg.model!r} is not a local directory (alignkit never "
-                              "downloads weights)")
         model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32,
                                                      attn_implementation=cfg.attn_implementation)
     else:
-        mc = dict(cfg.model_config)
-        model_type = mc.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("model_config needs model_type (e.g. llama, qwen2, gemma)")
-        try:
-            conf = AutoConfig.for_model(model_type, **mc)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"model_config: {e}") from None
-        conf._attn_implementation = cfg.attn_implementation
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation)
-    tok_path = cfg.tokenizer or cfg.model
-    if not os.path.isdir(tok_path):
-        raise ConfigError(f"tokenizer {tok_path!r} is not a local directory")
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    return model, tokenizer
+        model = model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed)
+    return model, AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
 
 
 class PreferenceTrainer:
@@ -101,7 +101,7 @@ class PreferenceTrainer:
         self.pad_id = pad_id_of(tokenizer)
         tk = Tokenise(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.append_eos)
         self.tok_settings = tk.settings()
-        rows = load_rows(train_data if train_data is not None else _need(cfg.data, "data"))
+        rows = load_rows(train_data if train_data is not None else cfg.data)
         eval_rows = None
         if eval_data is not None or cfg.eval_data is not None:
             eval_rows = load_rows(eval_data if eval_data is not None else cfg.eval_data)
@@ -114,7 +114,6 @@ class PreferenceTrainer:
         self.eval_ex = (tokenise_rows(eval_rows, tk, cfg.data_format, cfg.loss, "eval_data")
                         if eval_rows else None)
         self.kl = kto_uses_kl(cfg.loss, cfg.loss_options)
-        self.loss_options = {k: v for k, v in cfg.loss_options.items()}
         self.precision = cfg.precision if cfg.precision != "auto" else (
             "bf16" if (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
             or (self.device.type == "cpu" and cpu_has_bf16()) else "fp32")
@@ -196,7 +195,7 @@ class PreferenceTrainer:
         desirable = None
         if self.cfg.loss == "kto":
             desirable = torch.tensor([examples[i].desirable for i in idx], device=self.device)
-        loss, metrics = compute_loss(self.cfg.loss, self.loss_options, sums.float(), counts,
+        loss, metrics = compute_loss(self.cfg.loss, self.cfg.loss_options, sums.float(), counts,
                                      ref, desirable)
         return loss, metrics, batch.tokens
 
@@ -305,7 +304,8 @@ class PreferenceTrainer:
             micro = self.step_indices(step)
             for m, idx in enumerate(micro):
                 sync = m == len(micro) - 1
-                ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else _null()
+                ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else \
+                    contextlib.nullcontext()
                 with ctx:
                     loss, metrics, ntok = self.micro_loss(module, self.train_ex, idx)
                     (loss / cfg.grad_accum).backward()
@@ -360,7 +360,7 @@ class PreferenceTrainer:
                                                                    cpu_offload=True))
         if self.rank == 0:
             out = os.path.join(self.cfg.output_dir, "final")
-            if hasattr(self.model, "peft_config"):        # a peft model saves its adapter
+            if is_peft(self.model):                        # a peft model saves its adapter
                 self.model.save_pretrained(out)
             else:
                 sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
@@ -370,15 +370,3 @@ class PreferenceTrainer:
             dist.barrier()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _need(value, key):
-    if value is None:
-        raise DataError(f"no training data: set {key} in the config or pass train_data")
-    return value
