@@ -227,11 +227,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor],
                     opts: LogprobOptions):
     """Launcher: validates, resolves the backend, calls the op. Returns (logprobs, entropy|None)."""
-    check_linear_inputs(hidden, weight, labels, bias)
-    backend = resolve(opts.backend, hidden.device)
-    lp, ent, _ = _fwd_op(hidden, weight, labels, bias, opts.ignore_index, float(opts.temperature),
-                         opts.cap, opts.return_entropy, backend)
-    return lp, (ent if opts.return_entropy else None)
+    lp, ent, _ = linear_logprobs_stats(hidden, weight, labels, bias=bias, opts=opts)
+    return lp, ent
 
 
 def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
