@@ -108,8 +108,7 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
         for loss in losses:
             steps = {harness.FLOOR: methods.floor(case),
                      "alignkit preference_loss": alignkit_fused(loss)(case)}
-            if S == 2:                                # one pair: the single-pass mode serves it
-                steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
+            steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
             if not only_alignkit:
                 steps.update({"naive full logits": naive(loss)(case),
                               "TRL chunked log-probs + loss": trl_math(loss)(case),

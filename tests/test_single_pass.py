@@ -10,18 +10,21 @@ from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from conftest import BACKENDS, assert_oracle
 
 
-def pair_inputs(T=37, H=24, V=1000, bias=False, packed=False, seed=0, scale=1.0):
+def pair_inputs(T=37, H=24, V=1000, bias=False, packed=False, seed=0, scale=1.0, pairs=1):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(2, T, H, generator=g, dtype=torch.float64)
+    S = 2 * pairs
+    h = torch.randn(S, T, H, generator=g, dtype=torch.float64)
     W = torch.randn(V, H, generator=g, dtype=torch.float64) * 3 * scale / H ** 0.5
     b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    y = torch.randint(0, V, (2, T), generator=g)
+    y = torch.randint(0, V, (S, T), generator=g)
     y[:, :5] = -100
-    y[1, -4:] = -100
+    y[pairs, -4:] = -100
+    if pairs > 1:
+        y[-1, : T // 2] = -100           # pairs of different lengths: the longest goes unscaled
     seg = None
-    if packed:                      # [N, H] with chosen and rejected of different lengths
+    if packed:                      # [N, H] with sequences of different lengths
         h, y = h.reshape(-1, H)[3:], y.reshape(-1)[3:]
-        seg = torch.cat([torch.zeros(T - 3, dtype=torch.long), torch.ones(T, dtype=torch.long)])
+        seg = torch.arange(S).repeat_interleave(T)[3:]
     return h, W, b, y, seg
 
 
@@ -39,6 +42,12 @@ CASES = [
     ("dpo", dict(beta=0.3, loss_type="nca_pair"), dict(packed=True)),
     ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),
     ("cpo", dict(beta=0.5, alpha=0.7, loss_type="hinge"), {}),
+    # several pairs: the longest pair (or its chosen) unscaled, every other sequence scored first
+    ("dpo", dict(beta=0.2), dict(pairs=3)),
+    ("simpo", dict(beta=2.0, gamma=0.5), dict(pairs=2, packed=True, bias=True)),
+    ("dpo", dict(beta=0.5, loss_type="ipo"), dict(pairs=3, packed=True)),
+    ("orpo", dict(beta=0.5), dict(pairs=3, bias=True)),
+    ("cpo", dict(beta=0.5, alpha=0.7), dict(pairs=2, packed=True)),
 ]
 
 
@@ -49,28 +58,30 @@ def test_single_pass_matches_recompute_and_float64(loss, opts, shape, backend):
     op_keys = {"softcap", "temperature"}
     lp_opts = {k: v for k, v in opts.items() if k in op_keys}
     own = {k: v for k, v in opts.items() if k not in op_keys}
+    B = shape.get("pairs", 1)
     ref_lp = None
     if loss == "dpo":
-        ref_lp = torch.tensor([-1500.0, -1450.0]) if seg is None else torch.tensor([-1400., -1500.])
+        ref_lp = -1450.0 + 60 * torch.randn(2 * B, generator=torch.Generator().manual_seed(7))
     # float64 oracle: reference sums through autograd, then the functional loss
     h64.requires_grad_(), W64.requires_grad_()
     if b64 is not None:
         b64.requires_grad_()
     sums, counts = reference_sequence_logprobs(h64, W64, y, bias=b64, segment_ids=seg,
-                                               num_segments=2 if seg is not None else None,
+                                               num_segments=2 * B if seg is not None else None,
                                                **lp_opts)
     lg = sums / counts.clamp(min=1) if loss != "dpo" else sums
-    nll = -sums[:1].sum() / counts[:1].sum()
+    nll = -sums[:B].sum() / counts[:B].sum()
+    c, r = lg[:B], lg[B:]
     if loss == "dpo":
-        want, _ = dpo_loss(lg[:1], lg[1:], ref_lp[:1].double(), ref_lp[1:].double(),
-                           chosen_counts=counts[:1].double(), rejected_counts=counts[1:].double(),
+        want, _ = dpo_loss(c, r, ref_lp[:B].double(), ref_lp[B:].double(),
+                           chosen_counts=counts[:B].double(), rejected_counts=counts[B:].double(),
                            **own)
     elif loss == "simpo":
-        want, _ = simpo_loss(lg[:1], lg[1:], **own)
+        want, _ = simpo_loss(c, r, **own)
     elif loss == "orpo":
-        want, _ = orpo_loss(lg[:1], lg[1:], nll=nll, **own)
+        want, _ = orpo_loss(c, r, nll=nll, **own)
     else:
-        want, _ = cpo_loss(lg[:1], lg[1:], nll=nll, **own)
+        want, _ = cpo_loss(c, r, nll=nll, **own)
     want.backward()
     want64 = (want.detach(), None, h64.grad, W64.grad, None if b64 is None else b64.grad)
     runs = {}
@@ -92,43 +103,50 @@ def test_single_pass_matches_recompute_and_float64(loss, opts, shape, backend):
         torch.testing.assert_close(sp[1][k], rec[1][k], rtol=1e-4, atol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("pairs", [1, 2])
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
-def test_fully_masked_response_is_finite(loss):
-    h, W, b, y, _ = pair_inputs()
-    y[1] = -100
+def test_fully_masked_response_is_finite(loss, pairs):
+    h, W, b, y, _ = pair_inputs(pairs=pairs)
+    y[pairs] = -100                     # the first pair's rejected response
     h, W = h.float().requires_grad_(), W.float().requires_grad_()
     out, m = alignkit.preference_loss(h, W, y, loss=loss, grad_mode="single_pass")
     out.backward()
     assert out.isfinite() and h.grad.isfinite().all() and W.grad.isfinite().all()
-    assert h.grad[1].abs().sum() == 0
+    assert h.grad[pairs].abs().sum() == 0
+    h2 = h.detach().clone().requires_grad_()
+    want, _ = alignkit.preference_loss(h2, W.detach(), y, loss=loss, grad_mode="recompute")
+    want.backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_single_pass_refuses_two_pairs_and_bf16():
+def test_single_pass_refuses_bf16_and_unknown_modes():
     g = torch.Generator().manual_seed(1)
     h, W = torch.randn(4, 9, 16, generator=g), torch.randn(50, 16, generator=g)
     y = torch.randint(0, 50, (4, 9), generator=g)
-    with pytest.raises(ValueError, match="one pair per call"):
-        alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="single_pass")
     with pytest.raises(ValueError, match="fp32"):
         alignkit.preference_loss(h[:2].bfloat16(), W.bfloat16(), y[:2], loss="simpo",
                                  grad_mode="single_pass")
     with pytest.raises(ValueError, match="grad_mode must be one of"):
         alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="fast")
     # auto falls back to recompute where single pass cannot serve
-    loss, _ = alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="auto")
+    loss, _ = alignkit.preference_loss(h.bfloat16(), W.bfloat16(), y, loss="simpo",
+                                       grad_mode="auto")
     assert loss.isfinite()
 
 
-def test_auto_takes_the_single_pass_for_one_pair_at_moderate_vocab():
-    h64, W64, _, y, _ = pair_inputs()
+@pytest.mark.parametrize("pairs", [1, 2, 3])
+def test_auto_takes_the_single_pass_for_up_to_two_pairs_at_moderate_vocab(pairs):
+    h64, W64, _, y, _ = pair_inputs(pairs=pairs)
     grads = {}
     for mode in ("single_pass", "auto", "recompute"):
         h = h64.float().requires_grad_()
         loss, _ = alignkit.preference_loss(h, W64.float(), y, loss="simpo", grad_mode=mode)
         loss.backward()
         grads[mode] = h.grad
-    assert torch.equal(grads["auto"], grads["single_pass"])      # the same path, bit for bit
-    assert not torch.equal(grads["auto"], grads["recompute"])
+    same, other = ("single_pass", "recompute") if pairs <= 2 else ("recompute", "single_pass")
+    assert torch.equal(grads["auto"], grads[same])      # the same path, bit for bit
+    assert not torch.equal(grads["auto"], grads[other])
 
 
 def test_auto_keeps_the_recompute_for_untied_losses():

@@ -4,23 +4,23 @@ Layout: sequences 0..B-1 are the chosen responses of pairs 0..B-1, sequences B..
 ones; padded hidden [2B, T, H] with labels [2B, T], or packed hidden [N, H] with labels [N] and
 segment_ids [N] in [0, 2B). Labels are aligned with hidden (label i is predicted from hidden i).
 
-How the gradient is computed (the memory arithmetic; measurements in bench/RESULTS.md): the
-per-sequence log-probs come from the fused op (alignkit.ops), whose backward recomputes each
-logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W, Gᵀ·h), peak memory grad_W + grad_h + one tile.
-A single-pass gradient (3 GEMMs) needs, while a tile is alive, both the token's final
-log-sum-exp (so the tile must span the whole vocabulary: [rows, V] fp32, rows = budget / 4V, i.e.
-128 rows at V=32000 and 27 at V=151936 for 16 MiB) and the pair's scalar dL/dlogp (known only
-after the pair's last token). Holding the unscaled contribution of the pair in flight costs an
-extra [V, H] fp32 accumulator once there are two pairs or more: 1.8-2.0x (grad_W + grad_h) at the
-bench shapes, against the 1.3x budget; whole-pair tiles cost [T, V] per pair instead, O(T·V).
-The GEMMs alone favour a single pass where V is moderate and the tiles are big
-(bench/single_pass_probe.py: 1.04x vs 1.36x of the floor at B1 with 64 MiB tiles) and the
-recompute where V is large and the budget small (2.21x vs 1.55x at B2, 16 MiB). Memory decides
-for several pairs: the recompute path is the default, lean for any T and any number of pairs.
-For one pair per call no extra accumulator is needed (the pair's two sequences share one scalar
-gradient), and ``grad_mode="single_pass"`` does it (alignkit/losses/single_pass.py);
-``grad_mode="auto"`` picks it for the tied losses (SimPO, most DPO types) where a
-full-vocabulary tile holds at least 64 rows; the untied ones measured no faster than recompute.
+How the gradient is computed (the memory arithmetic; measurements in bench/RESULTS.md):
+- ``grad_mode="recompute"`` (the default): the per-sequence log-probs come from the fused op
+  (alignkit.ops), whose backward recomputes each logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W,
+  Gᵀ·h), peak memory grad_W + grad_h + one 16 MiB tile, for any T and any number of pairs.
+- ``grad_mode="single_pass"`` (alignkit/losses/single_pass.py): the gradient is formed in forward.
+  A token's gradient needs its final log-sum-exp while its tile is alive (so the tile spans the
+  whole vocabulary: [rows, V] fp32, rows = 64 MiB / 4V) and its sequence's scalar dL/dlogp,
+  known only after the sequence's last token. One group of tokens with one unknown scalar can go
+  unscaled into the empty grad_W accumulator and be scaled once: both sequences of the longest
+  pair for the tied losses (SimPO, most DPO types: dL/dr = −dL/dc), its chosen sequence for the
+  others. Every other sequence is scored first (forward only), so its scalar is known when its
+  tiles are formed the second time. A second [V, H] accumulator per pair in flight would cost
+  1.8-2.0x (grad_W + grad_h) at the bench shapes against the 1.3x budget; whole-pair tiles cost
+  [T, V] per pair, O(T·V). So: 3 GEMMs per token of the unscaled group, 4 for the rest; one
+  pair, tied: 3 for all.
+- ``grad_mode="auto"`` takes the single pass where it measured faster: tied losses, one or two
+  pairs, a full-vocabulary tile of >= 64 rows; the recompute otherwise.
 """
 from __future__ import annotations
 
@@ -85,12 +85,12 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
     does not read raises.
 
-    grad_mode: "recompute" (default: any loss, any number of pairs; backward recomputes each
-    tile), "single_pass" (one pair per call, fp32, any of the losses: the gradient is formed in
-    forward from full-vocabulary tiles, 3 GEMMs per tile instead of 4, or 3.5 on average where the
-    loss does not tie the two sequences' gradients; see alignkit/losses/single_pass.py; a call it
-    cannot serve raises, naming why), "auto" (single_pass for SimPO and the tied DPO types where
-    its full-vocabulary tile holds >= 64 rows, where it measured faster; else recompute).
+    grad_mode: "recompute" (default: backward recomputes each tile), "single_pass" (fp32; the
+    gradient is formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest
+    pair, or of its chosen sequence where the loss does not tie the two, 4 for the other tokens;
+    see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
+    (single_pass for SimPO and the tied DPO types, one or two pairs, where its full-vocabulary
+    tile holds >= 64 rows, where it measured faster; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -127,9 +127,10 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
-        why = _single_pass_blocker(S, hidden, weight, bias)
-        if why is None and (grad_mode == "single_pass" or _single_pass_pays(loss, own, weight)):
-            return _single_pass(loss, own, common, average, hidden, weight, labels, bias,
+        why = _single_pass_blocker(hidden, weight, bias)
+        pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight)
+        if why is None and pays:
+            return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
                                 segment_ids, ref)
         if grad_mode == "single_pass":
             raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
@@ -139,47 +140,46 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
-def _single_pass_blocker(S, hidden, weight, bias):
-    if S != 2:
-        return f"it takes one pair per call (2 sequences), got {S}"
+def _single_pass_blocker(hidden, weight, bias):
     if any(t is not None and t.dtype != torch.float32 for t in (hidden, weight, bias)):
         return "it runs in fp32 (hidden, weight and bias float32)"
     return None
 
 
-def _single_pass_pays(loss, own, weight) -> bool:
-    # bench/RESULTS.md (single pass or recompute): with 64 MiB tiles the tied single pass ran
-    # 0.82-1.05x the floor where a full-vocabulary tile holds >= 110 rows (V <= 152k), against
-    # 1.17-1.42x for the recompute; with 27-row tiles (16 MiB at V=152k) the probe saw it lose
-    # (2.21x). The untied order (ORPO, CPO, DPO+sft...) measured no faster than the recompute.
+def _single_pass_pays(loss, own, S, weight) -> bool:
+    # bench/RESULTS.md (single pass or recompute), 64 MiB tiles: the tied single pass ran below
+    # the recompute for one and two pairs where a full-vocabulary tile holds >= 110 rows
+    # (V <= 152k); with 27-row tiles (16 MiB at V=152k) the probe saw it lose (2.21x). Beyond two
+    # pairs most tokens are scored twice anyway (all but the longest pair), and 8 pairs of 256
+    # tokens measured 1.67x against the recompute's 1.44x. The untied order (ORPO, CPO,
+    # DPO+sft...) measured level with the recompute, so auto leaves those to the recompute.
     from alignkit.losses.single_pass import eligibility, tile_rows
-    return eligibility(loss, own) != "untied" and tile_rows(weight.shape[0]) >= 64
+    return eligibility(loss, own) != "untied" and S <= 4 and tile_rows(weight.shape[0]) >= 64
 
 
-def _single_pass(loss, own, common, average, hidden, weight, labels, bias, segment_ids, ref):
+def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
     from alignkit.losses.single_pass import (
         SinglePassOptions,
         eligibility,
-        single_pass_pair,
+        single_pass_loss,
         tile_rows,
     )
     from alignkit.ops.options import LogprobOptions
     if segment_ids is None:
-        seg = torch.arange(2, device=hidden.device)[:, None].expand(labels.shape)
+        seg = torch.arange(S, device=hidden.device)[:, None].expand(labels.shape)
     else:
         seg = segment_ids
 
-    def loss_fn(c, r, counts):
-        # the same loss as the recompute path, on the pair's two log-probs (differentiable in c, r)
-        logps = torch.cat([c, r])
+    def loss_fn(logps, counts):
+        # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
         return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
                               own)
-    o = SinglePassOptions(loss_fn, average, eligibility(loss, own), LogprobOptions(**common),
+    o = SinglePassOptions(loss_fn, S, average, eligibility(loss, own), LogprobOptions(**common),
                           tile_rows(weight.shape[0]))
-    value, sums, counts = single_pass_pair(hidden, weight, bias, labels, seg, o)
+    value, sums, counts = single_pass_loss(hidden, weight, bias, labels, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
-    _, metrics = loss_fn(logps[:1], logps[1:], counts_f)
+    _, metrics = loss_fn(logps, counts_f)
     return value, metrics
 
 

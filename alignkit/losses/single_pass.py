@@ -1,4 +1,4 @@
-"""Single-pass gradients for one preference pair per call: each logits tile is computed once.
+"""Single-pass gradients for B preference pairs: the gradient is formed in the forward pass.
 
 For a pair whose loss depends on the two sequence log-probs only through u = a_c·c − a_r·r
 (c, r the loss's log-probs of chosen and rejected; a = 1, or 1/|tokens| for IPO-style
@@ -11,26 +11,29 @@ the forward pass:
     G_t = ±a_s·w_s·(onehot − p_t)   in place of the tile (the C++ / torch grad kernel),
     grad_h_t = G_t · W        (unscaled; written straight into the [N, H] gradient buffer),
     A += G_tᵀ · h_t           (one [V, H] accumulator, which becomes grad_W).
-After the last tile the loss and k are known; backward only scales grad_h and A by k·grad_out.
-Three GEMMs per tile instead of the recompute path's four, and no tile is computed twice.
+After the pair's last tile the loss and k are known, and A, grad_h and grad_b are scaled by k in
+place. Three GEMMs per tile instead of the recompute path's four: no tile is computed twice.
 
-Memory: A ([V, H] fp32, returned as grad_W), the [N, H] hidden-gradient buffer (returned as
-grad_h) and one [rows, V] fp32 tile: rows = tile budget / (4V), whatever T is. One pair per call
-is what keeps it at one accumulator: with B pairs each pair's k differs, so B accumulators (or
-a [T, V] tile per pair) would be needed (fused.py has the arithmetic).
+Several pairs. Each pair has its own k, and a second [V, H] accumulator per pair in flight would
+break the memory budget (fused.py has the arithmetic). So one group goes unscaled into the empty
+accumulators: the longest pair (the most labelled tokens). Every other sequence is first scored
+forward only; once all log-probs are known, the loss gives every sequence's scalar, the group is
+scaled, and the other sequences' tiles are formed again with their scalars known. GEMMs: 3 per
+token of the group, 4 per other token (its logits twice), e.g. 7/6 of the floor for two equal
+pairs, against the recompute's 4/3 for any batch.
 
-Tied (one sweep, every tile once): SimPO; DPO types that are a function of the log-ratio
+Tied (the group is the whole pair): SimPO; DPO types that are a function of the log-ratio
 difference (sigmoid incl. cDPO, hinge, robust, exo_pair, discopop, aot, aot_unpaired; ipo and
-sigmoid_norm with the count normalisation), alone or combined.
+sigmoid_norm with the count normalisation), alone or combined. The tie is checked on the loss's
+own gradients, and a loss that breaks it raises.
 
 Untied (any other loss of the pair: DPO with sft, nca_pair, bco_pair, sppo_hard, apo_*, CPO and
-ORPO with their NLL term): dL/dc and dL/dr are two unrelated scalars, so the order does it
-without a second accumulator. (1) The rejected sequence, forward only: its log-prob. (2) The
-chosen sequence in a single pass, unscaled, into A (= grad_W) and its grad_h rows. (3) Both
-log-probs known: the loss, dL/dc and dL/dr; A, grad_b and the chosen grad_h rows are scaled by
-dL/dc in place. (4) The rejected sequence again, its tiles scaled by dL/dr as they are formed.
-GEMMs: 3 per chosen tile, 4 per rejected one (its logits twice): (3C + 4R) / 3(C + R), about
-1.17x the three-GEMM floor for equal lengths, against the recompute's 4/3; memory as above.
+ORPO with their NLL term): dL/dc and dL/dr are two unrelated scalars, so the group is the
+longest pair's chosen sequence alone, and its rejected one joins the others: (3C + 4R) / 3(C + R),
+about 1.17x the three-GEMM floor for one pair of equal lengths.
+
+Memory: A ([V, H] fp32, returned as grad_W), the [N, H] hidden-gradient buffer (returned as
+grad_h) and one [rows, V] fp32 tile: rows = tile budget / (4V), whatever T and B are.
 """
 from __future__ import annotations
 
@@ -72,29 +75,34 @@ def eligibility(loss: str, own: dict) -> str:
 
 @dataclass(frozen=True)
 class SinglePassOptions:
-    loss_fn: object                  # (c [1], r [1], counts [2]) -> (loss, metrics)
+    loss_fn: object                  # (logps [2B], counts [2B]) -> (loss, metrics)
+    num_sequences: int               # 2B
     average: bool
     norm: str                        # 'unit' | 'count' | 'untied'
     logprob: LogprobOptions
     rows: int                        # token rows per [rows, V] tile
+    vocab_block: int = 2048          # columns per logits GEMM inside a tile (tiling.py)
 
 
-class _SinglePassPair(torch.autograd.Function):
+class _SinglePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, seg, o: SinglePassOptions):
         H = weight.shape[1]
         V = weight.shape[0]
+        S = o.num_sequences
+        B = S // 2
         dev = hidden.device
         h2 = hidden.reshape(-1, H)
         y = labels.reshape(-1)
         s = seg.reshape(-1)
         keep = y != o.logprob.ignore_index
-        counts = torch.stack([(keep & (s == 0)).sum(), (keep & (s == 1)).sum()])
+        idx = keep.nonzero().squeeze(1)
+        sid = s.index_select(0, idx)                       # sequence of each labelled token
+        counts = torch.bincount(sid, minlength=S)
         counts_f = counts.to(torch.float32)
         per = counts_f.clamp(min=1).reciprocal()
         # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
-        w = per if o.average else torch.ones(2)
-        idx = keep.nonzero().squeeze(1)
+        w = per if o.average else torch.ones(S, device=dev)
         fold, grad = KERNELS[resolve(o.logprob.backend, dev)
                              if o.logprob.backend != "triton" else "torch"]
         gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev)
@@ -102,9 +110,10 @@ class _SinglePassPair(torch.autograd.Function):
         gb = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
         tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32, device=dev)
 
-        def sweep(ids, tok_w):
-            """Log-probs of the tokens `ids`; with tok_w [len(ids)], also their gradient
+        def sweep(sel, tok_w):
+            """Log-probs of the labelled tokens idx[sel]; with tok_w [len], also their gradient
             contributions tok_w·(onehot − p) added to gh, gw and gb."""
+            ids = idx[sel]
             out = torch.empty(ids.numel(), dtype=torch.float32, device=dev)
             for i0 in range(0, ids.numel(), o.rows):
                 ic = ids[i0:i0 + o.rows]
@@ -112,11 +121,16 @@ class _SinglePassPair(torch.autograd.Function):
                 hc = h2.index_select(0, ic).float()
                 yc = y.index_select(0, ic)
                 t = tile[:n]
-                torch.mm(hc, weight.t(), out=t)
-                if bias is not None:
-                    t.add_(bias)
                 st = RowStats.new(n, False, dev)
-                fold(t, yc, 0, st, o.logprob)
+                # the tile's logits a vocab block at a time, each folded while it is in cache:
+                # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM
+                # (bench/RESULTS.md, single pass), and the fold then reads L2, not memory
+                for v0 in range(0, V, o.vocab_block):
+                    tb = t[:, v0:v0 + o.vocab_block]
+                    torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
+                    if bias is not None:
+                        tb.add_(bias[v0:v0 + o.vocab_block])
+                    fold(tb, yc, v0, st, o.logprob)
                 out[i0:i0 + n] = st.logprob()
                 if tok_w is not None:
                     grad(t, t, yc, 0, st.lse2(), tok_w[i0:i0 + n].contiguous(), None, None,
@@ -127,46 +141,45 @@ class _SinglePassPair(torch.autograd.Function):
                         gb.add_(t.sum(0))
             return out
 
-        def loss_grads(sums64):
-            sums = sums64.float()
-            logps = sums / counts_f.clamp(min=1) if o.average else sums
-            c = logps[:1].clone().requires_grad_()
-            r = logps[1:].clone().requires_grad_()
-            with torch.enable_grad():
-                loss, _ = o.loss_fn(c, r, counts_f)
-                g = torch.autograd.grad(loss, (c, r), allow_unused=True)
-            g_c, g_r = (torch.zeros(1) if x is None else x for x in g)
-            return sums, loss, g_c, g_r
-
-        # per-token log-probs of ~1e2 summed over up to 1e5 tokens: accumulate in float64
-        sums64 = torch.zeros(2, dtype=torch.float64, device=dev)
+        # The pair with the most labelled tokens goes unscaled into the empty accumulators
+        # (its scalar gradient is known only after its last token); every other sequence is
+        # scored first, forward only, so that its scalar is known when its gradient sweep runs.
+        # U: both sequences of that pair (tied) or its chosen one (untied); R: the rest.
+        p = int((counts[:B] + counts[B:]).argmax()) if B > 1 else 0
+        pair = (sid == p) | (sid == p + B)
+        in_u = pair if o.norm in ("unit", "count") else sid == p
+        u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
         if o.norm in ("unit", "count"):
-            # tied: dL/dr = −(a_r/a_c)·dL/dc, so one sweep with ± weights, then one scalar
-            a = per if o.norm == "count" else torch.ones(2)
-            sgn = s.index_select(0, idx)
-            tok_w = torch.stack([w[0] * a[0], -w[1] * a[1]]).index_select(0, sgn)
-            lp = sweep(idx, tok_w)
-            sums64.index_add_(0, sgn, lp.double())
-            sums, loss, g_c, g_r = loss_grads(sums64)
-            k = g_c / a[0]
-            if not torch.allclose(g_r, -k * a[1], rtol=1e-4, atol=1e-12):
-                raise RuntimeError("single-pass: the loss's gradients of chosen and rejected are "
-                                   f"not tied as assumed ({g_c.item()}, {g_r.item()}); use "
-                                   "grad_mode='recompute'")
+            # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s
+            a = per if o.norm == "count" else torch.ones(S, device=dev)
+            sign = torch.where(sid < B, 1.0, -1.0)
+            tok_u = (sign * w[sid] * a[sid]).index_select(0, u_sel)
         else:
-            # untied: the rejected log-prob first (forward only), then chosen with its weights
-            # unscaled, scaled once both are known, then rejected with its now-known scale
-            idx_c, idx_r = idx[s.index_select(0, idx) == 0], idx[s.index_select(0, idx) == 1]
-            sums64[1] = sweep(idx_r, None).double().sum()
-            sums64[0] = sweep(idx_c, w[0].expand(idx_c.numel())).double().sum()
-            sums, loss, g_c, g_r = loss_grads(sums64)
-            gw.mul_(g_c)
-            if gb is not None:
-                gb.mul_(g_c)
-            gh.index_copy_(0, idx_c, gh.index_select(0, idx_c).mul_(g_c))
-            sweep(idx_r, (w[1] * g_r).expand(idx_r.numel()))
-            k = torch.ones(1)
-        ctx.save_for_backward(gh, gw, gb, k)
+            a = torch.ones(S, device=dev)
+            tok_u = w[sid].index_select(0, u_sel)
+        # per-token log-probs of ~1e2 summed over up to 1e5 tokens: accumulate in float64
+        sums64 = torch.zeros(S, dtype=torch.float64, device=dev)
+        sums64.index_add_(0, sid[r_sel], sweep(r_sel, None).double())
+        sums64.index_add_(0, sid[u_sel], sweep(u_sel, tok_u).double())
+        sums = sums64.float()
+        logps = (sums / counts_f.clamp(min=1) if o.average else sums).requires_grad_()
+        with torch.enable_grad():
+            loss, _ = o.loss_fn(logps, counts_f)
+            g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
+        g = torch.zeros(S, device=dev) if g is None else g
+        k = g[p] / a[p]
+        if o.norm in ("unit", "count") and not torch.allclose(
+                g[p + B], -k * a[p + B], rtol=1e-4, atol=1e-12):
+            raise RuntimeError("single-pass: the loss's gradients of chosen and rejected are "
+                               f"not tied as assumed ({g[p].item()}, {g[p + B].item()}); use "
+                               "grad_mode='recompute'")
+        gw.mul_(k)
+        gh.mul_(k)
+        if gb is not None:
+            gb.mul_(k)
+        if r_sel.numel():
+            sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
+        ctx.save_for_backward(gh, gw, gb)
         ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None
                     else None)
         ctx.mark_non_differentiable(sums, counts)
@@ -174,9 +187,9 @@ class _SinglePassPair(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _gs, _gc):
-        gh, gw, gb, k = ctx.saved_tensors
+        gh, gw, gb = ctx.saved_tensors
         shape, hdt, wdt, bdt = ctx.meta
-        scale = (k * grad_loss).to(torch.float32)
+        scale = grad_loss.to(torch.float32)
         gh_out = gw_out = gb_out = None
         if ctx.needs_input_grad[0]:
             gh_out = gh.mul_(scale).view(shape).to(hdt)
@@ -187,6 +200,7 @@ class _SinglePassPair(torch.autograd.Function):
         return gh_out, gw_out, gb_out, None, None, None
 
 
-def single_pass_pair(hidden, weight, bias, labels, seg, o: SinglePassOptions):
-    """(loss, sums [2], counts [2]) for one pair; loss differentiable w.r.t. hidden, weight, bias."""
-    return _SinglePassPair.apply(hidden, weight, bias, labels, seg, o)
+def single_pass_loss(hidden, weight, bias, labels, seg, o: SinglePassOptions):
+    """(loss, sums [2B], counts [2B]) for B pairs (seg: each token's sequence in [0, 2B));
+    loss differentiable w.r.t. hidden, weight, bias."""
+    return _SinglePass.apply(hidden, weight, bias, labels, seg, o)
