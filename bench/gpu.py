@@ -9,6 +9,10 @@ forward, 3x that for fwd+bwd) and GB/s on the minimum bytes (h, W read once; gra
 side by side for: alignkit (triton backend), TRL's ChunkedLogProbFunction (its Triton kernel),
 Liger's fused linear cross-entropy, Apple's cut-cross-entropy (impl="cce"), torch's chunked
 F.linear_cross_entropy, and the cuBLAS GEMM of the same FLOPs.
+
+Then the fused losses (one pair of N/2 + N/2 tokens, DPO and ORPO) fwd+bwd:
+preference_loss with grad_mode="recompute" and "single_pass" (backend="triton": the cuBLAS tile
+GEMMs and the _tile_lp_grad kernel), against Liger's fused DPO / ORPO and the 3 cuBLAS GEMMs.
 """
 from __future__ import annotations
 
@@ -93,7 +97,41 @@ def main(argv=None):
                       f"{3 * flops / tb / 1e9:.0f} | {bytes_ / tb / 1e6:.0f} |")
             except Exception as exc:  # report, don't hide
                 print(f"| {name} | {mname} | failed: {type(exc).__name__}: {exc} | | | | |")
+        _losses(name, sets, pick, gemm3, flops, do_bench)
     return 0
+
+
+def _losses(name, sets, pick, gemm3, flops, do_bench):
+    import alignkit
+    print(f"\n| {name} | loss, one pair | fwd+bwd ms | vs 3 cuBLAS GEMMs |\n|---|---|---|---|")
+    for loss in ("dpo", "orpo"):
+        def ours(mode, loss=loss):
+            def step():
+                h, W, y = pick()
+                kw = dict(ref_logprobs=torch.full((2,), -1e3, device="cuda")) if loss == "dpo" else {}
+                alignkit.preference_loss(h.view(2, -1, h.shape[-1]), W, y.view(2, -1), loss=loss,
+                                         grad_mode=mode, backend="triton", **kw)[0].backward()
+                h.grad = W.grad = None
+            return step
+
+        def liger(loss=loss):
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearORPOLoss
+            fn = (LigerFusedLinearDPOLoss(use_ref_model=False) if loss == "dpo"
+                  else LigerFusedLinearORPOLoss())
+
+            def step():
+                h, W, y = pick()
+                fn(W, h.view(2, -1, h.shape[-1]), y.view(2, -1))[0].backward()
+                h.grad = W.grad = None
+            return step
+        for label, step in ((f"alignkit {loss} recompute", ours("recompute")),
+                            (f"alignkit {loss} single_pass", ours("single_pass")),
+                            (f"Liger fused {loss}", liger())):
+            try:
+                t = do_bench(step)
+                print(f"| {name} | {label} | {t:.2f} | {t / gemm3:.2f}x |")
+            except Exception as exc:  # report, don't hide
+                print(f"| {name} | {label} | failed: {type(exc).__name__}: {exc} | |")
 
 
 if __name__ == "__main__":

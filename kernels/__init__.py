@@ -1,5 +1,8 @@
 """Raw Triton kernels for the GPU path (installed as ``alignkit.kernels``).
 
-No autograd here; launchers and autograd live in ``alignkit.ops``. The kernels themselves are the
-subject of the Triton issue: until they land, ``backend="triton"`` raises a clear error.
+No autograd here; launchers live in ``alignkit.ops.triton_path`` and autograd in ``alignkit.ops``
+and ``alignkit.losses.single_pass``.
+  linear_logprobs  fused linear log-probs: forward with logits in registers, backward modes
+  logits_logprobs  log-probs of given logits, backward in place
+  single_pass      the single-pass losses' tile kernel: log-prob and G over a [rows, V] tile
 """

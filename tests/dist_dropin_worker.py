@@ -140,6 +140,9 @@ def main(mode, out):
         grads[n] = g.full_tensor() if hasattr(g, "full_tensor") else g
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in grads.items()}, out)
+    # both ranks leave together: a rank that tears gloo down while its peer still has a pending
+    # exchange was seen to abort ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

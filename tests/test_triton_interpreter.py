@@ -80,3 +80,56 @@ def test_autotune_opt_in(monkeypatch):
 def test_auto_does_not_pick_triton_on_cpu():
     from alignkit.ops.backends import resolve
     assert resolve("auto", torch.device("cpu")) in ("cpp", "torch")
+
+
+# ---------------------------------------------------------------- single-pass losses (issue #3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_single_pass_tile_kernel(dtype):
+    # one [rows, V] tile, V=4099 (the 1024-column blocks do not divide it), softcap + temperature:
+    # log-probs, then G = w·(onehot − p)·dz/dx written over the tile in place
+    from alignkit.ops.triton_path import tile_logprob_grad
+    g = torch.Generator().manual_seed(46)
+    x64 = torch.randn(7, 4099, generator=g, dtype=torch.float64) * 6
+    y = torch.randint(0, 4099, (7,), generator=g)
+    w = torch.randn(7, generator=g)
+    cap, temp = 4.0, 0.8
+
+    def torch_lp_grad(x):
+        x = x.detach().clone().requires_grad_()
+        z = cap * torch.tanh(x / cap) / temp
+        lp = torch.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+        (lp * w.to(lp.dtype)).sum().backward()
+        return lp.detach(), x.grad
+
+    want_lp, want_g = torch_lp_grad(x64)
+    naive_lp, naive_g = torch_lp_grad(x64.to(dtype).float() if dtype != torch.float32
+                                      else x64.float())
+    t = x64.to(dtype)
+    lp = tile_logprob_grad(t, y, None, 1 / temp, cap)          # forward only: tile untouched
+    assert torch.equal(t, x64.to(dtype))
+    assert_oracle("tile logprob", lp, want_lp, naive_lp)
+    lp2 = tile_logprob_grad(t, y, w, 1 / temp, cap)
+    assert torch.equal(lp, lp2)
+    assert t.dtype == dtype
+    # G is stored in the tile's dtype: its error is that dtype's rounding of the exact G
+    assert_oracle("tile G", t.float(), want_g, naive_g.to(dtype).float() if dtype != torch.float32
+                  else naive_g)
+
+
+@pytest.mark.parametrize("loss,opts,shape", [
+    ("dpo", dict(beta=0.2), dict(pairs=2, bias=True)),                  # tied, two pairs
+    ("simpo", dict(beta=2.0, gamma=0.5, softcap=5.0, temperature=0.7), dict(packed=True)),
+    ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),            # untied
+])
+def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch):
+    from test_single_pass import check_single_pass
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(16 * 1000 * 4))   # 16-row tiles: several
+    check_single_pass(loss, opts, shape, "triton")
+
+
+def test_single_pass_bf16_on_triton(monkeypatch):
+    from test_single_pass import check_single_pass
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",
+                      dtype=torch.bfloat16)

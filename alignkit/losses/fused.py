@@ -5,7 +5,7 @@ ones; padded hidden [2B, T, H] with labels [2B, T], or packed hidden [N, H] with
 segment_ids [N] in [0, 2B). Labels are aligned with hidden (label i is predicted from hidden i).
 
 How the gradient is computed (the memory arithmetic; measurements in bench/RESULTS.md):
-- ``grad_mode="recompute"`` (the default): the per-sequence log-probs come from the fused op
+- ``grad_mode="recompute"``: the per-sequence log-probs come from the fused op
   (alignkit.ops), whose backward recomputes each logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W,
   Gᵀ·h), peak memory grad_W + grad_h + one 16 MiB tile, for any T and any number of pairs.
 - ``grad_mode="single_pass"`` (alignkit/losses/single_pass.py): the gradient is formed in forward.
@@ -19,8 +19,9 @@ How the gradient is computed (the memory arithmetic; measurements in bench/RESUL
   1.8-2.0x (grad_W + grad_h) at the bench shapes against the 1.3x budget; whole-pair tiles cost
   [T, V] per pair, O(T·V). So: 3 GEMMs per token of the unscaled group, 4 for the rest; one
   pair, tied: 3 for all.
-- ``grad_mode="auto"`` takes the single pass where it measured faster: tied losses, one or two
-  pairs, a full-vocabulary tile of >= 64 rows; the recompute otherwise.
+- ``grad_mode="auto"`` (the default) takes the single pass where it measured faster: one or two
+  pairs, and a full-vocabulary tile of >= 64 rows for the tied losses, >= 256 for the others
+  (V <= 262144 and V <= 65536 with the 64 MiB tile); the recompute otherwise.
 """
 from __future__ import annotations
 
@@ -85,12 +86,13 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
     does not read raises.
 
-    grad_mode: "recompute" (default: backward recomputes each tile), "single_pass" (fp32; the
+    grad_mode: "recompute" (backward recomputes each tile), "single_pass" (fp32; the
     gradient is formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest
     pair, or of its chosen sequence where the loss does not tie the two, 4 for the other tokens;
     see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
-    (single_pass for SimPO and the tied DPO types, one or two pairs, where its full-vocabulary
-    tile holds >= 64 rows, where it measured faster; else recompute).
+    (the default: single_pass where it measured faster: one or two pairs, and a full-vocabulary tile of
+    >= 64 rows for SimPO and the tied DPO types, >= 256 rows for the other losses; else
+    recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -109,7 +111,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     average = common.pop("average", None)
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
-    grad_mode = common.pop("grad_mode", "recompute")
+    grad_mode = common.pop("grad_mode", "auto")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
     S = _num_sequences(hidden, labels, segment_ids, num_segments)
@@ -127,7 +129,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
-        why = _single_pass_blocker(hidden, weight, bias)
+        why = _single_pass_blocker(hidden, weight, bias, common.get("backend", "auto"))
         pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight)
         if why is None and pays:
             return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
@@ -140,21 +142,31 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
-def _single_pass_blocker(hidden, weight, bias):
-    if any(t is not None and t.dtype != torch.float32 for t in (hidden, weight, bias)):
-        return "it runs in fp32 (hidden, weight and bias float32)"
+def _single_pass_blocker(hidden, weight, bias, backend):
+    from alignkit.ops.backends import resolve
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if resolve(backend, hidden.device) == "triton":
+        if len(dtypes) != 1:
+            return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
+        return None
+    if dtypes != {torch.float32}:
+        return ("on the CPU backends it runs in fp32 (hidden, weight and bias float32); the "
+                "triton backend also takes bf16/fp16")
     return None
 
 
 def _single_pass_pays(loss, own, S, weight) -> bool:
-    # bench/RESULTS.md (single pass or recompute), 64 MiB tiles: the tied single pass ran below
-    # the recompute for one and two pairs where a full-vocabulary tile holds >= 110 rows
-    # (V <= 152k); with 27-row tiles (16 MiB at V=152k) the probe saw it lose (2.21x). Beyond two
-    # pairs most tokens are scored twice anyway (all but the longest pair), and 8 pairs of 256
-    # tokens measured 1.67x against the recompute's 1.44x. The untied order (ORPO, CPO,
-    # DPO+sft...) measured level with the recompute, so auto leaves those to the recompute.
+    # bench/RESULTS.md (single pass or recompute), 64 MiB tiles, one or two pairs:
+    # - tied losses: the single pass ran below the recompute where a full-vocabulary tile holds
+    #   >= 110 rows (V <= 152k); with 27-row tiles (16 MiB at V=152k) the probe saw it lose.
+    # - untied (ORPO, CPO, DPO+sft...): below the recompute with 524-row tiles (V=32000), level
+    #   or above with 110-row tiles (V=152k), hence the higher bar.
+    # - beyond two pairs most tokens are scored twice anyway (all but the longest pair): 8 pairs
+    #   of 256 tokens measured 1.67x the floor against the recompute's 1.44x.
     from alignkit.losses.single_pass import eligibility, tile_rows
-    return eligibility(loss, own) != "untied" and S <= 4 and tile_rows(weight.shape[0]) >= 64
+    rows = tile_rows(weight.shape[0], weight.device, weight.element_size())
+    need = 64 if eligibility(loss, own, S // 2) != "untied" else 256
+    return S <= 4 and rows >= need
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
@@ -174,8 +186,9 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
         # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
         return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
                               own)
-    o = SinglePassOptions(loss_fn, S, average, eligibility(loss, own), LogprobOptions(**common),
-                          tile_rows(weight.shape[0]))
+    o = SinglePassOptions(loss_fn, S, average, eligibility(loss, own, S // 2),
+                          LogprobOptions(**common),
+                          tile_rows(weight.shape[0], weight.device, weight.element_size()))
     value, sums, counts = single_pass_loss(hidden, weight, bias, labels, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -43,22 +43,33 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignkit.ops import triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, RowStats
 
 _UNIT = {"sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot", "aot_unpaired"}
+# aot_unpaired sorts the chosen and the rejected log-ratios of the batch separately, so with
+# several pairs a chosen sequence is matched with another pair's rejected one: tied for one pair
+_ONE_PAIR_ONLY = {"aot_unpaired"}
 _COUNT = {"ipo", "sigmoid_norm"}
 DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
 
 
-def tile_rows(V: int) -> int:
-    """Token rows per [rows, V] fp32 tile: ALIGNKIT_TILE_BYTES (default 64 MiB) / 4V."""
-    return max(1, int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES)) // (4 * V))
+def tile_rows(V: int, device=None, itemsize: int = 4) -> int:
+    """Token rows per [rows, V] tile. CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) / (itemsize·V).
+    CUDA: the GEMMs that read the tile want thousands of rows (each tile's Gᵀ·h reads and writes
+    all of grad_W), so the tile takes the chunk budget of the triton backward,
+    ALIGNKIT_TRITON_G_BYTES (default 1 GiB: 4185 rows at V=128256 in bf16; bench/paper.py)."""
+    if device is not None and torch.device(device).type == "cuda":
+        budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
+    else:
+        budget = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
+    return max(1, budget // (itemsize * V))
 
 
-def eligibility(loss: str, own: dict) -> str:
-    """How one pair's loss is done in a single pass: 'unit' or 'count' (tied: the a_s above),
+def eligibility(loss: str, own: dict, pairs: int = 1) -> str:
+    """How a pair's loss is done in a single pass: 'unit' or 'count' (tied: the a_s above),
     or 'untied' (any other function of the two log-probs)."""
     if loss == "simpo":
         return "unit"
@@ -66,11 +77,34 @@ def eligibility(loss: str, own: dict) -> str:
         return "untied"
     types = own.get("loss_type", "sigmoid")
     types = [types] if isinstance(types, str) else list(types)
+    if pairs > 1 and any(t in _ONE_PAIR_ONLY for t in types):
+        return "untied"
     if all(t in _UNIT for t in types):
         return "unit"
     if all(t in _COUNT for t in types):
         return "count"
     return "untied"
+
+
+def _mm32(a, b):
+    """a·b as fp32. For bf16/fp16 (the triton backend): fp32 accumulation and output on CUDA; on
+    CPU tensors (the interpreter's tests) torch has no fp32-output low-precision mm, so the
+    product is rounded to the inputs' dtype first."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+def _addmm32(acc, a, b):
+    """acc (fp32) += a·b, as _mm32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 @dataclass(frozen=True)
@@ -103,12 +137,38 @@ class _SinglePass(torch.autograd.Function):
         per = counts_f.clamp(min=1).reciprocal()
         # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
         w = per if o.average else torch.ones(S, device=dev)
-        fold, grad = KERNELS[resolve(o.logprob.backend, dev)
-                             if o.logprob.backend != "triton" else "torch"]
+        backend = resolve(o.logprob.backend, dev)
+        fold, grad = KERNELS.get(backend, (None, None))
+        # fp32 everywhere but the triton backend, which also takes bf16/fp16 (fused.py checks):
+        # then the tile and G are in that dtype, and the accumulators stay fp32
+        tdt = weight.dtype if backend == "triton" else torch.float32
         gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev)
         gw = torch.zeros(V, H, dtype=torch.float32, device=dev)
         gb = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
-        tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32, device=dev)
+        tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=tdt, device=dev)
+
+        def score_tile(t, hc, yc, tw):
+            """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p)."""
+            if backend == "triton":
+                # one vendor GEMM for the tile, then one kernel: LSE, log-prob and G in place
+                torch.mm(hc, weight.t(), out=t)
+                if bias is not None:
+                    t.add_(bias)
+                return triton_path.tile_logprob_grad(t, yc, tw, o.logprob.inv_temp,
+                                                     o.logprob.cap)
+            st = RowStats.new(t.shape[0], False, dev)
+            # the tile's logits a vocab block at a time, each folded while it is in cache:
+            # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
+            # RESULTS.md, single pass), and the fold then reads L2, not memory
+            for v0 in range(0, V, o.vocab_block):
+                tb = t[:, v0:v0 + o.vocab_block]
+                torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
+                if bias is not None:
+                    tb.add_(bias[v0:v0 + o.vocab_block])
+                fold(tb, yc, v0, st, o.logprob)
+            if tw is not None:
+                grad(t, t, yc, 0, st.lse2(), tw, None, None, o.logprob)
+            return st.logprob()
 
         def sweep(sel, tok_w):
             """Log-probs of the labelled tokens idx[sel]; with tok_w [len], also their gradient
@@ -118,27 +178,16 @@ class _SinglePass(torch.autograd.Function):
             for i0 in range(0, ids.numel(), o.rows):
                 ic = ids[i0:i0 + o.rows]
                 n = ic.numel()
-                hc = h2.index_select(0, ic).float()
+                hc = h2.index_select(0, ic).to(tdt)
                 yc = y.index_select(0, ic)
                 t = tile[:n]
-                st = RowStats.new(n, False, dev)
-                # the tile's logits a vocab block at a time, each folded while it is in cache:
-                # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM
-                # (bench/RESULTS.md, single pass), and the fold then reads L2, not memory
-                for v0 in range(0, V, o.vocab_block):
-                    tb = t[:, v0:v0 + o.vocab_block]
-                    torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
-                    if bias is not None:
-                        tb.add_(bias[v0:v0 + o.vocab_block])
-                    fold(tb, yc, v0, st, o.logprob)
-                out[i0:i0 + n] = st.logprob()
-                if tok_w is not None:
-                    grad(t, t, yc, 0, st.lse2(), tok_w[i0:i0 + n].contiguous(), None, None,
-                         o.logprob)
-                    gh.index_copy_(0, ic, t @ weight)
-                    gw.addmm_(t.t(), hc)
+                tw = tok_w[i0:i0 + n].contiguous() if tok_w is not None else None
+                out[i0:i0 + n] = score_tile(t, hc, yc, tw)
+                if tw is not None:
+                    gh.index_copy_(0, ic, _mm32(t, weight))
+                    _addmm32(gw, t.t(), hc)
                     if gb is not None:
-                        gb.add_(t.sum(0))
+                        gb.add_(t.sum(0, dtype=torch.float32))
             return out
 
         # The pair with the most labelled tokens goes unscaled into the empty accumulators

@@ -188,5 +188,19 @@ def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp):
     return out
 
 
+def tile_logprob_grad(t, y, tok_w, inv_temp, cap):
+    """Single-pass tile (alignkit.losses.single_pass): t [n, V] raw logits (fp32/bf16/fp16, unit
+    column stride), y [n] targets → log-probs [n] fp32; with tok_w [n] fp32, t becomes
+    G = tok_w·(onehot − p)·dz/dx in place."""
+    from alignkit.kernels.single_pass import _tile_lp_grad
+    n, V = t.shape
+    lp = torch.empty(n, dtype=torch.float32, device=t.device)
+    if n:
+        _tile_lp_grad[(n,)](t, y, tok_w if tok_w is not None else lp, lp, n, V, t.stride(0),
+                            inv_temp, cap if cap > 0 else 1.0, HAS_SOFTCAP=cap > 0,
+                            WRITE_GRAD=tok_w is not None, BLOCK_V=LOGITS_BLOCK_V)
+    return lp
+
+
 def triton_cdiv(a, b):
     return (a + b - 1) // b
