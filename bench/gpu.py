@@ -12,7 +12,7 @@ F.linear_cross_entropy, and the cuBLAS GEMM of the same FLOPs.
 
 Then the fused losses (one pair of N/2 + N/2 tokens, DPO and ORPO) fwd+bwd:
 preference_loss with grad_mode="recompute" and "single_pass" (backend="triton": the cuBLAS tile
-GEMMs and the _tile_lp_grad kernel), against Liger's fused DPO / ORPO and the 3 cuBLAS GEMMs.
+GEMMs and the logits kernels on the tile), against Liger's fused DPO / ORPO and the 3 cuBLAS GEMMs.
 """
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ def core_op(H, V):
 
 def single_pass(H, V, twice_frac=0.0):
     """preference_loss(grad_mode="single_pass") on the triton backend: per chunk a cuBLAS GEMM
-    writes the [rows, V] bf16 tile, _tile_lp_grad reads it twice and writes G over it, then
-    G·W and Gᵀ·h (cuBLAS). twice_frac: the share of tokens scored forward first (untied losses:
+    writes the [rows, V] bf16 tile, _logits_fwd then _logits_bwd read it twice and write G over
+    it, then G·W and Gᵀ·h (cuBLAS). twice_frac: the share of tokens scored forward first (untied losses:
     the rejected half of one pair; several pairs: all but the longest pair)."""
     c, R = Cost(), min(N, CHUNK_BYTES // (2 * V))
     for part, grad in ((twice_frac, False), (1.0, True)):
@@ -61,7 +61,7 @@ def single_pass(H, V, twice_frac=0.0):
             n = min(R, rows - r0)
             f = 2 * n * H * V
             c.kernel(f, (n * H + V * H) * 2 + n * V * 2)            # logits tile (bf16 out)
-            c.kernel(0, n * V * 2 * (3 if grad else 1))             # _tile_lp_grad
+            c.kernel(0, n * V * 2 * (3 if grad else 1))             # _logits_fwd (+ _logits_bwd)
             if grad:
                 c.kernel(f, n * V * 2 + V * H * 2 + n * H * 4)      # G·W -> grad_h
                 c.kernel(f, n * V * 2 + n * H * 2 + V * H * 4 * (2 if r0 else 1))

@@ -3,17 +3,22 @@
 _logits_fwd  one program per row: online LSE over vocab blocks, target gather, entropy statistics.
 _logits_bwd  one program per row: writes dL/dx into `out`, which may be the logits buffer itself
              (in place: each element is read before the same program overwrites it).
+Both take z = softcap·tanh(x/softcap)/T (HAS_SOFTCAP; the logits op itself refuses a softcap, the
+single-pass losses' raw tile logits need it). The single-pass losses run the pair on each
+[rows, V] tile a vendor GEMM wrote: two reads and one write per row.
 """
 import triton
 import triton.language as tl
+
+from .linear_logprobs import _transform
 
 
 @triton.jit
 def _logits_fwd(x_ptr, y_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
                 N, V,
                 stride_xn,
-                inv_temp, ignore_index,
-                BLOCK_V: tl.constexpr):
+                inv_temp, softcap, ignore_index,
+                HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_xn
     y = tl.load(y_ptr + row)
@@ -24,7 +29,8 @@ def _logits_fwd(x_ptr, y_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cmask = cols < V
-        z = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32) * inv_temp
+        x = tl.load(base + cols, mask=cmask, other=0.0).to(tl.float32)
+        z, _ = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
         z = tl.where(cmask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
         first = m == float("-inf")
@@ -47,8 +53,8 @@ def _logits_fwd(x_ptr, y_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
 def _logits_bwd(x_ptr, out_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
                 N, V,
                 stride_xn, stride_on,
-                inv_temp,
-                HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                inv_temp, softcap,
+                HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(y_ptr + row)
     m = tl.load(m_ptr + row)
@@ -61,10 +67,11 @@ def _logits_bwd(x_ptr, out_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cmask = cols < V
         x = tl.load(x_ptr + row * stride_xn + cols, mask=cmask, other=0.0).to(tl.float32)
-        zl = (x * inv_temp - m) - logs
+        z, dzdx = _transform(x, inv_temp, softcap, HAS_SOFTCAP)
+        zl = (z - m) - logs
         p = tl.exp(zl)
         d = g * (tl.where(cols == y, 1.0, 0.0) - p)
         if HAS_ENT:
             d -= ge * p * (zl + ent)
-        tl.store(out_ptr + row * stride_on + cols, (d * inv_temp).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row * stride_on + cols, (d * dzdx).to(out_ptr.dtype.element_ty),
                  mask=cmask)

@@ -105,10 +105,10 @@ def test_single_pass_tile_kernel(dtype):
     naive_lp, naive_g = torch_lp_grad(x64.to(dtype).float() if dtype != torch.float32
                                       else x64.float())
     t = x64.to(dtype)
-    lp = tile_logprob_grad(t, y, None, 1 / temp, cap)          # forward only: tile untouched
+    lp = tile_logprob_grad(t, y, None, 1 / temp, cap, -100)          # forward only: tile untouched
     assert torch.equal(t, x64.to(dtype))
     assert_oracle("tile logprob", lp, want_lp, naive_lp)
-    lp2 = tile_logprob_grad(t, y, w, 1 / temp, cap)
+    lp2 = tile_logprob_grad(t, y, w, 1 / temp, cap, -100)
     assert torch.equal(lp, lp2)
     assert t.dtype == dtype
     # G is stored in the tile's dtype: its error is that dtype's rounding of the exact G

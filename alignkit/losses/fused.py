@@ -90,9 +90,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     gradient is formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest
     pair, or of its chosen sequence where the loss does not tie the two, 4 for the other tokens;
     see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
-    (the default: single_pass where it measured faster: one or two pairs, and a full-vocabulary tile of
-    >= 64 rows for SimPO and the tied DPO types, >= 256 rows for the other losses; else
-    recompute).
+    (the default: single_pass where it measured faster: one or two pairs, and a
+    full-vocabulary tile of >= 64 rows for SimPO and the tied DPO types, >= 256 rows for the
+    other losses; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed

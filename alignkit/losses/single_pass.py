@@ -150,12 +150,12 @@ class _SinglePass(torch.autograd.Function):
         def score_tile(t, hc, yc, tw):
             """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p)."""
             if backend == "triton":
-                # one vendor GEMM for the tile, then one kernel: LSE, log-prob and G in place
+                # one vendor GEMM for the tile, then the logits kernels: log-prob, G in place
                 torch.mm(hc, weight.t(), out=t)
                 if bias is not None:
                     t.add_(bias)
                 return triton_path.tile_logprob_grad(t, yc, tw, o.logprob.inv_temp,
-                                                     o.logprob.cap)
+                                                     o.logprob.cap, o.logprob.ignore_index)
             st = RowStats.new(t.shape[0], False, dev)
             # the tile's logits a vocab block at a time, each folded while it is in cache:
             # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/

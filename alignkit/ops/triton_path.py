@@ -166,39 +166,36 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     return dh, dw, db
 
 
-def logits_forward(x, y, inv_temp, ignore_index):
+def logits_forward(x, y, inv_temp, ignore_index, cap=0.0):
+    """x [N, V] logits, y [N] → (logprob, m, log s, entropy), each [N] fp32."""
     from alignkit.kernels.logits_logprobs import _logits_fwd
     N, V = x.shape
     f32 = dict(dtype=torch.float32, device=x.device)
     outs = [torch.empty(N, **f32) for _ in range(4)]
     if N:
-        _logits_fwd[(N,)](x, y, *outs, N, V, x.stride(0), inv_temp, ignore_index,
-                          BLOCK_V=LOGITS_BLOCK_V)
+        _logits_fwd[(N,)](x, y, *outs, N, V, x.stride(0), inv_temp, cap if cap > 0 else 1.0,
+                          ignore_index, HAS_SOFTCAP=cap > 0, BLOCK_V=LOGITS_BLOCK_V)
     return outs
 
 
-def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp):
+def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp, cap=0.0):
     from alignkit.kernels.logits_logprobs import _logits_bwd
     N, V = x.shape
     has_ent = ge is not None
     if N:
         _logits_bwd[(N,)](x, out, y, m, logs, g, ent if has_ent else g, ge if has_ent else g,
-                          N, V, x.stride(0), out.stride(0), inv_temp, HAS_ENT=has_ent,
-                          BLOCK_V=LOGITS_BLOCK_V)
+                          N, V, x.stride(0), out.stride(0), inv_temp, cap if cap > 0 else 1.0,
+                          HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent, BLOCK_V=LOGITS_BLOCK_V)
     return out
 
 
-def tile_logprob_grad(t, y, tok_w, inv_temp, cap):
+def tile_logprob_grad(t, y, tok_w, inv_temp, cap, ignore_index):
     """Single-pass tile (alignkit.losses.single_pass): t [n, V] raw logits (fp32/bf16/fp16, unit
     column stride), y [n] targets → log-probs [n] fp32; with tok_w [n] fp32, t becomes
-    G = tok_w·(onehot − p)·dz/dx in place."""
-    from alignkit.kernels.single_pass import _tile_lp_grad
-    n, V = t.shape
-    lp = torch.empty(n, dtype=torch.float32, device=t.device)
-    if n:
-        _tile_lp_grad[(n,)](t, y, tok_w if tok_w is not None else lp, lp, n, V, t.stride(0),
-                            inv_temp, cap if cap > 0 else 1.0, HAS_SOFTCAP=cap > 0,
-                            WRITE_GRAD=tok_w is not None, BLOCK_V=LOGITS_BLOCK_V)
+    G = tok_w·(onehot − p)·dz/dx in place (the logits kernels, softcap on)."""
+    lp, m, logs, _ = logits_forward(t, y, inv_temp, ignore_index, cap)
+    if tok_w is not None:
+        logits_backward(t, t, y, m, logs, tok_w, None, None, inv_temp, cap)
     return lp
 
 
