@@ -57,6 +57,34 @@ def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
     return {k: statistics.median(v) for k, v in times.items()}, slow
 
 
+def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=None):
+    """Each step's time over the `base` step's, the base run right before it in every round:
+    median of the per-pair ratios, plus the median seconds of each step. Two runs seconds
+    apart see the same machine speed, so the ratio loses most of the drift that a ratio of
+    two medians keeps (up to ~30% here). Returns (ratios, seconds)."""
+    def once(fn):
+        if reset:
+            reset()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    for fn in steps.values():
+        for _ in range(warmup):
+            once(fn)
+    ratios = {k: [] for k in steps if k != base}
+    secs = {k: [] for k in steps}
+    for _ in range(reps):
+        for k in ratios:
+            b = once(steps[base])
+            t = once(steps[k])
+            secs[base].append(b)
+            secs[k].append(t)
+            ratios[k].append(t / b)
+    return ({k: statistics.median(v) for k, v in ratios.items()},
+            {k: statistics.median(v) for k, v in secs.items()})
+
+
 def peak_after_reset(fn, reset=None) -> int:
     if reset:
         reset()
@@ -67,11 +95,13 @@ FLOOR = "GEMM floor (3 GEMMs)"
 
 
 def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip_memory: bool,
-            unlisted=(), log=print):
+            unlisted=(), log=print, paired: bool = False):
     """Runs each step once (a step that fails is reported as a row, not hidden), times the rest in
     interleaved rounds (steps[FLOOR] sets the cut-off for peers too slow to time `reps` times),
     profiles their peak memory, and returns (times, rows). Steps named in `unlisted` are timed but
-    get no row: the caller reports them against another baseline."""
+    get no row: the caller reports them against another baseline. paired: each step's ratio to
+    the floor is the median of `reps` (floor, step) back-to-back pairs (paired_ratios) instead of
+    a ratio of medians."""
     notes = {}
     for k in list(steps):
         try:
@@ -82,8 +112,13 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
             log(f"  {k:40s} FAILED {notes[k]}")
             del steps[k]
     log(f"[{label}] timing {len(steps)} steps x {reps} interleaved rounds")
-    floor0 = median_time(steps[FLOOR], reps=1)
-    t, slow = interleaved_times(steps, warmup=1, reps=reps, reset=reset, slow_after=8 * floor0)
+    ratio = {}
+    if paired:
+        ratio, t = paired_ratios(steps, FLOOR, warmup=1, reps=reps, reset=reset)
+        slow = set()
+    else:
+        floor0 = median_time(steps[FLOOR], reps=1)
+        t, slow = interleaved_times(steps, warmup=1, reps=reps, reset=reset, slow_after=8 * floor0)
     floor_s = t[FLOOR]
     rows = []
     for k in steps:
@@ -92,9 +127,12 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
         mem = None
         if not skip_memory and k != FLOOR:
             mem = peak_after_reset(steps[k], reset) / 2**20
-        rows.append(Row(label, k, t[k], mem, floor_s, grads_mib,
-                        note="timed once (> 8x floor)" if k in slow else ""))
-        log(f"  {k:40s} {t[k]:7.3f}s  {t[k] / floor_s:5.2f}x floor  {fmt(mem, '7.0f')} MiB")
+        note = "timed once (> 8x floor)" if k in slow else ""
+        if k in ratio:
+            note = f"median of {reps} (floor, step) pairs"
+        rows.append(Row(label, k, t[k], mem, floor_s, grads_mib, note=note,
+                        ratio=ratio.get(k)))
+        log(f"  {k:40s} {t[k]:7.3f}s  {rows[-1].x_floor:5.2f}x floor  {fmt(mem, '7.0f')} MiB")
     rows += [Row(label, k, None, None, floor_s, grads_mib, note=n) for k, n in notes.items()]
     return t, rows
 
@@ -109,9 +147,12 @@ class Row:
     grads_mib: float
     note: str = ""
     extra: dict = field(default_factory=dict)
+    ratio: float | None = None          # measured paired ratio to the floor, where there is one
 
     @property
     def x_floor(self):
+        if self.ratio is not None:
+            return self.ratio
         return None if self.seconds is None else self.seconds / self.floor_s
 
     @property

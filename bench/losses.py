@@ -98,7 +98,8 @@ def liger(loss, compiled):
     return setup
 
 
-def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False):
+def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False,
+        auto_only=False):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         if shapes and not any(x in name for x in shapes):
@@ -107,7 +108,9 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
         grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
             steps = {harness.FLOOR: methods.floor(case)}
-            if only_alignkit:                       # the two gradient modes that auto picks from
+            if auto_only:                           # the default mode against the floor
+                steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
+            elif only_alignkit:                       # the two gradient modes that auto picks from
                 steps["alignkit grad_mode=recompute"] = alignkit_fused(loss, "recompute")(case)
                 steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
             else:
@@ -117,7 +120,8 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                               "Liger fused (eager)": liger(loss, False)(case),
                               "Liger fused (compiled)": liger(loss, True)(case)})
             rows += harness.measure(f"{name} {loss.upper()}", steps, reset=case.reset, reps=reps,
-                                    grads_mib=grads_mib, skip_memory=skip_memory, log=log)[1]
+                                    grads_mib=grads_mib, skip_memory=skip_memory, log=log,
+                                    paired=auto_only)[1]
     return rows
 
 
@@ -131,18 +135,25 @@ def main(argv=None):
     p.add_argument("--only-alignkit", action="store_true",
                    help="the floor and alignkit's two gradient modes (recompute, single_pass) "
                         "only, no peers")
+    p.add_argument("--auto-only", action="store_true",
+                   help="the floor and alignkit's default (auto) only, each run right after a "
+                        "floor run: ratio = median of the back-to-back pairs (the targets' table)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit)
+    rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit,
+               auto_only=a.auto_only)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
         out = OUT / "out"
         out.mkdir(exist_ok=True)
-        harness.write_csv(rows, out / f"losses_{a.preset}.csv")
-        harness.plot(rows, OUT / f"losses_{a.preset}.png", "alignkit fused losses, fwd+bwd (CPU)")
-        (out / f"losses_{a.preset}.md").write_text(
+        tag = a.preset + ("_auto" if a.auto_only else "_alignkit" if a.only_alignkit else "")
+        harness.write_csv(rows, out / f"losses_{tag}.csv")
+        if not (a.auto_only or a.only_alignkit):
+            harness.plot(rows, OUT / f"losses_{a.preset}.png",
+                         "alignkit fused losses, fwd+bwd (CPU)")
+        (out / f"losses_{tag}.md").write_text(
             f"## Fused losses, preset `{a.preset}`\n\nMachine: {harness.machine()}. Command: "
             f"`python -m bench.losses {' '.join(sys.argv[1:] if argv is None else argv)}` "
             f"({time.time() - t0:.0f} s)."
