@@ -2,6 +2,7 @@
 
     python -m bench.losses --preset full --write     # B1-B3 and the long pair
     python -m bench.losses --preset small
+    python -m bench.losses --preset full --auto-only --reps 7 --write   # the targets table
 
 Methods per loss: alignkit.preference_loss; naive full logits + the same loss; Liger's fused loss
 (compiled=False and True); TRL's ChunkedLogProbFunction log-probs + the loss math; the GEMM floor
