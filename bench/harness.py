@@ -21,6 +21,16 @@ from alignkit.profiling import peak_memory_bytes
 peak_bytes = peak_memory_bytes
 
 
+def timed_run(fn, reset=None) -> float:
+    """Seconds of one run of fn, from fresh grads (reset) and a collected heap, both untimed."""
+    if reset:
+        reset()
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def median_time(fn, warmup: int = 1, reps: int = 3, reset=None) -> float:
     return interleaved_times({"x": fn}, warmup, reps, reset)[0]["x"]
 
@@ -37,23 +47,14 @@ def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
     slow = set()
     for k, fn in steps.items():
         for _ in range(warmup):
-            if reset:
-                reset()
-            t0 = time.perf_counter()
-            fn()
-            if slow_after is not None and time.perf_counter() - t0 > slow_after:
+            if timed_run(fn, reset) > (slow_after or float("inf")):
                 slow.add(k)
     times = {k: [] for k in steps}
     for r in range(reps):
         for k, fn in steps.items():
             if k in slow and r > 0:
                 continue
-            if reset:
-                reset()
-            gc.collect()
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed_run(fn, reset))
     return {k: statistics.median(v) for k, v in times.items()}, slow
 
 
@@ -62,22 +63,15 @@ def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=
     median of the per-pair ratios, plus the median seconds of each step. Two runs seconds
     apart see the same machine speed, so the ratio loses most of the drift that a ratio of
     two medians keeps (up to ~30% here). Returns (ratios, seconds)."""
-    def once(fn):
-        if reset:
-            reset()
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
     for fn in steps.values():
         for _ in range(warmup):
-            once(fn)
+            timed_run(fn, reset)
     ratios = {k: [] for k in steps if k != base}
     secs = {k: [] for k in steps}
     for _ in range(reps):
         for k in ratios:
-            b = once(steps[base])
-            t = once(steps[k])
+            b = timed_run(steps[base], reset)
+            t = timed_run(steps[k], reset)
             secs[base].append(b)
             secs[k].append(t)
             ratios[k].append(t / b)
@@ -111,7 +105,8 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
             notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
             log(f"  {k:40s} FAILED {notes[k]}")
             del steps[k]
-    log(f"[{label}] timing {len(steps)} steps x {reps} interleaved rounds")
+    log(f"[{label}] timing {len(steps)} steps x {reps} "
+        f"{'(floor, step) pairs' if paired else 'interleaved rounds'}")
     ratio = {}
     if paired:
         ratio, t = paired_ratios(steps, FLOOR, warmup=1, reps=reps, reset=reset)

@@ -111,7 +111,7 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
             steps = {harness.FLOOR: methods.floor(case)}
             if auto_only:                           # the default mode against the floor
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
-            elif only_alignkit:                       # the two gradient modes that auto picks from
+            elif only_alignkit:                     # the two gradient modes that auto picks from
                 steps["alignkit grad_mode=recompute"] = alignkit_fused(loss, "recompute")(case)
                 steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
             else:
@@ -133,12 +133,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--only-alignkit", action="store_true",
-                   help="the floor and alignkit's two gradient modes (recompute, single_pass) "
-                        "only, no peers")
-    p.add_argument("--auto-only", action="store_true",
-                   help="the floor and alignkit's default (auto) only, each run right after a "
-                        "floor run: ratio = median of the back-to-back pairs (the targets' table)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only-alignkit", action="store_true",
+                       help="the floor and alignkit's two gradient modes (recompute, single_pass) "
+                            "only, no peers")
+    which.add_argument("--auto-only", action="store_true",
+                       help="the floor and alignkit's default (auto) only, each run right after "
+                            "a floor run: ratio = median of the back-to-back pairs (the targets' "
+                            "table)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
