@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from alignkit.ops.linear_logprobs import linear_logprobs
 from alignkit.ops.logits_logprobs import logits_logprobs
 from alignkit.ops.options import LogprobOptions
+from alignkit.ops.validate import check_segment_ids, check_segment_range
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
@@ -61,27 +62,31 @@ def reduce_sequences(token_lp: Tensor, labels: Tensor, *, segment_ids: Optional[
                      num_segments: Optional[int] = None, average: bool = False,
                      ignore_index: int = -100):
     """Sums (or means) per-token log-probs per sequence. See sequence_logprobs for the layouts."""
-    keep = labels != ignore_index
+    seg, num_segments = _check_layout(labels, segment_ids, num_segments)
+    return _reduce(token_lp, labels, seg, num_segments, average, ignore_index)
+
+
+def _check_layout(labels: Tensor, segment_ids: Optional[Tensor], num_segments: Optional[int]):
+    """(flat int64 segment ids or None, num_segments) of a padded or packed layout; raises,
+    naming the argument, before any work is done."""
     if segment_ids is None:
-        if token_lp.dim() < 2:
+        if labels.dim() < 2:
             raise ValueError("padded input needs hidden [S, T, H] and labels [S, T]; for packed "
                              f"[N, H] input pass segment_ids [N]. Got labels {tuple(labels.shape)}")
+        if num_segments is not None:
+            raise ValueError("num_segments applies to packed input (with segment_ids); padded "
+                             "input has one sequence per row")
+        return None, labels.shape[0]
+    seg = check_segment_ids(segment_ids, labels, num_segments)
+    return seg, check_segment_range(seg, num_segments)
+
+
+def _reduce(token_lp, labels, seg, num_segments, average, ignore_index):
+    keep = labels != ignore_index
+    if seg is None:
         sums = token_lp.flatten(1).sum(1)
         counts = keep.flatten(1).sum(1)
     else:
-        if not isinstance(segment_ids, Tensor) or segment_ids.dtype.is_floating_point or \
-                segment_ids.dtype == torch.bool:
-            raise TypeError("segment_ids must be an integer tensor")
-        if tuple(segment_ids.shape) != tuple(labels.shape):
-            raise ValueError(f"segment_ids must have the shape of labels {tuple(labels.shape)}, "
-                             f"got {tuple(segment_ids.shape)}")
-        seg = segment_ids.reshape(-1).long()
-        if seg.numel() and bool((seg < 0).any()):
-            raise ValueError("segment_ids must be >= 0 (mark padding with ignore_index labels)")
-        if num_segments is None:
-            num_segments = int(seg.max()) + 1 if seg.numel() else 0
-        elif seg.numel() and bool((seg >= num_segments).any()):
-            raise ValueError(f"segment_ids must be < num_segments={num_segments}")
         sums = token_lp.new_zeros(num_segments).index_add(0, seg, token_lp.reshape(-1))
         counts = torch.zeros(num_segments, dtype=torch.long, device=seg.device).index_add_(
             0, seg, keep.reshape(-1).long())
@@ -100,16 +105,19 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     Layouts:
         padded  hidden [S, T, H], labels [S, T]               -> one value per row
         packed  hidden [N, H], labels [N], segment_ids [N]    -> one value per segment id in
-                [0, num_segments) (default: max id + 1, which costs one sync)
+                [0, num_segments) (default: max id + 1, which costs one sync, and must not
+                exceed N: pass num_segments for sparse ids)
 
     Returns:
         (values, token_counts): values float32 [S]; token_counts int64 [S], the labelled tokens of
         each sequence. A sequence with no labelled token gets value 0.0 (sum and mean alike).
     """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    seg, num_segments = _check_layout(labels, segment_ids, num_segments)
     lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                temperature=temperature, softcap=softcap, backend=backend)
-    return reduce_sequences(lp, labels, segment_ids=segment_ids, num_segments=num_segments,
-                            average=average, ignore_index=ignore_index)
+    return _reduce(lp, labels, seg, num_segments, average, ignore_index)
 
 
 class LinearTokenLogprobs(nn.Module):

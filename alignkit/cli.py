@@ -12,11 +12,18 @@ def _train(argv):
     p = argparse.ArgumentParser(prog="alignkit train",
                                 description="Preference training from a YAML config; any config "
                                             "key can be overridden as --key value.")
-    p.add_argument("config", nargs="?", help="YAML file of TrainConfig keys")
+    p.add_argument("config", nargs="?", help="YAML file of TrainConfig keys (optional: the "
+                   "config can be given as --key value pairs alone)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint under output_dir")
-    args, rest = p.parse_known_args(argv)
-    cfg = TrainConfig.from_yaml(args.config, parse_overrides(rest))
+                   help="continue from the newest intact checkpoint under output_dir")
+    if any(a in ("-h", "--help") for a in argv):
+        p.parse_args(argv)
+    # The config path, if any, comes first: a positional picked out of the middle would take the
+    # value of an override (`--max_steps 2` read 2 as the path).
+    path = argv[0] if argv and not argv[0].startswith("-") else None
+    rest = [a for a in argv[1 if path else 0:] if a != "--resume"]
+    cfg = TrainConfig.from_yaml(path, parse_overrides(rest))
+    args = argparse.Namespace(resume="--resume" in argv)
     trainer = PreferenceTrainer(cfg)
     trainer.train(resume=args.resume)
     return 0
@@ -76,10 +83,11 @@ def main(argv=None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from alignkit.train.config import ConfigError
     from alignkit.train.data import DataError
+    from alignkit.train.checkpoint import CheckpointError
     from alignkit.train.model import ModelError
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError) as e:
         print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

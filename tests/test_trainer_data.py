@@ -101,7 +101,7 @@ BASE = dict(model_config={"model_type": "llama"}, tokenizer="tok")
     ({"packing": "flat"}, "packing must be one of padded, padding_free, shared_prompt"),
     ({"max_prompt_length": 2048}, "max_prompt_length .* must be below max_length"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-    ({"lr": -1}, "lr must be a number > 0"),
+    ({"lr": -1}, "lr must be a finite number > 0"),
     ({"loss": "kto", "packing": "shared_prompt"}, "shared_prompt needs pairs"),
     ({"loss": "simpo", "reference": "live"}, "reference-free"),
     ({"loss_options": {"gamma": 1.0}}, "do not apply to loss 'dpo'"),

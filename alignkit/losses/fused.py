@@ -32,7 +32,7 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.pairwise import cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from alignkit.ops.validate import check_linear_inputs
+from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # per loss: its own options, whether it reads a reference, the default reduction
 _SPECS = {
@@ -68,10 +68,12 @@ def _num_sequences(hidden, labels, segment_ids, num_segments):
             raise ValueError("preference_loss needs padded hidden [2B, T, H] or packed hidden "
                              f"[N, H] with segment_ids [N]; got hidden {tuple(hidden.shape)} and "
                              "no segment_ids")
+        if num_segments is not None:
+            raise ValueError("num_segments applies to packed input (with segment_ids); padded "
+                             "input has one sequence per row")
         return hidden.shape[0]
-    if num_segments is not None:
-        return int(num_segments)
-    return int(segment_ids.max()) + 1 if segment_ids.numel() else 0
+    seg = check_segment_ids(segment_ids, labels, num_segments)
+    return check_segment_range(seg, num_segments)
 
 
 def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str = "dpo",

@@ -6,14 +6,31 @@ import math
 import torch
 
 
+def check_number(name, v, *, low=None, high=None, low_open=False, high_open=False):
+    """v is a real number (not a bool), finite, and inside the given bounds."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        if low is not None and high is not None:
+            what = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            what = f"a finite number {'>' if low_open else '>='} {low}"
+        elif high is not None:
+            what = f"a finite number {'<' if high_open else '<='} {high}"
+        else:
+            what = "a finite number"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+
+
 def check_beta(beta):
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    check_number("beta", beta, low=0, low_open=True)
 
 
 def check_label_smoothing(eps):
-    if not (isinstance(eps, (int, float)) and 0 <= eps < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps!r}")
+    check_number("label_smoothing", eps, low=0, high=0.5, high_open=True)
 
 
 def check_pair_tensors(**tensors):

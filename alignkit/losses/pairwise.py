@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.losses.options import check_beta, check_label_smoothing, check_pair_tensors
+from alignkit.losses.options import (
+    check_beta,
+    check_label_smoothing,
+    check_number,
+    check_pair_tensors,
+)
 
 # --------------------------------------------------------------------------------------- DPO
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
@@ -83,6 +88,8 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     check_pair_tensors(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     check_beta(beta)
+    if not isinstance(loss_type, (str, list, tuple)):
+        raise ValueError(f"loss_type must be a name or a list of names, got {loss_type!r}")
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
         raise ValueError("loss_type must name at least one loss type")
@@ -91,9 +98,12 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
             raise ValueError(f"unknown DPO loss_type {t!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
     if loss_weights is None:
         loss_weights = [1.0] * len(types)
-    if len(loss_weights) != len(types):
+    if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__") or \
+            len(loss_weights) != len(types):
         raise ValueError(f"loss_weights must have one weight per loss_type ({len(types)}), "
-                         f"got {len(loss_weights)}")
+                         f"got {loss_weights!r}")
+    for i, w in enumerate(loss_weights):
+        check_number(f"loss_weights[{i}]", w)
     check_label_smoothing(label_smoothing)
     if label_smoothing and not any(t in _SMOOTHED for t in types):
         raise ValueError(f"label_smoothing={label_smoothing} has no effect on loss_type {types}; "
@@ -104,8 +114,7 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     if discopop_tau is not None and "discopop" not in types:
         raise ValueError("discopop_tau applies only to loss_type 'discopop'")
     tau = 0.05 if discopop_tau is None else discopop_tau
-    if tau <= 0:
-        raise ValueError(f"discopop_tau must be > 0, got {tau}")
+    check_number("discopop_tau", tau, low=0, low_open=True)
     if any(t in _COUNTED for t in types):
         if chosen_counts is None or rejected_counts is None:
             raise ValueError(f"loss_type {[t for t in types if t in _COUNTED]} needs "
@@ -177,6 +186,7 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 2.
     """
     check_pair_tensors(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     check_beta(beta)
+    check_number("gamma", gamma)
     check_label_smoothing(label_smoothing)
     z = beta * (chosen_logps - rejected_logps) - gamma
     loss = _smoothed_sigmoid(z, float(label_smoothing)).mean()
@@ -208,8 +218,7 @@ def cpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, nll: Optional[Tens
                          " (for SimPO use simpo_loss)")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to CPO loss_type 'sigmoid' only, not {loss_type!r}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    check_number("alpha", alpha, low=0)
     if alpha > 0 and nll is None:
         raise ValueError("cpo_loss with alpha > 0 needs nll (the NLL of the chosen tokens)")
     delta = chosen_logps - rejected_logps

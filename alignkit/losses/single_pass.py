@@ -47,6 +47,7 @@ from alignkit.ops import triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, RowStats
+from alignkit.ops.validate import check_label_range
 
 _UNIT = {"sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot", "aot_unpaired"}
 # aot_unpaired sorts the chosen and the rejected log-ratios of the batch separately, so with
@@ -251,5 +252,8 @@ class _SinglePass(torch.autograd.Function):
 
 def single_pass_loss(hidden, weight, bias, labels, seg, o: SinglePassOptions):
     """(loss, sums [2B], counts [2B]) for B pairs (seg: each token's sequence in [0, 2B));
-    loss differentiable w.r.t. hidden, weight, bias."""
-    return _SinglePass.apply(hidden, weight, bias, labels, seg, o)
+    loss differentiable w.r.t. hidden, weight, bias. The callers (preference_loss) have checked
+    shapes, dtypes, devices and segment ids; the label range is checked here, as the generic
+    op's launcher does, before any tile is formed."""
+    check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
+    return _SinglePass.apply(hidden, weight, bias, labels.long(), seg.long(), o)

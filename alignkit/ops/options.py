@@ -9,6 +9,11 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
 
+def _real(v) -> bool:
+    """A finite int or float; a bool is not a number here (temperature=True is a mistake)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass(frozen=True)
 class LogprobOptions:
     """Options shared by every layer of the log-prob ops.
@@ -29,12 +34,12 @@ class LogprobOptions:
     def __post_init__(self):
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
+        if not (_real(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.softcap is not None and not (isinstance(self.softcap, (int, float))
-                                             and math.isfinite(self.softcap) and self.softcap > 0):
+        if self.softcap is not None and not (_real(self.softcap) and self.softcap > 0):
             raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
+        if not isinstance(self.return_entropy, bool):
+            raise TypeError(f"return_entropy must be a bool, got {self.return_entropy!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 

@@ -38,6 +38,11 @@ def bwd_mode() -> str:
     return mode
 
 
+def _contig(b):
+    # the kernels index bias[v] with stride 1: a strided view (bias[::2]) would read other values
+    return b.contiguous() if b is not None else None
+
+
 def _common_dtype(h, w):
     dt = torch.promote_types(h.dtype, w.dtype)
     dt = torch.float32 if dt == torch.float64 else dt
@@ -65,6 +70,7 @@ def linear_forward(h, w, b, y, inv_temp, cap):
     """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
     from alignkit.kernels import linear_logprobs as K
     h, w = _common_dtype(h, w)
+    b = _contig(b)
     M, H = h.shape
     V = w.shape[0]
     BN, BV, BK = blocks()
@@ -96,6 +102,7 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     from alignkit.kernels.linear_logprobs import (_bwd_atomic, _bwd_dh, _bwd_dw, _bwd_g_chunk,
                                                   bwd_g_chunk_tuned)
     h, w = _common_dtype(h, w)
+    b = _contig(b)
     M, H = h.shape
     V = w.shape[0]
     BN, BV, BK = blocks()

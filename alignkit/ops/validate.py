@@ -39,6 +39,8 @@ def check_linear_inputs(hidden, weight, labels, bias):
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H], got a 0-dim tensor")
     V, H = weight.shape
+    if V == 0 or H == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1 and H >= 1, got {tuple(weight.shape)}")
     if hidden.shape[-1] != H:
         raise ValueError(f"hidden's last dim must equal weight's H={H} (weight is [V, H] = "
                          f"{tuple(weight.shape)}), got hidden {tuple(hidden.shape)}")
@@ -57,3 +59,43 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int):
         i = int(bad.flatten().nonzero()[0, 0])
         raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
                          f"got {int(labels.flatten()[i])} at flat position {i}")
+
+
+def check_segment_ids(segment_ids, labels: torch.Tensor, num_segments):
+    """Layout checks of packed segment ids (shape, dtype, num_segments); returns the flat int64
+    ids. The data-dependent range check is check_segment_range."""
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or \
+            segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        what = segment_ids.dtype if isinstance(segment_ids, torch.Tensor) else \
+            type(segment_ids).__name__
+        raise TypeError(f"segment_ids must be an integer tensor, got {what}")
+    if tuple(segment_ids.shape) != tuple(labels.shape):
+        raise ValueError(f"segment_ids must have the shape of labels {tuple(labels.shape)}, "
+                         f"got {tuple(segment_ids.shape)}")
+    if segment_ids.device != labels.device:
+        raise ValueError(f"segment_ids must be on labels' device {labels.device}, got "
+                         f"{segment_ids.device}")
+    if num_segments is not None and (isinstance(num_segments, bool) or
+                                     not isinstance(num_segments, int) or num_segments < 0):
+        raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+    return segment_ids.reshape(-1).long()
+
+
+def check_segment_range(seg: torch.Tensor, num_segments):
+    """Ids in [0, num_segments); with num_segments None, returns max id + 1, refused beyond the
+    token count (an id past it names no sequence that could hold a token, and the per-segment
+    buffers would be sized by a stray value: one id of 2**40 would ask for terabytes)."""
+    if seg.numel() == 0:
+        return 0 if num_segments is None else num_segments
+    lo, hi = int(seg.min()), int(seg.max())
+    if lo < 0:
+        raise ValueError(f"segment_ids must be >= 0 (mark padding with ignore_index labels), "
+                         f"got {lo}")
+    if num_segments is None:
+        if hi >= seg.numel():
+            raise ValueError(f"segment_ids has max {hi}, more segments than the {seg.numel()} "
+                             "tokens; renumber the segments from 0, or pass num_segments")
+        return hi + 1
+    if hi >= num_segments:
+        raise ValueError(f"segment_ids must be < num_segments={num_segments}, got {hi}")
+    return num_segments

@@ -90,15 +90,61 @@ def save(output_dir, step, state: dict, model, optimizer, scheduler):
     return final
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or malformed (the message names it), or no
+    checkpoint under the output directory is intact."""
+
+
+def _read(path) -> dict:
+    """Every file of one checkpoint, read and checked before anything is applied, so a bad
+    file leaves the model, optimizer and scheduler untouched."""
+    blob = {}
+    for key, name in (("model", "model.pt"), ("optimizer", "optimizer.pt"),
+                      ("scheduler", "scheduler.pt"), ("rng", f"rng-rank{_rank()}.pt")):
+        f = os.path.join(path, name)
+        if key == "rng" and not os.path.isfile(f):
+            continue                      # written by each rank; a world-size change lacks some
+        try:
+            blob[key] = torch.load(f, weights_only=False)
+        except Exception as e:            # truncated zip, bad pickle, missing file, ...
+            raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+    f = os.path.join(path, "state.json")
+    try:
+        with open(f) as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{f}: needs an integer step >= 0, got {state!r}")
+    blob["state"] = state
+    return blob
+
+
 def load(path, model, optimizer, scheduler) -> dict:
+    """Restores one checkpoint; raises CheckpointError naming a bad file (nothing applied)."""
+    blob = _read(path)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    msd = torch.load(os.path.join(path, "model.pt"), weights_only=False)
-    set_model_state_dict(model, msd, options=opts)
-    osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, osd, options=opts)
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
-    rng = os.path.join(path, f"rng-rank{_rank()}.pt")
-    if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    set_model_state_dict(model, blob["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=opts)
+    scheduler.load_state_dict(blob["scheduler"])
+    if "rng" in blob:
+        set_rng_state(blob["rng"])
+    return blob["state"]
+
+
+def load_newest(output_dir, model, optimizer, scheduler, warn):
+    """(path, state) of the newest intact checkpoint, falling back past unreadable ones with a
+    warning each; (None, None) when there is none; CheckpointError when none of them is intact."""
+    found = checkpoints(output_dir)
+    errors = []
+    for path in reversed(found):
+        try:
+            return path, load(path, model, optimizer, scheduler)
+        except CheckpointError as e:
+            errors.append(str(e))
+            warn(f"checkpoint {path} is not intact ({e}); trying the previous one")
+    if found:
+        raise CheckpointError(f"no intact checkpoint under {os.path.join(output_dir, 'checkpoints')}"
+                              ": " + "; ".join(errors))
+    return None, None

@@ -7,6 +7,7 @@ parsed as YAML scalars (``--lr 1e-4``, ``--packing padding_free``, ``--loss_opti
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +18,11 @@ LOSSES = ("dpo", "simpo", "cpo", "orpo", "kto")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto")
+
+
+_FLOATS = ("lr", "weight_decay", "eval_fraction", "max_grad_norm")
+_PATHS = ("model", "tokenizer", "data", "eval_data", "reference_cache_dir")
+_BOOLS = ("append_eos", "gradient_checkpointing", "fsdp", "progress", "tensorboard")
 
 
 class ConfigError(ValueError):
@@ -69,14 +75,30 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
+        """Every field type-checked, every number finite and in range, the loss options checked
+        by the loss itself: all before any model is built. Raises ConfigError naming the key."""
         # YAML 1.1 reads 1e-4 (no dot) as a string: accept numeric strings for the float keys
-        for k in ("lr", "weight_decay", "eval_fraction", "max_grad_norm"):
+        for k in _FLOATS:
             v = getattr(self, k)
             if isinstance(v, str):
                 try:
                     setattr(self, k, float(v))
                 except ValueError:
                     raise ConfigError(f"{k} must be a number; got {v!r}") from None
+        for k in _PATHS:
+            v = getattr(self, k)
+            if isinstance(v, os.PathLike):
+                setattr(self, k, os.fspath(v))
+            elif v is not None and not isinstance(v, str):
+                raise ConfigError(f"{k} must be a path (a string) or null; got {v!r}")
+        for k in _BOOLS:
+            v = getattr(self, k)
+            if not isinstance(v, bool):
+                raise ConfigError(f"{k} must be true or false; got {v!r}")
+        for k in ("attn_implementation", "output_dir"):
+            if not isinstance(getattr(self, k), str) or not getattr(self, k):
+                raise ConfigError(f"{k} must be a non-empty string; got {getattr(self, k)!r}")
+
         def choice(key, options):
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key} must be one of {', '.join(options)}; got "
@@ -87,12 +109,26 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
                 raise ConfigError(f"{key} must be an integer >= {minimum}; got {v!r}")
 
+        def number(key, low, low_open, high=None, optional=False):
+            v = getattr(self, key)
+            if v is None and optional:
+                return
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > low if low_open else v >= low) and (high is None or v < high)
+            if not ok:
+                rng = f"in [{low}, {high})" if high is not None else \
+                    f"{'>' if low_open else '>='} {low}"
+                raise ConfigError(f"{key} must be a finite number {rng}"
+                                  f"{' or null' if optional else ''}; got {v!r}")
+
         choice("packing", PACKINGS)
         choice("reference", REFERENCES)
         choice("loss", LOSSES)
         choice("precision", PRECISIONS)
         choice("lr_scheduler", SCHEDULES)
         choice("data_format", DATA_FORMATS)
+        from alignkit.ops.options import BACKENDS
+        choice("backend", BACKENDS)
         for k in ("max_length", "max_prompt_length", "batch_size", "grad_accum", "max_steps",
                   "logging_steps"):
             positive(k)
@@ -101,21 +137,16 @@ class TrainConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below "
                               f"max_length ({self.max_length}) to leave room for a response")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a number > 0; got {self.lr!r}")
-        if not (0.0 <= self.eval_fraction < 1.0):
-            raise ConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0 or null; got {self.max_grad_norm!r}")
+        number("lr", 0, True)
+        number("weight_decay", 0, False)
+        number("eval_fraction", 0, False, high=1)
+        number("max_grad_norm", 0, True, optional=True)
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ConfigError(f"model_config must be a mapping; got {self.model_config!r}")
         if not isinstance(self.loss_options, dict):
             raise ConfigError(f"loss_options must be a mapping; got {self.loss_options!r}")
-        if self.model is None and self.model_config is None:
-            raise ConfigError("give model (a local transformers directory) or model_config "
-                              "(a transformers config as a mapping, for a random init)")
         if self.model is not None and self.model_config is not None:
             raise ConfigError("give model or model_config, not both")
-        if self.model is None and self.tokenizer is None:
-            raise ConfigError("with model_config, give tokenizer (a local tokenizer directory)")
         if self.loss in ("simpo", "cpo", "orpo") and self.reference != "none":
             if self.reference != REFERENCES[0] or "reference" in self._explicit:
                 raise ConfigError(f"loss {self.loss!r} is reference-free: set reference: none")
@@ -131,20 +162,32 @@ class TrainConfig:
             raise ConfigError("attn_implementation must be sdpa or eager (the packed modes pass a "
                               "4D float mask, which flash-attention kernels do not take); got "
                               f"{self.attn_implementation!r}")
-        # the loss's own options are checked against the loss functions' signatures
+        # the loss's own options, checked by the loss code itself (same messages as a loss call)
         from alignkit.train.objective import check_loss_options
         try:
             check_loss_options(self.loss, self.loss_options)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"loss_options: {e}") from None
 
-    def check_paths(self, need_data: bool = True, need_model: bool = True):
-        """The files the config names exist (checked before any model is built)."""
+    def check_sources(self, need_model: bool = True, need_tokenizer: bool = True):
+        """Where the model and the tokenizer come from, when the caller does not pass them."""
+        if need_model and self.model is None and self.model_config is None:
+            raise ConfigError("give model (a local transformers directory) or model_config "
+                              "(a transformers config as a mapping, for a random init)")
+        if need_tokenizer and self.model is None and self.tokenizer is None:
+            raise ConfigError("give tokenizer (a local tokenizer directory): with model_config "
+                              "there is no model directory to read one from")
+
+    def check_paths(self, need_data: bool = True, need_model: bool = True,
+                    need_tokenizer: bool = True):
+        """The sources and files the config names exist (checked before any model is built)."""
+        self.check_sources(need_model, need_tokenizer)
         checks = [("data", self.data, os.path.isfile)] if need_data else []
         checks += [("eval_data", self.eval_data, os.path.isfile)]
         if need_model:
-            checks += [("model", self.model, os.path.isdir),
-                       ("tokenizer", self.tokenizer, os.path.isdir)]
+            checks += [("model", self.model, os.path.isdir)]
+        if need_tokenizer:
+            checks += [("tokenizer", self.tokenizer, os.path.isdir)]
         if need_data and self.data is None:
             raise ConfigError("data: no training data (a .json or .jsonl path)")
         for key, path, ok in checks:

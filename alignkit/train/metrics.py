@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 
 class MetricsLog:
@@ -22,8 +23,21 @@ class MetricsLog:
         """On resume: drop records past the checkpoint, which the resumed run writes again."""
         if not os.path.isfile(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    ok = rec["step"] <= step
+                except (ValueError, KeyError, TypeError):
+                    # a write cut short (a kill, a full disk): that record is lost, not the run
+                    warnings.warn(f"{self.path}: line {i + 1} is not a complete metrics record "
+                                  f"({line[:60].rstrip()!r}); dropped", RuntimeWarning)
+                    continue
+                if ok:
+                    keep.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w") as f:
             f.writelines(keep)
 

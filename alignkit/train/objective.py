@@ -19,19 +19,31 @@ _KTO_OPTIONS = ("beta", "desirable_weight", "undesirable_weight", "kl_estimate")
 
 
 def check_loss_options(loss: str, options: dict) -> None:
+    """Names and values of a loss's options, checked by running the loss itself once on a dummy
+    pair (or KTO example) of zeros: the same code and messages as a real call, before any model
+    is built."""
     if loss == "kto":
         bad = sorted(set(options) - set(_KTO_OPTIONS))
         if bad:
             raise ValueError(f"option(s) {bad} do not apply to loss 'kto'; it takes "
                              f"{', '.join(_KTO_OPTIONS)}")
         if options.get("kl_estimate", "mismatched") not in ("mismatched", "zero"):
-            raise ValueError("kl_estimate must be mismatched or zero")
+            raise ValueError("kl_estimate must be mismatched or zero, got "
+                             f"{options['kl_estimate']!r}")
+        z = torch.zeros(1)
+        kto_loss(z, z, torch.ones(1, dtype=torch.bool),
+                 **{k: v for k, v in options.items() if k != "kl_estimate"})
         return
     own, common = split_options(loss, options)
     extra = sorted(set(common) - {"average"})
     if extra:
         raise ValueError(f"option(s) {extra} are set by the trainer (backend: a config key; "
                          "softcap / temperature: from the model's config), not in loss_options")
+    if "average" in common and not isinstance(common["average"], bool):
+        raise ValueError(f"average must be true or false, got {common['average']!r}")
+    z = torch.zeros(2)
+    logprob_loss(z, torch.ones(2, dtype=torch.long), loss=loss,
+                 ref_logprobs=z if loss == "dpo" else None, **options)
 
 
 def kto_uses_kl(loss: str, options: dict) -> bool:

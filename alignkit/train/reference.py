@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -72,9 +73,11 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
         sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir or default_cache_dir(), f"ref-{key}.pt")
     if os.path.isfile(path):
-        blob = torch.load(path, weights_only=True)
-        log(f"reference log-probs: cache hit {path}")
-        return ReferenceTable(blob["sums"], blob["counts"])
+        table = _read_cache(path, len(examples))
+        if table is not None:
+            log(f"reference log-probs: cache hit {path}")
+            return table
+        log(f"warning: reference cache {path} is not intact; recomputing it")
     K = 2
     sums = torch.zeros(len(examples), K, dtype=torch.float32)
     counts = torch.zeros(len(examples), K, dtype=torch.long)
@@ -95,6 +98,21 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
     torch.save({"sums": sums, "counts": counts}, tmp)
     os.replace(tmp, path)
     log(f"reference log-probs: computed {len(examples)} examples, cached at {path}")
+    return ReferenceTable(sums, counts)
+
+
+def _read_cache(path, n):
+    """The cached table, or None (with a warning) when the file is truncated or malformed."""
+    try:
+        blob = torch.load(path, weights_only=True)
+        sums, counts = blob["sums"], blob["counts"]
+        if tuple(sums.shape) != (n, 2) or tuple(counts.shape) != (n, 2):
+            raise ValueError(f"tables of shape {tuple(sums.shape)}, {tuple(counts.shape)} for "
+                             f"{n} examples")
+    except Exception as e:                # truncated zip, bad pickle, wrong contents
+        warnings.warn(f"reference cache {path} cannot be read ({type(e).__name__}: {e}); "
+                      "recomputing it", RuntimeWarning)
+        return None
     return ReferenceTable(sums, counts)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -53,15 +54,34 @@ def model_from_config(model_config: dict, attn_implementation: str = "sdpa", see
     return AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
 
 
-def load_model_and_tokenizer(cfg: TrainConfig):
-    """The config's model and tokenizer (paths already checked by ``cfg.check_paths``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+
+
+def load_model(cfg: TrainConfig, tokenizer=None):
+    """The config's model (paths already checked by ``cfg.check_paths``). With model_config and
+    a tokenizer, a vocab_size below the tokenizer's is refused before the model is built."""
+    from transformers import AutoModelForCausalLM
     if cfg.model is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32,
-                                                     attn_implementation=cfg.attn_implementation)
-    else:
-        model = model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed)
-    return model, AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                    attn_implementation=cfg.attn_implementation)
+    v = cfg.model_config.get("vocab_size")
+    if tokenizer is not None and v is not None and not (isinstance(v, int) and v >= len(tokenizer)):
+        raise ConfigError(f"model_config.vocab_size ({v!r}) must be an integer >= the tokenizer's "
+                          f"{len(tokenizer)} tokens (len(tokenizer)), or every id past it has no "
+                          "embedding")
+    return model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed)
+
+
+def check_vocab(model, tokenizer):
+    """Every token id of the tokenizer has a row in the model's input embedding and LM head."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    if n is not None and n < len(tokenizer):
+        raise ConfigError(f"the model's embedding has {n} rows (vocab_size) but the tokenizer has "
+                          f"{len(tokenizer)} tokens: ids {n}..{len(tokenizer) - 1} would index "
+                          "past it; give a model whose vocab_size is at least len(tokenizer)")
 
 
 class PreferenceTrainer:
@@ -87,10 +107,13 @@ class PreferenceTrainer:
                        if torch.cuda.is_available() else torch.device("cpu"))
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
         self.callbacks = list(callbacks)
-        cfg.check_paths(need_data=train_data is None, need_model=model is None or tokenizer is None)
-        if model is None or tokenizer is None:
-            m, t = load_model_and_tokenizer(cfg)
-            model, tokenizer = model or m, tokenizer or t
+        cfg.check_paths(need_data=train_data is None, need_model=model is None,
+                        need_tokenizer=tokenizer is None)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg)
+        if model is None:
+            model = load_model(cfg, tokenizer)
+        check_vocab(model, tokenizer)
         head_of(model)                                  # fail early if the head is unreachable
         if cfg.packing != "padded" and getattr(model.config, "_attn_implementation", "sdpa") \
                 not in ("sdpa", "eager"):
@@ -281,11 +304,18 @@ class PreferenceTrainer:
         logger = MetricsLog(cfg.output_dir, cfg.tensorboard) if self.rank == 0 else None
         start = 0
         if resume:
-            found = ckpt.checkpoints(cfg.output_dir)
-            if found:
-                state = ckpt.load(found[-1], module, optimizer, scheduler)
+            def warn(msg):
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self._log(f"warning: {msg}")
+            path, state = ckpt.load_newest(cfg.output_dir, module, optimizer, scheduler, warn)
+            if path is not None:
                 start = state["step"]
-                self._log(f"resumed from {found[-1]} (step {start})")
+                if start > cfg.max_steps:
+                    raise ConfigError(f"max_steps: {cfg.max_steps} is below the step of the "
+                                      f"checkpoint to resume ({start}, "
+                                      f"{os.path.join(path, 'state.json')}); raise max_steps to "
+                                      "train on, or start a new output_dir")
+                self._log(f"resumed from {path} (step {start})")
             else:
                 self._log(f"--resume: no checkpoint under {cfg.output_dir}; starting at step 0")
             if logger is not None:
