@@ -13,39 +13,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from alignkit.train import PreferenceTrainer, TrainConfig  # noqa: E402
-from alignkit.train.demo import build_tokenizer, make_rows  # noqa: E402
 from alignkit.train.metrics import read_metrics  # noqa: E402
+from tiny_run import MODEL, config, final_weights, make_setup  # noqa: E402,F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = dict(model_type="llama", vocab_size=24, hidden_size=32, intermediate_size=64,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    build_tokenizer(str(root / "tok"))
-    rows = make_rows(48, seed=3)
-    with open(root / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[:40])
-    with open(root / "eval.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows[40:])
-    kto = [{"messages": r["prompt"] + r[k], "label": k == "chosen"} for r in rows
-           for k in ("chosen", "rejected")]
-    with open(root / "kto.json", "w") as f:
-        json.dump(kto, f)
-    return root
-
-
-def config(setup, out, **kw):
-    base = dict(model_config=MODEL, tokenizer=str(setup / "tok"),
-                data=str(setup / "train.jsonl"), eval_data=str(setup / "eval.jsonl"),
-                max_length=40, max_prompt_length=24, output_dir=str(out), batch_size=4,
-                max_steps=3, lr=1e-3, precision="fp32", progress=False, tensorboard=False,
-                reference_cache_dir=str(setup / "cache"), seed=0)
-    base.update(kw)
-    return base
+    return make_setup(tmp_path_factory.mktemp("tiny"))
 
 
 KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
@@ -98,11 +74,6 @@ def test_precompute_matches_live_and_hits_its_cache(setup, tmp_path):
         assert a["loss"] == b["loss"] and a["rewards/margins"] == b["rewards/margins"]
 
 
-def _weights(path):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(path, "final", "model.safetensors"))
-
-
 KILLER = """
 import os, signal, sys
 from alignkit.train import PreferenceTrainer, TrainConfig
@@ -114,7 +85,7 @@ PreferenceTrainer(cfg, callbacks=[die]).train()
 """
 
 
-def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
+def test_resume_after_sigkill_reaches_the_samefinal_weights(setup, tmp_path):
     import yaml
     common = dict(max_steps=8, save_steps=3, eval_steps=4)
     PreferenceTrainer(config(setup, tmp_path / "full", **common)).train()
@@ -131,7 +102,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
                        env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "step 3" in p.stdout
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
     steps = [r["step"] for r in read_metrics(str(tmp_path / "killed"))
@@ -154,7 +125,7 @@ def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp
                         "--standalone", "-m", "alignkit.cli", "train",
                         str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     moved = 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

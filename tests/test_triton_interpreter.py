@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import alignkit
+from alignkit.reference import reference_linear_token_logprobs as ref_lin
 from alignkit.reference import reference_token_logprobs as ref_tok
 from conftest import assert_oracle, make_inputs
 from test_linear_logprobs import check_all
@@ -133,3 +134,19 @@ def test_single_pass_bf16_on_triton(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",
                       dtype=torch.bfloat16)
+
+
+def test_linear_strided_bias(mode):
+    # a bias that is a strided view (bias[::2]): the kernels index it with stride 1, so the
+    # launcher must hand them a contiguous copy (before the fix: wrong log-probs, max error 3.0)
+    h, W, _, y = make_inputs((12,), 16, 50, seed=45)
+    big = torch.randn(100, dtype=torch.float64).float().requires_grad_()
+    lp = alignkit.linear_token_logprobs(h, W, y, bias=big[::2], backend="triton")
+    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3))
+    (lp * g).sum().backward()
+    b64 = big.detach().double()[::2].requires_grad_()
+    ref = ref_lin(h.detach().double(), W.detach().double(), y, bias=b64)
+    (ref * g.double()).sum().backward()
+    assert (lp.double() - ref).abs().max() < 1e-5
+    assert (big.grad[::2].double() - b64.grad).abs().max() < 1e-5
+    assert torch.all(big.grad[1::2] == 0)
