@@ -99,6 +99,11 @@ AK_INLINE float capped(float x, float inv_temp, float cap, float inv_cap) {
   return cap * fast_tanh(x * inv_cap) * inv_temp;
 }
 
+// z − m clamped below at −88, where fast_exp already flattens (exp(−87) ~ 1.6e-38): a −inf logit
+// (masked by the bias) then gives e·(z − m) ~ −1e-36, not 0·(−inf) = NaN, in the entropy and its
+// gradient. NaN passes through (a comparison with NaN is false), as IEEE arithmetic wants.
+AK_INLINE float clamp_zm(float zm) { return zm < -88.0f ? -88.0f : zm; }
+
 template <class Load>
 AK_INLINE void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, float* a, float& tgt,
                      float inv_temp, float cap) {
@@ -113,6 +118,9 @@ AK_INLINE void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, fl
   }
   // std::max skips a NaN, but the sum below does not: exp(NaN − m) poisons the row, as it should.
   const float m_new = std::max(m, mx);
+  // A block of −inf logits only (masked by the bias) has m_new = −inf: shift by 0 instead, so no
+  // −inf − (−inf); its sums are discarded by the rescale (scale = 0 while m is −inf).
+  const float mref = m_new == kNegInf ? 0.0f : m_new;
   // Sums in blocks of kSumBlock with per-lane fp32 partials, blocks added in double: the error
   // of a long fp32 running sum grows with V; this keeps it at a few ulp, like torch's cascade sum.
   double sum = 0.0, sa = 0.0;
@@ -122,18 +130,18 @@ AK_INLINE void fold_row(Load x, int64_t cols, int64_t tj, float& m, float& s, fl
     if (cap > 0.0f) {
 #pragma omp simd reduction(+ : bs, ba)
       for (int64_t j = j0; j < j1; ++j) {
-        const float z = capped(x(j), inv_temp, cap, inv_cap);
-        const float e = fast_exp(z - m_new);
+        const float zm = clamp_zm(capped(x(j), inv_temp, cap, inv_cap) - mref);
+        const float e = fast_exp(zm);
         bs += e;
-        ba += e * (z - m_new);
+        ba += e * zm;
       }
     } else {
 #pragma omp simd reduction(+ : bs, ba)
       for (int64_t j = j0; j < j1; ++j) {
-        const float z = x(j) * inv_temp;
-        const float e = fast_exp(z - m_new);
+        const float zm = clamp_zm(x(j) * inv_temp - mref);
+        const float e = fast_exp(zm);
         bs += e;
-        ba += e * (z - m_new);
+        ba += e * zm;
       }
     }
     sum += bs;
@@ -165,7 +173,7 @@ AK_INLINE void grad_row(Load x, float* out, int64_t cols, int64_t tj, float m, f
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
       const float t = fast_tanh(x(j) * inv_cap);
-      const float zm = cap * t * inv_temp - m;
+      const float zm = clamp_zm(cap * t * inv_temp - m);
       const float p = fast_exp(zm - logs);
       float d = -g * p;
       if (has_ent) d -= ge * p * (zm - shift);
@@ -174,7 +182,7 @@ AK_INLINE void grad_row(Load x, float* out, int64_t cols, int64_t tj, float m, f
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
-      const float zm = x(j) * inv_temp - m;
+      const float zm = clamp_zm(x(j) * inv_temp - m);
       const float p = fast_exp(zm - logs);
       float d = -g * p;
       if (has_ent) d -= ge * p * (zm - shift);

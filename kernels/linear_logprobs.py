@@ -34,7 +34,8 @@ def _transform(acc, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
         t = 2.0 * tl.sigmoid(2.0 * acc / softcap) - 1.0
         return softcap * t * inv_temp, (1.0 - t * t) * inv_temp
     else:
-        return acc * inv_temp, inv_temp + 0.0 * acc
+        # not inv_temp + 0·acc: a −inf logit would make its dz/dx NaN
+        return acc * inv_temp, tl.zeros_like(acc) + inv_temp
 
 
 @triton.jit
@@ -84,10 +85,13 @@ def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
     z, _ = _transform(acc, inv_temp, softcap, HAS_SOFTCAP)
     z = tl.where(cmask[None, :], z, float("-inf"))
     m = tl.max(z, 1)
-    zm = z - m[:, None]
+    # a block of −inf logits only (masked by the bias): shift by 0, not −inf − (−inf)
+    zm = z - tl.where(m == float("-inf"), 0.0, m)[:, None]
     e = tl.exp(zm)
     s = tl.sum(e, 1)
-    a = tl.sum(tl.where(cmask[None, :], e * zm, 0.0), 1)
+    # 0·log 0 = 0: a −inf logit has e = 0 and adds nothing (0·(−inf) would be NaN); a NaN logit
+    # still poisons s, so NaN follows IEEE arithmetic
+    a = tl.sum(tl.where(cmask[None, :] & (e > 0), e * zm, 0.0), 1)
     y = tl.load(y_ptr + rows, mask=rmask, other=-1)
     t = tl.sum(tl.where(y[:, None] == cols[None, :], z, 0.0), 1)
     off = tl.program_id(1).to(tl.int64) * M + rows
@@ -115,7 +119,8 @@ def _fwd_merge(pm_ptr, ps_ptr, pa_ptr, pt_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
         ai = tl.load(pa_ptr + i * M + rows, mask=rmask, other=0.0)
         c = tl.exp(mi - m)
         s += si * c
-        a += (ai + (mi - m) * si) * c  # Σ e·(z − m) relative to the row max
+        # Σ e·(z − m) relative to the row max; a block of −inf only (si = 0) adds nothing
+        a += tl.where(si > 0, (ai + (mi - m) * si) * c, 0.0)
         t += tl.load(pt_ptr + i * M + rows, mask=rmask, other=0.0)
     logs = tl.log(s)
     tl.store(lp_ptr + rows, (t - m) - logs, mask=rmask)
@@ -144,7 +149,7 @@ def _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_p
     if HAS_ENT:
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
         ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0)
-        d -= ge[:, None] * p * (zl + ent[:, None])
+        d -= tl.where(p > 0, ge[:, None] * p * (zl + ent[:, None]), 0.0)  # 0·(−inf) = 0
     d = d * dzdx
     return tl.where(rmask[:, None] & cmask[None, :], d, 0.0)
 

@@ -35,9 +35,11 @@ def _logits_fwd(x_ptr, y_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
         m_new = tl.maximum(m, tl.max(z, 0))
         first = m == float("-inf")
         c = tl.where(first, 0.0, tl.exp(m - m_new))
-        e = tl.exp(z - m_new)
+        zm = z - tl.where(m_new == float("-inf"), 0.0, m_new)   # no −inf − (−inf)
+        e = tl.exp(zm)
+        # 0·log 0 = 0: a −inf logit adds nothing (NaN still reaches s)
         a = (a + tl.where(first, 0.0, (m - m_new) * s)) * c \
-            + tl.sum(tl.where(cmask, e * (z - m_new), 0.0), 0)
+            + tl.sum(tl.where(cmask & (e > 0), e * zm, 0.0), 0)
         s = s * c + tl.sum(e, 0)
         t += tl.sum(tl.where(cols == y, z, 0.0), 0)
         m = m_new
@@ -72,6 +74,6 @@ def _logits_bwd(x_ptr, out_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
         p = tl.exp(zl)
         d = g * (tl.where(cols == y, 1.0, 0.0) - p)
         if HAS_ENT:
-            d -= ge * p * (zl + ent)
+            d -= tl.where(p > 0, ge * p * (zl + ent), 0.0)   # 0·(−inf) = 0
         tl.store(out_ptr + row * stride_on + cols, (d * dzdx).to(out_ptr.dtype.element_ty),
                  mask=cmask)

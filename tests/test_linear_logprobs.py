@@ -213,3 +213,39 @@ def test_memory_budget(backend, monkeypatch):
     with torch.no_grad():
         fwd = peak_memory_bytes(lambda: alignkit.linear_token_logprobs(h, W, y, backend=backend))
     assert 0 < fwd <= budget + 8 * S * T * 4, fwd
+
+
+def masked_bias_inputs(V=300, seed=16):
+    """Logits of −inf at some columns (a bias that masks tokens), never at a label."""
+    h, W, b, y = make_inputs((3, 11), 20, V, bias=True, seed=seed)
+    b = b.detach().clone()
+    masked = torch.arange(5, V, 7)
+    b[masked] = float("-inf")
+    y[torch.isin(y, masked)] = 4
+    return h, W, b.requires_grad_(), y
+
+
+def test_neg_inf_logits_give_defined_entropy_and_gradients(backend):
+    """0·log 0 = 0: a −inf logit adds nothing to the entropy, and its gradients are 0, not NaN.
+    The oracle runs with −1e30 standing in for −inf (exp underflows to exactly 0 in float64)."""
+    h, W, b, y = masked_bias_inputs()
+    lp, ent = alignkit.linear_token_logprobs(h, W, y, bias=b, return_entropy=True,
+                                             backend=backend)
+    g = torch.Generator().manual_seed(2)
+    (lp * torch.randn(lp.shape, generator=g)).sum().backward(retain_graph=True)
+    gh1, gW1, gb1 = h.grad.clone(), W.grad.clone(), b.grad.clone()
+    for t in (h, W, b):
+        t.grad = None
+    (lp + ent).sum().backward()
+    b64 = b.detach().double().clamp(min=-1e30).requires_grad_()
+    h64, W64 = (t.detach().double().requires_grad_() for t in (h, W))
+    lp64, ent64 = ref(h64, W64, y, bias=b64, return_entropy=True)
+    (lp64 + ent64).sum().backward()
+    for name, ours, theirs in (("logprobs", lp, lp64), ("entropy", ent, ent64),
+                               ("grad_hidden", h.grad, h64.grad),
+                               ("grad_weight", W.grad, W64.grad), ("grad_bias", b.grad, b64.grad)):
+        assert torch.isfinite(ours).all(), name
+        assert (ours.double() - theirs).abs().max() < 1e-4, name
+    assert torch.isfinite(gh1).all() and torch.isfinite(gW1).all() and torch.isfinite(gb1).all()
+    # 0 (torch), or below 1e-30 (cpp, whose exp flattens at exp(-87) ~ 1.6e-38)
+    assert b.grad[torch.arange(5, 300, 7)].abs().max() < 1e-30

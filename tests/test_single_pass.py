@@ -175,3 +175,77 @@ def test_auto_for_untied_losses_wants_bigger_tiles(tile_rows, picked, monkeypatc
     other = "recompute" if picked == "single_pass" else "single_pass"
     assert torch.equal(grads["auto"], grads[picked])
     assert not torch.equal(grads["auto"], grads[other])
+
+
+def _grads_of(fn, *ts):
+    for t in ts:
+        t.grad = None
+    out = fn()
+    return out, [t.grad.clone() if t.grad is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
+@pytest.mark.parametrize("loss,opts", [("simpo", dict(beta=2.0, gamma=0.5)),
+                                       ("orpo", dict(beta=0.5))])
+def test_a_second_backward_accumulates(grad_mode, loss, opts):
+    h, W, b, y, _ = pair_inputs(bias=True, seed=21)
+    h, W, b = (t.float().requires_grad_() for t in (h, W, b))
+    L, _ = alignkit.preference_loss(h, W, y, bias=b, loss=loss, grad_mode=grad_mode, **opts)
+    L.backward(retain_graph=True)
+    once = [t.grad.clone() for t in (h, W, b)]
+    (3.0 * L).backward()                       # a second backward, with another upstream scale
+    for g1, t in zip(once, (h, W, b)):
+        torch.testing.assert_close(t.grad, 4.0 * g1, rtol=1e-5, atol=1e-6)
+
+
+def test_default_mode_traces_under_torch_compile_fullgraph():
+    h, W, _, y, _ = pair_inputs(seed=22)
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+
+    def f(h, W, y):
+        return alignkit.preference_loss(h * 1.0, W, y, loss="simpo", beta=2.0, gamma=0.5)[0]
+
+    out, grads = _grads_of(lambda: torch.compile(f, backend="aot_eager", fullgraph=True)(
+        h, W, y).backward(), h, W)
+    _, eager = _grads_of(lambda: f(h, W, y).backward(), h, W)
+    for a, e in zip(grads, eager):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_mode", ["auto", "single_pass", "recompute"])
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_nan_follows_ieee_arithmetic(grad_mode, loss):
+    h, W, _, y, _ = pair_inputs(seed=23)
+    h, W = h.float(), W.float()
+    h[0, 10, 3] = float("nan")
+    kw = dict(ref_logprobs=torch.zeros(2)) if loss == "dpo" else {}
+    L, m = alignkit.preference_loss(h.requires_grad_(), W, y, loss=loss, grad_mode=grad_mode,
+                                    **kw)
+    assert torch.isnan(L)                       # no "not tied as assumed" error
+    L.backward()
+    if loss == "dpo":                           # NaN in the reference, finite hidden
+        L2, _ = alignkit.preference_loss(h.detach().nan_to_num(), W, y, loss="dpo",
+                                         grad_mode=grad_mode,
+                                         ref_logprobs=torch.tensor([0.0, float("nan")]))
+        assert torch.isnan(L2)
+
+
+def test_no_grad_and_frozen_head_skip_the_accumulator(monkeypatch):
+    import alignkit.losses.single_pass as sp
+    calls = []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: calls.append(a[-3:]) or real(*a))
+    h, W, _, y, _ = pair_inputs(seed=24)
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+    with torch.no_grad():                       # auto: forward only, through the generic op
+        L0, _ = alignkit.preference_loss(h, W, y, loss="simpo")
+    assert calls == []
+    W.requires_grad_(False)                     # a frozen head (LoRA on the body): no grad_W
+    L1, _ = alignkit.preference_loss(h, W, y, loss="simpo")
+    assert calls == [(True, False, False)]
+    L1.backward()
+    g_single = h.grad.clone()
+    h.grad = None
+    alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="recompute")[0].backward()
+    torch.testing.assert_close(g_single, h.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(L0, L1.detach())

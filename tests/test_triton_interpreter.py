@@ -150,3 +150,33 @@ def test_linear_strided_bias(mode):
     assert (lp.double() - ref).abs().max() < 1e-5
     assert (big.grad[::2].double() - b64.grad).abs().max() < 1e-5
     assert torch.all(big.grad[1::2] == 0)
+
+
+def test_linear_neg_inf_logits(mode):
+    # a −inf logit: entropy and gradients defined (0·log 0 = 0) on the Triton kernels too
+    from test_linear_logprobs import masked_bias_inputs
+    h, W, b, y = masked_bias_inputs(V=200, seed=46)
+    lp, ent = alignkit.linear_token_logprobs(h, W, y, bias=b, return_entropy=True,
+                                             backend="triton")
+    (lp + ent).sum().backward()
+    b64 = b.detach().double().clamp(min=-1e30).requires_grad_()
+    h64, W64 = (t.detach().double().requires_grad_() for t in (h, W))
+    lp64, ent64 = ref_lin(h64, W64, y, bias=b64, return_entropy=True)
+    (lp64 + ent64).sum().backward()
+    for ours, theirs in ((lp, lp64), (ent, ent64), (h.grad, h64.grad), (W.grad, W64.grad),
+                         (b.grad, b64.grad)):
+        assert torch.isfinite(ours).all() and (ours.double() - theirs).abs().max() < 1e-4
+
+
+def test_single_pass_bf16_tile_is_fp32(monkeypatch):
+    # The same bf16 inputs through both modes: the recompute forms fp32 logits, so must the single
+    # pass. Both then differ by fp32 summation order only (~1e-6 relative); a tile that holds the
+    # logits in bf16 rounds each by up to 2^-9 relative before the log-softmax (5e-3 on this loss).
+    from test_single_pass import pair_inputs
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    h, W, _, y, _ = pair_inputs(T=19, H=16, V=300, seed=47, scale=4.0)
+    h, W = h.to(torch.bfloat16), W.to(torch.bfloat16)
+    L = {m: alignkit.preference_loss(h, W, y, loss="simpo", beta=2.0, gamma=0.5, grad_mode=m,
+                                     backend="triton")[0].item()
+         for m in ("recompute", "single_pass")}
+    assert abs(L["single_pass"] - L["recompute"]) < 1e-5 * max(1.0, abs(L["recompute"])), L

@@ -132,6 +132,14 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
         why = _single_pass_blocker(hidden, weight, bias, common.get("backend", "auto"))
+        # no gradient wanted (no_grad, or nothing requires one): the recompute op runs forward
+        # only, one GEMM per tile and no [V, H] accumulator
+        if grad_mode == "auto" and not _wants_grad(hidden, weight, bias):
+            why = why or "no input requires a gradient"
+        # under torch.compile the default mode takes the recompute, a registered custom op with
+        # a fake (the single pass's loops are data-dependent and would break the graph)
+        if torch.compiler.is_compiling():
+            why = why or "it does not trace under torch.compile (auto takes the recompute there)"
         pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight)
         if why is None and pays:
             return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
@@ -142,6 +150,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
     return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+
+def _wants_grad(hidden, weight, bias) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (hidden, weight, bias))
 
 
 def _single_pass_blocker(hidden, weight, bias, backend):

@@ -58,15 +58,18 @@ DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles wa
 
 
 def tile_rows(V: int, device=None, itemsize: int = 4) -> int:
-    """Token rows per [rows, V] tile. CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) / (itemsize·V).
-    CUDA: the GEMMs that read the tile want thousands of rows (each tile's Gᵀ·h reads and writes
-    all of grad_W), so the tile takes the chunk budget of the triton backward,
-    ALIGNKIT_TRITON_G_BYTES (default 1 GiB: 4185 rows at V=128256 in bf16; bench/paper.py)."""
+    """Token rows per [rows, V] tile: the fp32 tile (4 bytes an element), plus, for bf16/fp16
+    inputs (itemsize < 4, the triton backend), G's copy in that dtype for the two GEMMs.
+    CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) over those bytes per row. CUDA: the GEMMs that read
+    the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W), so the
+    tile takes the chunk budget of the triton backward, ALIGNKIT_TRITON_G_BYTES (default 1 GiB:
+    1395 rows at V=128256 in bf16, 6 bytes an element)."""
     if device is not None and torch.device(device).type == "cuda":
         budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
     else:
         budget = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
-    return max(1, budget // (itemsize * V))
+    per = 4 + (itemsize if itemsize < 4 else 0)
+    return max(1, budget // (per * V))
 
 
 def eligibility(loss: str, own: dict, pairs: int = 1) -> str:
@@ -90,12 +93,12 @@ def eligibility(loss: str, own: dict, pairs: int = 1) -> str:
 def _mm32(a, b):
     """a·b as fp32. For bf16/fp16 (the triton backend): fp32 accumulation and output on CUDA; on
     CPU tensors (the interpreter's tests) torch has no fp32-output low-precision mm, so the
-    product is rounded to the inputs' dtype first."""
+    inputs are upcast (the same fp32 accumulation)."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
+    return a.float() @ b.float()
 
 
 def _addmm32(acc, a, b):
@@ -105,7 +108,7 @@ def _addmm32(acc, a, b):
     elif a.is_cuda:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.add_(a @ b)
+        acc.addmm_(a.float(), b.float())
 
 
 @dataclass(frozen=True)
@@ -119,135 +122,158 @@ class SinglePassOptions:
     vocab_block: int = 2048          # columns per logits GEMM inside a tile (tiling.py)
 
 
+def _mm_tile(t, hc, weight):
+    """t (fp32 [rows, V]) = hc·Wᵀ with fp32 accumulation and output, whatever the inputs' dtype:
+    the log-softmax then runs on fp32 logits (a bf16 tile rounds them before it, ~5e-3 off)."""
+    if hc.dtype == torch.float32:
+        torch.mm(hc, weight.t(), out=t)
+    elif hc.is_cuda:
+        torch.mm(hc, weight.t(), out_dtype=torch.float32, out=t)
+    else:                                 # the interpreter's CPU tensors: no fp32-output bf16 mm
+        torch.mm(hc.float(), weight.t().float(), out=t)
+
+
+def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need_w, need_b):
+    """The single pass itself: (loss, sums, counts, gh, gw, gb), gradients of the loss formed
+    here (None where not needed)."""
+    H = weight.shape[1]
+    V = weight.shape[0]
+    S = o.num_sequences
+    B = S // 2
+    dev = hidden.device
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1)
+    s = seg.reshape(-1)
+    keep = y != o.logprob.ignore_index
+    idx = keep.nonzero().squeeze(1)
+    sid = s.index_select(0, idx)                       # sequence of each labelled token
+    counts = torch.bincount(sid, minlength=S)
+    counts_f = counts.to(torch.float32)
+    per = counts_f.clamp(min=1).reciprocal()
+    # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
+    w = per if o.average else torch.ones(S, device=dev)
+    backend = resolve(o.logprob.backend, dev)
+    fold, grad = KERNELS.get(backend, (None, None))
+    # the GEMMs run in the inputs' dtype (bf16/fp16 only on the triton backend, fused.py checks);
+    # the tile, G and the accumulators are fp32
+    tdt = weight.dtype if backend == "triton" else torch.float32
+    gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev) if need_h else None
+    gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
+    gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32, device=dev)
+
+    def score_tile(t, hc, yc, tw):
+        """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p)."""
+        if backend == "triton":
+            # one vendor GEMM for the fp32 tile, then the logits kernels: log-prob, G in place
+            _mm_tile(t, hc, weight)
+            if bias is not None:
+                t.add_(bias)
+            return triton_path.tile_logprob_grad(t, yc, tw, o.logprob.inv_temp,
+                                                 o.logprob.cap, o.logprob.ignore_index)
+        st = RowStats.new(t.shape[0], False, dev)
+        # the tile's logits a vocab block at a time, each folded while it is in cache:
+        # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
+        # RESULTS.md, single pass), and the fold then reads L2, not memory
+        for v0 in range(0, V, o.vocab_block):
+            tb = t[:, v0:v0 + o.vocab_block]
+            torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
+            if bias is not None:
+                tb.add_(bias[v0:v0 + o.vocab_block])
+            fold(tb, yc, v0, st, o.logprob)
+        if tw is not None:
+            grad(t, t, yc, 0, st.lse2(), tw, None, None, o.logprob)
+        return st.logprob()
+
+    def sweep(sel, tok_w):
+        """Log-probs of the labelled tokens idx[sel]; with tok_w [len], also their gradient
+        contributions tok_w·(onehot − p) added to gh, gw and gb."""
+        ids = idx[sel]
+        out = torch.empty(ids.numel(), dtype=torch.float32, device=dev)
+        for i0 in range(0, ids.numel(), o.rows):
+            ic = ids[i0:i0 + o.rows]
+            n = ic.numel()
+            hc = h2.index_select(0, ic).to(tdt)
+            yc = y.index_select(0, ic)
+            t = tile[:n]
+            tw = tok_w[i0:i0 + n].contiguous() if tok_w is not None else None
+            out[i0:i0 + n] = score_tile(t, hc, yc, tw)
+            if tw is not None:
+                g_t = t if tdt == torch.float32 else t.to(tdt)
+                if gh is not None:
+                    gh.index_copy_(0, ic, _mm32(g_t, weight))
+                if gw is not None:
+                    _addmm32(gw, g_t.t(), hc)
+                if gb is not None:
+                    gb.add_(t.sum(0))
+        return out
+
+    # The pair with the most labelled tokens goes unscaled into the empty accumulators
+    # (its scalar gradient is known only after its last token); every other sequence is
+    # scored first, forward only, so that its scalar is known when its gradient sweep runs.
+    # U: both sequences of that pair (tied) or its chosen one (untied); R: the rest.
+    p = int((counts[:B] + counts[B:]).argmax()) if B > 1 else 0
+    pair = (sid == p) | (sid == p + B)
+    in_u = pair if o.norm in ("unit", "count") else sid == p
+    u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
+    if o.norm in ("unit", "count"):
+        # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s. The tie is a
+        # property of the loss type (eligibility); tests check every tied type against the
+        # recompute. No run-time check: it would be a sync, and NaN inputs would trip it.
+        a = per if o.norm == "count" else torch.ones(S, device=dev)
+        sign = torch.where(sid < B, 1.0, -1.0)
+        tok_u = (sign * w[sid] * a[sid]).index_select(0, u_sel)
+    else:
+        a = torch.ones(S, device=dev)
+        tok_u = w[sid].index_select(0, u_sel)
+    # per-token log-probs of ~1e2 summed over up to 1e5 tokens: accumulate in float64
+    sums64 = torch.zeros(S, dtype=torch.float64, device=dev)
+    sums64.index_add_(0, sid[r_sel], sweep(r_sel, None).double())
+    sums64.index_add_(0, sid[u_sel], sweep(u_sel, tok_u).double())
+    sums = sums64.float()
+    logps = (sums / counts_f.clamp(min=1) if o.average else sums).requires_grad_()
+    with torch.enable_grad():
+        loss, _ = o.loss_fn(logps, counts_f)
+        g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
+    g = torch.zeros(S, device=dev) if g is None else g
+    k = g[p] / a[p]
+    for buf in (gh, gw, gb):
+        if buf is not None:
+            buf.mul_(k)
+    if r_sel.numel():
+        sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
+    return loss.detach(), sums, counts, gh, gw, gb
+
+
 class _SinglePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, seg, o: SinglePassOptions):
-        H = weight.shape[1]
-        V = weight.shape[0]
-        S = o.num_sequences
-        B = S // 2
-        dev = hidden.device
-        h2 = hidden.reshape(-1, H)
-        y = labels.reshape(-1)
-        s = seg.reshape(-1)
-        keep = y != o.logprob.ignore_index
-        idx = keep.nonzero().squeeze(1)
-        sid = s.index_select(0, idx)                       # sequence of each labelled token
-        counts = torch.bincount(sid, minlength=S)
-        counts_f = counts.to(torch.float32)
-        per = counts_f.clamp(min=1).reciprocal()
-        # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
-        w = per if o.average else torch.ones(S, device=dev)
-        backend = resolve(o.logprob.backend, dev)
-        fold, grad = KERNELS.get(backend, (None, None))
-        # fp32 everywhere but the triton backend, which also takes bf16/fp16 (fused.py checks):
-        # then the tile and G are in that dtype, and the accumulators stay fp32
-        tdt = weight.dtype if backend == "triton" else torch.float32
-        gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev)
-        gw = torch.zeros(V, H, dtype=torch.float32, device=dev)
-        gb = torch.zeros(V, dtype=torch.float32, device=dev) if bias is not None else None
-        tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=tdt, device=dev)
-
-        def score_tile(t, hc, yc, tw):
-            """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p)."""
-            if backend == "triton":
-                # one vendor GEMM for the tile, then the logits kernels: log-prob, G in place
-                torch.mm(hc, weight.t(), out=t)
-                if bias is not None:
-                    t.add_(bias)
-                return triton_path.tile_logprob_grad(t, yc, tw, o.logprob.inv_temp,
-                                                     o.logprob.cap, o.logprob.ignore_index)
-            st = RowStats.new(t.shape[0], False, dev)
-            # the tile's logits a vocab block at a time, each folded while it is in cache:
-            # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
-            # RESULTS.md, single pass), and the fold then reads L2, not memory
-            for v0 in range(0, V, o.vocab_block):
-                tb = t[:, v0:v0 + o.vocab_block]
-                torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
-                if bias is not None:
-                    tb.add_(bias[v0:v0 + o.vocab_block])
-                fold(tb, yc, v0, st, o.logprob)
-            if tw is not None:
-                grad(t, t, yc, 0, st.lse2(), tw, None, None, o.logprob)
-            return st.logprob()
-
-        def sweep(sel, tok_w):
-            """Log-probs of the labelled tokens idx[sel]; with tok_w [len], also their gradient
-            contributions tok_w·(onehot − p) added to gh, gw and gb."""
-            ids = idx[sel]
-            out = torch.empty(ids.numel(), dtype=torch.float32, device=dev)
-            for i0 in range(0, ids.numel(), o.rows):
-                ic = ids[i0:i0 + o.rows]
-                n = ic.numel()
-                hc = h2.index_select(0, ic).to(tdt)
-                yc = y.index_select(0, ic)
-                t = tile[:n]
-                tw = tok_w[i0:i0 + n].contiguous() if tok_w is not None else None
-                out[i0:i0 + n] = score_tile(t, hc, yc, tw)
-                if tw is not None:
-                    gh.index_copy_(0, ic, _mm32(t, weight))
-                    _addmm32(gw, t.t(), hc)
-                    if gb is not None:
-                        gb.add_(t.sum(0, dtype=torch.float32))
-            return out
-
-        # The pair with the most labelled tokens goes unscaled into the empty accumulators
-        # (its scalar gradient is known only after its last token); every other sequence is
-        # scored first, forward only, so that its scalar is known when its gradient sweep runs.
-        # U: both sequences of that pair (tied) or its chosen one (untied); R: the rest.
-        p = int((counts[:B] + counts[B:]).argmax()) if B > 1 else 0
-        pair = (sid == p) | (sid == p + B)
-        in_u = pair if o.norm in ("unit", "count") else sid == p
-        u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
-        if o.norm in ("unit", "count"):
-            # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s
-            a = per if o.norm == "count" else torch.ones(S, device=dev)
-            sign = torch.where(sid < B, 1.0, -1.0)
-            tok_u = (sign * w[sid] * a[sid]).index_select(0, u_sel)
-        else:
-            a = torch.ones(S, device=dev)
-            tok_u = w[sid].index_select(0, u_sel)
-        # per-token log-probs of ~1e2 summed over up to 1e5 tokens: accumulate in float64
-        sums64 = torch.zeros(S, dtype=torch.float64, device=dev)
-        sums64.index_add_(0, sid[r_sel], sweep(r_sel, None).double())
-        sums64.index_add_(0, sid[u_sel], sweep(u_sel, tok_u).double())
-        sums = sums64.float()
-        logps = (sums / counts_f.clamp(min=1) if o.average else sums).requires_grad_()
-        with torch.enable_grad():
-            loss, _ = o.loss_fn(logps, counts_f)
-            g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
-        g = torch.zeros(S, device=dev) if g is None else g
-        k = g[p] / a[p]
-        if o.norm in ("unit", "count") and not torch.allclose(
-                g[p + B], -k * a[p + B], rtol=1e-4, atol=1e-12):
-            raise RuntimeError("single-pass: the loss's gradients of chosen and rejected are "
-                               f"not tied as assumed ({g[p].item()}, {g[p + B].item()}); use "
-                               "grad_mode='recompute'")
-        gw.mul_(k)
-        gh.mul_(k)
-        if gb is not None:
-            gb.mul_(k)
-        if r_sel.numel():
-            sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
-        ctx.save_for_backward(gh, gw, gb)
-        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, bias.dtype if bias is not None
-                    else None)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        loss, sums, counts, gh, gw, gb = _grads(hidden, weight, bias, labels, seg, o, need_h,
+                                                need_w, need_b)
+        # The gradients go back scaled in place (no second [V, H] buffer). They are held on ctx,
+        # not saved for backward (a saved tensor changed in place fails autograd's version
+        # check); a second backward (retain_graph=True) forms them again from the inputs.
+        ctx.bufs = (gh, gw, gb)
+        ctx.save_for_backward(hidden, weight, bias, labels, seg)
+        ctx.o, ctx.need = o, (need_h, need_w, need_b)
         ctx.mark_non_differentiable(sums, counts)
-        return loss.detach(), sums, counts
+        return loss, sums, counts
 
     @staticmethod
     def backward(ctx, grad_loss, _gs, _gc):
-        gh, gw, gb = ctx.saved_tensors
-        shape, hdt, wdt, bdt = ctx.meta
+        hidden, weight, bias, labels, seg = ctx.saved_tensors
+        bufs, ctx.bufs = ctx.bufs, None
+        if bufs is None:                  # a second backward: the first scaled them in place
+            bufs = _grads(hidden.detach(), weight.detach(),
+                          bias.detach() if bias is not None else None, labels, seg, ctx.o,
+                          *ctx.need)[3:]
         scale = grad_loss.to(torch.float32)
-        gh_out = gw_out = gb_out = None
-        if ctx.needs_input_grad[0]:
-            gh_out = gh.mul_(scale).view(shape).to(hdt)
-        if ctx.needs_input_grad[1]:
-            gw_out = gw.mul_(scale).to(wdt)
-        if gb is not None and ctx.needs_input_grad[2]:
-            gb_out = gb.mul_(scale).to(bdt)
-        return gh_out, gw_out, gb_out, None, None, None
+        gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
+        return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
+                gw.to(weight.dtype) if gw is not None else None,
+                gb.to(bias.dtype) if gb is not None else None, None, None, None)
 
 
 def single_pass_loss(hidden, weight, bias, labels, seg, o: SinglePassOptions):

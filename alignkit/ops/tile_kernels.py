@@ -52,6 +52,12 @@ class RowStats:
         return self.s.log() - self.a / self.s
 
 
+# z − m is clamped below at −1e4, where exp is exactly 0 in fp32: a −inf logit (masked by the
+# bias) then adds 0·(−1e4) = 0 to the entropy and its gradient instead of 0·(−inf) = NaN
+# (0·log 0 = 0). clamp keeps NaN, so NaN still follows IEEE arithmetic.
+_ZM_MIN = -1e4
+
+
 def _z(tile: torch.Tensor, opts: LogprobOptions) -> torch.Tensor:
     z = tile.float()
     if opts.softcap is not None:
@@ -73,12 +79,15 @@ def _local(targets: torch.Tensor, col0: int, cols: int):
 def fold_torch(tile, targets, col0, st: RowStats, opts: LogprobOptions):
     z = _z(tile, opts)
     m_new = torch.maximum(st.m, z.amax(dim=1))
-    e = torch.exp(z - m_new[:, None])
+    # a block of −inf logits only: shift by 0 (no −inf − (−inf)); the rescale drops its sums
+    m_ref = torch.where(m_new == float("-inf"), 0.0, m_new)
+    zm = (z - m_ref[:, None]).clamp_(min=_ZM_MIN)
+    e = torch.exp(zm)
     first = st.m == float("-inf")
     scale = torch.where(first, 0.0, torch.exp(st.m - m_new))
     if st.a is not None:
         shift = torch.where(first, 0.0, (st.m - m_new) * st.s)
-        st.a.add_(shift).mul_(scale).add_((e * (z - m_new[:, None])).sum(1))
+        st.a.add_(shift).mul_(scale).add_((e * zm).sum(1))
     st.s.mul_(scale).add_(e.sum(1))
     st.m.copy_(m_new)
     loc, hit = _local(targets, col0, tile.shape[1])
@@ -86,7 +95,7 @@ def fold_torch(tile, targets, col0, st: RowStats, opts: LogprobOptions):
 
 
 def grad_torch(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobOptions):
-    zm = _z(tile, opts) - lse2[:, :1]
+    zm = (_z(tile, opts) - lse2[:, :1]).clamp_(min=_ZM_MIN)
     logs = lse2[:, 1:]
     p = torch.exp(zm - logs)
     d = p * (-g_lp)[:, None]
