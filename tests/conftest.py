@@ -71,3 +71,19 @@ def bpe_tokenizer(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bpe"))
     train_bpe(texts_of(rows), 4000, out)
     return out
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls of alignkit's head op that the drop-ins route through (the fused
+    forward of alignkit.integrations.head): a drop-in test asserts it ran, so that it fails if
+    the trainer stops routing through the patched head."""
+    import alignkit.integrations.head as head
+    calls = []
+    real = head.linear_logprobs_stats
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(head, "linear_logprobs_stats", counted)
+    return calls

@@ -62,7 +62,7 @@ def test_patch_model_returns_the_models_log_probs(bias):
     assert m(input_ids=ids, labels=ids).logits.shape == (3, 37, V)   # unpatched after the block
 
 
-def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients():
+def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients(op_calls):
     m = tiny(seed=1)
     g = torch.Generator().manual_seed(5)
 
@@ -81,10 +81,13 @@ def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients():
     grads = {}
     for packing in ("padded", "padding_free"):
         batch = pack_pairs(pairs, packing=packing)
+        before = len(op_calls)
         sums, counts = sequence_logprobs_from_model(m, batch)
+        assert len(op_calls) == before + 1           # alignkit's head op scored the batch
         torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=2e-4)
         assert counts.tolist() == [9, 5, 2, 4, 11, 7]
         loss, metrics = fused_preference_loss(m, batch, loss="dpo", ref_logprobs=ref, beta=0.3)
+        assert len(op_calls) == before + 2
         exp, _ = dpo_loss(want[:3].float(), want[3:].float(), ref[:3], ref[3:], beta=0.3)
         torch.testing.assert_close(loss, exp, rtol=1e-4, atol=1e-5)
         assert "rewards/accuracies" in metrics

@@ -57,8 +57,9 @@ def model(tok, seed=0):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def run(trainer_cls, config_cls, tok, rows, tmp_path, patch, ref=False, **cfg):
+def run(trainer_cls, config_cls, tok, rows, tmp_path, patch, ref=False, calls=None, **cfg):
     m = model(tok)
+    before = len(calls) if calls is not None else 0
     kw = dict(output_dir=str(tmp_path / ("p" if patch else "u")), per_device_train_batch_size=2,
               max_steps=STEPS, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
               save_strategy="no", learning_rate=1e-3, seed=0, disable_tqdm=True,
@@ -73,6 +74,9 @@ def run(trainer_cls, config_cls, tok, rows, tmp_path, patch, ref=False, **cfg):
         if patch:
             assert patch_trainer(tr) is tr
         tr.train()
+    if calls is not None:             # alignkit's op ran in every patched step, never unpatched
+        ran = len(calls) - before
+        assert (ran >= STEPS) if patch else (ran == 0), (patch, ran)
     return [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
 
 
@@ -91,6 +95,10 @@ def compare(a, b):
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=2e-3), step
 
 
+DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected"}
+
+
 @pytest.mark.parametrize("cfg", [
     dict(),
     dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
@@ -99,37 +107,41 @@ def compare(a, b):
     dict(loss_type=["apo_zero"], label_smoothing=0.0),
     dict(loss_type=["sigmoid"], label_smoothing=0.1),
 ], ids=["sigmoid", "sigmoid+sft", "ipo", "hinge-precomputed", "apo_zero", "cdpo"])
-def test_dpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, cfg):
+def test_dpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, cfg, op_calls):
     ref = not cfg.get("precompute_ref_log_probs", False)
-    a = run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, False, ref=ref, **cfg)
-    b = run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, True, ref=ref, **cfg)
-    assert {"rewards/accuracies", "logps/chosen", "logits/chosen", "entropy",
-            "mean_token_accuracy"} <= set(a[0]) or "rewards/margins" in a[0]
+    a = run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, False, ref=ref,
+            calls=op_calls, **cfg)
+    b = run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, True, ref=ref,
+            calls=op_calls, **cfg)
+    # the metrics compare() checks include these (it compares every key the unpatched run logs)
+    assert DPO_KEYS <= set(a[0]), DPO_KEYS - set(a[0])
     compare(a, b)
 
 
-def test_kto_trainer_patched_matches_unpatched(tok, kto_rows, tmp_path):
+def test_kto_trainer_patched_matches_unpatched(tok, kto_rows, tmp_path, op_calls):
     from trl import KTOConfig, KTOTrainer
-    a = run(KTOTrainer, KTOConfig, tok, kto_rows, tmp_path, False, ref=True)
-    b = run(KTOTrainer, KTOConfig, tok, kto_rows, tmp_path, True, ref=True)
+    a = run(KTOTrainer, KTOConfig, tok, kto_rows, tmp_path, False, ref=True, calls=op_calls)
+    b = run(KTOTrainer, KTOConfig, tok, kto_rows, tmp_path, True, ref=True, calls=op_calls)
     compare(a, b)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_cpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, loss_type):
+def test_cpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, loss_type, op_calls):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     kw = dict(loss_type=loss_type, max_length=512)
     if loss_type == "simpo":
         kw["cpo_alpha"] = 0.0
-    a = run(CPOTrainer, CPOConfig, tok, pair_rows, tmp_path, False, **kw)
-    b = run(CPOTrainer, CPOConfig, tok, pair_rows, tmp_path, True, **kw)
+    a = run(CPOTrainer, CPOConfig, tok, pair_rows, tmp_path, False, calls=op_calls, **kw)
+    b = run(CPOTrainer, CPOConfig, tok, pair_rows, tmp_path, True, calls=op_calls, **kw)
     compare(a, b)
 
 
-def test_orpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path):
+def test_orpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, op_calls):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    a = run(ORPOTrainer, ORPOConfig, tok, pair_rows, tmp_path, False, max_length=512)
-    b = run(ORPOTrainer, ORPOConfig, tok, pair_rows, tmp_path, True, max_length=512)
+    a = run(ORPOTrainer, ORPOConfig, tok, pair_rows, tmp_path, False, max_length=512,
+            calls=op_calls)
+    b = run(ORPOTrainer, ORPOConfig, tok, pair_rows, tmp_path, True, max_length=512,
+            calls=op_calls)
     compare(a, b)
 
 
