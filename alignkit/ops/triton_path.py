@@ -4,8 +4,9 @@ Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "tr
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
 Block sizes are fixed defaults (BLOCKS). Backward modes (ALIGNKIT_TRITON_BWD): "chunked" (default:
 G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see alignkit.kernels).
-The G chunk holds ALIGNKIT_TILE_BYTES (16 MiB default) worth of fp32 rows. Inputs here are already
-validated and restricted to the labelled tokens.
+The G chunk holds ALIGNKIT_TRITON_G_BYTES (1 GiB default) of rows on CUDA, and the CPU tile budget
+(ALIGNKIT_TILE_BYTES, 16 MiB) under the interpreter. Inputs here are already validated and
+restricted to the labelled tokens.
 """
 from __future__ import annotations
 
