@@ -75,15 +75,18 @@ def bpe_tokenizer(data_dir, tmp_path_factory):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the calls of alignkit's head op that the drop-ins route through (the fused
-    forward of alignkit.integrations.head): a drop-in test asserts it ran, so that it fails if
-    the trainer stops routing through the patched head."""
+    """Counts the calls of alignkit's head ops that the drop-ins route through (the fused
+    forward of alignkit.integrations.head; each call's op name is recorded): a drop-in test
+    asserts they ran, so that it fails if the trainer stops routing through the patched head."""
     import alignkit.integrations.head as head
     calls = []
-    real = head.linear_logprobs_stats
 
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(head, "linear_logprobs_stats", counted)
+    def counting(real):
+        def counted(*a, **k):
+            calls.append(real.__name__)
+            return real(*a, **k)
+        return counted
+    # per-token fields (TRL's fused_lm_head call, patch_model) and the fused preference loss
+    for name in ("linear_logprobs_stats", "preference_loss"):
+        monkeypatch.setattr(head, name, counting(getattr(head, name)))
     return calls

@@ -87,7 +87,7 @@ def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients(op_calls
         torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=2e-4)
         assert counts.tolist() == [9, 5, 2, 4, 11, 7]
         loss, metrics = fused_preference_loss(m, batch, loss="dpo", ref_logprobs=ref, beta=0.3)
-        assert len(op_calls) == before + 2
+        assert op_calls[before:] == ["linear_logprobs_stats", "preference_loss"]
         exp, _ = dpo_loss(want[:3].float(), want[3:].float(), ref[:3], ref[3:], beta=0.3)
         torch.testing.assert_close(loss, exp, rtol=1e-4, atol=1e-5)
         assert "rewards/accuracies" in metrics
@@ -120,3 +120,31 @@ def test_all_masked_batch_keeps_the_graph_and_the_field_dtypes():
     assert out.log_probs.abs().sum() == 0 and out.loss == 0
     out.loss.backward()                          # a differentiable zero, not an error
     assert m.model.embed_tokens.weight.grad is not None
+
+
+def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
+    """Two pairs: the default grad_mode takes the single pass inside the model's call; the loss,
+    metrics and gradients equal the recompute's."""
+    import alignkit.losses.single_pass as sp
+    ran = []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
+    m = tiny(seed=2)
+    g = torch.Generator().manual_seed(6)
+
+    def r(k):
+        return torch.randint(0, V, (k,), generator=g).tolist()
+    batch = pack_pairs([(r(5), r(8), r(3)), (r(4), r(6), r(9))], packing="padding_free")
+    runs = {}
+    for mode in ("auto", "recompute"):
+        m.zero_grad()
+        loss, metrics = fused_preference_loss(m, batch, loss="orpo", beta=0.4, grad_mode=mode)
+        loss.backward()
+        runs[mode] = (loss.detach(), metrics, {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert len(ran) == 1 and op_calls == ["preference_loss"] * 2
+    (la, ma, ga), (lr, mr, gr) = runs["auto"], runs["recompute"]
+    torch.testing.assert_close(la, lr, rtol=1e-5, atol=1e-6)
+    for k in mr:
+        torch.testing.assert_close(ma[k], mr[k], rtol=1e-5, atol=1e-5)
+    for n in gr:
+        torch.testing.assert_close(ga[n], gr[n], rtol=1e-4, atol=1e-6)

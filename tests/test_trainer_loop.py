@@ -165,3 +165,20 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert os.path.isfile(tmp_path / "final" / "adapter_config.json")
+
+
+def test_the_trainer_reaches_the_single_pass(setup, tmp_path, monkeypatch):
+    """Two pairs per micro-batch in fp32: the default grad_mode takes the single pass in every
+    training micro-batch, and the run matches the recompute's to fp32 round-off."""
+    import alignkit.losses.single_pass as sp
+    ran = []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
+    PreferenceTrainer(config(setup, tmp_path / "sp", batch_size=2, grad_accum=2)).train()
+    assert len(ran) == 3 * 2                          # 3 steps x 2 micro-batches; eval: no grad
+    PreferenceTrainer(config(setup, tmp_path / "rc", batch_size=2, grad_accum=2,
+                             loss_options={"grad_mode": "recompute"})).train()
+    assert len(ran) == 6
+    a, b = final_weights(tmp_path / "sp"), final_weights(tmp_path / "rc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -7,6 +7,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+import alignkit  # noqa: E402
 from alignkit.train.data import Example  # noqa: E402
 from alignkit.train.model import SequenceLogprobs, forward_batch  # noqa: E402
 from alignkit.train.objective import compute_loss  # noqa: E402
@@ -114,3 +115,41 @@ def test_kto_mismatched_partners_are_extra_sequences():
     assert b.num_sequences == 4 and b.num_examples == 2
     assert b.labels.tolist() == [7, 8, 9, 16, 11, 12, 7, 8, 9]
     assert b.segment_ids.tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("loss,options", [("dpo", {"beta": 0.5}),
+                                          ("orpo", {"beta": 0.5}),
+                                          ("simpo", {"beta": 2.0, "gamma": 0.3})])
+@pytest.mark.parametrize("grad_mode", ["single_pass", "recompute", "auto"])
+def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, monkeypatch):
+    """The trainer's paired losses run as preference_loss inside the model module; every packing
+    gives the loss and every parameter's gradient of the sums path (compute_loss on the module's
+    per-sequence sums), and the single pass is what ran where it is asked for or chosen."""
+    import alignkit.losses.single_pass as sp
+    from alignkit.train.objective import Paired, ref_logprobs_of
+    ran = []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
+    model = tiny_model("qwen2", bias=True)
+    exs = examples(n=2)                          # 2 pairs: auto takes the single pass
+    mod = SequenceLogprobs(model, backend="cpp" if alignkit.cpp_available() else "torch")
+    for mode in MODES:
+        batch = collate(exs, [0, 1], mode, pad_id=0)
+        model.zero_grad()
+        sums, counts = forward_batch(mod, batch)
+        ref = (sums.detach() - 0.5 * torch.arange(4.0), counts) if loss == "dpo" else None
+        want, want_m = compute_loss(loss, options, sums, counts, ref)
+        want.backward()
+        want_g = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        before = len(ran)
+        got, got_m = forward_batch(mod, batch, Paired(loss, dict(options, grad_mode=grad_mode)),
+                                   ref_logprobs_of(loss, options, ref, sums))
+        got.backward()
+        assert (len(ran) > before) == (grad_mode != "recompute"), (mode, grad_mode)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for k in want_m:
+            torch.testing.assert_close(got_m[k], want_m[k], rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want_g[n], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{mode} {n}: {m}")

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions
 
@@ -49,6 +50,7 @@ class FusedOutput(_OutputBase):
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
+    metrics: Optional[dict] = None
 
 
 def head_options(model, temperature: float = 1.0) -> dict:
@@ -151,10 +153,35 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
                 is_top1=scatter(flat.get("is_top1"), torch.bool), label_mask=mask)
 
 
+def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Tensor,
+                         num_sequences: int, preference: dict, *, temperature: float = 1.0,
+                         backend: str = "auto"):
+    """hidden [B, T, H], labels [B, T] aligned (-100 ignored), segment_ids [B, T] (the sequence
+    of each labelled token, chosen 0..B'-1 then rejected) -> (loss, metrics) of
+    ``alignkit.preference_loss`` on the labelled rows, inside the head's call (so sharded heads
+    are gathered around it). ``preference``: loss=..., ref_logprobs=..., and the loss's options."""
+    head = model.get_output_embeddings()
+    opts_kw = {k: v for k, v in head_options(model, temperature).items() if v is not None}
+    idx = (labels != -100).reshape(-1).nonzero().squeeze(1)
+    y = labels.reshape(-1).index_select(0, idx)
+    seg = segment_ids.reshape(-1).index_select(0, idx)
+
+    def op(weight, bias, h):
+        weight, bias = _full(weight), _full(bias)
+        hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
+        return preference_loss(hs.index_select(0, idx), weight, y, bias=bias, segment_ids=seg,
+                               num_segments=num_sequences, backend=backend, **opts_kw,
+                               **preference)
+    return _head_call(head, op, hidden)
+
+
 def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_batch=None,
                   outputs=("log_probs",), temperature: float = 1.0, backend: str = "auto",
-                  **kwargs) -> FusedOutput:
-    """Body, then the fused head: per-token fields of the next-token labels (see module doc)."""
+                  preference: Optional[dict] = None, **kwargs) -> FusedOutput:
+    """Body, then the fused head: per-token fields of the next-token labels (see module doc).
+    With ``preference`` (dict: sequence_ids [B, T] aligned with the shifted labels,
+    num_sequences, and preference_loss's loss=..., ref_logprobs=..., options), the preference
+    loss through alignkit's fused engine instead: FusedOutput(loss=..., metrics=...)."""
     unknown = set(outputs) - {"log_probs", "entropy", "mean_logits", "is_top1"}
     if unknown:
         raise NotImplementedError(f"per-token output(s) {sorted(unknown)} are not computed by "
@@ -174,6 +201,12 @@ def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_bat
     if lab.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:2])} (shift_labels: "
                          f"{tuple(hidden.shape[:-1])}); got {tuple(lab.shape)}")
+    if preference is not None:
+        pref = dict(preference)
+        seq, S = pref.pop("sequence_ids"), pref.pop("num_sequences")
+        loss, metrics = head_preference_loss(model, hidden, lab.to(hidden.device), seq, S, pref,
+                                             temperature=temperature, backend=backend)
+        return FusedOutput(loss=loss, metrics=metrics)
     f = head_logprobs(model, hidden, lab.to(hidden.device), entropy="entropy" in outputs,
                       mean_logits="mean_logits" in outputs, is_top1="is_top1" in outputs,
                       temperature=temperature, backend=backend)
@@ -192,17 +225,18 @@ def install_fused_forward(model, *, outputs=("log_probs",), temperature: float =
     original = model.forward
 
     def forward(self, *args, fused_lm_head=None, labels=None, shift_labels=None,
-                num_items_in_batch=None, **kw):
+                num_items_in_batch=None, alignkit_preference=None, **kw):
         if on == "fused_lm_head":
             fused = bool(fused_lm_head)
         else:
             fused = labels is not None or shift_labels is not None
             if fused_lm_head is not None:
                 kw["fused_lm_head"] = fused_lm_head
-        if fused:
+        if fused or alignkit_preference is not None:
             return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, outputs=outputs,
-                                 temperature=temperature, backend=backend, **kw)
+                                 temperature=temperature, backend=backend,
+                                 preference=alignkit_preference, **kw)
         for k, v in (("labels", labels), ("shift_labels", shift_labels),
                      ("num_items_in_batch", num_items_in_batch)):
             if v is not None:

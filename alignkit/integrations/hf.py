@@ -22,7 +22,6 @@ from torch import Tensor
 
 from alignkit.api import reduce_sequences
 from alignkit.integrations.head import patch_model
-from alignkit.losses import logprob_loss
 
 
 def _unwrap(model):
@@ -38,8 +37,7 @@ def _ensure_patched(model):
         inner._alignkit_hf_patched = True
 
 
-def sequence_logprobs_from_model(model, batch: dict, *, num_sequences: Optional[int] = None):
-    """(sums [S], counts [S]) of the labelled tokens' log-probs per sequence."""
+def _check_batch(batch):
     for k in ("input_ids", "labels"):
         if k not in batch:
             raise KeyError(f"batch needs {k!r} (see alignkit.integrations.hf)")
@@ -47,30 +45,51 @@ def sequence_logprobs_from_model(model, batch: dict, *, num_sequences: Optional[
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}; got "
                          f"{tuple(labels.shape)}")
-    _ensure_patched(model)
-    kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    out = model(input_ids=ids, labels=labels, **kw)
-    lp, lab = out.log_probs, labels[:, 1:]              # [R, L-1], label t+1 from position t
+    return ids, labels, {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+
+
+def _segments(batch, lab, num_sequences):
+    """(segment ids [R, L-1] of the shifted labels, S): sequence_ids, or row r = sequence r."""
     seq = batch.get("sequence_ids")
     if seq is None:
-        return reduce_sequences(lp, lab)
+        R = lab.shape[0]
+        return torch.arange(R, device=lab.device)[:, None].expand(lab.shape), R
     seg = seq[:, 1:]
     if bool((seg[lab != -100] < 0).any()):
         raise ValueError("sequence_ids is -1 at a labelled token: every scored token needs its "
                          "sequence")
     S = num_sequences if num_sequences is not None else int(seg.max()) + 1
     # unlabelled positions (log-prob 0, not counted) may belong to no sequence: any index does
-    return reduce_sequences(lp, lab, segment_ids=seg.clamp(min=0), num_segments=S)
+    return seg.clamp(min=0), S
+
+
+def sequence_logprobs_from_model(model, batch: dict, *, num_sequences: Optional[int] = None):
+    """(sums [S], counts [S]) of the labelled tokens' log-probs per sequence."""
+    ids, labels, kw = _check_batch(batch)
+    _ensure_patched(model)
+    out = model(input_ids=ids, labels=labels, **kw)
+    lp, lab = out.log_probs, labels[:, 1:]              # [R, L-1], label t+1 from position t
+    if batch.get("sequence_ids") is None:
+        return reduce_sequences(lp, lab)
+    seg, S = _segments(batch, lab, num_sequences)
+    return reduce_sequences(lp, lab, segment_ids=seg, num_segments=S)
 
 
 def fused_preference_loss(model, batch: dict, *, loss: str = "dpo",
                           ref_logprobs: Optional[Tensor] = None, **loss_options):
-    """(loss, metrics) of a chosen/rejected batch: the log-probs through the fused head, then
-    ``alignkit.losses.logprob_loss`` (dpo, simpo, cpo, orpo with their options). For DPO give
-    ``ref_logprobs`` [2B] (e.g. ``sequence_logprobs_from_model(ref_model, batch)[0]`` under
-    ``torch.no_grad()``, or cached)."""
-    sums, counts = sequence_logprobs_from_model(model, batch)
-    return logprob_loss(sums, counts, loss=loss, ref_logprobs=ref_logprobs, **loss_options)
+    """(loss, metrics) of a chosen/rejected batch through ``alignkit.preference_loss`` on the
+    body's hidden states, inside the model's call (DDP / FSDP wrappers see it) and the head's
+    (sharded heads are gathered): the fused engine, its single pass included (dpo, simpo, cpo,
+    orpo with their options, ``grad_mode`` among them). For DPO give ``ref_logprobs`` [2B]
+    (e.g. ``sequence_logprobs_from_model(ref_model, batch)[0]`` under ``torch.no_grad()``, or
+    cached)."""
+    ids, labels, kw = _check_batch(batch)
+    _ensure_patched(model)
+    seg, S = _segments(batch, labels[:, 1:], None)
+    pref = dict(loss_options, loss=loss, ref_logprobs=ref_logprobs, sequence_ids=seg,
+                num_sequences=S)
+    out = model(input_ids=ids, labels=labels, alignkit_preference=pref, **kw)
+    return out.loss, out.metrics
 
 
 def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0) -> dict:

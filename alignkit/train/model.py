@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs
+from alignkit.losses import preference_loss
 from alignkit.integrations.head import head_options, match_head_dtypes
 
 
@@ -46,7 +47,10 @@ def head_of(model):
 
 
 class SequenceLogprobs(nn.Module):
-    """forward(batch tensors) -> (sums [S], counts [S]) of the response tokens' log-probs."""
+    """forward(batch tensors) -> (sums [S], counts [S]) of the response tokens' log-probs; with
+    ``objective`` (a paired loss: ``alignkit.train.objective.Paired``), the loss itself through
+    ``alignkit.preference_loss`` on the response hidden states -> (loss, metrics), so that the
+    fused engine (its single pass included) runs inside this module's call."""
 
     def __init__(self, model, backend: str = "auto"):
         super().__init__()
@@ -56,7 +60,7 @@ class SequenceLogprobs(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, gather, labels, segment_ids,
                 num_sequences: int, input_ids2=None, position_ids2=None, attention_mask2=None,
-                prefix: int = 0):
+                prefix: int = 0, objective=None, ref_logprobs=None):
         body, head, _ = head_of(self.model)
         two = input_ids2 is not None
         out = body(input_ids=input_ids, position_ids=position_ids,
@@ -75,13 +79,20 @@ class SequenceLogprobs(nn.Module):
             hidden = torch.cat([hidden, out2.last_hidden_state.reshape(-1, hidden.shape[-1])])
         h = hidden.index_select(0, gather)
         h, w, b = match_head_dtypes(h, head.weight, head.bias)
+        if objective is not None:
+            return preference_loss(h, w, labels, bias=b, segment_ids=segment_ids,
+                                   num_segments=num_sequences, loss=objective.loss,
+                                   ref_logprobs=ref_logprobs, backend=self.backend,
+                                   **self.head_opts, **objective.options)
         return sequence_logprobs(h, w, labels, bias=b, segment_ids=segment_ids,
                                  num_segments=num_sequences, backend=self.backend,
                                  **self.head_opts)
 
 
-def forward_batch(module, batch):
-    """Calls a SequenceLogprobs (or its DDP / FSDP wrapper) on a packing.Batch."""
+def forward_batch(module, batch, objective=None, ref_logprobs=None):
+    """Calls a SequenceLogprobs (or its DDP / FSDP wrapper) on a packing.Batch: (sums, counts),
+    or (loss, metrics) with an objective."""
     return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.gather,
                   batch.labels, batch.segment_ids, batch.num_sequences, batch.input_ids2,
-                  batch.position_ids2, batch.attention_mask2, batch.prefix)
+                  batch.position_ids2, batch.attention_mask2, batch.prefix, objective,
+                  ref_logprobs)

@@ -1,5 +1,6 @@
-"""The trainer's objective on per-sequence log-prob sums: the paired losses through
-``alignkit.losses.logprob_loss``, KTO through ``kto_loss``.
+"""The trainer's objective. The paired losses run as ``alignkit.preference_loss`` inside the
+model module (``Paired``: the fused engine, single pass included); ``compute_loss`` is the same
+objective on per-sequence log-prob sums (KTO, and the tests' cross-checks).
 
 KTO's reference point z₀ (``loss_options.kl_estimate``): ``mismatched`` (default, as in the paper
 and TRL) scores each prompt with the completion of a fixed other example (the next one in dataset
@@ -7,13 +8,14 @@ order), packed into the same forward as extra sequences; ``zero`` uses z₀ = 0 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from alignkit.losses import kto_loss, logprob_loss
-from alignkit.losses.fused import split_options
+from alignkit.losses.fused import GRAD_MODES, split_options
 
 _KTO_OPTIONS = ("beta", "desirable_weight", "undesirable_weight", "kl_estimate")
 
@@ -35,15 +37,44 @@ def check_loss_options(loss: str, options: dict) -> None:
                  **{k: v for k, v in options.items() if k != "kl_estimate"})
         return
     own, common = split_options(loss, options)
-    extra = sorted(set(common) - {"average"})
+    extra = sorted(set(common) - {"average", "grad_mode"})
     if extra:
         raise ValueError(f"option(s) {extra} are set by the trainer (backend: a config key; "
                          "softcap / temperature: from the model's config), not in loss_options")
+    if common.get("grad_mode", "auto") not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got "
+                         f"{common['grad_mode']!r}")
+    options = {k: v for k, v in options.items() if k != "grad_mode"}
     if "average" in common and not isinstance(common["average"], bool):
         raise ValueError(f"average must be true or false, got {common['average']!r}")
     z = torch.zeros(2)
     logprob_loss(z, torch.ones(2, dtype=torch.long), loss=loss,
                  ref_logprobs=z if loss == "dpo" else None, **options)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired loss as the model module runs it: alignkit.preference_loss(..., loss=loss,
+    **options) on the response hidden states (the fused engine: recompute or single pass)."""
+    loss: str
+    options: dict
+
+
+def paired_objective(loss: str, options: dict) -> Optional[Paired]:
+    """The paired objective of a config's loss; None for KTO (unpaired: its loss runs on the
+    per-sequence sums, compute_loss)."""
+    return None if loss == "kto" else Paired(loss, dict(options))
+
+
+def ref_logprobs_of(loss: str, options: dict, ref: Optional[tuple], like: Tensor):
+    """The reference log-probs a paired loss takes ([S] in its reduction), from the reference's
+    (sums, counts); zeros for reference-free DPO (reference: none); None for the others."""
+    if loss != "dpo":
+        return None
+    if ref is None:
+        return torch.zeros_like(like, dtype=torch.float32)
+    rs, rc = ref
+    return rs / rc.clamp(min=1).to(rs.dtype) if options.get("average") else rs
 
 
 def kto_uses_kl(loss: str, options: dict) -> bool:
@@ -62,11 +93,6 @@ def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
         if sums.shape[0] == 2 * b:
             kw = dict(policy_kl_logps=sums[b:], ref_kl_logps=ref_sums[b:])
         return kto_loss(sums[:b], ref_sums[:b], desirable, **opts, **kw)
-    ref_logps = None
-    if loss == "dpo":
-        if ref is None:                      # reference: none -> reference-free DPO (ref = 0)
-            ref_logps = torch.zeros_like(sums)
-        else:
-            rs, rc = ref
-            ref_logps = rs / rc.clamp(min=1).to(rs.dtype) if options.get("average") else rs
-    return logprob_loss(sums, counts, loss=loss, ref_logprobs=ref_logps, **options)
+    options = {k: v for k, v in options.items() if k != "grad_mode"}   # a fused-engine option
+    return logprob_loss(sums, counts, loss=loss, ref_logprobs=ref_logprobs_of(loss, options, ref,
+                                                                              sums), **options)

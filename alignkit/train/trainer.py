@@ -25,7 +25,12 @@ from alignkit.train.config import ConfigError, TrainConfig
 from alignkit.train.data import Tokenise, load_rows, tokenise_rows
 from alignkit.train.metrics import MetricsLog
 from alignkit.train.model import SequenceLogprobs, forward_batch, head_of
-from alignkit.train.objective import compute_loss, kto_uses_kl
+from alignkit.train.objective import (
+    compute_loss,
+    kto_uses_kl,
+    paired_objective,
+    ref_logprobs_of,
+)
 from alignkit.train.packing import collate, pad_id_of
 from alignkit.train.reference import LiveReference, is_peft, precompute
 
@@ -212,9 +217,15 @@ class PreferenceTrainer:
     def micro_loss(self, module, examples, idx, split="train"):
         batch = collate(examples, idx, self.cfg.packing, self.pad_id,
                         kl_partner=self._kl_partner(examples)).to(self.device)
+        objective = paired_objective(self.cfg.loss, self.cfg.loss_options)
         with self._autocast():
-            sums, counts = forward_batch(module, batch)
             ref = self._reference(batch, split)
+            if objective is not None:       # the loss inside the module: the fused engine
+                ref_lp = ref_logprobs_of(self.cfg.loss, self.cfg.loss_options, ref,
+                                         batch.labels.new_zeros(batch.num_sequences))
+                loss, metrics = forward_batch(module, batch, objective, ref_lp)
+                return loss, metrics, batch.tokens
+            sums, counts = forward_batch(module, batch)
         desirable = None
         if self.cfg.loss == "kto":
             desirable = torch.tensor([examples[i].desirable for i in idx], device=self.device)
