@@ -158,30 +158,39 @@ def _wants_grad(hidden, weight, bias) -> bool:
 
 
 def _single_pass_blocker(hidden, weight, bias, backend):
-    from alignkit.ops.backends import resolve
     dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
-    if resolve(backend, hidden.device) == "triton":
-        if len(dtypes) != 1:
-            return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
-        return None
-    if dtypes != {torch.float32}:
-        return ("on the CPU backends it runs in fp32 (hidden, weight and bias float32); the "
-                "triton backend also takes bf16/fp16")
+    if len(dtypes) != 1:
+        return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
+    if dtypes == {torch.float64}:
+        return "float64 inputs take the recompute (its GEMMs run in fp32 either way)"
     return None
 
 
 def _single_pass_pays(loss, own, S, weight) -> bool:
-    # bench/RESULTS.md (single pass or recompute), 64 MiB tiles, one or two pairs:
-    # - tied losses: the single pass ran below the recompute where a full-vocabulary tile holds
-    #   >= 110 rows (V <= 152k); with 27-row tiles (16 MiB at V=152k) the probe saw it lose.
-    # - untied (ORPO, CPO, DPO+sft...): below the recompute with 524-row tiles (V=32000), level
-    #   or above with 110-row tiles (V=152k), hence the higher bar.
+    # Measured (bench/RESULTS.md): the single pass against the recompute, 64 MiB tiles.
+    # fp32, on the 2-core EPYC of issue #3:
+    # - tied losses: below the recompute with >= 110-row tiles (V <= 152k); with 27-row tiles
+    #   (16 MiB at V=152k) the probe saw it lose. On the AMX Xeon of issue #14 it lost by 17% at
+    #   110 rows (B2) and tied or won at 524 rows, hence 256.
+    # - untied (ORPO, CPO, DPO+sft...): below the recompute with 524-row tiles (V=32000) there,
+    #   level or above with 110-row tiles (V=152k); 10-15% above it on the Xeon.
     # - beyond two pairs most tokens are scored twice anyway (all but the longest pair): 8 pairs
     #   of 256 tokens measured 1.67x the floor against the recompute's 1.44x.
+    # bf16 on a CPU with bf16 units (the Xeon): level with the recompute for one tied pair of
+    # 1048-row tiles (B3, the long pair), 15-55% slower with two pairs, short tiles or untied
+    # losses: the elementwise passes, not the GEMMs, bound it there. So one tied pair only.
+    # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
+    # for every tile; the recompute converts it per vocab block, with no [V, H] G.
     from alignkit.losses.single_pass import eligibility, tile_rows
-    rows = tile_rows(weight.shape[0], weight.device, weight.element_size())
-    need = 64 if eligibility(loss, own, S // 2) != "untied" else 256
-    return S <= 4 and rows >= need
+    from alignkit.ops.backends import gemm_dtype
+    tied = eligibility(loss, own, S // 2) != "untied"
+    rows = tile_rows(weight.shape[0], weight.device, weight.dtype)
+    if weight.dtype != torch.float32:
+        if weight.device.type == "cuda":       # not measured on a GPU yet: issue #3's rule
+            return S <= 4 and rows >= (64 if tied else 256)
+        return (gemm_dtype(weight.dtype, weight.device) == weight.dtype and tied and S == 2
+                and rows >= 512)
+    return S <= 4 and rows >= 256
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
@@ -203,7 +212,7 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
                               own)
     o = SinglePassOptions(loss_fn, S, average, eligibility(loss, own, S // 2),
                           LogprobOptions(**common),
-                          tile_rows(weight.shape[0], weight.device, weight.element_size()))
+                          tile_rows(weight.shape[0], weight.device, weight.dtype))
     value, sums, counts = single_pass_loss(hidden, weight, bias, labels, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

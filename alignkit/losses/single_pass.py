@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from alignkit.ops import triton_path
-from alignkit.ops.backends import resolve
+from alignkit.ops.backends import gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, RowStats
 from alignkit.ops.validate import check_label_range
@@ -57,18 +57,22 @@ _COUNT = {"ipo", "sigmoid_norm"}
 DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
 
 
-def tile_rows(V: int, device=None, itemsize: int = 4) -> int:
-    """Token rows per [rows, V] tile: the fp32 tile (4 bytes an element), plus, for bf16/fp16
-    inputs (itemsize < 4, the triton backend), G's copy in that dtype for the two GEMMs.
-    CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) over those bytes per row. CUDA: the GEMMs that read
-    the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W), so the
-    tile takes the chunk budget of the triton backward, ALIGNKIT_TRITON_G_BYTES (default 1 GiB:
-    1395 rows at V=128256 in bf16, 6 bytes an element)."""
-    if device is not None and torch.device(device).type == "cuda":
+def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32) -> int:
+    """Token rows per [rows, V] tile, from the bytes an element costs: CUDA, the fp32 tile plus
+    G's copy in the inputs' dtype for the two GEMMs (4 + itemsize for bf16/fp16); CPU, the fp32
+    tile (4), or the bf16 logits where the GEMMs run in bf16 (2: G is formed a vocab block at a
+    time beside it). CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) over those bytes per row. CUDA: the
+    GEMMs that read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of
+    grad_W), so the tile takes the chunk budget of the triton backward, ALIGNKIT_TRITON_G_BYTES
+    (default 1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
         budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
+        per = 4 + (itemsize if itemsize < 4 else 0)
     else:
         budget = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
-    per = 4 + (itemsize if itemsize < 4 else 0)
+        per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return max(1, budget // (per * V))
 
 
@@ -154,16 +158,48 @@ def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need
     w = per if o.average else torch.ones(S, device=dev)
     backend = resolve(o.logprob.backend, dev)
     fold, grad = KERNELS.get(backend, (None, None))
-    # the GEMMs run in the inputs' dtype (bf16/fp16 only on the triton backend, fused.py checks);
-    # the tile, G and the accumulators are fp32
-    tdt = weight.dtype if backend == "triton" else torch.float32
+    # The GEMMs run in the inputs' dtype where that is fast (gemm_dtype: CUDA, CPUs with bf16
+    # units), with fp32 accumulation; the statistics, log-probs and accumulators are fp32.
+    # triton: an fp32 tile (fp32-output GEMM), G cast for the two gradient GEMMs. CPU bf16: the
+    # tile keeps the bf16 logits (torch's CPU GEMM has no fp32 output: they are rounded to bf16,
+    # as under autocast), the fold reads them in fp32, and G is formed a vocab block at a time
+    # (fp32, then cast) for the two GEMMs of that block: the logits are still formed once.
+    tdt = weight.dtype if backend == "triton" else gemm_dtype(weight.dtype, dev)
+    cpu_lowp = backend != "triton" and tdt != torch.float32
     gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev) if need_h else None
     gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    tile = torch.empty(min(o.rows, max(idx.numel(), 1)), V, dtype=torch.float32, device=dev)
+    n_rows = min(o.rows, max(idx.numel(), 1))
+    tile = torch.empty(n_rows, V, dtype=tdt if cpu_lowp else torch.float32, device=dev)
+    vb = min(o.vocab_block, V)
+    gblk = torch.empty(n_rows, vb, dtype=torch.float32, device=dev) if cpu_lowp else None
+    gblk_lp = torch.empty(n_rows, vb, dtype=tdt, device=dev) if cpu_lowp else None
+    wt = weight if weight.dtype == tdt else None       # fp32 GEMMs: W converted per block
+    bt = bias if bias is None or bias.dtype == tile.dtype else bias.to(tile.dtype)
 
-    def score_tile(t, hc, yc, tw):
-        """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p)."""
+    def lowp_grads(t, hc, yc, ic, lse2, tw):
+        """CPU bf16: per vocab block, G = tw·(onehot − p) from the kept bf16 logits (fp32), cast,
+        then gh[ic] += G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16
+        out, added into the fp32 accumulators a block at a time: no second [V, H] buffer)."""
+        n = t.shape[0]
+        ghc = torch.zeros(n, H, dtype=torch.float32, device=dev) if gh is not None else None
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            g, gl = gblk[:n, :v1 - v0], gblk_lp[:n, :v1 - v0]
+            grad(t[:, v0:v1], g, yc, v0, lse2, tw, None, None, o.logprob)
+            if gb is not None:
+                gb[v0:v1] += g.sum(0)
+            gl.copy_(g)
+            if ghc is not None:
+                ghc.add_(gl @ weight[v0:v1])
+            if gw is not None:
+                gw[v0:v1].add_(gl.t() @ hc)
+        if ghc is not None:
+            gh.index_copy_(0, ic, ghc)
+
+    def score_tile(t, hc, yc, tw, ic):
+        """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p) (CPU bf16:
+        their gradients are accumulated here, lowp_grads)."""
         if backend == "triton":
             # one vendor GEMM for the fp32 tile, then the logits kernels: log-prob, G in place
             _mm_tile(t, hc, weight)
@@ -176,12 +212,17 @@ def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need
         # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
         # RESULTS.md, single pass), and the fold then reads L2, not memory
         for v0 in range(0, V, o.vocab_block):
-            tb = t[:, v0:v0 + o.vocab_block]
-            torch.mm(hc, weight[v0:v0 + o.vocab_block].t(), out=tb)
-            if bias is not None:
-                tb.add_(bias[v0:v0 + o.vocab_block])
+            v1 = min(V, v0 + o.vocab_block)
+            tb = t[:, v0:v1]
+            wb = wt[v0:v1] if wt is not None else weight[v0:v1].to(tdt)
+            if bt is None:
+                torch.mm(hc, wb.t(), out=tb)
+            else:
+                torch.addmm(bt[v0:v1], hc, wb.t(), out=tb)
             fold(tb, yc, v0, st, o.logprob)
-        if tw is not None:
+        if tw is not None and cpu_lowp:
+            lowp_grads(t, hc, yc, ic, st.lse2(), tw)
+        elif tw is not None:
             grad(t, t, yc, 0, st.lse2(), tw, None, None, o.logprob)
         return st.logprob()
 
@@ -197,11 +238,12 @@ def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need
             yc = y.index_select(0, ic)
             t = tile[:n]
             tw = tok_w[i0:i0 + n].contiguous() if tok_w is not None else None
-            out[i0:i0 + n] = score_tile(t, hc, yc, tw)
-            if tw is not None:
+            out[i0:i0 + n] = score_tile(t, hc, yc, tw, ic)
+            if tw is not None and not cpu_lowp:
                 g_t = t if tdt == torch.float32 else t.to(tdt)
                 if gh is not None:
-                    gh.index_copy_(0, ic, _mm32(g_t, weight))
+                    gh.index_copy_(0, ic, _mm32(g_t, weight if wt is not None
+                                                else weight.to(tdt)))
                 if gw is not None:
                     _addmm32(gw, g_t.t(), hc)
                 if gb is not None:

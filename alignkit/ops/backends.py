@@ -19,6 +19,34 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
     _CPP_ERROR = exc
 
 _warned = False
+_CPU_BF16 = None
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU has bf16 matrix units (avx512_bf16 or AMX): there a bf16 GEMM with fp32
+    accumulation ran 3.5x an fp32 one (738 against 214 GFLOP/s at [2048, 512] x [512, 32000] on
+    this project's Xeon); without them bf16 matmul runs ~20x slower than fp32."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+            _CPU_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        except OSError:
+            _CPU_BF16 = False
+    return _CPU_BF16
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the head's GEMMs run in for inputs of `dtype` (accumulation is fp32 inside the
+    GEMM either way): bf16/fp16 on CUDA; bf16 on CPUs with bf16 units; fp32 elsewhere."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return torch.float32
+    if device.type == "cuda":
+        return dtype
+    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def triton_available() -> bool:

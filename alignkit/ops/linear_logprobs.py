@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from alignkit.ops import tiling, triton_path
-from alignkit.ops.backends import resolve
+from alignkit.ops.backends import gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_label_range, check_linear_inputs
@@ -33,31 +33,36 @@ _EMPTY = (0,)
 
 
 def _compute_dtype(t: Tensor) -> Tensor:
-    # fp32 GEMMs: fp32 accumulation for bf16/fp16 inputs, and on CPUs without bf16 units bf16
-    # matmul runs ~20x slower than fp32. Only [rows, H] and [vocab_block, H] slices are converted.
-    return t if t.dtype == torch.float32 else t.float()
+    # The GEMMs' dtype (backends.gemm_dtype): bf16 on CPUs with bf16 units (fp32 accumulation
+    # inside, 3.5x an fp32 GEMM there), fp32 elsewhere (bf16 matmul without the units runs ~20x
+    # slower than fp32). Only [rows, H] and [vocab_block, H] slices are converted.
+    dt = gemm_dtype(t.dtype, t.device)
+    return t if t.dtype == dt else t.to(dt)
 
 
-def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str):
+def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.dtype):
     """Yields (ic, hc, yc, buf, plan) per token chunk of the labelled tokens idx: their indices,
-    hidden rows (fp32) and labels, and the one tile buffer every chunk reuses."""
+    hidden rows (in the GEMM dtype dt) and labels, and the one tile buffer every chunk reuses
+    (in dt: torch's CPU GEMM writes its own dtype)."""
     M, H = idx.numel(), h2.shape[1]
-    p = tiling.plan(M, H, V, live_tiles=LIVE_TILES.get(backend, 1))
-    buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=torch.float32,
+    # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
+    live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)
+    p = tiling.plan(M, H, V, live_tiles=live)
+    buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=dt,
                       device=h2.device) if M else None
     for c0 in range(0, M, p.rows):
         ic = idx[c0:c0 + p.rows]
-        yield ic, _compute_dtype(h2.index_select(0, ic)), y.index_select(0, ic), buf, p
+        yield ic, h2.index_select(0, ic).to(dt), y.index_select(0, ic), buf, p
 
 
 def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int):
     r = hc.shape[0]
     tile = buf[: r * (v1 - v0)].view(r, v1 - v0)
-    wb = _compute_dtype(weight[v0:v1])
+    wb = weight[v0:v1].to(hc.dtype)
     if bias is None:
         torch.mm(hc, wb.t(), out=tile)
     else:
-        torch.addmm(_compute_dtype(bias[v0:v1]), hc, wb.t(), out=tile)
+        torch.addmm(bias[v0:v1].to(hc.dtype), hc, wb.t(), out=tile)
     return tile, wb
 
 
@@ -96,7 +101,8 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
             ent_out.index_copy_(0, idx, ent_s)
         return lp, ent_out, lse_out
     fold, _ = KERNELS[backend]
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend):
+    dt = gemm_dtype(weight.dtype, weight.device)
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt):
         st = RowStats.new(ic.numel(), opts.return_entropy, hidden.device)
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
@@ -134,22 +140,37 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     gw = torch.zeros(V, H, **f32) if need_w else None
     gb = torch.zeros(V, **f32) if need_b else None
     _, grad = KERNELS.get(backend, (None, None))
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend):
+    dt = gemm_dtype(weight.dtype, weight.device)
+    gbuf = None
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt):
         lse_c = lse.index_select(0, ic)
         g_c = g_lp_all.index_select(0, ic)
         ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None
         ent_c = entropy.reshape(-1).index_select(0, ic) if ge_c is not None else None
         ghc = torch.zeros(ic.numel(), H, **f32) if need_h else None
+        if dt != torch.float32 and gbuf is None:       # fp32 G beside the low-precision tile
+            gbuf = torch.empty(buf.numel(), **f32)
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
             tile, wb = _logits_tile(buf, hc, weight, bias, v0, v1)
-            grad(tile, tile, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
-            if need_h:
-                ghc.addmm_(tile, wb)
-            if need_w:
-                gw[v0:v1].addmm_(tile.t(), hc)
+            if dt == torch.float32:
+                grad(tile, tile, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
+                if need_h:
+                    ghc.addmm_(tile, wb)
+                if need_w:
+                    gw[v0:v1].addmm_(tile.t(), hc)
+                if need_b:
+                    gb[v0:v1] += tile.sum(0)
+                continue
+            g = gbuf[: tile.numel()].view(tile.shape)
+            grad(tile, g, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
             if need_b:
-                gb[v0:v1] += tile.sum(0)
+                gb[v0:v1] += g.sum(0)
+            tile.copy_(g)                     # G in the GEMM dtype, over the spent logits
+            if need_h:
+                ghc.add_(tile @ wb)
+            if need_w:
+                gw[v0:v1].add_(tile.t() @ hc)
         if need_h:
             gh.index_copy_(0, ic, ghc)
     return _cast_grads(gh, gw, gb, hidden, weight, bias)

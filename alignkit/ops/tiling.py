@@ -40,14 +40,14 @@ def tile_bytes() -> int:
 
 
 def plan(n_tokens: int, hidden: int, vocab: int, budget: int | None = None,
-         live_tiles: int = 1) -> TilePlan:
+         live_tiles: float = 1) -> TilePlan:
     budget = tile_bytes() if budget is None else int(budget)
     if budget <= 0:
         raise ValueError(f"tile budget must be > 0 bytes, got {budget}")
     vb = int(os.environ.get("ALIGNKIT_VOCAB_BLOCK", DEFAULT_VOCAB_BLOCK))
     # A vocab that fits in two blocks is taken whole: one GEMM per chunk, no online merge.
     vb = vocab if vocab <= 2 * vb else vb
-    rows = budget // (4 * (live_tiles * vb + 2 * hidden))
+    rows = int(budget // (4 * (live_tiles * vb + 2 * hidden)))
     rows = max(MIN_ROWS, min(rows, max(n_tokens, 1)))
     return TilePlan(rows=rows, vocab_block=vb, budget=budget)
 

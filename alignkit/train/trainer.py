@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from alignkit.ops.backends import cpu_has_bf16
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.config import ConfigError, TrainConfig
 from alignkit.train.data import Tokenise, load_rows, tokenise_rows
@@ -33,15 +34,6 @@ from alignkit.train.objective import (
 )
 from alignkit.train.packing import collate, pad_id_of
 from alignkit.train.reference import LiveReference, is_peft, precompute
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
 
 
 def model_from_config(model_config: dict, attn_implementation: str = "sdpa", seed: int = 0):
