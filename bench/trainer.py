@@ -81,23 +81,90 @@ class StepClock:
         return statistics.median(gaps)
 
 
-def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=None):
+def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=None,
+                 precision="fp32", loss_options=None):
     from alignkit.train import PreferenceTrainer
     profile_step = profile_step or min(3, steps)
     cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8, max_prompt_length=L // 2 + 4,
-               loss="dpo", loss_options={"beta": 0.1}, reference="precompute",
+               loss="dpo", loss_options=loss_options or {"beta": 0.1}, reference="precompute",
                reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
                output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
-               max_steps=steps, lr=1e-5, precision="fp32", progress=False, tensorboard=False,
+               max_steps=steps, lr=1e-5, precision=precision, progress=False, tensorboard=False,
                seed=0, save_steps=10**6)
     clock = StepClock(profile_step)
+    clock.records = []
     tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
-        lambda t, s, r: clock.on_end(s, [t.model], t.optimizer)],
+        lambda t, s, r: (clock.on_end(s, [t.model], t.optimizer), clock.records.append(r))],
                            log=lambda *a: None)
     tr.save_final = lambda module: None               # not part of a step
     torch.manual_seed(0)
     tr.train()
     return clock
+
+
+def child(spec):
+    """One alignkit trainer run in this process, for --head-ab: prints one JSON line."""
+    import json
+    L, precision, packing, steps = spec.split(",")
+    L, steps = int(L), int(steps)
+    work = tempfile.mkdtemp(prefix="ak-bench-child-")
+    tok_dir = os.path.join(work, "tok")
+    make_tokenizer(tok_dir)
+    c = run_alignkit(make_rows(steps * 2 + 4, L), L, steps, packing, tok_dir, work,
+                     precision=precision)
+    last = c.records[-1] or {}
+    print("RESULT " + json.dumps(dict(step_s=c.step_seconds(), peak=c.peak, tokens=2 * 2 * L,
+                                      metrics={k: v for k, v in last.items()
+                                               if k.startswith("rewards/")})), flush=True)
+
+
+def head_ab(old_src, lengths, steps, rounds, precisions, packings):
+    """alignkit's trainer at this checkout against the same trainer from another source tree
+    (e.g. a worktree of the commit before the fused engine), same model, data and settings, each
+    run a fresh process, alternating old/new per round: (L, precision, packing) -> medians."""
+    import json
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the bench package from this checkout, alignkit from each tree: a directory holding only a
+    # link to bench/ goes first on the path, then the tree whose alignkit is measured
+    shim = tempfile.mkdtemp(prefix="ak-bench-shim-")
+    os.symlink(os.path.join(here, "bench"), os.path.join(shim, "bench"))
+    out = {}
+    for L in lengths:
+        for prec in precisions:
+            for packing in packings:
+                runs = {"previous": [], "engine": []}
+                for _ in range(rounds):
+                    for name, src in (("previous", old_src), ("engine", here)):
+                        env = dict(os.environ, PYTHONPATH=f"{shim}:{src}")
+                        p = subprocess.run([sys.executable, "-m", "bench.trainer", "--child",
+                                            f"{L},{prec},{packing},{steps}"], cwd=shim, env=env,
+                                           capture_output=True, text=True)
+                        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                        if p.returncode or not line:
+                            raise RuntimeError(f"{name} {L} {prec} {packing}: {p.stderr[-2000:]}")
+                        runs[name].append(json.loads(line[0][7:]))
+                out[(L, prec, packing)] = runs
+                med = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+                print(f"  {L} {prec} {packing}: previous {med['previous']:.3f} s, engine "
+                      f"{med['engine']:.3f} s ({med['previous'] / med['engine']:.2f}x)", flush=True)
+    return out
+
+
+def head_ab_table(out):
+    lines = ["| L | precision | packing | previous step s | engine step s | engine tokens/s | "
+             "engine vs previous | engine peak MiB | previous peak MiB | rewards/margins | "
+             "rewards/accuracies |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (L, prec, packing), runs in out.items():
+        med = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+        e = runs["engine"][-1]
+        lines.append(f"| {L} | {prec} | {packing} | {med['previous']:.3f} | {med['engine']:.3f} | "
+                     f"{e['tokens'] / med['engine']:.0f} | {med['previous'] / med['engine']:.2f}x | "
+                     f"{e['peak'] / 2**20:.0f} | {runs['previous'][-1]['peak'] / 2**20:.0f} | "
+                     f"{e['metrics'].get('rewards/margins', float('nan')):.4g} | "
+                     f"{e['metrics'].get('rewards/accuracies', float('nan')):.2f} |")
+    return lines
 
 
 def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None, patch=False,
@@ -149,8 +216,31 @@ def main():
     ap.add_argument("--cap-lengths", default="256,512,1024,2048,4096,8192,16384")
     ap.add_argument("--skip-cap", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/out/trainer.md")
+    ap.add_argument("--head-ab", metavar="OLD_SRC",
+                    help="alignkit's trainer here against the one in OLD_SRC (a source tree, e.g. "
+                         "a git worktree of an earlier commit), alternating fresh processes")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--packings", default="padded")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
+    if a.child:
+        return child(a.child)
+    if a.head_ab:
+        out = head_ab(os.path.abspath(a.head_ab), [int(x) for x in a.lengths.split(",")],
+                      a.steps, a.rounds, a.precisions.split(","), a.packings.split(","))
+        text = "\n".join([f"machine: {machine()}", "", f"Llama H={H}, {LAYERS} layers, V={V}; "
+                          f"2 pairs per step; step time: median over {a.rounds} fresh processes "
+                          f"each (median of {a.steps - 2} steps), previous and engine "
+                          "alternating", ""] + head_ab_table(out))
+        print(text)
+        if a.write:
+            os.makedirs("bench/out", exist_ok=True)
+            with open("bench/out/trainer_engine.md", "w") as f:
+                f.write(f"command: python -m bench.trainer {' '.join(os.sys.argv[1:])}\n\n"
+                        f"{text}\n")
+        return
     work = tempfile.mkdtemp(prefix="ak-bench-trainer-")
     tok_dir = os.path.join(work, "tok")
     make_tokenizer(tok_dir)

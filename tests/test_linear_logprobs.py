@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.reference import reference_linear_token_logprobs as ref
+from alignkit.oracle import reference_linear_token_logprobs as ref
 from conftest import assert_oracle, make_inputs
 
 

@@ -2,7 +2,7 @@
 import torch
 
 import alignkit
-from alignkit.reference import reference_sequence_logprobs
+from alignkit.oracle import reference_sequence_logprobs
 from conftest import make_inputs
 
 

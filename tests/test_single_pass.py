@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.reference import reference_sequence_logprobs
-from alignkit.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.oracle import oracle_preference_loss
 
 from conftest import BACKENDS, assert_oracle
 
@@ -64,33 +63,17 @@ def check_single_pass(loss, opts, shape, backend, dtype=torch.float32):
     """Single pass and recompute (both on `backend`, inputs in `dtype`) against float64: loss and
     the gradients of hidden, weight and bias within a few times the recompute's own error."""
     h64, W64, b64, y, seg = pair_inputs(**shape)
-    op_keys = {"softcap", "temperature"}
-    lp_opts = {k: v for k, v in opts.items() if k in op_keys}
-    own = {k: v for k, v in opts.items() if k not in op_keys}
     B = shape.get("pairs", 1)
     ref_lp = None
     if loss == "dpo":
         ref_lp = -1450.0 + 60 * torch.randn(2 * B, generator=torch.Generator().manual_seed(7))
-    # float64 oracle: reference sums through autograd, then the functional loss
+    # the float64 oracle (alignkit.oracle): full logits, then the registry's loss, via autograd
     h64.requires_grad_(), W64.requires_grad_()
     if b64 is not None:
         b64.requires_grad_()
-    sums, counts = reference_sequence_logprobs(h64, W64, y, bias=b64, segment_ids=seg,
-                                               num_segments=2 * B if seg is not None else None,
-                                               **lp_opts)
-    lg = sums / counts.clamp(min=1) if loss != "dpo" else sums
-    nll = -sums[:B].sum() / counts[:B].sum()
-    c, r = lg[:B], lg[B:]
-    if loss == "dpo":
-        want, _ = dpo_loss(c, r, ref_lp[:B].double(), ref_lp[B:].double(),
-                           chosen_counts=counts[:B].double(), rejected_counts=counts[B:].double(),
-                           **own)
-    elif loss == "simpo":
-        want, _ = simpo_loss(c, r, **own)
-    elif loss == "orpo":
-        want, _ = orpo_loss(c, r, nll=nll, **own)
-    else:
-        want, _ = cpo_loss(c, r, nll=nll, **own)
+    want, _ = oracle_preference_loss(h64, W64, y, loss=loss, bias=b64, segment_ids=seg,
+                                     num_segments=2 * B if seg is not None else None,
+                                     ref_logprobs=ref_lp, **opts)
     want.backward()
     want64 = (want.detach(), None, h64.grad, W64.grad, None if b64 is None else b64.grad)
     runs = {}

@@ -4,7 +4,7 @@ import torch
 
 import alignkit
 from alignkit.profiling import peak_memory_bytes
-from alignkit.reference import reference_token_logprobs as ref
+from alignkit.oracle import reference_token_logprobs as ref
 from conftest import assert_oracle
 
 

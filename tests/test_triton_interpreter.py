@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.reference import reference_linear_token_logprobs as ref_lin
-from alignkit.reference import reference_token_logprobs as ref_tok
+from alignkit.oracle import reference_linear_token_logprobs as ref_lin
+from alignkit.oracle import reference_token_logprobs as ref_tok
 from conftest import assert_oracle, make_inputs
 from test_linear_logprobs import check_all
 

@@ -31,29 +31,23 @@ import torch
 from torch import Tensor
 
 from alignkit.api import sequence_logprobs
-from alignkit.losses.pairwise import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from alignkit.losses.registry import LOSSES as REGISTRY
+from alignkit.losses.registry import PAIRED, paired_loss_on_logps
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
-# per loss: its own options, whether it reads a reference, the default reduction
-_SPECS = {
-    "dpo": (("beta", "loss_type", "loss_weights", "label_smoothing", "discopop_tau"), True, False),
-    "simpo": (("beta", "gamma", "label_smoothing"), False, True),
-    "cpo": (("beta", "alpha", "loss_type", "label_smoothing"), False, True),
-    "orpo": (("beta",), False, True),
-}
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
            "grad_mode")
 GRAD_MODES = ("recompute", "single_pass", "auto")
-LOSSES = tuple(_SPECS)
+LOSSES = PAIRED
 
 
 def split_options(loss: str, options: dict):
     """Splits **loss_options into (loss kwargs, common kwargs); unknown names raise."""
-    if loss not in _SPECS:
-        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)} "
+    if loss not in PAIRED:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(PAIRED)} "
                          "(KTO is unpaired: use alignkit.losses.kto_loss on sequence_logprobs)")
-    own = _SPECS[loss][0]
+    own = REGISTRY[loss].options
     bad = [k for k in options if k not in own and k not in _COMMON]
     if bad:
         raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
@@ -109,7 +103,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     """
     own, common = split_options(loss, loss_options)
     check_linear_inputs(hidden, weight, labels, bias)
-    uses_ref, default_avg = _SPECS[loss][1], _SPECS[loss][2]
+    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
     average = common.pop("average", None)
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
@@ -181,9 +175,9 @@ def _single_pass_pays(loss, own, S, weight) -> bool:
     # losses: the elementwise passes, not the GEMMs, bound it there. So one tied pair only.
     # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
     # for every tile; the recompute converts it per vocab block, with no [V, H] G.
-    from alignkit.losses.single_pass import eligibility, tile_rows
+    from alignkit.losses.single_pass import tile_rows
     from alignkit.ops.backends import gemm_dtype
-    tied = eligibility(loss, own, S // 2) != "untied"
+    tied = REGISTRY[loss].tie(own, S // 2) != "untied"
     rows = tile_rows(weight.shape[0], weight.device, weight.dtype)
     if weight.dtype != torch.float32:
         if weight.device.type == "cuda":       # not measured on a GPU yet: issue #3's rule
@@ -194,12 +188,7 @@ def _single_pass_pays(loss, own, S, weight) -> bool:
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
-    from alignkit.losses.single_pass import (
-        SinglePassOptions,
-        eligibility,
-        single_pass_loss,
-        tile_rows,
-    )
+    from alignkit.losses.single_pass import SinglePassOptions, single_pass_loss, tile_rows
     from alignkit.ops.options import LogprobOptions
     if segment_ids is None:
         seg = torch.arange(S, device=hidden.device)[:, None].expand(labels.shape)
@@ -210,7 +199,7 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
         # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
         return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
                               own)
-    o = SinglePassOptions(loss_fn, S, average, eligibility(loss, own, S // 2),
+    o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2),
                           LogprobOptions(**common),
                           tile_rows(weight.shape[0], weight.device, weight.dtype))
     value, sums, counts = single_pass_loss(hidden, weight, bias, labels, seg, o)
@@ -239,7 +228,7 @@ def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
         raise ValueError("sums and counts must be 1-D tensors of one even length 2B (chosen, then "
                          f"rejected); got {getattr(sums, 'shape', sums)} and "
                          f"{getattr(counts, 'shape', counts)}")
-    uses_ref, default_avg = _SPECS[loss][1], _SPECS[loss][2]
+    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
     average = default_avg if average is None else bool(average)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
@@ -256,18 +245,7 @@ def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
 
 
 def _loss_on_logps(loss, logps, sums, counts_f, ref, own):
-    B = logps.shape[0] // 2
-    c, r = logps[:B], logps[B:]
-    if loss == "dpo":
-        return dpo_loss(c, r, ref[:B], ref[B:], chosen_counts=counts_f[:B],
-                        rejected_counts=counts_f[B:], **own)
-    if loss == "simpo":
-        return simpo_loss(c, r, **own)
-    # NLL of the chosen tokens, as a token mean over the batch (TRL's cross-entropy term)
-    nll = -sums[:B].sum() / counts_f[:B].sum().clamp(min=1)
-    if loss == "cpo":
-        return cpo_loss(c, r, nll=nll, **own)
-    return orpo_loss(c, r, nll=nll, **own)
+    return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
 def _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias, average,

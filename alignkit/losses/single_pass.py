@@ -49,11 +49,6 @@ from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, RowStats
 from alignkit.ops.validate import check_label_range
 
-_UNIT = {"sigmoid", "hinge", "robust", "exo_pair", "discopop", "aot", "aot_unpaired"}
-# aot_unpaired sorts the chosen and the rejected log-ratios of the batch separately, so with
-# several pairs a chosen sequence is matched with another pair's rejected one: tied for one pair
-_ONE_PAIR_ONLY = {"aot_unpaired"}
-_COUNT = {"ipo", "sigmoid_norm"}
 DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
 
 
@@ -74,24 +69,6 @@ def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32) -> int:
         budget = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
         per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return max(1, budget // (per * V))
-
-
-def eligibility(loss: str, own: dict, pairs: int = 1) -> str:
-    """How a pair's loss is done in a single pass: 'unit' or 'count' (tied: the a_s above),
-    or 'untied' (any other function of the two log-probs)."""
-    if loss == "simpo":
-        return "unit"
-    if loss != "dpo":
-        return "untied"
-    types = own.get("loss_type", "sigmoid")
-    types = [types] if isinstance(types, str) else list(types)
-    if pairs > 1 and any(t in _ONE_PAIR_ONLY for t in types):
-        return "untied"
-    if all(t in _UNIT for t in types):
-        return "unit"
-    if all(t in _COUNT for t in types):
-        return "count"
-    return "untied"
 
 
 def _mm32(a, b):
@@ -260,7 +237,7 @@ def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need
     u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
     if o.norm in ("unit", "count"):
         # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s. The tie is a
-        # property of the loss type (eligibility); tests check every tied type against the
+        # property of the loss type (registry: LossSpec.tie); tests check every tied type against the
         # recompute. No run-time check: it would be a sync, and NaN inputs would trip it.
         a = per if o.norm == "count" else torch.ones(S, device=dev)
         sign = torch.where(sid < B, 1.0, -1.0)

@@ -12,9 +12,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from alignkit.losses.registry import LOSSES as REGISTRY
+
 PACKINGS = ("padded", "padding_free", "shared_prompt")
 REFERENCES = ("precompute", "live", "none")
-LOSSES = ("dpo", "simpo", "cpo", "orpo", "kto")
+LOSSES = tuple(REGISTRY)           # dpo, simpo, cpo, orpo, kto: alignkit/losses/registry.py
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto")
@@ -147,7 +149,7 @@ class TrainConfig:
             raise ConfigError(f"loss_options must be a mapping; got {self.loss_options!r}")
         if self.model is not None and self.model_config is not None:
             raise ConfigError("give model or model_config, not both")
-        if self.loss in ("simpo", "cpo", "orpo") and self.reference != "none":
+        if not REGISTRY[self.loss].reference and self.reference != "none":
             if self.reference != REFERENCES[0] or "reference" in self._explicit:
                 raise ConfigError(f"loss {self.loss!r} is reference-free: set reference: none")
             self.reference = "none"

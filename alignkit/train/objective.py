@@ -16,8 +16,9 @@ from torch import Tensor
 
 from alignkit.losses import kto_loss, logprob_loss
 from alignkit.losses.fused import GRAD_MODES, split_options
+from alignkit.losses.registry import LOSSES
 
-_KTO_OPTIONS = ("beta", "desirable_weight", "undesirable_weight", "kl_estimate")
+_KTO_OPTIONS = LOSSES["kto"].options
 
 
 def check_loss_options(loss: str, options: dict) -> None:
@@ -63,13 +64,13 @@ class Paired:
 def paired_objective(loss: str, options: dict) -> Optional[Paired]:
     """The paired objective of a config's loss; None for KTO (unpaired: its loss runs on the
     per-sequence sums, compute_loss)."""
-    return None if loss == "kto" else Paired(loss, dict(options))
+    return Paired(loss, dict(options)) if LOSSES[loss].paired else None
 
 
 def ref_logprobs_of(loss: str, options: dict, ref: Optional[tuple], like: Tensor):
     """The reference log-probs a paired loss takes ([S] in its reduction), from the reference's
     (sums, counts); zeros for reference-free DPO (reference: none); None for the others."""
-    if loss != "dpo":
+    if not LOSSES[loss].reference:
         return None
     if ref is None:
         return torch.zeros_like(like, dtype=torch.float32)

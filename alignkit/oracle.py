@@ -1,7 +1,9 @@
-"""Pure-PyTorch reference: the semantics of alignkit's ops on one screen.
+"""The oracle: alignkit's ops and losses in plain PyTorch, on one screen.
 
-Materialises the full [N, V] logits, so it is only for small inputs: it is the test oracle's twin
-(run it in float64), the baseline of bench/ and the definition every backend must match.
+Materialises the full [N, V] logits, so it is only for small inputs. Run in float64 it is what
+every backend and grad mode is tested against, and what the bench checks before it times; it is
+the definition each of them must match. (``alignkit.train.reference`` is the reference *model*
+of DPO, a different thing.)
 """
 from __future__ import annotations
 
@@ -60,3 +62,26 @@ def reference_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, 
     if average:
         sums = sums / counts.clamp(min=1)
     return sums, counts.long()
+
+
+def oracle_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str = "dpo",
+                           ref_logprobs: Tensor | None = None, bias: Tensor | None = None,
+                           segment_ids: Tensor | None = None, num_segments: int | None = None,
+                           average: bool | None = None, ignore_index: int = -100,
+                           temperature: float = 1.0, softcap: float | None = None, **own):
+    """``alignkit.preference_loss`` from full logits, in the inputs' dtype (give float64): the
+    per-sequence log-probs above, then the loss of the registry (alignkit/losses/registry.py) on
+    them. Differentiable w.r.t. hidden, weight and bias. Returns (loss, metrics)."""
+    from alignkit.losses.registry import LOSSES, paired_loss_on_logps
+    s = LOSSES[loss]
+    avg = s.average if average is None else average
+    S = num_segments if num_segments is not None or segment_ids is None else \
+        int(segment_ids.max()) + 1
+    sums, counts = reference_sequence_logprobs(hidden, weight, labels, bias=bias,
+                                               segment_ids=segment_ids, num_segments=S,
+                                               ignore_index=ignore_index,
+                                               temperature=temperature, softcap=softcap)
+    counts_f = counts.to(sums.dtype)
+    logps = sums / counts_f.clamp(min=1) if avg else sums
+    ref = ref_logprobs.detach().to(sums.dtype) if ref_logprobs is not None else None
+    return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
