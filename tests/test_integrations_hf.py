@@ -123,8 +123,8 @@ def test_all_masked_batch_keeps_the_graph_and_the_field_dtypes():
 
 
 def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
-    """Two pairs: the default grad_mode takes the single pass inside the model's call; the loss,
-    metrics and gradients equal the recompute's."""
+    """One pair of a tied loss: the default grad_mode takes the single pass inside the model's
+    call; the loss, metrics and gradients equal the recompute's."""
     import alignkit.losses.single_pass as sp
     ran = []
     real = sp._grads
@@ -134,11 +134,12 @@ def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
 
     def r(k):
         return torch.randint(0, V, (k,), generator=g).tolist()
-    batch = pack_pairs([(r(5), r(8), r(3)), (r(4), r(6), r(9))], packing="padding_free")
+    batch = pack_pairs([(r(5), r(8), r(3))], packing="padding_free")
     runs = {}
     for mode in ("auto", "recompute"):
         m.zero_grad()
-        loss, metrics = fused_preference_loss(m, batch, loss="orpo", beta=0.4, grad_mode=mode)
+        loss, metrics = fused_preference_loss(m, batch, loss="simpo", beta=2.0, gamma=0.5,
+                                              grad_mode=mode)
         loss.backward()
         runs[mode] = (loss.detach(), metrics, {n: p.grad.clone() for n, p in m.named_parameters()})
     assert len(ran) == 1 and op_calls == ["preference_loss"] * 2

@@ -128,34 +128,25 @@ def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
     assert loss.isfinite()
 
 
-@pytest.mark.parametrize("pairs", [1, 2, 3])
-def test_auto_takes_the_single_pass_for_up_to_two_pairs_at_moderate_vocab(pairs):
+@pytest.mark.parametrize("loss,pairs,rows,picked", [
+    ("simpo", 1, None, "single_pass"),          # one tied pair, 16777-row tiles
+    ("simpo", 2, None, "recompute"),            # a second pair would be formed twice
+    ("simpo", 1, 200, "recompute"),             # short tiles
+    ("orpo", 1, None, "recompute"),             # untied: the rejected sequence formed twice
+])
+def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked,
+                                                             monkeypatch):
+    if rows is not None:
+        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(rows * 4 * 1000))
     h64, W64, _, y, _ = pair_inputs(pairs=pairs)
     grads = {}
     for mode in ("single_pass", "auto", "recompute"):
         h = h64.float().requires_grad_()
-        loss, _ = alignkit.preference_loss(h, W64.float(), y, loss="simpo", grad_mode=mode)
-        loss.backward()
-        grads[mode] = h.grad
-    same, other = ("single_pass", "recompute") if pairs <= 2 else ("recompute", "single_pass")
-    assert torch.equal(grads["auto"], grads[same])      # the same path, bit for bit
-    assert not torch.equal(grads["auto"], grads[other])
-
-
-@pytest.mark.parametrize("tile_rows,picked", [(None, "single_pass"), (200, "recompute")])
-def test_auto_for_untied_losses_wants_bigger_tiles(tile_rows, picked, monkeypatch):
-    # ORPO: the single pass from 256 rows per full-vocabulary tile, the recompute below that
-    if tile_rows is not None:
-        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(tile_rows * 4 * 1000))
-    h64, W64, _, y, _ = pair_inputs()
-    grads = {}
-    for mode in ("auto", "recompute", "single_pass"):
-        h = h64.float().requires_grad_()
-        loss, _ = alignkit.preference_loss(h, W64.float(), y, loss="orpo", grad_mode=mode)
-        loss.backward()
+        out, _ = alignkit.preference_loss(h, W64.float(), y, loss=loss, grad_mode=mode)
+        out.backward()
         grads[mode] = h.grad
     other = "recompute" if picked == "single_pass" else "single_pass"
-    assert torch.equal(grads["auto"], grads[picked])
+    assert torch.equal(grads["auto"], grads[picked])      # the same path, bit for bit
     assert not torch.equal(grads["auto"], grads[other])
 
 

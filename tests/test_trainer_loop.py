@@ -168,15 +168,15 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
 
 
 def test_the_trainer_reaches_the_single_pass(setup, tmp_path, monkeypatch):
-    """Two pairs per micro-batch in fp32: the default grad_mode takes the single pass in every
+    """One pair per micro-batch in fp32: the default grad_mode takes the single pass in every
     training micro-batch, and the run matches the recompute's to fp32 round-off."""
     import alignkit.losses.single_pass as sp
     ran = []
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
-    PreferenceTrainer(config(setup, tmp_path / "sp", batch_size=2, grad_accum=2)).train()
+    PreferenceTrainer(config(setup, tmp_path / "sp", batch_size=1, grad_accum=2)).train()
     assert len(ran) == 3 * 2                          # 3 steps x 2 micro-batches; eval: no grad
-    PreferenceTrainer(config(setup, tmp_path / "rc", batch_size=2, grad_accum=2,
+    PreferenceTrainer(config(setup, tmp_path / "rc", batch_size=1, grad_accum=2,
                              loss_options={"grad_mode": "recompute"})).train()
     assert len(ran) == 6
     a, b = final_weights(tmp_path / "sp"), final_weights(tmp_path / "rc")

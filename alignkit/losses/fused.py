@@ -161,30 +161,29 @@ def _single_pass_blocker(hidden, weight, bias, backend):
 
 
 def _single_pass_pays(loss, own, S, weight) -> bool:
-    # Measured (bench/RESULTS.md): the single pass against the recompute, 64 MiB tiles.
-    # fp32, on the 2-core EPYC of issue #3:
-    # - tied losses: below the recompute with >= 110-row tiles (V <= 152k); with 27-row tiles
-    #   (16 MiB at V=152k) the probe saw it lose. On the AMX Xeon of issue #14 it lost by 17% at
-    #   110 rows (B2) and tied or won at 524 rows, hence 256.
-    # - untied (ORPO, CPO, DPO+sft...): below the recompute with 524-row tiles (V=32000) there,
-    #   level or above with 110-row tiles (V=152k); 10-15% above it on the Xeon.
-    # - beyond two pairs most tokens are scored twice anyway (all but the longest pair): 8 pairs
-    #   of 256 tokens measured 1.67x the floor against the recompute's 1.44x.
+    # Measured (bench/RESULTS.md, "Single pass or recompute"), 64 MiB full-vocabulary tiles,
+    # fp32, on two 2-core machines: an EPYC (issue #3) and an AMX Xeon (issue #14).
+    # - one pair of a tied loss (SimPO, the DPO types of c − r): 3 GEMMs against 4; at or below
+    #   the recompute on both from 256-row tiles (V <= 65536); on the Xeon 17% above it with
+    #   110-row tiles (V=152k).
+    # - two pairs: the second pair is scored, then formed again (3.5 GEMMs). Below the recompute
+    #   on the EPYC, 3-20% above it on the Xeon (B1, and the trainer bench's head at 2x512 and
+    #   2x1024): a rule that holds on both takes the recompute.
+    # - untied losses (ORPO, CPO, DPO+sft...): the rejected sequence is formed twice; 10-15% above
+    #   the recompute on the Xeon at every shape.
     # bf16 on a CPU with bf16 units (the Xeon): level with the recompute for one tied pair of
-    # 1048-row tiles (B3, the long pair), 15-55% slower with two pairs, short tiles or untied
-    # losses: the elementwise passes, not the GEMMs, bound it there. So one tied pair only.
+    # 1048-row tiles (B3, the long pair), slower with short tiles: one tied pair, >= 512 rows.
     # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
-    # for every tile; the recompute converts it per vocab block, with no [V, H] G.
+    # for every tile; the recompute converts it per vocab block: the recompute.
     from alignkit.losses.single_pass import tile_rows
     from alignkit.ops.backends import gemm_dtype
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
     rows = tile_rows(weight.shape[0], weight.device, weight.dtype)
-    if weight.dtype != torch.float32:
-        if weight.device.type == "cuda":       # not measured on a GPU yet: issue #3's rule
-            return S <= 4 and rows >= (64 if tied else 256)
-        return (gemm_dtype(weight.dtype, weight.device) == weight.dtype and tied and S == 2
-                and rows >= 512)
-    return S <= 4 and rows >= 256
+    if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
+        return S <= 4 and rows >= (64 if tied else 256)
+    if weight.dtype != torch.float32 and gemm_dtype(weight.dtype, weight.device) != weight.dtype:
+        return False
+    return tied and S == 2 and rows >= (256 if weight.dtype == torch.float32 else 512)
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
