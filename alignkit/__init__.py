@@ -8,6 +8,7 @@ from alignkit.api import (
 from alignkit.integrations.head import patch_model
 from alignkit.losses import preference_loss
 from alignkit.ops.backends import cpp_available
+from alignkit.ops.options import TileOptions
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "LinearTokenLogprobs",
     "preference_loss",
     "cpp_available",
+    "TileOptions",
     "patch_model",
     "PreferenceTrainer",
     "TrainConfig",

@@ -8,14 +8,15 @@ from torch import Tensor, nn
 
 from alignkit.ops.linear_logprobs import linear_logprobs
 from alignkit.ops.logits_logprobs import logits_logprobs
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import check_segment_ids, check_segment_range
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           bias: Optional[Tensor] = None, ignore_index: int = -100,
                           temperature: float = 1.0, softcap: Optional[float] = None,
-                          return_entropy: bool = False, backend: str = "auto"):
+                          return_entropy: bool = False, backend: str = "auto",
+                          tiles: Optional[TileOptions] = None):
     """Per-token log p(label | hidden) through the LM head, never forming [N, V] logits.
 
     z = softcap·tanh((h·Wᵀ + b)/softcap) / temperature   (softcap optional)
@@ -27,6 +28,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         labels: [...] integer, aligned with hidden: label i is the token predicted from hidden i.
             Values in [0, V) or ignore_index.
         backend: "auto" (C++ kernels on CPU when built, else torch), "torch", "cpp", "triton".
+        tiles: alignkit.TileOptions, the memory and schedule knobs (tile budget, vocab block,
+            ...); None: their defaults (environment variables, else built-in).
 
     Returns:
         float32 logprobs with the shape of labels (exactly 0.0 where label == ignore_index), or
@@ -39,21 +42,23 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     -inf a probability of exactly 0. Ignored positions never touch W and stay 0.0.
     """
     opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                          return_entropy=return_entropy, backend=backend)
+                          return_entropy=return_entropy, backend=backend,
+                          tiles=tiles or TileOptions())
     lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, opts=opts)
     return (lp, ent) if return_entropy else lp
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
                    temperature: float = 1.0, return_entropy: bool = False,
-                   backend: str = "auto"):
+                   backend: str = "auto", tiles: Optional[TileOptions] = None):
     """Per-token log p(label | logits) from given logits [..., V], chunked over rows.
 
     Same semantics and return values as linear_token_logprobs. The forward makes no second
     [N, V] fp32 tensor; the backward writes one [N, V] gradient in the logits' dtype.
     """
     opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
-                          return_entropy=return_entropy, backend=backend)
+                          return_entropy=return_entropy, backend=backend,
+                          tiles=tiles or TileOptions())
     lp, ent = logits_logprobs(logits, labels, opts=opts)
     return (lp, ent) if return_entropy else lp
 
@@ -99,7 +104,8 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                       segment_ids: Optional[Tensor] = None, average: bool = False,
                       num_segments: Optional[int] = None, bias: Optional[Tensor] = None,
                       ignore_index: int = -100, temperature: float = 1.0,
-                      softcap: Optional[float] = None, backend: str = "auto"):
+                      softcap: Optional[float] = None, backend: str = "auto",
+                      tiles: Optional[TileOptions] = None):
     """Per-sequence Σ_t log p(label_t | hidden_t), or the mean over labelled tokens (average=True).
 
     Layouts:
@@ -116,7 +122,8 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     seg, num_segments = _check_layout(labels, segment_ids, num_segments)
     lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                               temperature=temperature, softcap=softcap, backend=backend)
+                               temperature=temperature, softcap=softcap, backend=backend,
+                               tiles=tiles)
     return _reduce(lp, labels, seg, num_segments, average, ignore_index)
 
 
@@ -125,10 +132,11 @@ class LinearTokenLogprobs(nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: Optional[float] = None, return_entropy: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", tiles: Optional[TileOptions] = None):
         super().__init__()
         self.opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
-                                   softcap=softcap, return_entropy=return_entropy, backend=backend)
+                                   softcap=softcap, return_entropy=return_entropy, backend=backend,
+                                   tiles=tiles or TileOptions())
 
     def forward(self, hidden, weight, labels, *, bias=None):
         lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, opts=self.opts)

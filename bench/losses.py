@@ -100,7 +100,7 @@ def liger(loss, compiled):
 
 
 def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False,
-        auto_only=False):
+        auto_only=False, bf16=False):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         if shapes and not any(x in name for x in shapes):
@@ -109,7 +109,16 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
         grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
             steps = {harness.FLOOR: methods.floor(case)}
-            if auto_only:                           # the default mode against the floor
+            reset = case.reset
+            if bf16:                                # bf16 inputs against fp32, both modes
+                c16 = methods.case_as(case, torch.bfloat16)
+                steps["GEMM floor in bf16 (3 GEMMs)"] = methods.floor(c16)
+                steps["alignkit auto, fp32"] = alignkit_fused(loss)(case)
+                steps["alignkit auto, bf16"] = alignkit_fused(loss)(c16)
+                steps["alignkit recompute, bf16"] = alignkit_fused(loss, "recompute")(c16)
+                steps["alignkit single_pass, bf16"] = alignkit_fused(loss, "single_pass")(c16)
+                reset = lambda c16=c16: (case.reset(), c16.reset())  # noqa: E731
+            elif auto_only:                           # the default mode against the floor
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
             elif only_alignkit:                     # the two gradient modes that auto picks from
                 steps["alignkit grad_mode=recompute"] = alignkit_fused(loss, "recompute")(case)
@@ -120,7 +129,7 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                               "TRL chunked log-probs + loss": trl_math(loss)(case),
                               "Liger fused (eager)": liger(loss, False)(case),
                               "Liger fused (compiled)": liger(loss, True)(case)})
-            rows += harness.measure(f"{name} {loss.upper()}", steps, reset=case.reset, reps=reps,
+            rows += harness.measure(f"{name} {loss.upper()}", steps, reset=reset, reps=reps,
                                     grads_mib=grads_mib, skip_memory=skip_memory, log=log,
                                     paired=auto_only)[1]
     return rows
@@ -137,6 +146,9 @@ def main(argv=None):
     which.add_argument("--only-alignkit", action="store_true",
                        help="the floor and alignkit's two gradient modes (recompute, single_pass) "
                             "only, no peers")
+    which.add_argument("--bf16", action="store_true",
+                       help="alignkit with bf16 inputs (auto, recompute, single_pass) beside fp32 "
+                            "auto, against the fp32 and the bf16 GEMM floors")
     which.add_argument("--auto-only", action="store_true",
                        help="the floor and alignkit's default (auto) only, each run right after "
                             "a floor run: ratio = median of the back-to-back pairs (the targets' "
@@ -145,15 +157,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     t0 = time.time()
     rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit,
-               auto_only=a.auto_only)
+               auto_only=a.auto_only, bf16=a.bf16)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
         out = OUT / "out"
         out.mkdir(exist_ok=True)
-        tag = a.preset + ("_auto" if a.auto_only else "_alignkit" if a.only_alignkit else "")
+        tag = a.preset + ("_auto" if a.auto_only else "_alignkit" if a.only_alignkit
+                          else "_bf16" if a.bf16 else "")
         harness.write_csv(rows, out / f"losses_{tag}.csv")
-        if not (a.auto_only or a.only_alignkit):
+        if not (a.auto_only or a.only_alignkit or a.bf16):
             harness.plot(rows, OUT / f"losses_{a.preset}.png",
                          "alignkit fused losses, fwd+bwd (CPU)")
         (out / f"losses_{tag}.md").write_text(

@@ -40,6 +40,13 @@ class Case:
         self.h.grad = self.W.grad = None
 
 
+def case_as(case: Case, dtype) -> Case:
+    """The same inputs in another dtype (fresh leaves)."""
+    return Case(case.name, case.S, case.T, case.H, case.V,
+                case.h.detach().to(dtype).requires_grad_(),
+                case.W.detach().to(dtype).requires_grad_(), case.y, case.ref, case.beta)
+
+
 def make_case(name, S, T, H, V, seed=0) -> Case:
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(S, T, H, generator=g).requires_grad_()
@@ -70,7 +77,7 @@ def floor(case: Case):
     """The three GEMMs no fused loss avoids, over the labelled tokens only: h·Wᵀ, G·W, Gᵀ·h."""
     hs = case.h.detach()[case.mask]
     W = case.W.detach()
-    G = torch.randn(hs.shape[0], case.V)
+    G = torch.randn(hs.shape[0], case.V, dtype=hs.dtype)   # the case's dtype: bf16 has its own
 
     def step():
         torch.mm(hs, W.t())

@@ -146,22 +146,43 @@ def head_ab(old_src, lengths, steps, rounds, precisions, packings):
                             raise RuntimeError(f"{name} {L} {prec} {packing}: {p.stderr[-2000:]}")
                         runs[name].append(json.loads(line[0][7:]))
                 out[(L, prec, packing)] = runs
-                med = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
+                runs["head_floor_s"] = head_floor(L, prec)
+                med = {k: statistics.median(r["step_s"] for r in runs[k])
+                       for k in ("previous", "engine")}
                 print(f"  {L} {prec} {packing}: previous {med['previous']:.3f} s, engine "
                       f"{med['engine']:.3f} s ({med['previous'] / med['engine']:.2f}x)", flush=True)
     return out
 
 
+def head_floor(L, precision, reps=5):
+    """Seconds of the head's three GEMMs in a step (the 2 pairs' 4 responses of L/2 tokens),
+    in the step's GEMM dtype: the floor under the head's share of the step."""
+    from alignkit.ops.backends import gemm_dtype
+    dt = gemm_dtype(torch.bfloat16 if precision == "bf16" else torch.float32,
+                    torch.device("cpu"))
+    M = 2 * 2 * (L // 2)
+    h, W, G = (torch.randn(*s).to(dt) for s in ((M, H), (V, H), (M, V)))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(h, W.t()), torch.mm(G, W), torch.mm(G.t(), h)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def head_ab_table(out):
     lines = ["| L | precision | packing | previous step s | engine step s | engine tokens/s | "
-             "engine vs previous | engine peak MiB | previous peak MiB | rewards/margins | "
-             "rewards/accuracies |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "engine vs previous | head 3-GEMM floor s (share of engine step) | engine peak MiB "
+             "| previous peak MiB | rewards/margins | rewards/accuracies |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (L, prec, packing), runs in out.items():
-        med = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
-        e = runs["engine"][-1]
+        med = {k: statistics.median(r["step_s"] for r in runs[k]) for k in ("previous", "engine")}
+        e, fl = runs["engine"][-1], runs["head_floor_s"]
         lines.append(f"| {L} | {prec} | {packing} | {med['previous']:.3f} | {med['engine']:.3f} | "
-                     f"{e['tokens'] / med['engine']:.0f} | {med['previous'] / med['engine']:.2f}x | "
-                     f"{e['peak'] / 2**20:.0f} | {runs['previous'][-1]['peak'] / 2**20:.0f} | "
+                     f"{e['tokens'] / med['engine']:.0f} | "
+                     f"{med['previous'] / med['engine']:.2f}x | {fl:.3f} "
+                     f"({fl / med['engine']:.0%}) | {e['peak'] / 2**20:.0f} | "
+                     f"{runs['previous'][-1]['peak'] / 2**20:.0f} | "
                      f"{e['metrics'].get('rewards/margins', float('nan')):.4g} | "
                      f"{e['metrics'].get('rewards/accuracies', float('nan')):.2f} |")
     return lines

@@ -16,10 +16,12 @@ T* ptr(uintptr_t a) { return reinterpret_cast<T*>(a); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "alignkit fused CPU kernels (raw buffers; see csrc/logprob_kernels.h)";
+  // One argument order for both: pointers (data, then per-row vectors), sizes, strides, the
+  // column offset, flags and scalars.
   m.def(
       "fold",
-      [](uintptr_t tile, bool bf16, int64_t rows, int64_t cols, int64_t ld, uintptr_t targets,
-         int64_t col0, uintptr_t m_, uintptr_t s, uintptr_t a, uintptr_t tgt, float inv_temp,
+      [](uintptr_t tile, uintptr_t targets, uintptr_t m_, uintptr_t s, uintptr_t a, uintptr_t tgt,
+         int64_t rows, int64_t cols, int64_t ld, int64_t col0, bool bf16, float inv_temp,
          float softcap, int nthreads) {
         py::gil_scoped_release nogil;
         if (bf16)
@@ -31,15 +33,14 @@ PYBIND11_MODULE(_C, m) {
                              ptr<float>(m_), ptr<float>(s), ptr<float>(a), ptr<float>(tgt), inv_temp,
                              softcap, nthreads);
       },
-      py::arg("tile"), py::arg("bf16"), py::arg("rows"), py::arg("cols"), py::arg("ld"),
-      py::arg("targets"), py::arg("col0"), py::arg("m"), py::arg("s"), py::arg("a"), py::arg("tgt"),
+      py::arg("tile"), py::arg("targets"), py::arg("m"), py::arg("s"), py::arg("a"), py::arg("tgt"),
+      py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("col0"), py::arg("bf16"),
       py::arg("inv_temp"), py::arg("softcap"), py::arg("nthreads"));
   m.def(
       "grad",
-      [](uintptr_t tile, bool bf16, int64_t ld, uintptr_t out, int64_t ld_out, int64_t rows,
-         int64_t cols, uintptr_t targets, int64_t col0, uintptr_t m_, uintptr_t logs, uintptr_t g_lp,
-         uintptr_t ent,
-         uintptr_t g_ent, float inv_temp, float softcap, int nthreads) {
+      [](uintptr_t tile, uintptr_t out, uintptr_t targets, uintptr_t m_, uintptr_t logs,
+         uintptr_t g_lp, uintptr_t ent, uintptr_t g_ent, int64_t rows, int64_t cols, int64_t ld,
+         int64_t ld_out, int64_t col0, bool bf16, float inv_temp, float softcap, int nthreads) {
         py::gil_scoped_release nogil;
         if (bf16) {
           alignkit::grad_bf16(ptr<const uint16_t>(tile), ld, ptr<float>(out), ld_out, rows, cols,
@@ -55,9 +56,9 @@ PYBIND11_MODULE(_C, m) {
                                       softcap, nthreads);
         }
       },
-      py::arg("tile"), py::arg("bf16"), py::arg("ld"), py::arg("out"), py::arg("ld_out"),
-      py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("col0"), py::arg("m"), py::arg("logs"),
-      py::arg("g_lp"), py::arg("ent"), py::arg("g_ent"), py::arg("inv_temp"), py::arg("softcap"),
-      py::arg("nthreads"));
+      py::arg("tile"), py::arg("out"), py::arg("targets"), py::arg("m"), py::arg("logs"),
+      py::arg("g_lp"), py::arg("ent"), py::arg("g_ent"), py::arg("rows"), py::arg("cols"),
+      py::arg("ld"), py::arg("ld_out"), py::arg("col0"), py::arg("bf16"), py::arg("inv_temp"),
+      py::arg("softcap"), py::arg("nthreads"));
   m.def("isa", &isa, "instruction set picked at load time: avx512, avx2 or scalar");
 }

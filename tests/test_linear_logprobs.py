@@ -20,7 +20,9 @@ def check_all(h, W, b, y, backend, factor=4.0, **kw):
     g = torch.Generator().manual_seed(1)
     g_lp = torch.randn(y.shape, generator=g, dtype=torch.float64)
     g_ent = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    ours = _run(alignkit.linear_token_logprobs, h, W, b, y, g_lp, g_ent, backend=backend, **kw)
+    tiles = kw.pop("tiles", None)                     # ours only: the oracle has no tiles
+    ours = _run(alignkit.linear_token_logprobs, h, W, b, y, g_lp, g_ent, backend=backend,
+                tiles=tiles, **kw)
     d = lambda t: None if t is None else t.detach().double()  # noqa: E731
     oracle = _run(ref, d(h), d(W), d(b), y, g_lp, g_ent, **kw)
     f = lambda t: None if t is None else t.detach().to(h.dtype)  # noqa: E731
@@ -62,13 +64,24 @@ def test_large_logits(backend):
     check_all(h, W, b, y, backend)
 
 
-def test_multiple_chunks_and_vocab_blocks(backend, monkeypatch):
-    # tiny budget: many token chunks and vocab blocks, a ragged last block
-    monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(40 * 1024))
-    monkeypatch.setenv("ALIGNKIT_VOCAB_BLOCK", "256")
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_multiple_chunks_and_vocab_blocks(backend, monkeypatch, how):
+    # tiny budget: many token chunks and vocab blocks, a ragged last block; the knobs given as
+    # TileOptions in the call, or as the environment's defaults
+    kw = {}
+    if how == "option":
+        kw["tiles"] = alignkit.TileOptions(tile_bytes=40 * 1024, vocab_block=256)
+    else:
+        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(40 * 1024))
+        monkeypatch.setenv("ALIGNKIT_VOCAB_BLOCK", "256")
+    calls = []
+    import alignkit.ops.tiling as tiling
+    real = tiling.plan
+    monkeypatch.setattr(tiling, "plan", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
     h, W, b, y = make_inputs((3, 37), 33, 1531, bias=True, seed=11)
-    check_all(h, W, b, y, backend)
-    check_all(h, W, b, y, backend, softcap=3.0, temperature=0.8)
+    check_all(h, W, b, y, backend, **kw)
+    check_all(h, W, b, y, backend, softcap=3.0, temperature=0.8, **kw)
+    assert calls and all(p.vocab_block == 256 and p.rows < 111 for p in calls)
 
 
 def test_bf16_inputs(backend):

@@ -136,13 +136,13 @@ def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
 ])
 def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked,
                                                              monkeypatch):
-    if rows is not None:
-        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(rows * 4 * 1000))
+    tiles = alignkit.TileOptions(single_pass_bytes=rows * 4 * 1000) if rows else None
     h64, W64, _, y, _ = pair_inputs(pairs=pairs)
     grads = {}
     for mode in ("single_pass", "auto", "recompute"):
         h = h64.float().requires_grad_()
-        out, _ = alignkit.preference_loss(h, W64.float(), y, loss=loss, grad_mode=mode)
+        out, _ = alignkit.preference_loss(h, W64.float(), y, loss=loss, grad_mode=mode,
+                                          tiles=tiles)
         out.backward()
         grads[mode] = h.grad
     other = "recompute" if picked == "single_pass" else "single_pass"
@@ -235,3 +235,24 @@ def test_single_pass_bf16(loss, opts, shape, backend):
     elsewhere): the single pass against float64 within a few times the recompute's own error in
     bf16 (its logits rounded to bf16 by the same GEMMs: bf16's own error on the same logits)."""
     check_single_pass(loss, opts, shape, backend, dtype=torch.bfloat16)
+
+
+def test_tile_knobs_have_one_meaning_each(monkeypatch):
+    """ALIGNKIT_TILE_BYTES is the recompute's tile budget only; the single pass has its own
+    (ALIGNKIT_SINGLE_PASS_BYTES); a TileOptions field given in the call wins over both."""
+    from alignkit.losses.single_pass import tile_rows
+    from alignkit.ops.options import TileOptions
+    monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(4000 * 10))
+    assert tile_rows(1000) == (64 << 20) // 4000                  # untouched by it
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(4000 * 7))
+    assert tile_rows(1000) == 7
+    assert tile_rows(1000, tiles=TileOptions(single_pass_bytes=4000 * 3)) == 3
+    t = TileOptions(vocab_block=512).resolved()
+    assert (t.tile_bytes, t.vocab_block, t.single_pass_bytes) == (40000, 512, 28000)
+    with pytest.raises(ValueError, match="tile_bytes must be None or an int > 0"):
+        TileOptions(tile_bytes=0)
+    with pytest.raises(ValueError, match="triton_bwd must be None or one of"):
+        TileOptions(triton_bwd="fast")
+    monkeypatch.setenv("ALIGNKIT_VOCAB_BLOCK", "lots")
+    with pytest.raises(ValueError, match="ALIGNKIT_VOCAB_BLOCK must be an integer"):
+        TileOptions().resolved()

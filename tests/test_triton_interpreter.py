@@ -125,7 +125,7 @@ def test_single_pass_tile_kernel(dtype):
 def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch):
     from test_single_pass import check_single_pass
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
-    monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(16 * 1000 * 4))   # 16-row tiles: several
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 1000 * 4))   # 16-row tiles
     check_single_pass(loss, opts, shape, "triton")
 
 

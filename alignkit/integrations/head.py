@@ -24,13 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from alignkit.heads import head_options, match_head_dtypes
 from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions
-
-# head transforms alignkit reproduces; any other logit multiplier in a config is refused
-_UNSUPPORTED_SCALES = ("output_multiplier", "lm_head_multiplier")
-
 
 try:       # a transformers ModelOutput, so that hooks that walk outputs (ZeRO-3's) see the tensors
     from transformers.utils import ModelOutput as _OutputBase
@@ -51,32 +48,6 @@ class FusedOutput(_OutputBase):
     is_top1: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
     metrics: Optional[dict] = None
-
-
-def head_options(model, temperature: float = 1.0) -> dict:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    for k in _UNSUPPORTED_SCALES:
-        if getattr(cfg, k, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(model).__name__}: config.{k} scales the logits in a "
-                                      "way alignkit's head does not reproduce")
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = (cfg.logits_scaling if cfg.model_type == "hyperclovax"
-                 else 1.0 / cfg.logits_scaling)
-    scale = 1.0 if scale is None else float(scale)
-    if scale <= 0:
-        raise NotImplementedError(f"{type(model).__name__}: logit scale {scale} <= 0")
-    sc = getattr(cfg, "final_logit_softcapping", None)
-    return dict(temperature=float(temperature) / scale, softcap=float(sc) if sc else None)
-
-
-def match_head_dtypes(h, weight, bias):
-    """Under autocast, hidden, weight and bias in the autocast dtype; else hidden in the weight's."""
-    if torch.is_autocast_enabled(h.device.type):
-        dt = torch.get_autocast_dtype(h.device.type)
-        return h.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
-    return (h.to(weight.dtype) if h.dtype != weight.dtype else h), weight, bias
 
 
 def _set_forward(obj, fn):

@@ -37,7 +37,7 @@ from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
-           "grad_mode")
+           "grad_mode", "tiles")
 GRAD_MODES = ("recompute", "single_pass", "auto")
 LOSSES = PAIRED
 
@@ -102,6 +102,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     logps/rejected, and nll where the loss has an NLL term).
     """
     own, common = split_options(loss, loss_options)
+    if "tiles" in common and common["tiles"] is None:
+        del common["tiles"]
     check_linear_inputs(hidden, weight, labels, bias)
     uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
     average = common.pop("average", None)
@@ -134,7 +136,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         # a fake (the single pass's loops are data-dependent and would break the graph)
         if torch.compiler.is_compiling():
             why = why or "it does not trace under torch.compile (auto takes the recompute there)"
-        pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight)
+        pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight,
+                                                               common.get("tiles"))
         if why is None and pays:
             return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
                                 segment_ids, ref)
@@ -160,7 +163,7 @@ def _single_pass_blocker(hidden, weight, bias, backend):
     return None
 
 
-def _single_pass_pays(loss, own, S, weight) -> bool:
+def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
     # Measured (bench/RESULTS.md, "Single pass or recompute"), 64 MiB full-vocabulary tiles,
     # fp32, on two 2-core machines: an EPYC (issue #3) and an AMX Xeon (issue #14).
     # - one pair of a tied loss (SimPO, the DPO types of c − r): 3 GEMMs against 4; at or below
@@ -178,7 +181,7 @@ def _single_pass_pays(loss, own, S, weight) -> bool:
     from alignkit.losses.single_pass import tile_rows
     from alignkit.ops.backends import gemm_dtype
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
-    rows = tile_rows(weight.shape[0], weight.device, weight.dtype)
+    rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
     if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
         return S <= 4 and rows >= (64 if tied else 256)
     if weight.dtype != torch.float32 and gemm_dtype(weight.dtype, weight.device) != weight.dtype:
@@ -198,10 +201,12 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
         # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
         return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
                               own)
-    o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2),
-                          LogprobOptions(**common),
-                          tile_rows(weight.shape[0], weight.device, weight.dtype))
-    value, sums, counts = single_pass_loss(hidden, weight, bias, labels, seg, o)
+    lp_opts = LogprobOptions(**common)
+    t = lp_opts.tiles.resolved()
+    o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
+                          tile_rows(weight.shape[0], weight.device, weight.dtype, t),
+                          t.vocab_block)
+    value, sums, counts = single_pass_loss(hidden, weight, labels, bias, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
     _, metrics = loss_fn(logps, counts_f)

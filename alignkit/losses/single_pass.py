@@ -37,7 +37,6 @@ grad_h) and one [rows, V] fp32 tile: rows = tile budget / (4V), whatever T and B
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -45,28 +44,26 @@ from torch import Tensor
 
 from alignkit.ops import triton_path
 from alignkit.ops.backends import gemm_dtype, resolve
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.tile_kernels import KERNELS, RowStats
 from alignkit.ops.validate import check_label_range
 
-DEFAULT_TILE_BYTES = 64 << 20      # single_pass_probe: full-vocabulary tiles want many rows
 
 
-def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32) -> int:
+def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None) -> int:
     """Token rows per [rows, V] tile, from the bytes an element costs: CUDA, the fp32 tile plus
     G's copy in the inputs' dtype for the two GEMMs (4 + itemsize for bf16/fp16); CPU, the fp32
     tile (4), or the bf16 logits where the GEMMs run in bf16 (2: G is formed a vocab block at a
-    time beside it). CPU: ALIGNKIT_TILE_BYTES (default 64 MiB) over those bytes per row. CUDA: the
-    GEMMs that read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of
-    grad_W), so the tile takes the chunk budget of the triton backward, ALIGNKIT_TRITON_G_BYTES
-    (default 1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element)."""
+    time beside it). The budget: TileOptions.single_pass_bytes on CPU (64 MiB), .gpu_chunk_bytes
+    on CUDA (1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element), where the GEMMs that
+    read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W)."""
+    t = (tiles or TileOptions()).resolved()
     device = torch.device(device) if device is not None else torch.device("cpu")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
-        budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
-        per = 4 + (itemsize if itemsize < 4 else 0)
+        budget, per = t.gpu_chunk_bytes, 4 + (itemsize if itemsize < 4 else 0)
     else:
-        budget = int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
+        budget = t.single_pass_bytes
         per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return max(1, budget // (per * V))
 
@@ -99,8 +96,8 @@ class SinglePassOptions:
     average: bool
     norm: str                        # 'unit' | 'count' | 'untied'
     logprob: LogprobOptions
-    rows: int                        # token rows per [rows, V] tile
-    vocab_block: int = 2048          # columns per logits GEMM inside a tile (tiling.py)
+    rows: int                        # token rows per [rows, V] tile (tile_rows)
+    vocab_block: int = 2048          # columns per logits GEMM inside a tile (TileOptions)
 
 
 def _mm_tile(t, hc, weight):
@@ -114,7 +111,7 @@ def _mm_tile(t, hc, weight):
         torch.mm(hc.float(), weight.t().float(), out=t)
 
 
-def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need_w, need_b):
+def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need_w, need_b):
     """The single pass itself: (loss, sums, counts, gh, gw, gb), gradients of the loss formed
     here (None where not needed)."""
     H = weight.shape[1]
@@ -266,39 +263,39 @@ def _grads(hidden, weight, bias, labels, seg, o: SinglePassOptions, need_h, need
 
 class _SinglePass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, seg, o: SinglePassOptions):
+    def forward(ctx, hidden, weight, labels, bias, seg, o: SinglePassOptions):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        loss, sums, counts, gh, gw, gb = _grads(hidden, weight, bias, labels, seg, o, need_h,
+        need_b = bias is not None and ctx.needs_input_grad[3]
+        loss, sums, counts, gh, gw, gb = _grads(hidden, weight, labels, bias, seg, o, need_h,
                                                 need_w, need_b)
         # The gradients go back scaled in place (no second [V, H] buffer). They are held on ctx,
         # not saved for backward (a saved tensor changed in place fails autograd's version
         # check); a second backward (retain_graph=True) forms them again from the inputs.
         ctx.bufs = (gh, gw, gb)
-        ctx.save_for_backward(hidden, weight, bias, labels, seg)
+        ctx.save_for_backward(hidden, weight, labels, bias, seg)
         ctx.o, ctx.need = o, (need_h, need_w, need_b)
         ctx.mark_non_differentiable(sums, counts)
         return loss, sums, counts
 
     @staticmethod
     def backward(ctx, grad_loss, _gs, _gc):
-        hidden, weight, bias, labels, seg = ctx.saved_tensors
+        hidden, weight, labels, bias, seg = ctx.saved_tensors
         bufs, ctx.bufs = ctx.bufs, None
         if bufs is None:                  # a second backward: the first scaled them in place
-            bufs = _grads(hidden.detach(), weight.detach(),
-                          bias.detach() if bias is not None else None, labels, seg, ctx.o,
+            bufs = _grads(hidden.detach(), weight.detach(), labels,
+                          bias.detach() if bias is not None else None, seg, ctx.o,
                           *ctx.need)[3:]
         scale = grad_loss.to(torch.float32)
         gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
         return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
-                gw.to(weight.dtype) if gw is not None else None,
-                gb.to(bias.dtype) if gb is not None else None, None, None, None)
+                gw.to(weight.dtype) if gw is not None else None, None,
+                gb.to(bias.dtype) if gb is not None else None, None, None)
 
 
-def single_pass_loss(hidden, weight, bias, labels, seg, o: SinglePassOptions):
+def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
     """(loss, sums [2B], counts [2B]) for B pairs (seg: each token's sequence in [0, 2B));
     loss differentiable w.r.t. hidden, weight, bias. The callers (preference_loss) have checked
     shapes, dtypes, devices and segment ids; the label range is checked here, as the generic
     op's launcher does, before any tile is formed."""
     check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
-    return _SinglePass.apply(hidden, weight, bias, labels.long(), seg.long(), o)
+    return _SinglePass.apply(hidden, weight, labels.long(), bias, seg.long(), o)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import gemm_dtype, resolve
-from alignkit.ops.options import LogprobOptions, materialize_grads
+from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_label_range, check_linear_inputs
 
@@ -40,14 +40,15 @@ def _compute_dtype(t: Tensor) -> Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.dtype):
+def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.dtype,
+            tiles: TileOptions):
     """Yields (ic, hc, yc, buf, plan) per token chunk of the labelled tokens idx: their indices,
     hidden rows (in the GEMM dtype dt) and labels, and the one tile buffer every chunk reuses
     (in dt: torch's CPU GEMM writes its own dtype)."""
     M, H = idx.numel(), h2.shape[1]
     # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
     live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)
-    p = tiling.plan(M, H, V, live_tiles=live)
+    p = tiling.plan(M, H, V, tiles.tile_bytes, tiles.vocab_block, live_tiles=live)
     buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=dt,
                       device=h2.device) if M else None
     for c0 in range(0, M, p.rows):
@@ -66,10 +67,14 @@ def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor]
     return tile, wb
 
 
-def _opts(ignore_index, temperature, softcap, return_entropy, backend) -> LogprobOptions:
+def _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_bytes, vocab_block,
+          gpu_chunk_bytes=None, triton_bwd=None) -> LogprobOptions:
     return LogprobOptions(ignore_index=ignore_index, temperature=temperature,
                           softcap=softcap if softcap > 0 else None,
-                          return_entropy=return_entropy, backend=backend)
+                          return_entropy=return_entropy, backend=backend,
+                          tiles=TileOptions(tile_bytes=tile_bytes, vocab_block=vocab_block,
+                                            gpu_chunk_bytes=gpu_chunk_bytes,
+                                            triton_bwd=triton_bwd))
 
 
 def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
@@ -94,7 +99,7 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
         return lp, ent_out, lse_out
     if backend == "triton":
         lp_s, m_s, logs_s, ent_s = triton_path.linear_forward(
-            h2.index_select(0, idx), weight, bias, y.index_select(0, idx), opts.inv_temp, opts.cap)
+            h2.index_select(0, idx), weight, y.index_select(0, idx), bias, opts.inv_temp, opts.cap)
         lp.index_copy_(0, idx, lp_s)
         lse_out.index_copy_(0, idx, torch.stack([m_s, logs_s], 1))
         if opts.return_entropy:
@@ -102,7 +107,7 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
         return lp, ent_out, lse_out
     fold, _ = KERNELS[backend]
     dt = gemm_dtype(weight.dtype, weight.device)
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt):
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt, opts.tiles):
         st = RowStats.new(ic.numel(), opts.return_entropy, hidden.device)
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
@@ -129,11 +134,11 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     if backend == "triton" and idx.numel():
         lse_s = lse.index_select(0, idx)
         dh, gw, gb = triton_path.linear_backward(
-            h2.index_select(0, idx), weight, bias, y.index_select(0, idx),
+            h2.index_select(0, idx), weight, y.index_select(0, idx), bias,
             lse_s[:, 0].contiguous(), lse_s[:, 1].contiguous(), g_lp_all.index_select(0, idx),
             entropy.reshape(-1).index_select(0, idx) if g_ent_all is not None else None,
             g_ent_all.index_select(0, idx) if g_ent_all is not None else None,
-            opts.inv_temp, opts.cap, need_h, need_w, need_b)
+            opts.inv_temp, opts.cap, need_h, need_w, need_b, opts.tiles)
         if need_h:
             gh.index_copy_(0, idx, dh)
         return _cast_grads(gh, gw, gb, hidden, weight, bias)
@@ -142,7 +147,7 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     _, grad = KERNELS.get(backend, (None, None))
     dt = gemm_dtype(weight.dtype, weight.device)
     gbuf = None
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt):
+    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt, opts.tiles):
         lse_c = lse.index_select(0, ic)
         g_c = g_lp_all.index_select(0, ic)
         ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None
@@ -187,8 +192,10 @@ def _cast_grads(gh, gw, gb, hidden, weight, bias):
 @torch.library.custom_op("alignkit::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
             ignore_index: int, temperature: float, softcap: float, return_entropy: bool,
-            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, softcap, return_entropy, backend)
+            backend: str, tile_bytes: int, vocab_block: int, gpu_chunk_bytes: int,
+            triton_bwd: str) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_bytes,
+                 vocab_block, gpu_chunk_bytes, triton_bwd)
     lp, ent, lse = forward_impl(hidden, weight, labels, bias, opts, backend)
     shape = labels.shape
     return (lp.view(shape), (ent.view(shape) if return_entropy else ent),
@@ -196,7 +203,8 @@ def _fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend):
+def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend,
+      tile_bytes, vocab_block, gpu_chunk_bytes, triton_bwd):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     ent = labels.new_empty(labels.shape if return_entropy else _EMPTY, dtype=torch.float32)
     return out, ent, labels.new_empty((*labels.shape, 2), dtype=torch.float32)
@@ -206,8 +214,10 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, return_e
 def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
             labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
             ignore_index: int, temperature: float, softcap: float, backend: str,
-            need_h: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, softcap, entropy is not None, backend)
+            need_h: bool, need_w: bool, need_b: bool, tile_bytes: int, vocab_block: int,
+            gpu_chunk_bytes: int, triton_bwd: str) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, softcap, entropy is not None, backend, tile_bytes,
+                 vocab_block, gpu_chunk_bytes, triton_bwd)
     gh, gw, gb = backward_impl(grad_lp, grad_ent, hidden, weight, labels, bias, lse.reshape(-1, 2),
                                entropy, opts, backend, need_h, need_w, need_b)
     # outputs may not alias each other: a fresh empty tensor for each gradient not asked for
@@ -216,7 +226,8 @@ def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight:
 
 @_bwd_op.register_fake
 def _(grad_lp, grad_ent, hidden, weight, labels, bias, lse, entropy, ignore_index, temperature,
-      softcap, backend, need_h, need_w, need_b):
+      softcap, backend, need_h, need_w, need_b, tile_bytes, vocab_block, gpu_chunk_bytes,
+      triton_bwd):
     gh = hidden.new_empty(hidden.shape if need_h else _EMPTY)
     gw = weight.new_empty(weight.shape if need_w else _EMPTY)
     gb = (bias if bias is not None else weight).new_empty(bias.shape if need_b else _EMPTY)
@@ -224,10 +235,12 @@ def _(grad_lp, grad_ent, hidden, weight, labels, bias, lse, entropy, ignore_inde
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend = inputs
+    hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend = \
+        inputs[:9]
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, labels, bias, lse, ent if return_entropy else None)
     ctx.args = (ignore_index, temperature, softcap, backend)
+    ctx.tiles = inputs[9:]                # tile_bytes, vocab_block, gpu_chunk_bytes, triton_bwd
 
 
 def _backward(ctx, grad_lp, grad_ent, _grad_lse):
@@ -237,9 +250,9 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     need_b = bias is not None and ctx.needs_input_grad[3]
     grad_lp, grad_ent = materialize_grads(grad_lp, grad_ent, lse, ent)
     gh, gw, gb = _bwd_op(grad_lp, grad_ent, hidden, weight, labels, bias, lse, ent, ignore_index,
-                         temperature, softcap, backend, need_h, need_w, need_b)
+                         temperature, softcap, backend, need_h, need_w, need_b, *ctx.tiles)
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
-            None, None, None, None, None)
+            *([None] * 9))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,6 +272,8 @@ def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m))."""
     check_linear_inputs(hidden, weight, labels, bias)
     backend = resolve(opts.backend, hidden.device)
+    t = opts.tiles.resolved()
     lp, ent, lse = _fwd_op(hidden, weight, labels, bias, opts.ignore_index,
-                           float(opts.temperature), opts.cap, opts.return_entropy, backend)
+                           float(opts.temperature), opts.cap, opts.return_entropy, backend,
+                           t.tile_bytes, t.vocab_block, t.gpu_chunk_bytes, t.triton_bwd)
     return lp, (ent if opts.return_entropy else None), lse.detach()

@@ -52,7 +52,7 @@ def forward_impl(logits: Tensor, labels: Tensor, opts: LogprobOptions, backend: 
                                                           opts.ignore_index)
         return lp_t, (ent_t if opts.return_entropy else ent), torch.stack([m, logs], 1)
     fold, _ = KERNELS[backend]
-    R = tiling.row_plan(N, V, live_tiles=LIVE_TILES[backend])
+    R = tiling.row_plan(N, V, opts.tiles.tile_bytes, live_tiles=LIVE_TILES[backend])
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         st = RowStats.new(r1 - r0, opts.return_entropy, logits.device)
@@ -80,7 +80,7 @@ def backward_impl(grad_lp: Tensor, grad_ent, logits: Tensor, labels: Tensor, lse
                                     lse[:, 1].contiguous(), g, ent, ge, opts.inv_temp)
         return out.view(logits.shape)
     _, grad = KERNELS[backend]
-    R = tiling.row_plan(N, V, live_tiles=LIVE_TILES[backend])
+    R = tiling.row_plan(N, V, opts.tiles.tile_bytes, live_tiles=LIVE_TILES[backend])
     scratch = None
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
@@ -100,8 +100,8 @@ def backward_impl(grad_lp: Tensor, grad_ent, logits: Tensor, labels: Tensor, lse
 
 @torch.library.custom_op("alignkit::logits_logprobs_fwd", mutates_args=())
 def _fwd_op(logits: Tensor, labels: Tensor, ignore_index: int, temperature: float,
-            return_entropy: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    opts = _opts(ignore_index, temperature, 0.0, return_entropy, backend)
+            return_entropy: bool, backend: str, tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _opts(ignore_index, temperature, 0.0, return_entropy, backend, tile_bytes, None)
     lp, ent, lse = forward_impl(logits, labels, opts, backend)
     shape = labels.shape
     return (lp.view(shape), (ent.view(shape) if return_entropy else ent),
@@ -109,7 +109,7 @@ def _fwd_op(logits: Tensor, labels: Tensor, ignore_index: int, temperature: floa
 
 
 @_fwd_op.register_fake
-def _(logits, labels, ignore_index, temperature, return_entropy, backend):
+def _(logits, labels, ignore_index, temperature, return_entropy, backend, tile_bytes):
     f = dict(dtype=torch.float32)
     return (labels.new_empty(labels.shape, **f),
             labels.new_empty(labels.shape if return_entropy else _EMPTY, **f),
@@ -119,29 +119,31 @@ def _(logits, labels, ignore_index, temperature, return_entropy, backend):
 @torch.library.custom_op("alignkit::logits_logprobs_bwd", mutates_args=())
 def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], logits: Tensor, labels: Tensor,
             lse: Tensor, entropy: Optional[Tensor], ignore_index: int, temperature: float,
-            backend: str) -> Tensor:
-    opts = _opts(ignore_index, temperature, 0.0, entropy is not None, backend)
+            backend: str, tile_bytes: int) -> Tensor:
+    opts = _opts(ignore_index, temperature, 0.0, entropy is not None, backend, tile_bytes, None)
     return backward_impl(grad_lp, grad_ent, logits, labels, lse.reshape(-1, 2), entropy, opts, backend)
 
 
 @_bwd_op.register_fake
-def _(grad_lp, grad_ent, logits, labels, lse, entropy, ignore_index, temperature, backend):
+def _(grad_lp, grad_ent, logits, labels, lse, entropy, ignore_index, temperature, backend,
+      tile_bytes):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, temperature, return_entropy, backend = inputs
+    logits, labels, ignore_index, temperature, return_entropy, backend, tile_bytes = inputs
     _, ent, lse = output
     ctx.save_for_backward(logits, labels, lse, ent if return_entropy else None)
-    ctx.args = (ignore_index, temperature, backend)
+    ctx.args = (ignore_index, temperature, backend, tile_bytes)
 
 
 def _backward(ctx, grad_lp, grad_ent, _grad_lse):
     logits, labels, lse, ent = ctx.saved_tensors
-    ignore_index, temperature, backend = ctx.args
+    ignore_index, temperature, backend, tile_bytes = ctx.args
     grad_lp, grad_ent = materialize_grads(grad_lp, grad_ent, lse, ent)
-    g = _bwd_op(grad_lp, grad_ent, logits, labels, lse, ent, ignore_index, temperature, backend)
-    return g, None, None, None, None, None
+    g = _bwd_op(grad_lp, grad_ent, logits, labels, lse, ent, ignore_index, temperature, backend,
+                tile_bytes)
+    return g, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -158,5 +160,5 @@ def logits_logprobs(logits: Tensor, labels: Tensor, *, opts: LogprobOptions):
         raise ValueError("softcap applies to linear_token_logprobs only; cap the logits yourself")
     backend = resolve(opts.backend, logits.device)
     lp, ent, _ = _fwd_op(logits, labels, opts.ignore_index, float(opts.temperature),
-                         opts.return_entropy, backend)
+                         opts.return_entropy, backend, opts.tiles.resolved().tile_bytes)
     return lp, (ent if opts.return_entropy else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,62 @@ def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+TRITON_BWD_MODES = ("chunked", "atomic", "blocked")
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """The head ops' memory and schedule knobs, each with one meaning. A field left None takes
+    its environment variable when the op is called, else the built-in default (resolved()).
+
+    tile_bytes        the recompute's working set: one [rows, vocab_block] logits tile plus the
+                      chunk's hidden rows and their gradient (alignkit/ops/tiling.py).
+                      ALIGNKIT_TILE_BYTES, 16 MiB.
+    vocab_block       vocabulary columns per logits GEMM. ALIGNKIT_VOCAB_BLOCK, 2048.
+    single_pass_bytes the single pass's full-vocabulary [rows, V] tile on CPU.
+                      ALIGNKIT_SINGLE_PASS_BYTES, 64 MiB.
+    gpu_chunk_bytes   on CUDA, the triton backward's G chunk and the single pass's tile: the GEMMs
+                      that read it want thousands of rows. ALIGNKIT_TRITON_G_BYTES, 1 GiB.
+    triton_bwd        the triton backward: chunked (G chunks + two vendor GEMMs, deterministic),
+                      atomic or blocked (alignkit.kernels). ALIGNKIT_TRITON_BWD, chunked.
+    """
+
+    tile_bytes: int | None = None
+    vocab_block: int | None = None
+    single_pass_bytes: int | None = None
+    gpu_chunk_bytes: int | None = None
+    triton_bwd: str | None = None
+
+    _ENV = (("tile_bytes", "ALIGNKIT_TILE_BYTES", 16 << 20),
+            ("vocab_block", "ALIGNKIT_VOCAB_BLOCK", 2048),
+            ("single_pass_bytes", "ALIGNKIT_SINGLE_PASS_BYTES", 64 << 20),
+            ("gpu_chunk_bytes", "ALIGNKIT_TRITON_G_BYTES", 1 << 30))
+
+    def __post_init__(self):
+        for name, _, _ in self._ENV:
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name} must be None or an int > 0, got {v!r}")
+        if self.triton_bwd is not None and self.triton_bwd not in TRITON_BWD_MODES:
+            raise ValueError(f"triton_bwd must be None or one of {TRITON_BWD_MODES}, got "
+                             f"{self.triton_bwd!r}")
+
+    def resolved(self) -> "TileOptions":
+        """Every field set: the given value, else its environment variable, else the default."""
+        vals = {}
+        for name, env, default in self._ENV:
+            v = getattr(self, name)
+            if v is None:
+                raw = os.environ.get(env)
+                try:
+                    v = int(raw) if raw is not None else default
+                except ValueError:
+                    raise ValueError(f"{env} must be an integer, got {raw!r}") from None
+            vals[name] = v
+        mode = self.triton_bwd or os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
+        return TileOptions(**vals, triton_bwd=mode)
+
+
 @dataclass(frozen=True)
 class LogprobOptions:
     """Options shared by every layer of the log-prob ops.
@@ -23,6 +80,7 @@ class LogprobOptions:
     softcap:        if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2 style).
     return_entropy: also return the entropy of the full distribution at labelled positions.
     backend:        "auto" | "torch" | "triton" | "cpp".
+    tiles:          TileOptions (memory and schedule knobs).
     """
 
     ignore_index: int = -100
@@ -30,6 +88,7 @@ class LogprobOptions:
     softcap: float | None = None
     return_entropy: bool = False
     backend: str = "auto"
+    tiles: TileOptions = TileOptions()
 
     def __post_init__(self):
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
@@ -42,6 +101,8 @@ class LogprobOptions:
             raise TypeError(f"return_entropy must be a bool, got {self.return_entropy!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.tiles, TileOptions):
+            raise TypeError(f"tiles must be an alignkit.TileOptions, got {self.tiles!r}")
 
     @property
     def inv_temp(self) -> float:

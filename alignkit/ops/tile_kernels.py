@@ -125,8 +125,8 @@ def _check_tile(tile: torch.Tensor):
 def fold_cpp(tile, targets, col0, st: RowStats, opts: LogprobOptions):
     _check_tile(tile)
     cpp_module().fold(
-        _ptr(tile), tile.dtype == torch.bfloat16, tile.shape[0], tile.shape[1], tile.stride(0),
-        _ptr(targets), col0, _ptr(st.m), _ptr(st.s), _ptr(st.a), _ptr(st.tgt),
+        _ptr(tile), _ptr(targets), _ptr(st.m), _ptr(st.s), _ptr(st.a), _ptr(st.tgt),
+        tile.shape[0], tile.shape[1], tile.stride(0), col0, tile.dtype == torch.bfloat16,
         opts.inv_temp, opts.cap, torch.get_num_threads(),
     )
 
@@ -141,9 +141,10 @@ def grad_cpp(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobOpti
         out.copy_(tile)
         tile = out
     cpp_module().grad(
-        _ptr(tile), bf16, tile.stride(0), _ptr(out), out.stride(0), tile.shape[0], tile.shape[1],
-        _ptr(targets), col0, _ptr(m), _ptr(logs), _ptr(g_lp), _ptr(ent if g_ent is not None else None),
-        _ptr(g_ent), opts.inv_temp, opts.cap, torch.get_num_threads(),
+        _ptr(tile), _ptr(out), _ptr(targets), _ptr(m), _ptr(logs), _ptr(g_lp),
+        _ptr(ent if g_ent is not None else None), _ptr(g_ent), tile.shape[0], tile.shape[1],
+        tile.stride(0), out.stride(0), col0, bf16, opts.inv_temp, opts.cap,
+        torch.get_num_threads(),
     )
 
 

@@ -16,15 +16,13 @@ four GEMMs of a fwd+bwd were fastest with vocab blocks of 2048 columns and 512-1
 stays in L1 for the kernel's two passes, and the tile stays in L2/L3 between the GEMM that writes
 it and the kernel that reads it. At H=1024 the default gives 1024 rows; at H=256, 1638.
 
-Override with the environment variable ALIGNKIT_TILE_BYTES (bytes), or ALIGNKIT_VOCAB_BLOCK.
+Set them per call with ``tiles=alignkit.TileOptions(tile_bytes=..., vocab_block=...)``; the
+environment variables ALIGNKIT_TILE_BYTES and ALIGNKIT_VOCAB_BLOCK only change the defaults.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-DEFAULT_TILE_BYTES = 16 * 2**20
-DEFAULT_VOCAB_BLOCK = 2048
 MIN_ROWS = 16
 
 
@@ -35,24 +33,18 @@ class TilePlan:
     budget: int        # bytes the plan was derived from
 
 
-def tile_bytes() -> int:
-    return int(os.environ.get("ALIGNKIT_TILE_BYTES", DEFAULT_TILE_BYTES))
-
-
-def plan(n_tokens: int, hidden: int, vocab: int, budget: int | None = None,
+def plan(n_tokens: int, hidden: int, vocab: int, budget: int, vocab_block: int,
          live_tiles: float = 1) -> TilePlan:
-    budget = tile_bytes() if budget is None else int(budget)
+    """budget and vocab_block: TileOptions.tile_bytes and .vocab_block, resolved."""
     if budget <= 0:
         raise ValueError(f"tile budget must be > 0 bytes, got {budget}")
-    vb = int(os.environ.get("ALIGNKIT_VOCAB_BLOCK", DEFAULT_VOCAB_BLOCK))
     # A vocab that fits in two blocks is taken whole: one GEMM per chunk, no online merge.
-    vb = vocab if vocab <= 2 * vb else vb
+    vb = vocab if vocab <= 2 * vocab_block else vocab_block
     rows = int(budget // (4 * (live_tiles * vb + 2 * hidden)))
     rows = max(MIN_ROWS, min(rows, max(n_tokens, 1)))
     return TilePlan(rows=rows, vocab_block=vb, budget=budget)
 
 
-def row_plan(n_rows: int, vocab: int, budget: int | None = None, live_tiles: int = 1) -> int:
+def row_plan(n_rows: int, vocab: int, budget: int, live_tiles: int = 1) -> int:
     """Rows per chunk when the logits are given: live_tiles fp32 [rows, V] working tiles."""
-    budget = tile_bytes() if budget is None else int(budget)
     return max(1, min(max(n_rows, 1), budget // (4 * live_tiles * vocab)))

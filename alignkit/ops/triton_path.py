@@ -2,11 +2,11 @@
 
 Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
-Block sizes are fixed defaults (BLOCKS). Backward modes (ALIGNKIT_TRITON_BWD): "chunked" (default:
-G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see alignkit.kernels).
-The G chunk holds ALIGNKIT_TRITON_G_BYTES (1 GiB default) of rows on CUDA, and the CPU tile budget
-(ALIGNKIT_TILE_BYTES, 16 MiB) under the interpreter. Inputs here are already validated and
-restricted to the labelled tokens.
+Block sizes are fixed defaults (BLOCKS). Backward modes (TileOptions.triton_bwd): "chunked"
+(default: G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see
+alignkit.kernels). The G chunk holds TileOptions.gpu_chunk_bytes (1 GiB default) of rows on CUDA,
+and the CPU tile budget (tile_bytes, 16 MiB) under the interpreter. Inputs here are already
+validated and restricted to the labelled tokens.
 """
 from __future__ import annotations
 
@@ -29,16 +29,6 @@ def blocks():
     return tuple(int(x) for x in env.split(",")) if env else DEFAULT_BLOCKS
 
 
-BWD_MODES = ("chunked", "atomic", "blocked")
-
-
-def bwd_mode() -> str:
-    mode = os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
-    if mode not in BWD_MODES:
-        raise ValueError(f"ALIGNKIT_TRITON_BWD must be one of {BWD_MODES}, got {mode!r}")
-    return mode
-
-
 def _contig(b):
     # the kernels index bias[v] with stride 1: a strided view (bias[::2]) would read other values
     return b.contiguous() if b is not None else None
@@ -50,16 +40,15 @@ def _common_dtype(h, w):
     return h.to(dt).contiguous(), w.to(dt).contiguous()
 
 
-def g_chunk_rows(M: int, V: int, h) -> int:
-    """Rows of G per chunk. On a GPU the chunk is sized for the GEMMs that read it (default
-    1 GiB: 4186 rows at V=128256 in bf16), not for a CPU cache; ALIGNKIT_TRITON_G_BYTES overrides.
-    Elsewhere (the interpreter) the CPU tile budget applies."""
+def g_chunk_rows(M: int, V: int, h, tiles) -> int:
+    """Rows of G per chunk. On a GPU the chunk is sized for the GEMMs that read it
+    (tiles.gpu_chunk_bytes, 1 GiB: 4186 rows at V=128256 in bf16), not for a CPU cache; elsewhere
+    (the interpreter) the CPU tile budget (tiles.tile_bytes) applies."""
     from alignkit.ops import tiling
     if h.device.type != "cuda":
-        return tiling.row_plan(M, V)
-    budget = int(os.environ.get("ALIGNKIT_TRITON_G_BYTES", 2**30))
+        return tiling.row_plan(M, V, tiles.tile_bytes)
     elem = h.element_size() if h.dtype != torch.float32 else 4
-    return max(1, min(M, budget // (elem * V)))
+    return max(1, min(M, tiles.gpu_chunk_bytes // (elem * V)))
 
 
 def _dot_f32(h) -> bool:
@@ -67,7 +56,7 @@ def _dot_f32(h) -> bool:
     return h.dtype == torch.float32 or h.device.type != "cuda"
 
 
-def linear_forward(h, w, b, y, inv_temp, cap):
+def linear_forward(h, w, y, b, inv_temp, cap):
     """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
     from alignkit.kernels import linear_logprobs as K
     h, w = _common_dtype(h, w)
@@ -98,7 +87,8 @@ def linear_forward(h, w, b, y, inv_temp, cap):
     return outs
 
 
-def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b):
+def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b,
+                    tiles):
     """→ (dh [M, H], dW [V, H], db [V]) fp32, None where not needed."""
     from alignkit.kernels.linear_logprobs import (_bwd_atomic, _bwd_dh, _bwd_dw, _bwd_g_chunk,
                                                   bwd_g_chunk_tuned)
@@ -116,9 +106,9 @@ def linear_backward(h, w, b, y, m, logs, g, ent, ge, inv_temp, cap, need_h, need
               ge if has_ent else g)
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent)
     scal = (inv_temp, cap if cap > 0 else 1.0)
-    mode = bwd_mode()
+    mode = tiles.triton_bwd
     if mode == "chunked":
-        R = g_chunk_rows(M, V, h)
+        R = g_chunk_rows(M, V, h, tiles)
         # On a GPU with bf16/fp16 inputs G is stored in that dtype and the two GEMMs run on tensor
         # cores with fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once).
         lowp = h.device.type == "cuda" and h.dtype != torch.float32
