@@ -6,7 +6,7 @@ from alignkit.api import (
     token_logprobs,
 )
 from alignkit.integrations.head import patch_model
-from alignkit.losses import preference_loss
+from alignkit.losses import policy_loss, preference_loss
 from alignkit.ops.backends import cpp_available
 from alignkit.ops.options import TileOptions
 
@@ -27,6 +27,7 @@ __all__ = [
     "sequence_logprobs",
     "LinearTokenLogprobs",
     "preference_loss",
+    "policy_loss",
     "cpp_available",
     "TileOptions",
     "patch_model",

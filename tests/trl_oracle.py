@@ -78,3 +78,47 @@ def trl_kto(per_token_logps, completion_mask, labels, ref_logps, policy_kl, ref_
              "ref_KL_logps": ref_kl}
     loss = KTOTrainer._compute_loss(me, lambda **kw: outputs, batch, return_outputs=False)
     return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
+
+
+class _GrpoAcc(_Acc):
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+
+def trl_grpo(per_token_logps, entropies, completion_mask, advantages, *, loss_type,
+             old_per_token_logps=None, ref_per_token_logps=None, beta=0.0,
+             importance_sampling_level="token", epsilon=0.2, epsilon_high=None, delta=None,
+             entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
+             use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
+    """GRPOTrainer._compute_loss on given per-token log-probs and entropies [B, T] (its
+    _get_per_token_logps_and_entropies answered with them); returns (loss, metrics)."""
+    from trl import GRPOTrainer
+    B, T = completion_mask.shape
+    args = SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=delta,
+                           sapo_temperature_pos=sapo_temperature_pos,
+                           sapo_temperature_neg=sapo_temperature_neg)
+    me = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_GrpoAcc(), args=args,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level=importance_sampling_level, beta=beta, loss_type=loss_type,
+        epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        use_vllm=False, vllm_importance_sampling_correction=False,
+        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length or T,
+        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef,
+        use_adaptive_entropy=False, _metrics=defaultdict(lambda: defaultdict(list)))
+    args.steps_per_generation = 1
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long),
+              "completion_mask": completion_mask, "advantages": advantages,
+              "old_per_token_logps": old_per_token_logps,
+              "ref_per_token_logps": ref_per_token_logps,
+              "num_items_in_batch": torch.tensor(float(completion_mask.sum()) if
+                                                 num_items_in_batch is None else
+                                                 float(num_items_in_batch))}
+    loss = GRPOTrainer._compute_loss(me, None, inputs)
+    return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
