@@ -139,7 +139,15 @@ def _inputs(S=4, Tn=11, H=24, V=700, seed=0, bias=True):
     dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.01),
     dict(loss_type="cispo", epsilon_high=2.0, softcap=4.0, temperature=0.7),
 ], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
-def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend):
+@pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
+def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad_mode,
+                                                      monkeypatch):
+    if grad_mode == "single_pass" and kw.get("importance_sampling_level") == "sequence":
+        pytest.skip("sequence-level importance sampling runs the recompute")
+    import alignkit.losses.single_pass as sp
+    ran = []
+    real = sp._token_grads
+    monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(1) or real(*a))
     h64, W64, b64, y, g = _inputs(seed=len(kw))
     S, Tn = y.shape
     old = torch.randn(S, Tn, generator=g, dtype=torch.float64) * 0.1 - 4
@@ -158,6 +166,7 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend):
     want_g = torch.autograd.grad(want, leaves)
     hh, WW, bb = (t.detach().float().requires_grad_() for t in (h64, W64, b64))
     call = dict(advantages=adv.float(), old_logprobs=old.float(), bias=bb, backend=backend,
+                grad_mode=grad_mode,
                 **{k: (v.float() if torch.is_tensor(v) else v) for k, v in extra.items()},
                 **kw)
     if packed:                                          # [N, H] with segment ids
@@ -181,6 +190,7 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend):
         assert err < 1e-5 * max(1.0, b.abs().max().item()), (name, err)
     assert torch.isfinite(got) and m["entropy"] > 0
     assert hh.grad[2].abs().max() == 0                 # the fully masked completion
+    assert len(ran) == (grad_mode == "single_pass")    # the token pass ran where asked for
 
 
 def ours_hidden_free(lp, ent, old, ref, y, adv, lk):
@@ -231,3 +241,27 @@ def test_bad_input_is_refused_naming_the_argument(kw, match):
     adv = kw.pop("advantages", torch.zeros(4))
     with pytest.raises(ValueError, match=match):
         alignkit.policy_loss(h.float(), W.float(), y, advantages=adv, **kw)
+
+
+def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
+    import alignkit.losses.single_pass as sp
+    ran = []
+    real = sp._token_grads
+    monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(a[-3:]) or real(*a))
+    h64, W64, b64, y, g = _inputs(seed=8)
+    h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))
+    adv = torch.randn(4, generator=g)
+    kw = dict(advantages=adv, loss_type="dapo", entropy_coef=0.01, bias=b)
+    loss, _ = alignkit.policy_loss(h, W, y, **kw)        # auto: the token pass (long tiles)
+    assert ran == [(True, True, True)]
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in (h, W, b)]
+    (2.0 * loss).backward()                               # accumulates: 3x once
+    for g1, t in zip(once, (h, W, b)):
+        torch.testing.assert_close(t.grad, 3.0 * g1, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        l0, _ = alignkit.policy_loss(h, W, y, **kw)       # forward only: the generic op
+    assert len(ran) == 2 and l0.item() == pytest.approx(loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sequence-level importance sampling"):
+        alignkit.policy_loss(h, W, y, advantages=adv, loss_type="grpo",
+                             importance_sampling_level="sequence", grad_mode="single_pass")

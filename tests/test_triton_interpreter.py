@@ -180,3 +180,24 @@ def test_single_pass_bf16_tile_is_fp32(monkeypatch):
                                      backend="triton")[0].item()
          for m in ("recompute", "single_pass")}
     assert abs(L["single_pass"] - L["recompute"]) < 1e-5 * max(1.0, abs(L["recompute"])), L
+
+
+def test_policy_token_pass_on_triton(monkeypatch):
+    # the token pass on the triton tile kernels (no entropy bonus there) against the recompute
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 300 * 4))      # several tiles
+    from test_policy import _inputs
+    h64, W64, b64, y, g = _inputs(S=3, Tn=9, H=16, V=300, seed=48)
+    adv, old = torch.randn(3, generator=g), torch.randn(3, 9, generator=g) * 0.1 - 4
+    out = {}
+    for mode in ("single_pass", "recompute"):
+        h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))
+        loss, m = alignkit.policy_loss(h, W, y, advantages=adv, old_logprobs=old, bias=b,
+                                       loss_type="grpo", backend="triton", grad_mode=mode)
+        loss.backward()
+        out[mode] = (loss.detach(), h.grad, W.grad, b.grad)
+    for a, r in zip(out["single_pass"], out["recompute"]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="does not form the entropy bonus"):
+        alignkit.policy_loss(h, W, y, advantages=adv, backend="triton", entropy_coef=0.1,
+                             grad_mode="single_pass")

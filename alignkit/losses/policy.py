@@ -34,6 +34,9 @@ from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
+from alignkit.losses.single_pass import TokenPassOptions, tile_rows, token_pass_loss
+from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_label_range,
     check_linear_inputs,
@@ -56,7 +59,8 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
                 ignore_index: int = -100, temperature: float = 1.0,
                 softcap: Optional[float] = None, num_items: Optional[Tensor | int] = None,
                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-                kl_importance_weight: bool = False, backend: str = "auto"):
+                kl_importance_weight: bool = False, backend: str = "auto",
+                grad_mode: str = "auto", tiles=None):
     """A policy-gradient loss of completions, from hidden states (formulas: module docstring).
 
     Shapes: padded hidden [S, T, H] and labels [S, T], or packed hidden [N, H], labels [N] and
@@ -71,6 +75,13 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     ``entropy``, ``kl`` (beta > 0), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped types),
     ``cispo_clip_ratio`` (cispo). Differentiable w.r.t. hidden, weight and bias.
+
+    grad_mode: "single_pass" (token-level importance sampling: each token's gradient coefficient
+    is known once its row is scored, so G is formed in the forward pass from full-vocabulary
+    tiles, entropy term included: 3 GEMMs for any number of sequences), "recompute" (the generic
+    op: backward recomputes each tile, 4 GEMMs), "auto" (the single pass where it applies and
+    its tiles are long enough to pay, as preference_loss decides; the recompute under no_grad,
+    torch.compile or sequence-level importance sampling).
     """
     o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
@@ -97,15 +108,79 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
         check_number("max_completion_length", max_completion_length, low=1)
     if num_items is not None and loss_type not in ("dapo", "cispo"):
         raise ValueError(f"num_items applies to dapo and cispo, not {loss_type!r}")
+    norm = _normaliser(loss_type, mask, seg, S, max_completion_length, num_items)
+    seq_adv = advantages.detach().float() if tuple(advantages.shape) == (S,) and \
+        tuple(advantages.shape) != tuple(labels.shape) else None
+    lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                             backend=backend, tiles=tiles or TileOptions())
+    if _token_pass(grad_mode, o, flat, weight, bias, lp_opts):
+        def terms(lp, ent):
+            return policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv)
+        value, lp, ent = token_pass_loss(
+            flat, weight, y, bias, TokenPassOptions(
+                _coefficients(old, ref, adv, norm, mask, o), lambda lp, ent: terms(lp, ent)[0],
+                lp_opts, tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles),
+                lp_opts.tiles.resolved().vocab_block, entropy=True))
+        return value, terms(lp, ent)[1]
     lp, ent = linear_token_logprobs(flat, weight, y, bias=bias, ignore_index=ignore_index,
                                     temperature=temperature, softcap=softcap,
-                                    return_entropy=True, backend=backend)
+                                    return_entropy=True, backend=backend, tiles=tiles)
     if o["entropy_coef"] == 0:
         ent = ent.detach()
-    norm = _normaliser(loss_type, mask, seg, S, max_completion_length, num_items, lp.dtype)
-    seq_adv = advantages.detach().to(lp.dtype) if tuple(advantages.shape) == (S,) and \
-        tuple(advantages.shape) != tuple(labels.shape) else None
     return policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv)
+
+
+def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
+    """Whether the single pass serves this call (grad_mode="single_pass" raises where it
+    cannot)."""
+    if grad_mode not in ("auto", "single_pass", "recompute"):
+        raise ValueError(f"grad_mode must be one of auto, single_pass, recompute; got "
+                         f"{grad_mode!r}")
+    if grad_mode == "recompute":
+        return False
+    why = None
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if o["level"] != "token":
+        why = "sequence-level importance sampling ties a sequence's tokens (not token-level)"
+    elif len(dtypes) != 1 or dtypes == {torch.float64}:
+        why = f"hidden, weight and bias must share one dtype (fp32, bf16, fp16), got {dtypes}"
+    elif resolve(lp_opts.backend, hidden.device) == "triton" and o["entropy_coef"] != 0:
+        why = "the triton single pass does not form the entropy bonus's gradient"
+    if grad_mode == "single_pass":
+        if why:
+            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+        return True
+    if why or torch.compiler.is_compiling() or not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (hidden, weight, bias))):
+        return False
+    if weight.dtype != torch.float32 and weight.device.type != "cuda" and \
+            gemm_dtype(weight.dtype, weight.device) != weight.dtype:
+        return False
+    # full-vocabulary tiles must be long enough to run their GEMMs at speed (preference_loss's
+    # measured bar for one tied pair, which is the same 3-GEMM schedule)
+    rows = tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles)
+    return rows >= (256 if weight.dtype == torch.float32 else 512)
+
+
+def _coefficients(old, ref, adv, norm, mask, o):
+    """The token pass's per-row coefficients: dL/dlp_t and dL/dH_t of the tile's tokens ic (flat
+    indices), by autograd on their own terms (a token-level loss is a sum of per-token terms)."""
+    n = mask.float().sum().clamp(min=1)
+
+    def coef(ic, lp, ent):
+        with torch.enable_grad():
+            lp = lp.detach().requires_grad_()
+            old_ = old.index_select(0, ic) if old is not None else lp.detach()
+            ref_ = ref.index_select(0, ic) if ref is not None else None
+            term, _, _ = token_terms(lp, old_, ref_, adv.index_select(0, ic), o)
+            total = (term * norm.index_select(0, ic)).sum()
+            g_lp = torch.autograd.grad(total, lp)[0]
+        g_ent = None
+        if o["entropy_coef"] != 0:
+            g_ent = torch.full_like(lp, -o["entropy_coef"]) / n
+        return g_lp.contiguous(), g_ent
+    return coef
 
 
 def _options(loss_type, level, eps_low, eps_high, delta, beta, kl_estimator, entropy_coef,

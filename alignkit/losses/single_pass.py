@@ -111,118 +111,169 @@ def _mm_tile(t, hc, weight):
         torch.mm(hc.float(), weight.t().float(), out=t)
 
 
+class _Tiles:
+    """The single pass's tile machinery over the labelled tokens idx of hidden [N, H]: each
+    full-vocabulary tile is formed once (its logits a vocab block at a time), folded into its
+    rows' statistics, and, where the rows' gradient coefficients are known, turned in place into
+    G = g_lp·(onehot − p) − g_ent·p·(log p + H) and fed to the two gradient GEMMs, accumulating
+    gh [N, H], gw [V, H] and gb [V] (fp32; None where not needed)."""
+
+    def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
+                 need_h, need_w, need_b, entropy=False):
+        H, V = weight.shape[1], weight.shape[0]
+        dev = hidden.device
+        self.h2, self.y, self.idx = hidden.reshape(-1, H), labels.reshape(-1), idx
+        self.weight, self.bias, self.o, self.rows = weight, bias, lp_opts, rows
+        self.entropy, self.V, self.H, self.dev = entropy, V, H, dev
+        self.backend = resolve(lp_opts.backend, dev)
+        self.fold, self.grad = KERNELS.get(self.backend, (None, None))
+        # The GEMMs run in the inputs' dtype where that is fast (gemm_dtype: CUDA, CPUs with bf16
+        # units), with fp32 accumulation; statistics, log-probs and accumulators are fp32.
+        # triton: an fp32 tile (fp32-output GEMM), G cast for the two gradient GEMMs. CPU bf16:
+        # the tile keeps the bf16 logits (torch's CPU GEMM has no fp32 output: they are rounded
+        # to bf16, as under autocast), the fold reads them in fp32, and G is formed a vocab block
+        # at a time (fp32, then cast) for that block's GEMMs: the logits are still formed once.
+        self.tdt = weight.dtype if self.backend == "triton" else gemm_dtype(weight.dtype, dev)
+        self.cpu_lowp = self.backend != "triton" and self.tdt != torch.float32
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.gh = torch.zeros(self.h2.shape[0], H, **f32) if need_h else None
+        self.gw = torch.zeros(V, H, **f32) if need_w else None
+        self.gb = torch.zeros(V, **f32) if need_b else None
+        n_rows = min(rows, max(idx.numel(), 1))
+        self.tile = torch.empty(n_rows, V, dtype=self.tdt if self.cpu_lowp else torch.float32,
+                                device=dev)
+        self.vb = vb = min(vocab_block, V)
+        self.gblk = torch.empty(n_rows, vb, **f32) if self.cpu_lowp else None
+        self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
+            else None
+        self.wt = weight if weight.dtype == self.tdt else None  # else W converted per block
+        self.bt = bias if bias is None or bias.dtype == self.tile.dtype else \
+            bias.to(self.tile.dtype)
+
+    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent):
+        """CPU bf16: per vocab block, G from the kept bf16 logits (fp32), cast, then gh[ic] +=
+        G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16 out, added into
+        the fp32 accumulators a block at a time: no second [V, H] buffer)."""
+        n, V = t.shape[0], self.V
+        ghc = torch.zeros(n, self.H, dtype=torch.float32, device=self.dev) \
+            if self.gh is not None else None
+        for v0 in range(0, V, self.vb):
+            v1 = min(V, v0 + self.vb)
+            g, gl = self.gblk[:n, :v1 - v0], self.gblk_lp[:n, :v1 - v0]
+            self.grad(t[:, v0:v1], g, yc, v0, lse2, g_lp, ent, g_ent, self.o)
+            if self.gb is not None:
+                self.gb[v0:v1] += g.sum(0)
+            gl.copy_(g)
+            if ghc is not None:
+                ghc.add_(gl @ self.weight[v0:v1])
+            if self.gw is not None:
+                self.gw[v0:v1].add_(gl.t() @ hc)
+        if ghc is not None:
+            self.gh.index_copy_(0, ic, ghc)
+
+    def _score(self, t, hc, yc, ic, coef, i0):
+        """Log-probs (and entropies) of the tile's rows; with coef, their gradient too."""
+        o, V = self.o, self.V
+        if self.backend == "triton":
+            if self.entropy:
+                raise ValueError("the triton single pass does not form the entropy's gradient; "
+                                 "use the recompute (grad_mode='recompute')")
+            # one vendor GEMM for the fp32 tile, then the logits kernels: log-prob, G in place
+            _mm_tile(t, hc, self.weight)
+            if self.bias is not None:
+                t.add_(self.bias)
+            if coef is None or not callable(coef):     # known upfront: one kernel pass
+                g_lp, _ = self._coef(coef, ic, None, None, i0)
+                lp = triton_path.tile_logprob_grad(t, yc, g_lp, o.inv_temp, o.cap,
+                                                   o.ignore_index)
+                return lp, None, g_lp is not None
+            lp = triton_path.tile_logprob_grad(t, yc, None, o.inv_temp, o.cap, o.ignore_index)
+            g_lp, _ = self._coef(coef, ic, lp, None, i0)
+            triton_path.tile_logprob_grad(t, yc, g_lp, o.inv_temp, o.cap, o.ignore_index)
+            return lp, None, True
+        st = RowStats.new(t.shape[0], self.entropy, self.dev)
+        # the tile's logits a vocab block at a time, each folded while it is in cache:
+        # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
+        # RESULTS.md, single pass), and the fold then reads L2, not memory
+        for v0 in range(0, V, self.vb):
+            v1 = min(V, v0 + self.vb)
+            tb = t[:, v0:v1]
+            wb = self.wt[v0:v1] if self.wt is not None else self.weight[v0:v1].to(self.tdt)
+            if self.bt is None:
+                torch.mm(hc, wb.t(), out=tb)
+            else:
+                torch.addmm(self.bt[v0:v1], hc, wb.t(), out=tb)
+            self.fold(tb, yc, v0, st, o)
+        lp = st.logprob()
+        ent = st.entropy() if self.entropy else None
+        g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+        if g_lp is None:
+            return lp, ent, False
+        ent_in = ent if g_ent is not None else None
+        if self.cpu_lowp:
+            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_lp, ent_in, g_ent)
+        else:
+            self.grad(t, t, yc, 0, st.lse2(), g_lp, ent_in, g_ent, o)
+        return lp, ent, True
+
+    @staticmethod
+    def _coef(coef, ic, lp, ent, i0):
+        if coef is None:
+            return None, None
+        if callable(coef):
+            return coef(ic, lp, ent)
+        return coef[i0:i0 + ic.numel()].contiguous(), None
+
+    def sweep(self, sel, coef=None):
+        """(log-probs, entropies or None) of the labelled tokens idx[sel]. coef: None (score
+        only), g_lp per token [len(sel)], or a callable (token indices, lp, ent) -> (g_lp, g_ent
+        or None) of each tile's rows: their gradient contributions go into gh, gw and gb."""
+        ids = self.idx[sel]
+        f32 = dict(dtype=torch.float32, device=self.dev)
+        out = torch.empty(ids.numel(), **f32)
+        ents = torch.empty(ids.numel(), **f32) if self.entropy else None
+        for i0 in range(0, ids.numel(), self.rows):
+            ic = ids[i0:i0 + self.rows]
+            n = ic.numel()
+            hc = self.h2.index_select(0, ic).to(self.tdt)
+            yc = self.y.index_select(0, ic)
+            t = self.tile[:n]
+            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0)
+            out[i0:i0 + n] = lp
+            if ents is not None:
+                ents[i0:i0 + n] = ent
+            if formed and not self.cpu_lowp:
+                g_t = t if self.tdt == torch.float32 else t.to(self.tdt)
+                if self.gh is not None:
+                    self.gh.index_copy_(0, ic, _mm32(g_t, self.wt if self.wt is not None
+                                                     else self.weight.to(self.tdt)))
+                if self.gw is not None:
+                    _addmm32(self.gw, g_t.t(), hc)
+                if self.gb is not None:
+                    self.gb.add_(t.sum(0))
+        return out, ents
+
+
 def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need_w, need_b):
-    """The single pass itself: (loss, sums, counts, gh, gw, gb), gradients of the loss formed
+    """The single pass of B pairs: (loss, sums, counts, gh, gw, gb), gradients of the loss formed
     here (None where not needed)."""
-    H = weight.shape[1]
-    V = weight.shape[0]
     S = o.num_sequences
     B = S // 2
     dev = hidden.device
-    h2 = hidden.reshape(-1, H)
     y = labels.reshape(-1)
     s = seg.reshape(-1)
-    keep = y != o.logprob.ignore_index
-    idx = keep.nonzero().squeeze(1)
+    idx = (y != o.logprob.ignore_index).nonzero().squeeze(1)
     sid = s.index_select(0, idx)                       # sequence of each labelled token
     counts = torch.bincount(sid, minlength=S)
     counts_f = counts.to(torch.float32)
     per = counts_f.clamp(min=1).reciprocal()
     # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
     w = per if o.average else torch.ones(S, device=dev)
-    backend = resolve(o.logprob.backend, dev)
-    fold, grad = KERNELS.get(backend, (None, None))
-    # The GEMMs run in the inputs' dtype where that is fast (gemm_dtype: CUDA, CPUs with bf16
-    # units), with fp32 accumulation; the statistics, log-probs and accumulators are fp32.
-    # triton: an fp32 tile (fp32-output GEMM), G cast for the two gradient GEMMs. CPU bf16: the
-    # tile keeps the bf16 logits (torch's CPU GEMM has no fp32 output: they are rounded to bf16,
-    # as under autocast), the fold reads them in fp32, and G is formed a vocab block at a time
-    # (fp32, then cast) for the two GEMMs of that block: the logits are still formed once.
-    tdt = weight.dtype if backend == "triton" else gemm_dtype(weight.dtype, dev)
-    cpu_lowp = backend != "triton" and tdt != torch.float32
-    gh = torch.zeros(h2.shape[0], H, dtype=torch.float32, device=dev) if need_h else None
-    gw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
-    gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    n_rows = min(o.rows, max(idx.numel(), 1))
-    tile = torch.empty(n_rows, V, dtype=tdt if cpu_lowp else torch.float32, device=dev)
-    vb = min(o.vocab_block, V)
-    gblk = torch.empty(n_rows, vb, dtype=torch.float32, device=dev) if cpu_lowp else None
-    gblk_lp = torch.empty(n_rows, vb, dtype=tdt, device=dev) if cpu_lowp else None
-    wt = weight if weight.dtype == tdt else None       # fp32 GEMMs: W converted per block
-    bt = bias if bias is None or bias.dtype == tile.dtype else bias.to(tile.dtype)
+    tiles = _Tiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
+                   need_w, need_b)
 
-    def lowp_grads(t, hc, yc, ic, lse2, tw):
-        """CPU bf16: per vocab block, G = tw·(onehot − p) from the kept bf16 logits (fp32), cast,
-        then gh[ic] += G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16
-        out, added into the fp32 accumulators a block at a time: no second [V, H] buffer)."""
-        n = t.shape[0]
-        ghc = torch.zeros(n, H, dtype=torch.float32, device=dev) if gh is not None else None
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
-            g, gl = gblk[:n, :v1 - v0], gblk_lp[:n, :v1 - v0]
-            grad(t[:, v0:v1], g, yc, v0, lse2, tw, None, None, o.logprob)
-            if gb is not None:
-                gb[v0:v1] += g.sum(0)
-            gl.copy_(g)
-            if ghc is not None:
-                ghc.add_(gl @ weight[v0:v1])
-            if gw is not None:
-                gw[v0:v1].add_(gl.t() @ hc)
-        if ghc is not None:
-            gh.index_copy_(0, ic, ghc)
-
-    def score_tile(t, hc, yc, tw, ic):
-        """Log-probs of the tile's rows; with tw, t becomes their G = tw·(onehot − p) (CPU bf16:
-        their gradients are accumulated here, lowp_grads)."""
-        if backend == "triton":
-            # one vendor GEMM for the fp32 tile, then the logits kernels: log-prob, G in place
-            _mm_tile(t, hc, weight)
-            if bias is not None:
-                t.add_(bias)
-            return triton_path.tile_logprob_grad(t, yc, tw, o.logprob.inv_temp,
-                                                 o.logprob.cap, o.logprob.ignore_index)
-        st = RowStats.new(t.shape[0], False, dev)
-        # the tile's logits a vocab block at a time, each folded while it is in cache:
-        # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
-        # RESULTS.md, single pass), and the fold then reads L2, not memory
-        for v0 in range(0, V, o.vocab_block):
-            v1 = min(V, v0 + o.vocab_block)
-            tb = t[:, v0:v1]
-            wb = wt[v0:v1] if wt is not None else weight[v0:v1].to(tdt)
-            if bt is None:
-                torch.mm(hc, wb.t(), out=tb)
-            else:
-                torch.addmm(bt[v0:v1], hc, wb.t(), out=tb)
-            fold(tb, yc, v0, st, o.logprob)
-        if tw is not None and cpu_lowp:
-            lowp_grads(t, hc, yc, ic, st.lse2(), tw)
-        elif tw is not None:
-            grad(t, t, yc, 0, st.lse2(), tw, None, None, o.logprob)
-        return st.logprob()
-
-    def sweep(sel, tok_w):
-        """Log-probs of the labelled tokens idx[sel]; with tok_w [len], also their gradient
-        contributions tok_w·(onehot − p) added to gh, gw and gb."""
-        ids = idx[sel]
-        out = torch.empty(ids.numel(), dtype=torch.float32, device=dev)
-        for i0 in range(0, ids.numel(), o.rows):
-            ic = ids[i0:i0 + o.rows]
-            n = ic.numel()
-            hc = h2.index_select(0, ic).to(tdt)
-            yc = y.index_select(0, ic)
-            t = tile[:n]
-            tw = tok_w[i0:i0 + n].contiguous() if tok_w is not None else None
-            out[i0:i0 + n] = score_tile(t, hc, yc, tw, ic)
-            if tw is not None and not cpu_lowp:
-                g_t = t if tdt == torch.float32 else t.to(tdt)
-                if gh is not None:
-                    gh.index_copy_(0, ic, _mm32(g_t, weight if wt is not None
-                                                else weight.to(tdt)))
-                if gw is not None:
-                    _addmm32(gw, g_t.t(), hc)
-                if gb is not None:
-                    gb.add_(t.sum(0))
-        return out
+    def sweep(sel, coef):
+        return tiles.sweep(sel, coef)[0]
 
     # The pair with the most labelled tokens goes unscaled into the empty accumulators
     # (its scalar gradient is known only after its last token); every other sequence is
@@ -253,12 +304,12 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
         g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
     g = torch.zeros(S, device=dev) if g is None else g
     k = g[p] / a[p]
-    for buf in (gh, gw, gb):
+    for buf in (tiles.gh, tiles.gw, tiles.gb):
         if buf is not None:
             buf.mul_(k)
     if r_sel.numel():
         sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
-    return loss.detach(), sums, counts, gh, gw, gb
+    return loss.detach(), sums, counts, tiles.gh, tiles.gw, tiles.gb
 
 
 class _SinglePass(torch.autograd.Function):
@@ -299,3 +350,66 @@ def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
     op's launcher does, before any tile is formed."""
     check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
     return _SinglePass.apply(hidden, weight, labels.long(), bias, seg.long(), o)
+
+
+@dataclass(frozen=True)
+class TokenPassOptions:
+    """A token-level loss L = Σ_t f_t(lp_t, H_t): each token's coefficients are known as soon as
+    its row is scored, so every tile is formed once (3 GEMMs for any number of sequences).
+    coef: (token indices, lp, ent) -> (dL/dlp, dL/dH or None) of a tile's rows; finish: (lp [M],
+    ent [M] or None) -> the loss (0-dim); entropy: fold the entropy statistics."""
+    coef: object
+    finish: object
+    logprob: LogprobOptions
+    rows: int
+    vocab_block: int = 2048
+    entropy: bool = False
+
+
+def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
+    y = labels.reshape(-1)
+    idx = (y != o.logprob.ignore_index).nonzero().squeeze(1)
+    tiles = _Tiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
+                   need_w, need_b, entropy=o.entropy)
+    sel = torch.arange(idx.numel(), device=hidden.device)
+    lp, ent = tiles.sweep(sel, o.coef if (need_h or need_w or need_b) else None)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lp_all = torch.zeros(y.numel(), **f32).index_copy_(0, idx, lp)
+    ent_all = torch.zeros(y.numel(), **f32).index_copy_(0, idx, ent) if ent is not None else None
+    return o.finish(lp_all, ent_all), lp_all, ent_all, tiles.gh, tiles.gw, tiles.gb
+
+
+class _TokenPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, o: TokenPassOptions):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[3])
+        loss, lp, ent, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
+        ctx.bufs, ctx.o, ctx.need = (gh, gw, gb), o, need      # see _SinglePass
+        ctx.save_for_backward(hidden, weight, labels, bias)
+        ctx.mark_non_differentiable(lp)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return loss.detach(), lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _glp, _gent):
+        hidden, weight, labels, bias = ctx.saved_tensors
+        bufs, ctx.bufs = ctx.bufs, None
+        if bufs is None:                  # a second backward: the first scaled them in place
+            bufs = _token_grads(hidden.detach(), weight.detach(), labels,
+                                bias.detach() if bias is not None else None, ctx.o,
+                                *ctx.need)[3:]
+        scale = grad_loss.to(torch.float32)
+        gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
+        return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
+                gw.to(weight.dtype) if gw is not None else None, None,
+                gb.to(bias.dtype) if gb is not None else None, None)
+
+
+def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
+    """(loss, lp [N], ent [N] or None) of a token-level loss, its gradient w.r.t. hidden, weight
+    and bias formed in the forward pass (see TokenPassOptions). The caller validated the inputs;
+    the label range is checked here, before any tile is formed."""
+    check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
+    return _TokenPass.apply(hidden, weight, labels.long(), bias, o)
