@@ -183,7 +183,7 @@ def test_single_pass_bf16_tile_is_fp32(monkeypatch):
 
 
 def test_policy_token_pass_on_triton(monkeypatch):
-    # the token pass on the triton tile kernels (no entropy bonus there) against the recompute
+    # the token pass on the triton tile kernels, entropy bonus included, against the recompute
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 300 * 4))      # several tiles
     from test_policy import _inputs
@@ -193,11 +193,9 @@ def test_policy_token_pass_on_triton(monkeypatch):
     for mode in ("single_pass", "recompute"):
         h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))
         loss, m = alignkit.policy_loss(h, W, y, advantages=adv, old_logprobs=old, bias=b,
-                                       loss_type="grpo", backend="triton", grad_mode=mode)
+                                       loss_type="grpo", backend="triton", grad_mode=mode,
+                                       entropy_coef=0.05)
         loss.backward()
-        out[mode] = (loss.detach(), h.grad, W.grad, b.grad)
+        out[mode] = (loss.detach(), m["entropy"], h.grad, W.grad, b.grad)
     for a, r in zip(out["single_pass"], out["recompute"]):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="does not form the entropy bonus"):
-        alignkit.policy_loss(h, W, y, advantages=adv, backend="triton", entropy_coef=0.1,
-                             grad_mode="single_pass")

@@ -35,7 +35,7 @@ from torch import Tensor
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
 from alignkit.losses.single_pass import TokenPassOptions, tile_rows, token_pass_loss
-from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.backends import gemm_dtype
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_label_range,
@@ -144,8 +144,6 @@ def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
         why = "sequence-level importance sampling ties a sequence's tokens (not token-level)"
     elif len(dtypes) != 1 or dtypes == {torch.float64}:
         why = f"hidden, weight and bias must share one dtype (fp32, bf16, fp16), got {dtypes}"
-    elif resolve(lp_opts.backend, hidden.device) == "triton" and o["entropy_coef"] != 0:
-        why = "the triton single pass does not form the entropy bonus's gradient"
     if grad_mode == "single_pass":
         if why:
             raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")

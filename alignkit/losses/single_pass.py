@@ -175,22 +175,20 @@ class _Tiles:
         """Log-probs (and entropies) of the tile's rows; with coef, their gradient too."""
         o, V = self.o, self.V
         if self.backend == "triton":
-            if self.entropy:
-                raise ValueError("the triton single pass does not form the entropy's gradient; "
-                                 "use the recompute (grad_mode='recompute')")
-            # one vendor GEMM for the fp32 tile, then the logits kernels: log-prob, G in place
+            # one vendor GEMM for the fp32 tile, then the logits kernels: the row statistics,
+            # then G (entropy term included) in place
             _mm_tile(t, hc, self.weight)
             if self.bias is not None:
                 t.add_(self.bias)
-            if coef is None or not callable(coef):     # known upfront: one kernel pass
-                g_lp, _ = self._coef(coef, ic, None, None, i0)
-                lp = triton_path.tile_logprob_grad(t, yc, g_lp, o.inv_temp, o.cap,
-                                                   o.ignore_index)
-                return lp, None, g_lp is not None
-            lp = triton_path.tile_logprob_grad(t, yc, None, o.inv_temp, o.cap, o.ignore_index)
-            g_lp, _ = self._coef(coef, ic, lp, None, i0)
-            triton_path.tile_logprob_grad(t, yc, g_lp, o.inv_temp, o.cap, o.ignore_index)
-            return lp, None, True
+            lp, m, logs, ent = triton_path.logits_forward(t, yc, o.inv_temp, o.ignore_index,
+                                                          o.cap)
+            ent = ent if self.entropy else None
+            g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+            if g_lp is not None:
+                triton_path.logits_backward(t, t, yc, m, logs, g_lp,
+                                            ent if g_ent is not None else None, g_ent,
+                                            o.inv_temp, o.cap)
+            return lp, ent, g_lp is not None
         st = RowStats.new(t.shape[0], self.entropy, self.dev)
         # the tile's logits a vocab block at a time, each folded while it is in cache:
         # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
