@@ -151,3 +151,58 @@ def test_unservable_options_are_refused_by_name(tok, pair_rows, tmp_path):
             use_weighting=True)
     with pytest.raises(TypeError, match="serves TRL's DPOTrainer"):
         patch_trainer(object())
+
+
+@pytest.fixture(scope="module")
+def prompt_rows(pair_rows):
+    return [{"prompt": r["prompt"]} for r in pair_rows[:8]]
+
+
+def _reward(completions, **kw):
+    """A reward written here: longer completions with more distinct characters score higher."""
+    text = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(set(t)) / 10.0 - abs(len(t) - 20) / 40.0 for t in text]
+
+
+@pytest.mark.parametrize("trainer_name,cfg", [
+    ("GRPOTrainer", dict(loss_type="dapo")),
+    ("GRPOTrainer", dict(loss_type="grpo", beta=0.04)),
+    ("GRPOTrainer", dict(loss_type="bnpo", entropy_coef=0.01, temperature=0.8)),
+    ("RLOOTrainer", dict()),
+])
+def test_rl_trainers_patched_match_unpatched(tok, prompt_rows, tmp_path, op_calls, trainer_name,
+                                             cfg):
+    """TRL's GRPOTrainer and RLOOTrainer, patched and unpatched, step by step: the same loss,
+    every logged metric and the same gradient norm; alignkit's op answers every scoring call."""
+    trainer_cls = getattr(trl, trainer_name)
+    config_cls = getattr(trl, trainer_name.replace("Trainer", "Config"))
+    kw = dict(num_generations=2, max_completion_length=8, generation_batch_size=4,
+              reward_funcs=_reward, **cfg)
+    a = run_rl(trainer_cls, config_cls, tok, prompt_rows, tmp_path, False, op_calls, **kw)
+    b = run_rl(trainer_cls, config_cls, tok, prompt_rows, tmp_path, True, op_calls, **kw)
+    compare(a, b)
+
+
+def run_rl(trainer_cls, config_cls, tok, rows, tmp_path, patch, calls, reward_funcs, **cfg):
+    # from a saved directory: with beta > 0 TRL builds the reference model from the policy's path
+    m = str(tmp_path / "init")
+    if not os.path.isdir(m):
+        model(tok).save_pretrained(m)
+        tok.save_pretrained(m)
+    before = len(calls)
+    args = config_cls(output_dir=str(tmp_path / ("p" if patch else "u")),
+                      per_device_train_batch_size=4, max_steps=STEPS, logging_steps=1,
+                      report_to="none", use_cpu=True, bf16=False, save_strategy="no",
+                      learning_rate=1e-3, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                      **cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = trainer_cls(model=m, args=args, processing_class=tok, reward_funcs=reward_funcs,
+                         train_dataset=datasets.Dataset.from_list(rows))
+        if patch:
+            assert patch_trainer(tr) is tr
+        torch.manual_seed(0)
+        tr.train()
+    ran = len(calls) - before
+    assert (ran >= STEPS) if patch else (ran == 0), (patch, ran)
+    return [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]

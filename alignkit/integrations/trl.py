@@ -7,6 +7,9 @@ What changes, per trainer, and why no option can be dropped:
   every position). TRL's own loss code then runs unchanged, so every ``loss_type``,
   ``loss_weights``, ``label_smoothing``, precomputed reference log-probs and every metric name
   are TRL's by construction.
+- ``GRPOTrainer`` and ``RLOOTrainer`` call the same ``fused_lm_head=True`` for the completion
+  tokens' log_probs and entropy (the entropy bonus takes its gradient); the patch answers it
+  with the trainer's temperature, for the policy and the reference model.
 - ``CPOTrainer`` and ``ORPOTrainer`` (``trl.experimental``) build full logits in
   ``concatenated_forward``. The patch replaces that method: one fused call gives the sequence
   log-probs and the NLL term exactly as TRL defines them (ORPO's NLL covers prompt and response,
@@ -29,9 +32,10 @@ import torch
 from alignkit.integrations.head import install_fused_forward
 
 
-def _install(model, outputs, backend="auto"):
+def _install(model, outputs, backend="auto", temperature=1.0):
     """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
-    install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head")
+    install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head",
+                          temperature=temperature)
     model._alignkit_patched = True
 
 
@@ -51,13 +55,23 @@ def patch_trainer(trainer, *, backend: str = "auto"):
     """Routes a TRL 1.16 trainer's LM head through alignkit's fused op; returns the trainer."""
     from trl import DPOTrainer, KTOTrainer
     names = {c.__name__ for c in type(trainer).__mro__}
+    rl = names & {"GRPOTrainer", "RLOOTrainer"}
     if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
-            names & {"CPOTrainer", "ORPOTrainer"}:
-        raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer and "
-                        f"ORPOTrainer; got {type(trainer).__name__}")
+            names & {"CPOTrainer", "ORPOTrainer"} and not rl:
+        raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
+                        f"ORPOTrainer, GRPOTrainer and RLOOTrainer; got {type(trainer).__name__}")
     if getattr(_base(trainer.model), "_alignkit_patched", False):
         return trainer
     _check_common(trainer)
+    if rl:
+        # TRL's own loss code reads log_probs and entropy (with its gradient: the entropy bonus)
+        # of the completion tokens; its temperature divides the logits, as TRL's head does
+        t = float(getattr(trainer, "temperature", 1.0))
+        _install(_base(trainer.model), ("log_probs", "entropy"), backend=backend, temperature=t)
+        ref = getattr(trainer, "ref_model", None)
+        if ref is not None and not getattr(_base(ref), "_alignkit_patched", False):
+            _install(_base(ref), ("log_probs",), backend=backend, temperature=t)
+        return trainer
     if isinstance(trainer, DPOTrainer):
         if getattr(trainer, "use_weighting", False):
             raise NotImplementedError("DPOConfig.use_weighting=True (WPO) needs log Σ p² per "

@@ -174,19 +174,19 @@ def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
     #   2x1024): a rule that holds on both takes the recompute.
     # - untied losses (ORPO, CPO, DPO+sft...): the rejected sequence is formed twice; 10-15% above
     #   the recompute on the Xeon at every shape.
-    # bf16 on a CPU with bf16 units (the Xeon): level with the recompute for one tied pair of
-    # 1048-row tiles (B3, the long pair), slower with short tiles: one tied pair, >= 512 rows.
+    # bf16 on a CPU with bf16 units (the Xeon): 5-13% above the recompute even for one tied
+    # pair of 1048-row tiles (B3, the long pair; bench.losses --bf16), more with short tiles:
+    # the elementwise passes over the kept bf16 logits, not the GEMMs, bound it. The recompute.
     # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
     # for every tile; the recompute converts it per vocab block: the recompute.
     from alignkit.losses.single_pass import tile_rows
-    from alignkit.ops.backends import gemm_dtype
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
     rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
     if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
         return S <= 4 and rows >= (64 if tied else 256)
-    if weight.dtype != torch.float32 and gemm_dtype(weight.dtype, weight.device) != weight.dtype:
+    if weight.dtype != torch.float32:
         return False
-    return tied and S == 2 and rows >= (256 if weight.dtype == torch.float32 else 512)
+    return tied and S == 2 and rows >= 256
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):

@@ -9,7 +9,8 @@ A the advantage of s or of t, ε_l = epsilon_low, ε_h = epsilon_high):
           (ρ' = min(ρ, delta) with delta, two-sided clipping; PPO: Schulman et al. 2017,
           arXiv:1707.06347; GRPO: Shao et al. 2024, arXiv:2402.03300)
     cispo: ℓ = −sg(min(ρ, ε_h))·A·lp          (MiniMax-M1, arXiv:2506.13585; ε_h caps ρ)
-    sapo:  ℓ = −σ(τ(ρ − 1))·4/τ·A, τ = τ₊ if A > 0 else τ₋   (Gao et al. 2025, arXiv:2511.20347)
+    sapo:  ℓ = −σ(τ(ρ − 1))·4/τ·A, τ = τ₊ if A > 0 else τ₋
+          (Soft Adaptive Policy Optimization, arXiv:2511.20347)
     KL (beta > 0), with d = ref − lp:  k1 = −d,  k2 = d²/2,  k3 = eᵈ − d − 1   (Schulman 2020,
           "Approximating KL divergence"); ℓ += β·k (·ρ with kl_importance_weight, TRL's
           use_bias_correction_kl)
@@ -18,7 +19,7 @@ The per-token terms are then normalised (|s| labelled tokens of s, S sequences, 
     dr_grpo      Σ ℓ / (S·max_completion_length)   (Liu et al. 2025, arXiv:2503.20783)
     dapo, cispo  Σ ℓ / num_items (default N; pass the count of the whole accumulation window)
                  (DAPO, Yu et al. 2025, arXiv:2503.14476)
-    luspo        (1/S)·Σ_s Σ_t ℓ                (length-unbiased sequence policy optimisation)
+    luspo        (1/S)·Σ_s Σ_t ℓ                (LUSPO, arXiv:2602.05261)
 and the entropy bonus is −entropy_coef·(1/N)·Σ H_t, with H the entropy of the full distribution
 and its true gradient through the softmax.
 
@@ -35,7 +36,6 @@ from torch import Tensor
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
 from alignkit.losses.single_pass import TokenPassOptions, tile_rows, token_pass_loss
-from alignkit.ops.backends import gemm_dtype
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_label_range,
@@ -152,13 +152,12 @@ def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
             torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (hidden, weight, bias))):
         return False
-    if weight.dtype != torch.float32 and weight.device.type != "cuda" and \
-            gemm_dtype(weight.dtype, weight.device) != weight.dtype:
-        return False
+    if weight.dtype != torch.float32 and weight.device.type != "cuda":
+        return False           # CPU bf16: the pair pass measured slower than the recompute
     # full-vocabulary tiles must be long enough to run their GEMMs at speed (preference_loss's
     # measured bar for one tied pair, which is the same 3-GEMM schedule)
     rows = tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles)
-    return rows >= (256 if weight.dtype == torch.float32 else 512)
+    return rows >= 256
 
 
 def _coefficients(old, ref, adv, norm, mask, o):

@@ -283,8 +283,8 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
     if o.norm in ("unit", "count"):
         # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s. The tie is a
-        # property of the loss type (registry: LossSpec.tie); tests check every tied type against the
-        # recompute. No run-time check: it would be a sync, and NaN inputs would trip it.
+        # property of the loss type (registry: LossSpec.tie); tests check every tied type
+        # against the recompute. No run-time check: it would be a sync, and NaN inputs would trip it.
         a = per if o.norm == "count" else torch.ones(S, device=dev)
         sign = torch.where(sid < B, 1.0, -1.0)
         tok_u = (sign * w[sid] * a[sid]).index_select(0, u_sel)
