@@ -85,7 +85,7 @@ PreferenceTrainer(cfg, callbacks=[die]).train()
 """
 
 
-def test_resume_after_sigkill_reaches_the_samefinal_weights(setup, tmp_path):
+def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
     import yaml
     common = dict(max_steps=8, save_steps=3, eval_steps=4)
     PreferenceTrainer(config(setup, tmp_path / "full", **common)).train()
