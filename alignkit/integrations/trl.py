@@ -36,7 +36,14 @@ def _install(model, outputs, backend="auto", temperature=1.0):
     """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
     install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head",
                           temperature=temperature)
-    model._alignkit_patched = True
+    model._alignkit_forward = model.__dict__["forward"]
+
+
+def _patched(model) -> bool:
+    """alignkit's forward is still the model's: a trainer built later on the same model (TRL
+    installs its own fused head in __init__) replaces it, and then it must be patched again."""
+    fwd = getattr(model, "_alignkit_forward", None)
+    return fwd is not None and model.__dict__.get("forward") is fwd
 
 
 def _base(model):
@@ -60,7 +67,7 @@ def patch_trainer(trainer, *, backend: str = "auto"):
             names & {"CPOTrainer", "ORPOTrainer"} and not rl:
         raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
                         f"ORPOTrainer, GRPOTrainer and RLOOTrainer; got {type(trainer).__name__}")
-    if getattr(_base(trainer.model), "_alignkit_patched", False):
+    if _patched(_base(trainer.model)):
         return trainer
     _check_common(trainer)
     if rl:
@@ -69,7 +76,7 @@ def patch_trainer(trainer, *, backend: str = "auto"):
         t = float(getattr(trainer, "temperature", 1.0))
         _install(_base(trainer.model), ("log_probs", "entropy"), backend=backend, temperature=t)
         ref = getattr(trainer, "ref_model", None)
-        if ref is not None and not getattr(_base(ref), "_alignkit_patched", False):
+        if ref is not None and not _patched(_base(ref)):
             _install(_base(ref), ("log_probs",), backend=backend, temperature=t)
         return trainer
     if isinstance(trainer, DPOTrainer):
@@ -86,7 +93,7 @@ def patch_trainer(trainer, *, backend: str = "auto"):
         trainer.concatenated_forward = types.MethodType(
             _orpo_forward if orpo else _cpo_forward, trainer)
     ref = getattr(trainer, "ref_model", None)
-    if ref is not None and not getattr(_base(ref), "_alignkit_patched", False):
+    if ref is not None and not _patched(_base(ref)):
         _install(_base(ref), ("log_probs",), backend=backend)
     return trainer
 
