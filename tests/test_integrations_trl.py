@@ -168,8 +168,12 @@ def _reward(completions, **kw):
     ("GRPOTrainer", dict(loss_type="dapo")),
     ("GRPOTrainer", dict(loss_type="grpo", beta=0.04)),
     ("GRPOTrainer", dict(loss_type="bnpo", entropy_coef=0.01, temperature=0.8)),
+    ("GRPOTrainer", dict(loss_type="dr_grpo")),
+    ("GRPOTrainer", dict(loss_type="cispo", epsilon_high=2.0)),
+    ("GRPOTrainer", dict(loss_type="sapo")),
+    ("GRPOTrainer", dict(loss_type="luspo", importance_sampling_level="sequence")),
     ("RLOOTrainer", dict()),
-])
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
 def test_rl_trainers_patched_match_unpatched(tok, prompt_rows, tmp_path, op_calls, trainer_name,
                                              cfg):
     """TRL's GRPOTrainer and RLOOTrainer, patched and unpatched, step by step: the same loss,
