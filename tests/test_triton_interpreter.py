@@ -87,8 +87,15 @@ def test_auto_does_not_pick_triton_on_cpu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_pass_tile_kernel(dtype):
     # one [rows, V] tile, V=4099 (the 1024-column blocks do not divide it), softcap + temperature:
-    # log-probs, then G = w·(onehot − p)·dz/dx written over the tile in place
-    from alignkit.ops.triton_path import tile_logprob_grad
+    # log-probs, then G = w·(onehot − p)·dz/dx written over the tile in place: the logits kernels
+    # as the single pass runs them (alignkit/losses/single_pass.py, _Tiles._score)
+    from alignkit.ops.triton_path import logits_backward, logits_forward
+
+    def tile_logprob_grad(t, y, w, inv_temp, cap, ignore_index):
+        lp, m, logs, _ = logits_forward(t, y, inv_temp, ignore_index, cap)
+        if w is not None:
+            logits_backward(t, t, y, m, logs, w, None, None, inv_temp, cap)
+        return lp
     g = torch.Generator().manual_seed(46)
     x64 = torch.randn(7, 4099, generator=g, dtype=torch.float64) * 6
     y = torch.randint(0, 4099, (7,), generator=g)

@@ -127,7 +127,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
-        why = _single_pass_blocker(hidden, weight, bias, common.get("backend", "auto"))
+        why = _single_pass_blocker(hidden, weight, bias)
         # no gradient wanted (no_grad, or nothing requires one): the recompute op runs forward
         # only, one GEMM per tile and no [V, H] accumulator
         if grad_mode == "auto" and not _wants_grad(hidden, weight, bias):
@@ -146,7 +146,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
-    return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
+    return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
 def _wants_grad(hidden, weight, bias) -> bool:
@@ -154,7 +154,7 @@ def _wants_grad(hidden, weight, bias) -> bool:
                                            for t in (hidden, weight, bias))
 
 
-def _single_pass_blocker(hidden, weight, bias, backend):
+def _single_pass_blocker(hidden, weight, bias):
     dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
     if len(dtypes) != 1:
         return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
@@ -199,8 +199,8 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
 
     def loss_fn(logps, counts):
         # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
-        return _loss_on_logps(loss, logps, logps * counts if average else logps, counts, ref,
-                              own)
+        sums = logps * counts if average else logps
+        return paired_loss_on_logps(loss, logps, sums, counts, ref, own)
     lp_opts = LogprobOptions(**common)
     t = lp_opts.tiles.resolved()
     o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
@@ -245,10 +245,6 @@ def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
     elif ref_logprobs is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs would be ignored, so it "
                          "is refused")
-    return _loss_on_logps(loss, logps, sums, counts_f, ref, own)
-
-
-def _loss_on_logps(loss, logps, sums, counts_f, ref, own):
     return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 

@@ -32,19 +32,12 @@ from alignkit.ops.validate import check_label_range, check_linear_inputs
 _EMPTY = (0,)
 
 
-def _compute_dtype(t: Tensor) -> Tensor:
-    # The GEMMs' dtype (backends.gemm_dtype): bf16 on CPUs with bf16 units (fp32 accumulation
-    # inside, 3.5x an fp32 GEMM there), fp32 elsewhere (bf16 matmul without the units runs ~20x
-    # slower than fp32). Only [rows, H] and [vocab_block, H] slices are converted.
-    dt = gemm_dtype(t.dtype, t.device)
-    return t if t.dtype == dt else t.to(dt)
-
-
 def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.dtype,
             tiles: TileOptions):
     """Yields (ic, hc, yc, buf, plan) per token chunk of the labelled tokens idx: their indices,
-    hidden rows (in the GEMM dtype dt) and labels, and the one tile buffer every chunk reuses
-    (in dt: torch's CPU GEMM writes its own dtype)."""
+    hidden rows (in the GEMM dtype dt, backends.gemm_dtype: bf16 on CPUs with bf16 units, where a
+    bf16 GEMM ran 3.5x an fp32 one, fp32 elsewhere) and labels, and the one tile buffer every
+    chunk reuses (in dt: torch's CPU GEMM writes its own dtype)."""
     M, H = idx.numel(), h2.shape[1]
     # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
     live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)

@@ -187,15 +187,5 @@ def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp, cap=0.0):
     return out
 
 
-def tile_logprob_grad(t, y, tok_w, inv_temp, cap, ignore_index):
-    """Single-pass tile (alignkit.losses.single_pass): t [n, V] raw logits (fp32/bf16/fp16, unit
-    column stride), y [n] targets → log-probs [n] fp32; with tok_w [n] fp32, t becomes
-    G = tok_w·(onehot − p)·dz/dx in place (the logits kernels, softcap on)."""
-    lp, m, logs, _ = logits_forward(t, y, inv_temp, ignore_index, cap)
-    if tok_w is not None:
-        logits_backward(t, t, y, m, logs, tok_w, None, None, inv_temp, cap)
-    return lp
-
-
 def triton_cdiv(a, b):
     return (a + b - 1) // b
