@@ -265,3 +265,12 @@ def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
     with pytest.raises(ValueError, match="sequence-level importance sampling"):
         alignkit.policy_loss(h, W, y, advantages=adv, loss_type="grpo",
                              importance_sampling_level="sequence", grad_mode="single_pass")
+
+
+@pytest.mark.parametrize("grad_mode", ["auto", "single_pass", "recompute"])
+def test_out_of_range_labels_are_refused_on_every_path(grad_mode):
+    h, W, b, y, _ = _inputs(seed=7)
+    y[0, 5] = W.shape[0]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 700\)"):
+        alignkit.policy_loss(h.float().requires_grad_(), W.float(), y,
+                             advantages=torch.zeros(4), grad_mode=grad_mode)

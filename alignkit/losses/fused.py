@@ -33,12 +33,19 @@ from torch import Tensor
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
 from alignkit.losses.registry import PAIRED, paired_loss_on_logps
+from alignkit.losses.single_pass import (
+    GRAD_MODES,
+    SinglePassOptions,
+    long_tiles,
+    pass_blocker,
+    single_pass_loss,
+    tile_rows,
+)
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
            "grad_mode", "tiles")
-GRAD_MODES = ("recompute", "single_pass", "auto")
 LOSSES = PAIRED
 
 
@@ -127,11 +134,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
-        why = _single_pass_blocker(hidden, weight, bias)
-        # no gradient wanted (no_grad, or nothing requires one): the recompute op runs forward
-        # only, one GEMM per tile and no [V, H] accumulator
-        if grad_mode == "auto" and not _wants_grad(hidden, weight, bias):
-            why = why or "no input requires a gradient"
+        why = pass_blocker(hidden, weight, bias, grad_mode)
         # under torch.compile the default mode takes the recompute, a registered custom op with
         # a fake (the single pass's loops are data-dependent and would break the graph)
         if torch.compiler.is_compiling():
@@ -147,20 +150,6 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
     return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
-
-
-def _wants_grad(hidden, weight, bias) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (hidden, weight, bias))
-
-
-def _single_pass_blocker(hidden, weight, bias):
-    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
-    if len(dtypes) != 1:
-        return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
-    if dtypes == {torch.float64}:
-        return "float64 inputs take the recompute (its GEMMs run in fp32 either way)"
-    return None
 
 
 def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
@@ -179,18 +168,14 @@ def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
     # the elementwise passes over the kept bf16 logits, not the GEMMs, bound it. The recompute.
     # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
     # for every tile; the recompute converts it per vocab block: the recompute.
-    from alignkit.losses.single_pass import tile_rows
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
-    rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
     if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
+        rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
         return S <= 4 and rows >= (64 if tied else 256)
-    if weight.dtype != torch.float32:
-        return False
-    return tied and S == 2 and rows >= 256
+    return tied and S == 2 and long_tiles(weight, tiles)
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
-    from alignkit.losses.single_pass import SinglePassOptions, single_pass_loss, tile_rows
     from alignkit.ops.options import LogprobOptions
     if segment_ids is None:
         seg = torch.arange(S, device=hidden.device)[:, None].expand(labels.shape)

@@ -35,10 +35,16 @@ from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
-from alignkit.losses.single_pass import TokenPassOptions, tile_rows, token_pass_loss
+from alignkit.losses.single_pass import (
+    GRAD_MODES,
+    TokenPassOptions,
+    long_tiles,
+    pass_blocker,
+    tile_rows,
+    token_pass_loss,
+)
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
-    check_label_range,
     check_linear_inputs,
     check_segment_ids,
     check_segment_range,
@@ -90,7 +96,6 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     flat, S, seg = _layout(hidden, labels, segment_ids)
     y = labels.reshape(-1)
     mask = y != ignore_index
-    check_label_range(y, weight.shape[0], ignore_index)
     adv = _per_token("advantages", advantages, labels, S, seg)
     old = _token_tensor("old_logprobs", old_logprobs, labels)
     ref = _token_tensor("ref_logprobs", ref_logprobs, labels)
@@ -132,32 +137,21 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
 
 def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
     """Whether the single pass serves this call (grad_mode="single_pass" raises where it
-    cannot)."""
-    if grad_mode not in ("auto", "single_pass", "recompute"):
-        raise ValueError(f"grad_mode must be one of auto, single_pass, recompute; got "
-                         f"{grad_mode!r}")
+    cannot); the gate is the pair pass's (single_pass.pass_blocker, long_tiles), since the token
+    pass runs the same 3-GEMM schedule on the same tiles."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
     if grad_mode == "recompute":
         return False
-    why = None
-    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
-    if o["level"] != "token":
-        why = "sequence-level importance sampling ties a sequence's tokens (not token-level)"
-    elif len(dtypes) != 1 or dtypes == {torch.float64}:
-        why = f"hidden, weight and bias must share one dtype (fp32, bf16, fp16), got {dtypes}"
+    why = ("sequence-level importance sampling ties a sequence's tokens (not token-level)"
+           if o["level"] != "token" else pass_blocker(hidden, weight, bias, grad_mode))
     if grad_mode == "single_pass":
         if why:
             raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
         return True
-    if why or torch.compiler.is_compiling() or not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                            for t in (hidden, weight, bias))):
+    if why or torch.compiler.is_compiling():
         return False
-    if weight.dtype != torch.float32 and weight.device.type != "cuda":
-        return False           # CPU bf16: the pair pass measured slower than the recompute
-    # full-vocabulary tiles must be long enough to run their GEMMs at speed (preference_loss's
-    # measured bar for one tied pair, which is the same 3-GEMM schedule)
-    rows = tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles)
-    return rows >= 256
+    return long_tiles(weight, lp_opts.tiles)
 
 
 def _coefficients(old, ref, adv, norm, mask, o):

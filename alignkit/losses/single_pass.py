@@ -68,6 +68,35 @@ def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=Non
     return max(1, budget // (per * V))
 
 
+GRAD_MODES = ("recompute", "single_pass", "auto")
+
+
+def pass_blocker(hidden, weight, bias, grad_mode: str):
+    """Why a single pass (the pair pass or the token pass) cannot serve a call, or, under
+    grad_mode "auto", should not; None where it can. Both front doors (preference_loss,
+    policy_loss) ask this one function."""
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if len(dtypes) != 1:
+        return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
+    if dtypes == {torch.float64}:
+        return "float64 inputs take the recompute (its GEMMs run in fp32 either way)"
+    # no gradient wanted (no_grad, or nothing requires one): the recompute op runs forward only,
+    # one GEMM per tile and no [V, H] accumulator
+    if grad_mode == "auto" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        return "no input requires a gradient"
+    return None
+
+
+def long_tiles(weight, tiles=None) -> bool:
+    """Whether full-vocabulary tiles hold the >= 256 rows where the single pass's GEMMs ran at
+    speed (bench/RESULTS.md, "auto re-measured"); on CPU only in fp32 (in bf16 the passes over
+    the kept bf16 logits made it 5-13% slower than the recompute even with long tiles)."""
+    if weight.device.type != "cuda" and weight.dtype != torch.float32:
+        return False
+    return tile_rows(weight.shape[0], weight.device, weight.dtype, tiles) >= 256
+
+
 def _mm32(a, b):
     """a·b as fp32. For bf16/fp16 (the triton backend): fp32 accumulation and output on CUDA; on
     CPU tensors (the interpreter's tests) torch has no fp32-output low-precision mm, so the
