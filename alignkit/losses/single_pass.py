@@ -339,35 +339,47 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     return loss.detach(), sums, counts, tiles.gh, tiles.gw, tiles.gb
 
 
+def _stash(ctx, bufs, form, o, need, hidden, weight, labels, bias, *extra):
+    """forward's side of a pass whose gradients it formed: bufs (gh, gw, gb) go back scaled in
+    place (no second [V, H] buffer). They are held on ctx, not saved for backward (a saved tensor
+    changed in place fails autograd's version check); a second backward (retain_graph=True)
+    forms them again from the inputs with form(hidden, weight, labels, bias, *extra, o, *need)."""
+    ctx.bufs, ctx.form, ctx.o, ctx.need, ctx.n_extra = bufs, form, o, need, len(extra)
+    ctx.save_for_backward(hidden, weight, labels, bias, *extra)
+
+
+def _scaled_grads(ctx, grad_loss):
+    """backward's side: the stashed gradients times the upstream scalar, in the inputs' dtypes."""
+    hidden, weight, labels, bias, *extra = ctx.saved_tensors
+    bufs, ctx.bufs = ctx.bufs, None
+    if bufs is None:                  # a second backward: the first scaled them in place
+        bufs = ctx.form(hidden.detach(), weight.detach(), labels,
+                        bias.detach() if bias is not None else None, *extra, ctx.o,
+                        *ctx.need)[-3:]
+    scale = grad_loss.to(torch.float32)
+    gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
+    return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
+            gw.to(weight.dtype) if gw is not None else None, None,
+            gb.to(bias.dtype) if gb is not None else None) + (None,) * (ctx.n_extra + 1)
+
+
+def _needs(ctx, bias):
+    return (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[3])
+
+
 class _SinglePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, seg, o: SinglePassOptions):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[3]
-        loss, sums, counts, gh, gw, gb = _grads(hidden, weight, labels, bias, seg, o, need_h,
-                                                need_w, need_b)
-        # The gradients go back scaled in place (no second [V, H] buffer). They are held on ctx,
-        # not saved for backward (a saved tensor changed in place fails autograd's version
-        # check); a second backward (retain_graph=True) forms them again from the inputs.
-        ctx.bufs = (gh, gw, gb)
-        ctx.save_for_backward(hidden, weight, labels, bias, seg)
-        ctx.o, ctx.need = o, (need_h, need_w, need_b)
+        need = _needs(ctx, bias)
+        loss, sums, counts, gh, gw, gb = _grads(hidden, weight, labels, bias, seg, o, *need)
+        _stash(ctx, (gh, gw, gb), _grads, o, need, hidden, weight, labels, bias, seg)
         ctx.mark_non_differentiable(sums, counts)
         return loss, sums, counts
 
     @staticmethod
     def backward(ctx, grad_loss, _gs, _gc):
-        hidden, weight, labels, bias, seg = ctx.saved_tensors
-        bufs, ctx.bufs = ctx.bufs, None
-        if bufs is None:                  # a second backward: the first scaled them in place
-            bufs = _grads(hidden.detach(), weight.detach(), labels,
-                          bias.detach() if bias is not None else None, seg, ctx.o,
-                          *ctx.need)[3:]
-        scale = grad_loss.to(torch.float32)
-        gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
-        return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
-                gw.to(weight.dtype) if gw is not None else None, None,
-                gb.to(bias.dtype) if gb is not None else None, None, None)
+        return _scaled_grads(ctx, grad_loss)
 
 
 def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
@@ -409,11 +421,9 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
 class _TokenPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, o: TokenPassOptions):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[3])
+        need = _needs(ctx, bias)
         loss, lp, ent, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
-        ctx.bufs, ctx.o, ctx.need = (gh, gw, gb), o, need      # see _SinglePass
-        ctx.save_for_backward(hidden, weight, labels, bias)
+        _stash(ctx, (gh, gw, gb), _token_grads, o, need, hidden, weight, labels, bias)
         ctx.mark_non_differentiable(lp)
         if ent is not None:
             ctx.mark_non_differentiable(ent)
@@ -421,17 +431,7 @@ class _TokenPass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _glp, _gent):
-        hidden, weight, labels, bias = ctx.saved_tensors
-        bufs, ctx.bufs = ctx.bufs, None
-        if bufs is None:                  # a second backward: the first scaled them in place
-            bufs = _token_grads(hidden.detach(), weight.detach(), labels,
-                                bias.detach() if bias is not None else None, ctx.o,
-                                *ctx.need)[3:]
-        scale = grad_loss.to(torch.float32)
-        gh, gw, gb = (b.mul_(scale) if b is not None else None for b in bufs)
-        return (gh.view(hidden.shape).to(hidden.dtype) if gh is not None else None,
-                gw.to(weight.dtype) if gw is not None else None, None,
-                gb.to(bias.dtype) if gb is not None else None, None)
+        return _scaled_grads(ctx, grad_loss)
 
 
 def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
