@@ -76,6 +76,20 @@ def _full(t):
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
+def _labelled(labels):
+    """(flat indices of the labelled positions, their labels): only these meet the vocabulary."""
+    idx = (labels != -100).reshape(-1).nonzero().squeeze(1)
+    return idx, labels.reshape(-1).index_select(0, idx)
+
+
+def _head_rows(weight, bias, h, idx):
+    """Inside the head's call: the head's weight and bias whole (sharded heads gathered), the
+    labelled rows of hidden, all in the dtypes the op meets them in."""
+    weight, bias = _full(weight), _full(bias)
+    hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
+    return hs.index_select(0, idx), weight, bias
+
+
 def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_logits=False,
                   is_top1=False, temperature: float = 1.0, backend: str = "auto"):
     """hidden [B, T, H], labels [B, T] aligned (label t scored from hidden t; -100 ignored) ->
@@ -86,14 +100,11 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
         raise NotImplementedError("mean_logits with final_logit_softcapping: the mean of "
                                   "soft-capped logits needs the logits, which alignkit never forms")
     mask = labels != -100
-    idx = mask.reshape(-1).nonzero().squeeze(1)
-    y = labels.reshape(-1).index_select(0, idx)
+    idx, y = _labelled(labels)
     opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend, **opts_kw)
 
     def op(weight, bias, h):
-        weight, bias = _full(weight), _full(bias)
-        hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
-        rows = hs.index_select(0, idx)
+        rows, weight, bias = _head_rows(weight, bias, h, idx)
         lp, ent, lse = linear_logprobs_stats(rows, weight, y, bias=bias, opts=opts)
         out = {"log_probs": lp, "entropy": ent}
         if is_top1:
@@ -133,14 +144,12 @@ def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Ten
     are gathered around it). ``preference``: loss=..., ref_logprobs=..., and the loss's options."""
     head = model.get_output_embeddings()
     opts_kw = {k: v for k, v in head_options(model, temperature).items() if v is not None}
-    idx = (labels != -100).reshape(-1).nonzero().squeeze(1)
-    y = labels.reshape(-1).index_select(0, idx)
+    idx, y = _labelled(labels)
     seg = segment_ids.reshape(-1).index_select(0, idx)
 
     def op(weight, bias, h):
-        weight, bias = _full(weight), _full(bias)
-        hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
-        return preference_loss(hs.index_select(0, idx), weight, y, bias=bias, segment_ids=seg,
+        rows, weight, bias = _head_rows(weight, bias, h, idx)
+        return preference_loss(rows, weight, y, bias=bias, segment_ids=seg,
                                num_segments=num_sequences, backend=backend, **opts_kw,
                                **preference)
     return _head_call(head, op, hidden)
