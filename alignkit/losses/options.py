@@ -1,14 +1,14 @@
 """Validation shared by the losses: each error names the argument and the expected range."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from alignkit.ops.options import is_real
 
 
 def check_number(name, v, *, low=None, high=None, low_open=False, high_open=False):
     """v is a real number (not a bool), finite, and inside the given bounds."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = is_real(v)
     if ok and low is not None:
         ok = v > low if low_open else v >= low
     if ok and high is not None:

@@ -10,8 +10,9 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
 
-def _real(v) -> bool:
-    """A finite int or float; a bool is not a number here (temperature=True is a mistake)."""
+def is_real(v) -> bool:
+    """A finite int or float; a bool is not a number here (temperature=True is a mistake). The
+    one predicate behind every numeric option's check (ops, losses, the trainer's config)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -93,9 +94,9 @@ class LogprobOptions:
     def __post_init__(self):
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
-        if not (_real(self.temperature) and self.temperature > 0):
+        if not (is_real(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.softcap is not None and not (_real(self.softcap) and self.softcap > 0):
+        if self.softcap is not None and not (is_real(self.softcap) and self.softcap > 0):
             raise ValueError(f"softcap must be None or a finite number > 0, got {self.softcap!r}")
         if not isinstance(self.return_entropy, bool):
             raise TypeError(f"return_entropy must be a bool, got {self.return_entropy!r}")

@@ -7,12 +7,12 @@ parsed as YAML scalars (``--lr 1e-4``, ``--packing padding_free``, ``--loss_opti
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from alignkit.losses.registry import LOSSES as REGISTRY
+from alignkit.ops.options import is_real
 
 PACKINGS = ("padded", "padding_free", "shared_prompt")
 REFERENCES = ("precompute", "live", "none")
@@ -115,8 +115,7 @@ class TrainConfig:
             v = getattr(self, key)
             if v is None and optional:
                 return
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-                and (v > low if low_open else v >= low) and (high is None or v < high)
+            ok = is_real(v) and (v > low if low_open else v >= low) and (high is None or v < high)
             if not ok:
                 rng = f"in [{low}, {high})" if high is not None else \
                     f"{'>' if low_open else '>='} {low}"
