@@ -134,6 +134,7 @@ class PreferenceTrainer:
         self.eval_ex = (tokenise_rows(eval_rows, tk, cfg.data_format, cfg.loss, "eval_data")
                         if eval_rows else None)
         self.kl = kto_uses_kl(cfg.loss, cfg.loss_options)
+        self.objective = paired_objective(cfg.loss, cfg.loss_options)   # None for KTO
         self.precision = cfg.precision if cfg.precision != "auto" else (
             "bf16" if (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
             or (self.device.type == "cpu" and cpu_has_bf16()) else "fp32")
@@ -209,13 +210,12 @@ class PreferenceTrainer:
     def micro_loss(self, module, examples, idx, split="train"):
         batch = collate(examples, idx, self.cfg.packing, self.pad_id,
                         kl_partner=self._kl_partner(examples)).to(self.device)
-        objective = paired_objective(self.cfg.loss, self.cfg.loss_options)
         with self._autocast():
             ref = self._reference(batch, split)
-            if objective is not None:       # the loss inside the module: the fused engine
+            if self.objective is not None:  # the loss inside the module: the fused engine
                 ref_lp = ref_logprobs_of(self.cfg.loss, self.cfg.loss_options, ref,
                                          batch.labels.new_zeros(batch.num_sequences))
-                loss, metrics = forward_batch(module, batch, objective, ref_lp)
+                loss, metrics = forward_batch(module, batch, self.objective, ref_lp)
                 return loss, metrics, batch.tokens
             sums, counts = forward_batch(module, batch)
         desirable = None
