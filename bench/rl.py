@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import alignkit
-from alignkit.losses.policy import _normaliser, _options, policy_terms
+from alignkit.losses.policy import policy_loss_from_logprobs
 from bench import harness, methods
 
 OUT = Path(__file__).parent
@@ -38,16 +38,8 @@ def rl_inputs(case, seed=1):
 
 def _terms(lp, ent, case, adv, old, ref, kw):
     """The policy loss on per-token log-probs [S, T] (and entropies), as policy_loss computes it."""
-    o = _options(kw["loss_type"], "token", 0.2, None, None, kw.get("beta", 0.0), "k3",
-                 kw.get("entropy_coef", 0.0), 1.0, 1.05, False)
-    m = case.mask.reshape(-1)
-    seg = torch.arange(case.S).repeat_interleave(case.T)
-    norm = _normaliser(o["loss_type"], m, seg, case.S, case.T, None)
-    if ent is None or o["entropy_coef"] == 0:
-        ent = torch.zeros_like(lp) if ent is None else ent.detach()
-    return policy_terms(lp.reshape(-1), ent.reshape(-1), old.reshape(-1),
-                        ref.reshape(-1) if o["beta"] else None, adv.index_select(0, seg), m, seg,
-                        case.S, norm, o, adv)[0]
+    return policy_loss_from_logprobs(lp, ent, case.y, advantages=adv, old_logprobs=old,
+                                     ref_logprobs=ref if kw.get("beta") else None, **kw)[0]
 
 
 def alignkit_policy(kw, grad_mode):

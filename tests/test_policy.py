@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.losses.policy import _normaliser, _options, policy_terms
+from alignkit.losses.policy import policy_loss_from_logprobs
 from alignkit.oracle import reference_linear_token_logprobs
 
 trl = pytest.importorskip("trl")
@@ -31,22 +31,10 @@ def batch(seed=0, scale=1.0):
 
 
 def ours(lp, ent, old, ref, mask, adv, **kw):
-    """policy_terms on the flattened [B*T] tokens, as policy_loss runs it after the op."""
-    kw = dict(kw)
-    loss_type = kw.pop("loss_type")
-    level = kw.pop("importance_sampling_level", "token")
-    max_len, n_items = kw.pop("max_completion_length", None), kw.pop("num_items", None)
-    o = _options(loss_type, level, kw.pop("epsilon_low", 0.2), kw.pop("epsilon_high", None),
-                 kw.pop("delta", None), kw.pop("beta", 0.0), kw.pop("kl_estimator", "k3"),
-                 kw.pop("entropy_coef", 0.0), 1.0, 1.05, kw.pop("kl_importance_weight", False))
-    assert not kw
-    m = mask.reshape(-1).bool()
-    seg = torch.arange(B).repeat_interleave(T)
-    norm = _normaliser(loss_type, m, seg, B, max_len or T, n_items, torch.float64)
-    a = adv.index_select(0, seg) if adv.dim() == 1 else adv.reshape(-1)
-    return policy_terms(lp.reshape(-1), ent.reshape(-1), old.reshape(-1) if old is not None
-                        else None, ref.reshape(-1) if ref is not None else None, a, m, seg, B,
-                        norm, o, adv if adv.dim() == 1 else None)
+    """policy_loss's loss half on the [B, T] log-probs (what it runs after the op)."""
+    labels = torch.where(mask.bool(), 0, -100)
+    return policy_loss_from_logprobs(lp, ent, labels, advantages=adv, old_logprobs=old,
+                                     ref_logprobs=ref, **kw)
 
 
 CASES = [
@@ -194,21 +182,10 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad
 
 
 def ours_hidden_free(lp, ent, old, ref, y, adv, lk):
-    """policy_terms on per-token log-probs of a [S, T] layout (the oracle's second half)."""
-    S, Tn = y.shape
-    lk = dict(lk)
-    o = _options(lk.pop("loss_type"), lk.pop("importance_sampling_level", "token"),
-                 lk.pop("epsilon_low", 0.2), lk.pop("epsilon_high", None), lk.pop("delta", None),
-                 lk.pop("beta", 0.0), lk.pop("kl_estimator", "k3"), lk.pop("entropy_coef", 0.0),
-                 1.0, 1.05, False)
-    m = (y != -100).reshape(-1)
-    seg = torch.arange(S).repeat_interleave(Tn)
-    norm = _normaliser(o["loss_type"], m, seg, S, Tn, None, torch.float64)
-    a = adv.index_select(0, seg) if adv.dim() == 1 else adv.reshape(-1)
-    if o["entropy_coef"] == 0:
-        ent = ent.detach()
-    return policy_terms(lp.reshape(-1), ent.reshape(-1), old.reshape(-1),
-                        ref.reshape(-1) if ref is not None else None, a, m, seg, S, norm, o)
+    """policy_loss's loss half on per-token log-probs of a [S, T] layout (the oracle's second
+    half)."""
+    return policy_loss_from_logprobs(lp, ent, y, advantages=adv, old_logprobs=old,
+                                     ref_logprobs=ref, **lk)
 
 
 def test_zero_advantages_and_all_masked_are_defined():

@@ -9,7 +9,12 @@ from alignkit.losses.pairwise import (
     orpo_loss,
     simpo_loss,
 )
-from alignkit.losses.policy import KL_ESTIMATORS, POLICY_LOSS_TYPES, policy_loss
+from alignkit.losses.policy import (
+    KL_ESTIMATORS,
+    POLICY_LOSS_TYPES,
+    policy_loss,
+    policy_loss_from_logprobs,
+)
 from alignkit.losses.reward import reward_pairwise_loss, reward_ranking_loss
 from alignkit.losses.unpaired import kto_loss
 
@@ -17,5 +22,6 @@ __all__ = [
     "preference_loss", "logprob_loss", "LOSSES", "PreferenceLoss", "DPOLoss", "SimPOLoss", "CPOLoss", "ORPOLoss",
     "dpo_loss", "simpo_loss", "cpo_loss", "orpo_loss", "kto_loss", "reward_pairwise_loss",
     "reward_ranking_loss", "DPO_LOSS_TYPES", "CPO_LOSS_TYPES", "policy_loss", "POLICY_LOSS_TYPES",
+    "policy_loss_from_logprobs",
     "KL_ESTIMATORS",
 ]

@@ -93,46 +93,88 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
                  kl_importance_weight)
     check_linear_inputs(hidden, weight, labels, bias)
-    flat, S, seg = _layout(hidden, labels, segment_ids)
-    y = labels.reshape(-1)
-    mask = y != ignore_index
-    adv = _per_token("advantages", advantages, labels, S, seg)
-    old = _token_tensor("old_logprobs", old_logprobs, labels)
-    ref = _token_tensor("ref_logprobs", ref_logprobs, labels)
-    if o["beta"] > 0 and ref is None:
-        raise ValueError("beta > 0 needs ref_logprobs (per token, the labels' shape)")
-    if o["beta"] == 0 and ref is not None:
-        raise ValueError("ref_logprobs is read only with beta > 0; it would be ignored, so it is "
-                         "refused")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        if segment_ids is not None:
-            raise ValueError("dr_grpo divides by S·max_completion_length: give "
-                             "max_completion_length for packed input")
-        max_completion_length = labels.shape[-1]
-    if max_completion_length is not None:
-        check_number("max_completion_length", max_completion_length, low=1)
-    if num_items is not None and loss_type not in ("dapo", "cispo"):
-        raise ValueError(f"num_items applies to dapo and cispo, not {loss_type!r}")
-    norm = _normaliser(loss_type, mask, seg, S, max_completion_length, num_items)
-    seq_adv = advantages.detach().float() if tuple(advantages.shape) == (S,) and \
-        tuple(advantages.shape) != tuple(labels.shape) else None
+    if segment_ids is None and hidden.dim() != 3:
+        raise ValueError("policy_loss needs padded hidden [S, T, H] or packed hidden [N, H] with "
+                         f"segment_ids [N]; got hidden {tuple(hidden.shape)} and no segment_ids")
+    P = _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ignore_index,
+                 max_completion_length, num_items, torch.float32)
+    flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                              backend=backend, tiles=tiles or TileOptions())
     if _token_pass(grad_mode, o, flat, weight, bias, lp_opts):
-        def terms(lp, ent):
-            return policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv)
         value, lp, ent = token_pass_loss(
             flat, weight, y, bias, TokenPassOptions(
-                _coefficients(old, ref, adv, norm, mask, o), lambda lp, ent: terms(lp, ent)[0],
-                lp_opts, tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles),
+                _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
+                tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles),
                 lp_opts.tiles.resolved().vocab_block, entropy=True))
-        return value, terms(lp, ent)[1]
+        return value, policy_terms(lp, ent, **P)[1]
     lp, ent = linear_token_logprobs(flat, weight, y, bias=bias, ignore_index=ignore_index,
                                     temperature=temperature, softcap=softcap,
                                     return_entropy=True, backend=backend, tiles=tiles)
     if o["entropy_coef"] == 0:
         ent = ent.detach()
-    return policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv)
+    return policy_terms(lp, ent, **P)
+
+
+def policy_loss_from_logprobs(logprobs: Tensor, entropy: Optional[Tensor], labels: Tensor, *,
+                              advantages: Tensor, old_logprobs: Optional[Tensor] = None,
+                              ref_logprobs: Optional[Tensor] = None,
+                              segment_ids: Optional[Tensor] = None, loss_type: str = "dapo",
+                              importance_sampling_level: str = "token",
+                              epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
+                              delta: Optional[float] = None, beta: float = 0.0,
+                              kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                              max_completion_length: Optional[int] = None,
+                              ignore_index: int = -100, num_items: Optional[Tensor | int] = None,
+                              sapo_temperature_pos: float = 1.0,
+                              sapo_temperature_neg: float = 1.05,
+                              kl_importance_weight: bool = False):
+    """The loss half of ``policy_loss``, on per-token log-probs (and entropies) you already have,
+    of the labels' shape, in their dtype (float64 for an oracle); the same options, terms and
+    metrics. entropy=None: no entropy bonus, and the entropy metric reads 0."""
+    o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
+                 kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
+                 kl_importance_weight)
+    if entropy is None:
+        if o["entropy_coef"] != 0:
+            raise ValueError("entropy_coef != 0 needs the entropy")
+        entropy = torch.zeros_like(logprobs)
+    elif o["entropy_coef"] == 0:
+        entropy = entropy.detach()
+    P = _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ignore_index,
+                 max_completion_length, num_items, logprobs.dtype)
+    return policy_terms(logprobs.reshape(-1), entropy.reshape(-1), **P)
+
+
+def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ignore_index,
+             max_len, num_items, dtype) -> dict:
+    """Checks the per-token inputs, and returns policy_terms's keyword arguments: old / ref /
+    advantages per token in dtype, the label mask, each token's sequence, S, the
+    normalisation weights, the options and the per-sequence advantages (or None)."""
+    S, seg = _sequences(labels, segment_ids)
+    adv = _per_token("advantages", advantages, labels, S, seg, dtype)
+    old = _token_tensor("old_logprobs", old_logprobs, labels, dtype)
+    ref = _token_tensor("ref_logprobs", ref_logprobs, labels, dtype)
+    if o["beta"] > 0 and ref is None:
+        raise ValueError("beta > 0 needs ref_logprobs (per token, the labels' shape)")
+    if o["beta"] == 0 and ref is not None:
+        raise ValueError("ref_logprobs is read only with beta > 0; it would be ignored, so it is "
+                         "refused")
+    if o["loss_type"] == "dr_grpo" and max_len is None:
+        if segment_ids is not None:
+            raise ValueError("dr_grpo divides by S·max_completion_length: give "
+                             "max_completion_length for packed input")
+        max_len = labels.shape[-1]
+    if max_len is not None:
+        check_number("max_completion_length", max_len, low=1)
+    if num_items is not None and o["loss_type"] not in ("dapo", "cispo"):
+        raise ValueError(f"num_items applies to dapo and cispo, not {o['loss_type']!r}")
+    mask = labels.reshape(-1) != ignore_index
+    seq_adv = advantages.detach().to(dtype) if tuple(advantages.shape) == (S,) and \
+        tuple(advantages.shape) != tuple(labels.shape) else None
+    return dict(old=old, ref=ref, adv=adv, mask=mask, seg=seg, S=S,
+                norm=_normaliser(o["loss_type"], mask, seg, S, max_len, num_items, dtype), o=o,
+                seq_adv=seq_adv)
 
 
 def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
@@ -154,10 +196,12 @@ def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
     return long_tiles(weight, lp_opts.tiles)
 
 
-def _coefficients(old, ref, adv, norm, mask, o):
+def _coefficients(P):
     """The token pass's per-row coefficients: dL/dlp_t and dL/dH_t of the tile's tokens ic (flat
-    indices), by autograd on their own terms (a token-level loss is a sum of per-token terms)."""
-    n = mask.float().sum().clamp(min=1)
+    indices), by autograd on their own terms (a token-level loss is a sum of per-token terms).
+    P: _prepare's arguments of policy_terms."""
+    old, ref, adv, norm, o = P["old"], P["ref"], P["adv"], P["norm"], P["o"]
+    n = P["mask"].float().sum().clamp(min=1)
 
     def coef(ic, lp, ent):
         with torch.enable_grad():
@@ -210,36 +254,34 @@ def _options(loss_type, level, eps_low, eps_high, delta, beta, kl_estimator, ent
                 kl_iw=kl_iw)
 
 
-def _layout(hidden, labels, segment_ids):
-    """(hidden [N, H], S, sequence of each token [N])."""
+def _sequences(labels, segment_ids):
+    """(S, the sequence of each token [N]): padded labels [S, T], or packed with segment_ids."""
     if segment_ids is None:
-        if hidden.dim() != 3:
-            raise ValueError("policy_loss needs padded hidden [S, T, H] or packed hidden [N, H] "
-                             f"with segment_ids [N]; got hidden {tuple(hidden.shape)} and no "
-                             "segment_ids")
+        if labels.dim() != 2:
+            raise ValueError("padded input needs labels [S, T]; for packed input pass "
+                             f"segment_ids [N]. Got labels {tuple(labels.shape)}")
         S, T = labels.shape
-        seg = torch.arange(S, device=labels.device).repeat_interleave(T)
-        return hidden.reshape(-1, hidden.shape[-1]), S, seg
+        return S, torch.arange(S, device=labels.device).repeat_interleave(T)
     seg = check_segment_ids(segment_ids, labels, None)
-    return hidden, check_segment_range(seg, None), seg
+    return check_segment_range(seg, None), seg
 
 
-def _token_tensor(name, t, labels):
+def _token_tensor(name, t, labels, dtype):
     if t is None:
         return None
     if not isinstance(t, Tensor) or tuple(t.shape) != tuple(labels.shape):
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{name} must be per token, the labels' shape {tuple(labels.shape)}; "
                          f"got {shape}")
-    return t.detach().reshape(-1).float()
+    return t.detach().reshape(-1).to(dtype)
 
 
-def _per_token(name, t, labels, S, seg):
+def _per_token(name, t, labels, S, seg, dtype):
     if isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == S and \
             tuple(t.shape) != tuple(labels.shape):
-        return t.detach().float().index_select(0, seg)
+        return t.detach().to(dtype).index_select(0, seg)
     if isinstance(t, Tensor) and tuple(t.shape) == tuple(labels.shape):
-        return t.detach().reshape(-1).float()
+        return t.detach().reshape(-1).to(dtype)
     shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
     raise ValueError(f"{name} must be [S] = ({S},) or per token {tuple(labels.shape)}; got {shape}")
 
@@ -345,4 +387,4 @@ def policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv=None):
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-__all__ = ["policy_loss", "POLICY_LOSS_TYPES", "KL_ESTIMATORS"]
+__all__ = ["policy_loss", "policy_loss_from_logprobs", "POLICY_LOSS_TYPES", "KL_ESTIMATORS"]
