@@ -17,15 +17,13 @@ def _train(argv):
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest intact checkpoint under output_dir")
     if any(a in ("-h", "--help") for a in argv):
-        p.parse_args(argv)
+        p.parse_args(argv)                # prints the help and exits
     # The config path, if any, comes first: a positional picked out of the middle would take the
     # value of an override (`--max_steps 2` read 2 as the path).
     path = argv[0] if argv and not argv[0].startswith("-") else None
     rest = [a for a in argv[1 if path else 0:] if a != "--resume"]
     cfg = TrainConfig.from_yaml(path, parse_overrides(rest))
-    args = argparse.Namespace(resume="--resume" in argv)
-    trainer = PreferenceTrainer(cfg)
-    trainer.train(resume=args.resume)
+    PreferenceTrainer(cfg).train(resume="--resume" in argv)
     return 0
 
 

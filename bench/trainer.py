@@ -82,11 +82,11 @@ class StepClock:
 
 
 def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=None,
-                 precision="fp32", loss_options=None):
+                 precision="fp32"):
     from alignkit.train import PreferenceTrainer
     profile_step = profile_step or min(3, steps)
     cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8, max_prompt_length=L // 2 + 4,
-               loss="dpo", loss_options=loss_options or {"beta": 0.1}, reference="precompute",
+               loss="dpo", loss_options={"beta": 0.1}, reference="precompute",
                reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
                output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
                max_steps=steps, lr=1e-5, precision=precision, progress=False, tensorboard=False,
@@ -145,13 +145,16 @@ def head_ab(old_src, lengths, steps, rounds, precisions, packings):
                         if p.returncode or not line:
                             raise RuntimeError(f"{name} {L} {prec} {packing}: {p.stderr[-2000:]}")
                         runs[name].append(json.loads(line[0][7:]))
-                out[(L, prec, packing)] = runs
-                runs["head_floor_s"] = head_floor(L, prec)
-                med = {k: statistics.median(r["step_s"] for r in runs[k])
-                       for k in ("previous", "engine")}
+                out[(L, prec, packing)] = (runs, head_floor(L, prec))
+                med = _medians(runs)
                 print(f"  {L} {prec} {packing}: previous {med['previous']:.3f} s, engine "
                       f"{med['engine']:.3f} s ({med['previous'] / med['engine']:.2f}x)", flush=True)
     return out
+
+
+def _medians(runs):
+    """Median step seconds of the previous and the engine runs."""
+    return {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
 
 
 def head_floor(L, precision, reps=5):
@@ -175,9 +178,9 @@ def head_ab_table(out):
              "engine vs previous | head 3-GEMM floor s (share of engine step) | engine peak MiB "
              "| previous peak MiB | rewards/margins | rewards/accuracies |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (L, prec, packing), runs in out.items():
-        med = {k: statistics.median(r["step_s"] for r in runs[k]) for k in ("previous", "engine")}
-        e, fl = runs["engine"][-1], runs["head_floor_s"]
+    for (L, prec, packing), (runs, fl) in out.items():
+        med = _medians(runs)
+        e = runs["engine"][-1]
         lines.append(f"| {L} | {prec} | {packing} | {med['previous']:.3f} | {med['engine']:.3f} | "
                      f"{e['tokens'] / med['engine']:.0f} | "
                      f"{med['previous'] / med['engine']:.2f}x | {fl:.3f} "
