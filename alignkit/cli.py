@@ -83,9 +83,12 @@ def main(argv=None) -> int:
     from alignkit.train.data import DataError
     from alignkit.train.checkpoint import CheckpointError
     from alignkit.train.model import ModelError
+    from alignkit.body import BodyError
+    from alignkit.reward_model import RewardModelError
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelError, CheckpointError, BodyError,
+            RewardModelError) as e:
         print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

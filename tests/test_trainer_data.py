@@ -35,7 +35,7 @@ def test_kto_rows(tok, data_dir):
     exs = tokenise_rows(rows, Tokenise(tok, 4096, 2048, True), loss="kto")
     assert [e.desirable for e in exs] == [r["label"] for r in rows]
     assert tok.decode(exs[3].responses[0]) == rows[3]["messages"][-1]["content"] + "<|end|>\n"
-    with pytest.raises(DataError, match="loss is 'dpo'"):
+    with pytest.raises(DataError, match="'kto'-shaped but loss 'dpo' reads pairs"):
         tokenise_rows(rows, Tokenise(tok, 4096, 2048, True), loss="dpo")
 
 

@@ -122,3 +122,56 @@ def trl_grpo(per_token_logps, entropies, completion_mask, advantages, *, loss_ty
                                                  float(num_items_in_batch))}
     loss = GRPOTrainer._compute_loss(me, None, inputs)
     return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
+
+
+# --- TRL's PPOTrainer (trl/experimental/ppo/ppo_trainer.py, upstream; not in TRL 1.16's wheel).
+# Restated in its layout: right-padded responses of L_b tokens, `padding_mask` = t > L_b − 1,
+# values masked from t > L_b ("padding_mask_p1"). TRL adds the score at index L_b (one past the
+# last token, where that index exists); alignkit puts it on the last token (InstructGPT), so the
+# rewards check passes TRL rows whose score index is the last token's: TRL's `actual_end` falls
+# back to L_b − 1 exactly when L_b == T, and these helpers take that branch for every row.
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def _trl_whiten(x, m):
+    mean = _masked_mean(x, m)
+    var = _masked_mean((x - mean) ** 2, m) * (m.sum() / (m.sum() - 1))    # Bessel, as TRL
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def trl_ppo_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_estimator):
+    """Step 4 of TRL's rollout: non_score_reward = −kl_coef·kl (k1: −logr, k3: eˡᵒᵍʳ − 1 − logr,
+    logr = ref − logprob), the score added at each row's end index, padding zeroed."""
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    rewards = torch.where(mask, -kl_coef * kl, torch.zeros_like(kl))
+    end = mask.sum(1) - 1
+    rewards[torch.arange(rewards.shape[0]), end] += scores
+    return rewards
+
+
+def trl_ppo_gae(rewards, values, mask, gamma, lam):
+    """Step 6: the reversed GAE loop over the response length (next value 0 past the end),
+    returns = advantages + values, advantages whitened over the response mask, padding zeroed."""
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    T = rewards.shape[1]
+    lastgaelam, out = 0.0, []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], 1)
+    returns = adv + values
+    adv = torch.where(mask, _trl_whiten(adv, mask), 0.0)
+    return adv, torch.where(mask, returns, 0.0)
+
+
+def trl_value_loss(vpred, old_values, returns, mask, cliprange_value):
+    """The training step's vf_loss: ½·masked_mean(max((V − G)², (clamp(V, old ± c) − G)²))."""
+    clipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    return 0.5 * _masked_mean(torch.max((vpred - returns) ** 2, (clipped - returns) ** 2),
+                              mask.to(vpred.dtype))

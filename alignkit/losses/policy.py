@@ -303,6 +303,19 @@ def _normaliser(loss_type, mask, seg, S, max_len, num_items, dtype=torch.float32
     return m / S                                                   # luspo
 
 
+def kl_estimate(lp: Tensor, ref: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from the sampled token's log-probs, with d = ref − lp:
+    k1 = −d, k2 = d²/2, k3 = eᵈ − d − 1 (Schulman 2020, "Approximating KL divergence")."""
+    d = ref - lp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
+
+
 def token_terms(lp, old, ref, adv, o, w=None):
     """Per-token ℓ_t (before normalisation) and the ratio ρ; w: the log importance weight
     (default lp − old, the token level)."""
@@ -320,8 +333,7 @@ def token_terms(lp, old, ref, adv, o, w=None):
         term = -torch.minimum(r1 * adv, clipped * adv)
     kl = None
     if o["beta"] > 0:
-        d = ref - lp
-        kl = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.exp(d) - d - 1}[o["kl"]]
+        kl = kl_estimate(lp, ref, o["kl"])
         if o["kl_iw"]:
             kl = kl * rho
         term = term + o["beta"] * kl

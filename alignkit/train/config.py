@@ -16,15 +16,21 @@ from alignkit.ops.options import is_real
 
 PACKINGS = ("padded", "padding_free", "shared_prompt")
 REFERENCES = ("precompute", "live", "none")
-LOSSES = tuple(REGISTRY)           # dpo, simpo, cpo, orpo, kto: alignkit/losses/registry.py
+# dpo, simpo, cpo, orpo, kto (alignkit/losses/registry.py), and two that score no preference:
+# reward (a scalar-head reward model, Bradley-Terry) and sft (the response tokens' NLL)
+LOSSES = tuple(REGISTRY) + ("reward", "sft")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
-DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto")
+DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto", "ranked", "sft")
 
 
 _FLOATS = ("lr", "weight_decay", "eval_fraction", "max_grad_norm")
 _PATHS = ("model", "tokenizer", "data", "eval_data", "reference_cache_dir")
 _BOOLS = ("append_eos", "gradient_checkpointing", "fsdp", "progress", "tensorboard")
+
+
+def uses_reference(loss: str) -> bool:
+    return loss in REGISTRY and REGISTRY[loss].reference
 
 
 class ConfigError(ValueError):
@@ -148,13 +154,13 @@ class TrainConfig:
             raise ConfigError(f"loss_options must be a mapping; got {self.loss_options!r}")
         if self.model is not None and self.model_config is not None:
             raise ConfigError("give model or model_config, not both")
-        if not REGISTRY[self.loss].reference and self.reference != "none":
+        if not uses_reference(self.loss) and self.reference != "none":
             if self.reference != REFERENCES[0] or "reference" in self._explicit:
                 raise ConfigError(f"loss {self.loss!r} is reference-free: set reference: none")
             self.reference = "none"
-        if self.loss == "kto" and self.packing == "shared_prompt":
-            raise ConfigError("packing shared_prompt needs pairs; loss kto is unpaired "
-                              "(use padded or padding_free)")
+        if self.loss in ("kto", "sft") and self.packing == "shared_prompt":
+            raise ConfigError(f"packing shared_prompt needs pairs; loss {self.loss} scores one "
+                              "response per prompt (use padded or padding_free)")
         if self.packing == "shared_prompt" and self.gradient_checkpointing:
             raise ConfigError("packing shared_prompt continues from the prompt's KV cache, which "
                               "gradient checkpointing turns off in training; use padded or "

@@ -1,4 +1,4 @@
-"""Preference data: rows in four shapes -> tokenised examples.
+"""Training data: rows in six shapes -> tokenised examples.
 
 Row shapes (``data_format: auto`` tells them apart by their keys):
 - ``pairs``: {"prompt": str, "chosen": str, "rejected": str}
@@ -9,6 +9,14 @@ Row shapes (``data_format: auto`` tells them apart by their keys):
   "value": ...}], "chosen": {"from": "gpt", "value": ...}, "rejected": {...}}
 - ``kto`` (unpaired): {"messages": [msg, ..., assistant msg], "label": bool}, or
   {"prompt": ..., "completion": ..., "label": bool}
+- ``ranked`` (reward models, K >= 2 responses best first): {"prompt": str or [msg],
+  "responses": [str or assistant msg, ...]}
+- ``sft``: {"messages": [msg, ..., assistant msg]}, or {"prompt": str or [msg], "completion": str
+  or assistant msg}
+
+Which shapes each loss reads: the preference losses read pairs (pairs, messages, sharegpt); kto
+reads kto; reward reads pairs and ranked rows (a pair is K = 2), with an optional number
+``margin`` on every row or on none; sft reads sft rows, or pairs, training on the chosen response.
 
 Tokenisation: with a chat template, the prompt is ``apply_chat_template(prompt, add_generation_prompt
 =True)`` and the response is what the template adds for the assistant turn (its end-of-turn token
@@ -30,6 +38,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from alignkit.ops.options import is_real
+
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant"}
 
@@ -45,6 +55,7 @@ class Example:
     prompt: tuple
     responses: tuple
     desirable: Optional[bool] = None
+    margin: Optional[float] = None        # reward models: Llama 2's per-pair margin
 
 
 def load_rows(source) -> list:
@@ -88,6 +99,10 @@ def detect_format(row: dict) -> str:
         return "kto"
     if "chosen" in row and "rejected" in row:
         return "messages" if isinstance(row["chosen"], list) else "pairs"
+    if "responses" in row:
+        return "ranked"
+    if "messages" in row or ("prompt" in row and "completion" in row):
+        return "sft"
     return "?"
 
 
@@ -160,7 +175,41 @@ def normalise(row, fmt: str):
                 raise TypeError(f"{k}: missing or not a string")
         return ([{"role": "user", "content": row["prompt"]}],
                 [{"role": "assistant", "content": row["completion"]}], label)
+    if fmt == "ranked":
+        resps = row.get("responses")
+        if not isinstance(resps, list) or len(resps) < 2:
+            raise TypeError("responses: missing or not a list of >= 2 responses (best first)")
+        return _prompt_of(row), [_response(f"responses[{j}]", m) for j, m in
+                                 enumerate(resps)], None
+    if fmt == "sft":
+        if "messages" in row:
+            msgs = row["messages"]
+            if not _is_msgs(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+                raise TypeError("messages: needs a list of {role, content} messages ending with "
+                                "an assistant message")
+            return msgs[:-1], [msgs[-1]], None
+        return _prompt_of(row), [_response("completion", row.get("completion"))], None
     raise TypeError(f"row: unknown data_format {fmt!r}")
+
+
+def _prompt_of(row) -> list:
+    p = row.get("prompt")
+    if isinstance(p, str):
+        return [{"role": "user", "content": p}]
+    if _is_msgs(p) and p:
+        return p
+    raise TypeError("prompt: missing, or not a string or a non-empty list of {role, content} "
+                    "messages")
+
+
+def _response(name, m) -> dict:
+    if isinstance(m, str):
+        return {"role": "assistant", "content": m}
+    if isinstance(m, list) and len(m) == 1:
+        m = m[0]
+    if _is_msgs([m]) and m["role"] == "assistant":
+        return m
+    raise TypeError(f"{name}: not a string or one assistant {{role, content}} message")
 
 
 class Tokenise:
@@ -210,6 +259,12 @@ def _as_ids(x):
     return x
 
 
+# the row shapes each loss reads (others: the paired ones)
+_READS = {"kto": ("kto",), "reward": ("pairs", "messages", "sharegpt", "ranked"),
+          "sft": ("sft", "pairs", "messages", "sharegpt")}
+_PAIRS = ("pairs", "messages", "sharegpt")
+
+
 def tokenise_rows(rows: Sequence, tokenise: Tokenise, data_format: str = "auto",
                   loss: str = "dpo", where: str = "data") -> list:
     """Rows -> [Example]; every malformed row is reported (index and field) in one DataError."""
@@ -220,19 +275,32 @@ def tokenise_rows(rows: Sequence, tokenise: Tokenise, data_format: str = "auto",
         raise DataError(f"{where}: row 0 has keys {sorted(rows[0]) if isinstance(rows[0], dict) else rows[0]!r}, "
                         "which match no known shape (prompt/chosen/rejected, conversations, "
                         "messages + label); set data_format")
-    if (fmt == "kto") != (loss == "kto"):
-        raise DataError(f"{where}: rows are {fmt!r}-shaped but loss is {loss!r} "
-                        + ("(KTO needs unpaired rows with a label)" if loss == "kto"
-                           else "(unpaired rows need loss: kto)"))
+    reads = _READS.get(loss, _PAIRS)
+    if fmt not in reads:
+        readers = sorted(k for k, v in _READS.items() if fmt in v) + \
+            (["the preference losses"] if fmt in _PAIRS else [])
+        raise DataError(f"{where}: rows are {fmt!r}-shaped but loss {loss!r} reads "
+                        f"{', '.join(reads)} rows ({fmt!r} rows are for "
+                        f"{', '.join(readers) or 'no loss'})")
+    margins = [isinstance(r, dict) and "margin" in r for r in rows] if loss == "reward" else []
+    if any(margins) and not all(margins):
+        raise DataError(f"{where}: {sum(margins)} of {len(rows)} rows have a margin; give one on "
+                        f"every row or on none (first without: row {margins.index(False)})")
     out, bad = [], []
     for i, row in enumerate(rows):
         try:
             prompt, resps, desirable = normalise(row, fmt)
+            if loss == "sft":
+                resps = resps[:1]                 # pairs rows: the chosen response
+            margin = row["margin"] if any(margins) else None
+            if margin is not None and not is_real(margin):
+                raise TypeError(f"margin: not a finite number ({margin!r})")
             toks = [tokenise(prompt, m) for m in resps]
         except (TypeError, KeyError) as e:
             bad.append(f"row {i}: {e}")
             continue
-        out.append(Example(toks[0][0], tuple(t[1] for t in toks), desirable))
+        out.append(Example(toks[0][0], tuple(t[1] for t in toks), desirable,
+                           None if margin is None else float(margin)))
     if bad:
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise DataError(f"{where}: {len(bad)} malformed row(s) of {len(rows)} ({fmt} format):\n  "

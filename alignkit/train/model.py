@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs
+from alignkit.body import body_hidden
 from alignkit.losses import preference_loss
 from alignkit.heads import head_options, match_head_dtypes
 
@@ -62,21 +63,8 @@ class SequenceLogprobs(nn.Module):
                 num_sequences: int, input_ids2=None, position_ids2=None, attention_mask2=None,
                 prefix: int = 0, objective=None, ref_logprobs=None):
         body, head, _ = head_of(self.model)
-        two = input_ids2 is not None
-        out = body(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=attention_mask, use_cache=two)
-        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        if two:                  # shared_prompt: the rejected responses over the prompt's cache
-            cache = out.past_key_values
-            if cache is None or not hasattr(cache, "crop"):
-                raise ModelError(f"{type(self.model).__name__}: packing shared_prompt needs a "
-                                 "croppable KV cache from the body (DynamicCache); use padded")
-            drop = input_ids.shape[1] - prefix
-            if drop:
-                cache.crop(-drop)            # transformers 5: a negative count removes columns
-            out2 = body(input_ids=input_ids2, position_ids=position_ids2,
-                        attention_mask=attention_mask2, past_key_values=cache, use_cache=True)
-            hidden = torch.cat([hidden, out2.last_hidden_state.reshape(-1, hidden.shape[-1])])
+        hidden = body_hidden(body, input_ids, position_ids, attention_mask, input_ids2,
+                             position_ids2, attention_mask2, prefix)
         h = hidden.index_select(0, gather)
         h, w, b = match_head_dtypes(h, head.weight, head.bias)
         if objective is not None:

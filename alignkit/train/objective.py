@@ -15,16 +15,27 @@ import torch
 from torch import Tensor
 
 from alignkit.losses import kto_loss, logprob_loss
+from alignkit.losses.reward import reward_ranking_loss
 from alignkit.losses.fused import GRAD_MODES, split_options
 from alignkit.losses.registry import LOSSES
 
 _KTO_OPTIONS = LOSSES["kto"].options
+# the trainer's losses outside the registry (they score no preference) and their options
+EXTRA_OPTIONS = {"reward": ("center_rewards_coefficient",), "sft": ()}
 
 
 def check_loss_options(loss: str, options: dict) -> None:
     """Names and values of a loss's options, checked by running the loss itself once on a dummy
     pair (or KTO example) of zeros: the same code and messages as a real call, before any model
     is built."""
+    if loss in EXTRA_OPTIONS:
+        bad = sorted(set(options) - set(EXTRA_OPTIONS[loss]))
+        if bad:
+            raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
+                             f"{', '.join(EXTRA_OPTIONS[loss]) or 'none'}")
+        if loss == "reward":
+            reward_ranking_loss(torch.zeros(1, 2), **options)
+        return
     if loss == "kto":
         bad = sorted(set(options) - set(_KTO_OPTIONS))
         if bad:
@@ -64,7 +75,7 @@ class Paired:
 def paired_objective(loss: str, options: dict) -> Optional[Paired]:
     """The paired objective of a config's loss; None for KTO (unpaired: its loss runs on the
     per-sequence sums, compute_loss)."""
-    return Paired(loss, dict(options)) if LOSSES[loss].paired else None
+    return Paired(loss, dict(options)) if loss in LOSSES and LOSSES[loss].paired else None
 
 
 def ref_logprobs_of(loss: str, options: dict, ref: Optional[tuple], like: Tensor):
@@ -97,3 +108,30 @@ def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
     options = {k: v for k, v in options.items() if k != "grad_mode"}   # a fused-engine option
     return logprob_loss(sums, counts, loss=loss, ref_logprobs=ref_logprobs_of(loss, options, ref,
                                                                               sums), **options)
+
+
+def sft_loss(sums: Tensor, counts: Tensor):
+    """The response tokens' mean negative log-likelihood, −Σ log p / Σ tokens, over the
+    micro-batch (as TRL's SFTTrainer averages over tokens). Metrics: ``nll``, ``tokens``."""
+    loss = -sums.sum() / counts.sum().clamp(min=1).to(sums.dtype)
+    return loss, {"nll": loss.detach(), "tokens": counts.sum().detach().float()}
+
+
+def reward_objective(scores: Tensor, examples, indices, options: dict):
+    """A reward model's loss on a micro-batch: scores [S] in collate's response-major order ->
+    the [b, K] table of each example's responses (best first) -> reward_ranking_loss, with each
+    row's own response count and the rows' margins when the data has them."""
+    ks = [len(examples[i].responses) for i in indices]
+    b, K = len(ks), max(ks)
+    table, pos = [[0] * K for _ in range(b)], 0
+    for k in range(K):
+        for e in range(b):
+            if k < ks[e]:
+                table[e][k] = pos
+                pos += 1
+    idx = torch.tensor(table, device=scores.device)
+    margin = None
+    if examples[indices[0]].margin is not None:
+        margin = torch.tensor([examples[i].margin for i in indices], device=scores.device,
+                              dtype=scores.dtype)
+    return reward_ranking_loss(scores[idx], ks, margin=margin, **options)

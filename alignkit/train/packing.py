@@ -44,7 +44,8 @@ class Batch:
     num_sequences: int           # S
     tokens: int                  # Σ over sequences of (prompt + response) tokens
     ref_index: Tensor            # [S] example index of each sequence (for cached references)
-    num_examples: int            # b: S = b * (sequences per example)
+    num_examples: int            # b: S = b * (sequences per example), but for ranked rows
+    last: Tensor                 # [S] flat position of each sequence's last token (rewards)
     # shared_prompt's second pass: the rejected responses over the first pass's prompt KV cache
     input_ids2: Optional[Tensor] = None        # [B, L2]
     position_ids2: Optional[Tensor] = None     # [B, L2]
@@ -53,22 +54,32 @@ class Batch:
 
     def to(self, device):
         for k in ("input_ids", "position_ids", "attention_mask", "gather", "labels",
-                  "segment_ids", "input_ids2", "position_ids2", "attention_mask2"):
+                  "segment_ids", "last", "input_ids2", "position_ids2", "attention_mask2"):
             if getattr(self, k) is not None:
                 setattr(self, k, getattr(self, k).to(device, non_blocking=True))
         return self
 
 
 def sequences_of(examples, indices, kl_partner=None):
-    """[(prompt, response)] in loss order: pairs -> chosen..., rejected...; KTO -> completions...,
-    then (prompt_i, completion of kl_partner(i)) for the KL estimate when kl_partner is given."""
+    """([(prompt, response)], [example index of each]) in loss order, response-major: every
+    example's response 0, then every response 1 of those that have one, and so on (pairs ->
+    chosen..., rejected...; ranked -> the best responses first; SFT -> one each). KTO ->
+    completions..., then (prompt_i, completion of kl_partner(i)) for the KL estimate when
+    kl_partner is given."""
     exs = [examples[i] for i in indices]
     if exs[0].desirable is None:
-        return [(e.prompt, e.responses[0]) for e in exs] + [(e.prompt, e.responses[1]) for e in exs]
-    seqs = [(e.prompt, e.responses[0]) for e in exs]
+        seqs, owner = [], []
+        for k in range(max(len(e.responses) for e in exs)):
+            for e, i in zip(exs, indices):
+                if k < len(e.responses):
+                    seqs.append((e.prompt, e.responses[k]))
+                    owner.append(i)
+        return seqs, owner
+    seqs, owner = [(e.prompt, e.responses[0]) for e in exs], list(indices)
     if kl_partner is not None:
         seqs += [(e.prompt, examples[kl_partner(i)].responses[0]) for e, i in zip(exs, indices)]
-    return seqs
+        owner += list(indices)
+    return seqs, owner
 
 
 def _block_causal_mask(lengths: Sequence[int], dtype) -> Tensor:
@@ -83,17 +94,18 @@ def _block_causal_mask(lengths: Sequence[int], dtype) -> Tensor:
 
 def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             mask_dtype=torch.float32) -> Batch:
-    seqs = sequences_of(examples, indices, kl_partner)
+    seqs, owner = sequences_of(examples, indices, kl_partner)
     S = len(seqs)
     tokens = sum(len(p) + len(r) for p, r in seqs)
-    ref_index = torch.tensor(list(indices) * (S // len(indices)), dtype=torch.long)
-    gather, labels, segs = [], [], []
+    ref_index = torch.tensor(owner, dtype=torch.long)
+    gather, labels, segs, last = [], [], [], [0] * S
     second = ()                                 # shared_prompt's second pass
 
-    def add(seg, positions, resp):
+    def add(seg, positions, resp, end):
         gather.extend(positions)
         labels.extend(resp)
         segs.extend([seg] * len(resp))
+        last[seg] = end
 
     if packing == "padded":
         L = max(len(p) + len(r) for p, r in seqs)
@@ -103,7 +115,7 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             n = len(p) + len(r)
             ids[s, :n] = torch.tensor(p + r)
             am[s, :n] = 1
-            add(s, range(s * L + len(p) - 1, s * L + n - 1), r)
+            add(s, range(s * L + len(p) - 1, s * L + n - 1), r, s * L + n - 1)
         pos = torch.arange(L).expand(S, L).contiguous()
         mask = am
     elif packing == "padding_free":
@@ -112,7 +124,7 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             n = len(p) + len(r)
             flat.extend(p + r)
             pos_l.extend(range(n))
-            add(s, range(off + len(p) - 1, off + n - 1), r)
+            add(s, range(off + len(p) - 1, off + n - 1), r, off + n - 1)
             off += n
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
         mask = _block_causal_mask([len(p) + len(r) for p, r in seqs], mask_dtype)
@@ -120,8 +132,9 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
         # pass 1: [prompt (left-padded to Pm), chosen, pad] per pair; pass 2: [rejected, pad] on
         # top of pass 1's KV cache cropped to the Pm prompt columns
         B = S // 2
-        if examples[indices[0]].desirable is not None:
-            raise ValueError("packing shared_prompt needs pairs; KTO examples are unpaired")
+        if any(len(examples[i].responses) != 2 or examples[i].desirable is not None
+               for i in indices):
+            raise ValueError("packing shared_prompt needs pairs (two responses per prompt)")
         Pm = max(len(seqs[i][0]) for i in range(B))
         L1 = Pm + max(len(seqs[i][1]) for i in range(B))
         L2 = max(1, max(len(seqs[B + i][1]) for i in range(B)))
@@ -144,15 +157,17 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
                 am2[i, Pm:Pm + R] = 1
             last_prompt = i * L1 + Pm - 1
             add(i, ([last_prompt] + list(range(i * L1 + Pm, i * L1 + Pm + C - 1))) if C else [],
-                c)
+                c, i * L1 + Pm + C - 1)
             off2 = B * L1 + i * L2                     # pass 2's positions follow pass 1's
-            add(B + i, ([last_prompt] + list(range(off2, off2 + R - 1))) if R else [], r)
+            add(B + i, ([last_prompt] + list(range(off2, off2 + R - 1))) if R else [], r,
+                off2 + R - 1 if R else last_prompt)
         mask, second = am, (ids2, pos2, am2, Pm)
     else:
         raise ValueError(f"packing must be padded, padding_free or shared_prompt; got {packing!r}")
     return Batch(ids, pos, mask, torch.tensor(gather, dtype=torch.long),
                  torch.tensor(labels, dtype=torch.long), torch.tensor(segs, dtype=torch.long),
-                 S, tokens, ref_index, len(indices), *second)
+                 S, tokens, ref_index, len(indices), torch.tensor(last, dtype=torch.long),
+                 *second)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -21,6 +21,12 @@ import torch
 import torch.distributed as dist
 
 from alignkit.ops.backends import cpu_has_bf16
+from alignkit.reward_model import (
+    SequenceScores,
+    as_reward_model,
+    load_reward_model,
+    reward_model_from_config,
+)
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.config import ConfigError, TrainConfig
 from alignkit.train.data import Tokenise, load_rows, tokenise_rows
@@ -31,13 +37,17 @@ from alignkit.train.objective import (
     kto_uses_kl,
     paired_objective,
     ref_logprobs_of,
+    reward_objective,
+    sft_loss,
 )
 from alignkit.train.packing import collate, pad_id_of
 from alignkit.train.reference import LiveReference, is_peft, precompute
 
 
-def model_from_config(model_config: dict, attn_implementation: str = "sdpa", seed: int = 0):
-    """A transformers CausalLM with random init from a config mapping with ``model_type``."""
+def model_from_config(model_config: dict, attn_implementation: str = "sdpa", seed: int = 0,
+                      reward: bool = False):
+    """A transformers CausalLM (reward: a reward model, num_labels=1) with random init from a
+    config mapping with ``model_type``."""
     from transformers import AutoConfig, AutoModelForCausalLM
     mc = dict(model_config)
     model_type = mc.pop("model_type", None)
@@ -47,6 +57,8 @@ def model_from_config(model_config: dict, attn_implementation: str = "sdpa", see
         conf = AutoConfig.for_model(model_type, **mc)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"model_config: {e}") from None
+    if reward:
+        return reward_model_from_config(conf, seed, attn_implementation)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
 
@@ -60,6 +72,8 @@ def load_model(cfg: TrainConfig, tokenizer=None):
     """The config's model (paths already checked by ``cfg.check_paths``). With model_config and
     a tokenizer, a vocab_size below the tokenizer's is refused before the model is built."""
     from transformers import AutoModelForCausalLM
+    if cfg.model is not None and cfg.loss == "reward":
+        return load_reward_model(cfg.model, cfg.attn_implementation, cfg.seed)
     if cfg.model is not None:
         return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
                                                     attn_implementation=cfg.attn_implementation)
@@ -68,7 +82,8 @@ def load_model(cfg: TrainConfig, tokenizer=None):
         raise ConfigError(f"model_config.vocab_size ({v!r}) must be an integer >= the tokenizer's "
                           f"{len(tokenizer)} tokens (len(tokenizer)), or every id past it has no "
                           "embedding")
-    return model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed)
+    return model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed,
+                             reward=cfg.loss == "reward")
 
 
 def check_vocab(model, tokenizer):
@@ -110,15 +125,19 @@ class PreferenceTrainer:
             tokenizer = load_tokenizer(cfg)
         if model is None:
             model = load_model(cfg, tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
+        self.reward = cfg.loss == "reward"
+        if self.reward:          # a CausalLM gets a linear score head in place of its LM head
+            model = as_reward_model(model, cfg.seed, self.pad_id)
         check_vocab(model, tokenizer)
-        head_of(model)                                  # fail early if the head is unreachable
+        if not self.reward:
+            head_of(model)                              # fail early if the head is unreachable
         if cfg.packing != "padded" and getattr(model.config, "_attn_implementation", "sdpa") \
                 not in ("sdpa", "eager"):
             raise ConfigError(f"packing {cfg.packing!r} passes a 4D float attention mask, which "
                               f"attn_implementation {model.config._attn_implementation!r} cannot "
                               "take; use sdpa or eager, or packing: padded")
         self.model, self.tokenizer = model.to(self.device), tokenizer
-        self.pad_id = pad_id_of(tokenizer)
         tk = Tokenise(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.append_eos)
         self.tok_settings = tk.settings()
         rows = load_rows(train_data if train_data is not None else cfg.data)
@@ -133,6 +152,13 @@ class PreferenceTrainer:
         self.train_ex = tokenise_rows(rows, tk, cfg.data_format, cfg.loss, "data")
         self.eval_ex = (tokenise_rows(eval_rows, tk, cfg.data_format, cfg.loss, "eval_data")
                         if eval_rows else None)
+        if cfg.packing == "shared_prompt":
+            for where, exs in (("data", self.train_ex), ("eval_data", self.eval_ex or [])):
+                bad = next((i for i, e in enumerate(exs) if len(e.responses) != 2), None)
+                if bad is not None:
+                    raise ConfigError(f"packing shared_prompt needs pairs; {where} row {bad} has "
+                                      f"{len(exs[bad].responses)} responses (use padded or "
+                                      "padding_free)")
         self.kl = kto_uses_kl(cfg.loss, cfg.loss_options)
         self.objective = paired_objective(cfg.loss, cfg.loss_options)   # None for KTO
         self.precision = cfg.precision if cfg.precision != "auto" else (
@@ -144,7 +170,8 @@ class PreferenceTrainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        self.module = SequenceLogprobs(model, backend=cfg.backend)
+        self.module = SequenceScores(model) if self.reward else \
+            SequenceLogprobs(model, backend=cfg.backend)
         self.ref_tables = {}
         self.live_ref = None
         self._ref_ready = False
@@ -211,6 +238,13 @@ class PreferenceTrainer:
         batch = collate(examples, idx, self.cfg.packing, self.pad_id,
                         kl_partner=self._kl_partner(examples)).to(self.device)
         with self._autocast():
+            if self.reward:
+                scores = module(batch.input_ids, batch.position_ids, batch.attention_mask,
+                                batch.last, batch.input_ids2, batch.position_ids2,
+                                batch.attention_mask2, batch.prefix)
+                loss, metrics = reward_objective(scores.float(), examples, idx,
+                                                 self.cfg.loss_options)
+                return loss, metrics, batch.tokens
             ref = self._reference(batch, split)
             if self.objective is not None:  # the loss inside the module: the fused engine
                 ref_lp = ref_logprobs_of(self.cfg.loss, self.cfg.loss_options, ref,
@@ -218,6 +252,9 @@ class PreferenceTrainer:
                 loss, metrics = forward_batch(module, batch, self.objective, ref_lp)
                 return loss, metrics, batch.tokens
             sums, counts = forward_batch(module, batch)
+        if self.cfg.loss == "sft":
+            loss, metrics = sft_loss(sums.float(), counts)
+            return loss, metrics, batch.tokens
         desirable = None
         if self.cfg.loss == "kto":
             desirable = torch.tensor([examples[i].desirable for i in idx], device=self.device)
@@ -383,8 +420,10 @@ class PreferenceTrainer:
         rec = self.evaluate(module, step)
         if rec is not None and logger is not None:
             logger.write(rec)
-            self._log(f"eval @ step {step}: loss {rec['loss']:.4f}, reward accuracy "
-                      f"{rec.get('rewards/accuracies', float('nan')):.3f}")
+            acc = rec.get("rewards/accuracies")
+            what = "" if acc is None else (", accuracy" if self.reward else
+                                           ", reward accuracy") + f" {acc:.3f}"
+            self._log(f"eval @ step {step}: loss {rec['loss']:.4f}{what}")
         return rec
 
     def save_final(self, module):
