@@ -1,5 +1,6 @@
 """``alignkit train CONFIG.yaml [--key value ...] [--resume]``, ``alignkit demo``,
-``alignkit plot OUTPUT_DIR``."""
+``alignkit plot OUTPUT_DIR``, ``alignkit sample --policy DIR --reward-model DIR --prompts FILE
+--out FILE`` (best-of-N)."""
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,42 @@ def _plot(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "demo": _demo, "plot": _plot}
+def _sample(argv):
+    from alignkit.rl.sample import FORMATS, SampleConfig, sample_to_file
+    d = SampleConfig()
+    p = argparse.ArgumentParser(prog="alignkit sample",
+                                description="Best-of-N: N completions per prompt from a policy, "
+                                            "scored by a reward model, written as JSONL rows "
+                                            "that alignkit train reads (the best as SFT rows, or "
+                                            "best/worst as DPO pairs).")
+    p.add_argument("--policy", required=True, help="local CausalLM directory")
+    p.add_argument("--reward-model", required=True, help="local reward-model directory "
+                   "(alignkit train with loss: reward writes one to OUTPUT_DIR/final)")
+    p.add_argument("--prompts", required=True, help=".json/.jsonl rows with a 'prompt' "
+                   "(a string or messages), or strings")
+    p.add_argument("--out", required=True, help="the .jsonl to write")
+    p.add_argument("--format", default="dpo", choices=FORMATS)
+    p.add_argument("--tokenizer", default=None, help="default: the policy's directory")
+    for k in ("n", "max_new_tokens", "top_k", "batch_size", "max_prompt_length", "seed"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
+    for k in ("temperature", "top_p"):
+        p.add_argument("--" + k.replace("_", "-"), type=float, default=getattr(d, k))
+    a = p.parse_args(argv)
+    try:
+        cfg = SampleConfig(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, batch_size=a.batch_size,
+                           max_prompt_length=a.max_prompt_length, seed=a.seed)
+    except ValueError as e:
+        p.error(str(e))
+    s = sample_to_file(a.policy, a.reward_model, a.prompts, a.out, a.format, a.tokenizer, cfg)
+    print(f"{s['prompts']} prompts x {a.n} completions: mean score {s['mean_score']:+.3f}, mean "
+          f"best {s['mean_best']:+.3f}; wrote {s['rows']} {a.format} rows to {s['out']}"
+          + (f" ({s['skipped']} prompts skipped: best and worst completions identical)"
+             if s["skipped"] else ""))
+    return 0
+
+
+COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "sample": _sample}
 
 
 def main(argv=None) -> int:

@@ -117,14 +117,15 @@ class SequenceScores(nn.Module):
 
 @torch.no_grad()
 def score_sequences(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Scores [B] of right-padded sequences [B, L] (attention_mask 1 on tokens): the reward
-    model's score at each row's last token."""
+    """Scores [B] of sequences [B, L] whose attention_mask is 1 on their tokens (padding on
+    either side): the reward model's score at each row's last token, in eval mode."""
     was = model.training
     model.eval()
-    L = input_ids.shape[1]
-    last = attention_mask.long().sum(1) - 1 + torch.arange(input_ids.shape[0],
-                                                          device=input_ids.device) * L
-    pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    out = SequenceScores(model)(input_ids, pos, attention_mask, last)
+    B, L = input_ids.shape
+    am = attention_mask.long()
+    last_col = L - 1 - am.flip(1).argmax(1)                 # the last 1 of each row
+    last = last_col + torch.arange(B, device=input_ids.device) * L
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    out = SequenceScores(model)(input_ids, pos, am, last)
     model.train(was)
     return out

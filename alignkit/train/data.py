@@ -179,7 +179,7 @@ def normalise(row, fmt: str):
         resps = row.get("responses")
         if not isinstance(resps, list) or len(resps) < 2:
             raise TypeError("responses: missing or not a list of >= 2 responses (best first)")
-        return _prompt_of(row), [_response(f"responses[{j}]", m) for j, m in
+        return prompt_of(row), [_response(f"responses[{j}]", m) for j, m in
                                  enumerate(resps)], None
     if fmt == "sft":
         if "messages" in row:
@@ -188,11 +188,12 @@ def normalise(row, fmt: str):
                 raise TypeError("messages: needs a list of {role, content} messages ending with "
                                 "an assistant message")
             return msgs[:-1], [msgs[-1]], None
-        return _prompt_of(row), [_response("completion", row.get("completion"))], None
+        return prompt_of(row), [_response("completion", row.get("completion"))], None
     raise TypeError(f"row: unknown data_format {fmt!r}")
 
 
-def _prompt_of(row) -> list:
+def prompt_of(row) -> list:
+    """A row's prompt as messages: a string, or a non-empty list of {role, content}."""
     p = row.get("prompt")
     if isinstance(p, str):
         return [{"role": "user", "content": p}]
@@ -229,19 +230,31 @@ class Tokenise:
     def _ids(self, text):
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def __call__(self, prompt_msgs, resp_msg):
+    def _prompt(self, prompt_msgs) -> list:
         tok = self.tok
         if self.template:
-            p = list(_as_ids(tok.apply_chat_template(prompt_msgs, add_generation_prompt=True,
-                                                      tokenize=True)))
+            return list(_as_ids(tok.apply_chat_template(prompt_msgs, add_generation_prompt=True,
+                                                         tokenize=True)))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt_msgs) + "assistant: "
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + self._ids(text)
+
+    def prompt(self, prompt_msgs) -> tuple:
+        """The prompt's ids alone (what a policy generates from), truncated as in __call__."""
+        p = self._prompt(prompt_msgs)
+        if not p:
+            raise TypeError("prompt: tokenises to nothing and the tokenizer has no BOS token")
+        return tuple(p[-self.max_prompt_length:])
+
+    def __call__(self, prompt_msgs, resp_msg):
+        tok = self.tok
+        p = self._prompt(prompt_msgs)
+        if self.template:
             full = list(_as_ids(tok.apply_chat_template(prompt_msgs + [resp_msg], tokenize=True)))
             if full[:len(p)] != p:
                 raise TypeError("chat template: the prompt's tokens are not a prefix of the "
                                 "conversation's (the template rewrites earlier turns)")
             r = full[len(p):]
         else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt_msgs) + "assistant: "
-            p = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + self._ids(text)
             r = self._ids(resp_msg["content"])
             if self.append_eos and tok.eos_token_id is not None:
                 r = r + [tok.eos_token_id]

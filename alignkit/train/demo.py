@@ -30,7 +30,10 @@ def build_tokenizer(out_dir: str):
     return from_vocabulary(WORDS + DIGITS, CHAT_TEMPLATE, out_dir)
 
 
-def make_rows(n: int, seed: int):
+def make_rows(n: int, seed: int, wrong_digits: bool = False):
+    """n pairs of the task. wrong_digits: half the rejected answers are sorted but have one digit
+    changed, added or dropped (a reward model must then check the digits against the prompt,
+    not only their order: the RLHF demo's, so that PPO cannot win with any ascending answer)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -40,6 +43,16 @@ def make_rows(n: int, seed: int):
             xs = [rng.randrange(10) for _ in range(k)]
         good = sorted(xs)
         bad = list(good)
+        if wrong_digits and rng.random() < 0.5:      # sorted, but a digit changed, added or lost
+            while sorted(bad) == good:
+                kind, j = rng.randrange(3), rng.randrange(k)
+                if kind == 0:
+                    bad[j] = rng.randrange(10)
+                elif kind == 1:
+                    bad.insert(j, rng.randrange(10))
+                elif len(bad) > 1:
+                    del bad[j]
+            bad.sort()
         while bad == good:
             if rng.random() < 0.5:
                 rng.shuffle(bad)
@@ -52,12 +65,13 @@ def make_rows(n: int, seed: int):
     return rows
 
 
-def demo_config(output_dir: str, **overrides) -> dict:
+def demo_config(output_dir: str, wrong_digits: bool = False, n_train: int = 2000,
+                **overrides) -> dict:
     data_dir = os.path.join(output_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
-    for name, n, seed in (("train", 2000, 1), ("eval", 200, 2)):
+    for name, n, seed in (("train", n_train, 1), ("eval", 200, 2)):
         with open(os.path.join(data_dir, f"{name}.jsonl"), "w") as f:
-            for r in make_rows(n, seed):
+            for r in make_rows(n, seed, wrong_digits):
                 f.write(json.dumps(r) + "\n")
     tok_dir = os.path.join(output_dir, "tokenizer")
     tokenizer = build_tokenizer(tok_dir)
