@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo test bench bench-full bench-trainer clean sanitize
+.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer clean sanitize
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
 # Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/alignkit demo
+
+# SFT, a reward model and PPO on the demo task (examples/rlhf_demo.py, ~80 s on 2 cores)
+rlhf-demo: $(STAMP)
+	$(VPY) examples/rlhf_demo.py
 
 bench: $(STAMP)
 	$(VPY) -m bench.core --preset small

@@ -108,7 +108,7 @@ class PPOLoop:
     policy: a transformers CausalLM (trained in place). reward_model: a reward model
     (alignkit.reward_model; frozen). tokenizer: shared by the policy and the reward model.
     prompts: strings or lists of {role, content} messages, rendered with the tokenizer's chat
-    template (as the trainer renders them). value_model: the critic, default a copy of the
+    template (as the trainer renders them), or lists of token ids. value_model: the critic, default a copy of the
     reward model (InstructGPT initialises the value function from the RM). ref_policy: the KL
     anchor, default a frozen copy of the policy as given (the SFT model). ptx_data: token-id
     sequences (or strings) of pretraining text for PPO-ptx.
@@ -139,6 +139,10 @@ class PPOLoop:
         tk = Tokenise(tokenizer, cfg.max_prompt_length + 1, cfg.max_prompt_length, False)
         self.prompts = []
         for i, p in enumerate(prompts):
+            if isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and
+                                                          not isinstance(x, bool) for x in p):
+                self.prompts.append(tuple(p)[-cfg.max_prompt_length:])     # token ids
+                continue
             try:
                 self.prompts.append(tk.prompt(prompt_of({"prompt": p})))
             except TypeError as e:
@@ -161,10 +165,12 @@ class PPOLoop:
         self.value_model.train()
         self.ref_policy = (ref_policy if ref_policy is not None else
                            copy.deepcopy(policy)).eval().requires_grad_(False)
+        # the fused AdamW kernel: no parameter-sized temporaries (foreach's would be V·H each for
+        # the embedding and the head), and ~4x faster on CPU (alignkit.train.trainer)
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                     lr=cfg.lr)
+                                     lr=cfg.lr, fused=True)
         self.value_opt = torch.optim.AdamW(self.value_model.parameters(),
-                                           lr=cfg.value_lr or cfg.lr)
+                                           lr=cfg.value_lr or cfg.lr, fused=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
 
@@ -227,12 +233,18 @@ class PPOLoop:
         out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         return out
 
-    def _update(self, r: Rollout, old_lp, adv, old_values, returns, stats):
+    def policy_loss(self, r: Rollout, old_lp, adv):
+        """PPO's clipped objective on the policy's hidden states, through the fused head:
+        (loss, metrics) of alignkit.policy_loss(loss_type="ppo")."""
         c = self.cfg
         body, head, opts = policy_head(self.policy, c.temperature)
         h, w, b = match_head_dtypes(response_hidden(body, r), head.weight, head.bias)
-        pg, m = policy_loss(h, w, r.labels, advantages=adv, old_logprobs=old_lp, bias=b,
-                            loss_type="ppo", epsilon_low=c.cliprange, backend=c.backend, **opts)
+        return policy_loss(h, w, r.labels, advantages=adv, old_logprobs=old_lp, bias=b,
+                           loss_type="ppo", epsilon_low=c.cliprange, backend=c.backend, **opts)
+
+    def _update(self, r: Rollout, old_lp, adv, old_values, returns, stats):
+        c = self.cfg
+        pg, m = self.policy_loss(r, old_lp, adv)
         vpred = values_of(self.value_model, r)
         vf = value_loss(vpred, old_values, returns, r.response_mask, c.cliprange_value)
         loss = pg + c.vf_coef * vf
