@@ -8,7 +8,7 @@ Row shapes (``data_format: auto`` tells them apart by their keys):
 - ``sharegpt`` (LLaMA-Factory): {"conversations": [{"from": "human"|"gpt"|"system",
   "value": ...}], "chosen": {"from": "gpt", "value": ...}, "rejected": {...}}
 - ``kto`` (unpaired): {"messages": [msg, ..., assistant msg], "label": bool}, or
-  {"prompt": ..., "completion": ..., "label": bool}
+  {"prompt": str or [msg], "completion": str or assistant msg, "label": bool}
 - ``ranked`` (reward models, K >= 2 responses best first): {"prompt": str or [msg],
   "responses": [str or assistant msg, ...]}
 - ``sft``: {"messages": [msg, ..., assistant msg]}, or {"prompt": str or [msg], "completion": str
@@ -164,17 +164,7 @@ def normalise(row, fmt: str):
         label = row.get("label")
         if not isinstance(label, bool):
             raise TypeError("label: missing or not a boolean")
-        if "messages" in row:
-            msgs = row["messages"]
-            if not _is_msgs(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
-                raise TypeError("messages: needs a list of {role, content} messages ending with "
-                                "an assistant message")
-            return msgs[:-1], [msgs[-1]], label
-        for k in ("prompt", "completion"):
-            if not isinstance(row.get(k), str):
-                raise TypeError(f"{k}: missing or not a string")
-        return ([{"role": "user", "content": row["prompt"]}],
-                [{"role": "assistant", "content": row["completion"]}], label)
+        return (*_one_response(row), label)
     if fmt == "ranked":
         resps = row.get("responses")
         if not isinstance(resps, list) or len(resps) < 2:
@@ -182,14 +172,20 @@ def normalise(row, fmt: str):
         return prompt_of(row), [_response(f"responses[{j}]", m) for j, m in
                                  enumerate(resps)], None
     if fmt == "sft":
-        if "messages" in row:
-            msgs = row["messages"]
-            if not _is_msgs(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
-                raise TypeError("messages: needs a list of {role, content} messages ending with "
-                                "an assistant message")
-            return msgs[:-1], [msgs[-1]], None
-        return prompt_of(row), [_response("completion", row.get("completion"))], None
+        return (*_one_response(row), None)
     raise TypeError(f"row: unknown data_format {fmt!r}")
+
+
+def _one_response(row) -> tuple:
+    """(prompt messages, [response]) of {"messages": [..., assistant]} or {"prompt", "completion"}
+    (strings or messages): the KTO and SFT rows."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not _is_msgs(msgs) or len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise TypeError("messages: needs a list of {role, content} messages ending with an "
+                            "assistant message")
+        return msgs[:-1], [msgs[-1]]
+    return prompt_of(row), [_response("completion", row.get("completion"))]
 
 
 def prompt_of(row) -> list:
