@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer clean sanitize
+.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
 # Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
@@ -24,6 +24,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -W ignore::RuntimeWarning tests/test_triton_interpreter.py
+	$(VPY) -m pytest -q bench --benchmark-disable   # the benchmark suite's cases, once each, tiny shapes
 
 demo: $(STAMP)
 	$(VENV)/bin/alignkit demo
@@ -37,6 +38,18 @@ bench: $(STAMP)
 
 bench-trainer: $(STAMP)
 	$(VPY) -m bench.trainer --write
+
+# The pytest-benchmark suite against the baseline checked in for this machine class: fails when an
+# alignkit case's ratio to the GEMM floor regresses by more than 10% (alignkit.bench.compare).
+BASELINE ?= bench/baselines/xeon-amx-2core.json
+bench-compare: $(STAMP)
+	mkdir -p bench/out
+	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=bench/out/suite.json
+	$(VPY) -m alignkit.bench.compare $(BASELINE) bench/out/suite.json
+
+bench-baseline: $(STAMP)
+	mkdir -p bench/baselines
+	$(VPY) -m pytest -q bench --benchmark-only --benchmark-json=$(BASELINE)
 
 bench-full: $(STAMP)
 	$(VPY) -m bench.core --preset full --write

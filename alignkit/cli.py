@@ -1,6 +1,7 @@
 """``alignkit train CONFIG.yaml [--key value ...] [--resume]``, ``alignkit demo``,
 ``alignkit plot OUTPUT_DIR``, ``alignkit sample --policy DIR --reward-model DIR --prompts FILE
---out FILE`` (best-of-N)."""
+--out FILE`` (best-of-N), ``alignkit bench --hidden H --vocab V --tokens N --loss dpo`` (alignkit
+against the installed peers on your shape)."""
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,12 @@ def _sample(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "sample": _sample}
+def _bench(argv):
+    from alignkit.bench.cli import main
+    return main(argv)
+
+
+COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "sample": _sample, "bench": _bench}
 
 
 def main(argv=None) -> int:

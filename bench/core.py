@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import harness, methods
+from alignkit.bench import harness, methods
 
 PRESETS = {
     # 25% of each row is a masked prompt (labels -100)

@@ -19,7 +19,7 @@ import torch
 
 from alignkit.ops.options import LogprobOptions
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES
-from bench import harness
+from alignkit.bench import harness
 
 
 L = importlib.import_module("alignkit.ops.linear_logprobs")

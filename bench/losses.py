@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-import alignkit
-from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
-from bench import harness, methods
+from alignkit.bench import harness, methods
 
 PRESETS = {
     "small": [("S1 2x256 H256 V8000", 2, 256, 256, 8000)],
@@ -31,72 +29,9 @@ PRESETS = {
         ("long pair 2x8192 H256 V32000", 2, 8192, 256, 32000),
     ],
 }
-LOSSES = ("dpo", "simpo", "orpo")
+LOSSES = methods.PREFERENCE
 OUT = Path(__file__).parent
-
-
-def _loss_from_seq(loss, sums, counts, case):
-    B = case.S // 2
-    counts = counts.to(sums.dtype)
-    avg = sums / counts.clamp(min=1)
-    if loss == "dpo":
-        return dpo_loss(sums[:B], sums[B:], case.ref[:B], case.ref[B:])[0]
-    if loss == "simpo":
-        return simpo_loss(avg[:B], avg[B:])[0]
-    nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
-    return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
-
-
-def _from_token_lp(loss, case, token_lp_fn):
-    def step():
-        lp = token_lp_fn().reshape(case.S, case.T)
-        _loss_from_seq(loss, lp.sum(-1), case.mask.sum(-1), case).backward()
-    return step
-
-
-def alignkit_fused(loss, grad_mode="auto"):
-    def setup(case):
-        kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
-        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss,
-                                                grad_mode=grad_mode, **kw)[0].backward()
-    return setup
-
-
-def naive(loss):
-    def setup(case):
-        def lp():
-            logp = torch.log_softmax((case.h @ case.W.t()).float(), -1)
-            return logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
-        return _from_token_lp(loss, case, lp)
-    return setup
-
-
-def trl_math(loss):
-    def setup(case):
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
-
-        def lp():
-            out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
-                                               case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None,
-                                               1.0, ())
-            return out[0].view(case.S, case.T).masked_fill(~case.mask, 0)
-        return _from_token_lp(loss, case, lp)
-    return setup
-
-
-def liger(loss, compiled):
-    def setup(case):
-        from liger_kernel.chunked_loss import (LigerFusedLinearDPOLoss, LigerFusedLinearORPOLoss,
-                                               LigerFusedLinearSimPOLoss)
-        if loss == "dpo":
-            fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=compiled, use_ref_model=False)
-        elif loss == "simpo":
-            fn = LigerFusedLinearSimPOLoss(beta=2.0, gamma=1.0, compiled=compiled)
-        else:
-            fn = LigerFusedLinearORPOLoss(beta=0.1, compiled=compiled)
-        return lambda: fn(case.W, case.h, case.y)[0].backward()
-    return setup
+alignkit_fused, liger = methods.alignkit_fused, methods.liger_pref
 
 
 def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False,
@@ -125,8 +60,10 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                 steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
             else:
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
-                steps.update({"naive full logits": naive(loss)(case),
-                              "TRL chunked log-probs + loss": trl_math(loss)(case),
+                steps.update({"naive full logits": methods.peer_step("naive full logits",
+                                                                     loss)(case),
+                              "TRL chunked log-probs + loss": methods.peer_step(
+                                  "TRL ChunkedLogProbFunction", loss)(case),
                               "Liger fused (eager)": liger(loss, False)(case),
                               "Liger fused (compiled)": liger(loss, True)(case)})
             rows += harness.measure(f"{name} {loss.upper()}", steps, reset=reset, reps=reps,

@@ -13,11 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-import alignkit
-from alignkit.losses.policy import policy_loss_from_logprobs
-from bench import harness, methods
+from alignkit.bench import harness, methods
 
 OUT = Path(__file__).parent
 SMALL = [("R2 16x256 H512 V32000", 16, 256, 512, 32000),
@@ -28,75 +24,7 @@ RUNS = [("dapo", dict(loss_type="dapo")),
         ("dapo + entropy bonus", dict(loss_type="dapo", entropy_coef=0.01))]
 
 
-def rl_inputs(case, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    adv = torch.randn(case.S, generator=g)
-    old = -3 + 0.1 * torch.randn(case.S, case.T, generator=g)
-    ref = -3 + 0.1 * torch.randn(case.S, case.T, generator=g)
-    return adv, old, ref
-
-
-def _terms(lp, ent, case, adv, old, ref, kw):
-    """The policy loss on per-token log-probs [S, T] (and entropies), as policy_loss computes it."""
-    return policy_loss_from_logprobs(lp, ent, case.y, advantages=adv, old_logprobs=old,
-                                     ref_logprobs=ref if kw.get("beta") else None, **kw)[0]
-
-
-def alignkit_policy(kw, grad_mode):
-    def setup(case):
-        adv, old, ref = rl_inputs(case)
-        extra = dict(ref_logprobs=ref) if kw.get("beta") else {}
-        return lambda: alignkit.policy_loss(case.h, case.W, case.y, advantages=adv,
-                                            old_logprobs=old, grad_mode=grad_mode, **extra,
-                                            **kw)[0].backward()
-    return setup
-
-
-def naive(kw):
-    def setup(case):
-        adv, old, ref = rl_inputs(case)
-
-        def step():
-            logp = torch.log_softmax((case.h @ case.W.t()).float(), -1)
-            lp = logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
-            ent = -(logp.exp() * logp).sum(-1) if kw.get("entropy_coef") else None
-            _terms(lp, ent, case, adv, old, ref, kw).backward()
-        return step
-    return setup
-
-
-def trl_chunked(kw):
-    def setup(case):
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
-        adv, old, ref = rl_inputs(case)
-        outputs = ("entropy",) if kw.get("entropy_coef") else ()
-
-        def step():
-            out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
-                                               case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None,
-                                               1.0, outputs)
-            lp = out[0].view(case.S, case.T) * case.mask
-            ent = out[1].view(case.S, case.T) if outputs else None
-            _terms(lp, ent, case, adv, old, ref, kw).backward()
-        return step
-    return setup
-
-
-def liger(kw, compiled):
-    def setup(case):
-        if kw.get("entropy_coef"):
-            raise NotImplementedError("LigerFusedLinearGRPOLoss has no entropy bonus")
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-        adv, old, ref = rl_inputs(case)
-        beta = kw.get("beta", 0.0)
-        fn = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta > 0,
-                                      loss_type=kw["loss_type"], max_completion_length=case.T)
-        mask = case.mask.long()
-        y = case.y.clamp(min=0)
-        return lambda: fn(case.h, case.W, y, mask, adv, ref_per_token_logps=ref if beta else None,
-                          old_per_token_logps=old)[0].backward()
-    return setup
+alignkit_policy, liger = methods.alignkit_policy, methods.liger_grpo
 
 
 def run(preset, reps, skip_memory, log=print):
@@ -108,8 +36,10 @@ def run(preset, reps, skip_memory, log=print):
             steps = {harness.FLOOR: methods.floor(case),
                      "alignkit policy_loss (auto: token pass)": alignkit_policy(kw, "auto")(case),
                      "alignkit policy_loss (recompute)": alignkit_policy(kw, "recompute")(case),
-                     "naive full logits + loss": naive(kw)(case),
-                     "TRL chunked log-probs + loss": trl_chunked(kw)(case)}
+                     "naive full logits + loss": methods.peer_step(
+                         "naive full logits", kw["loss_type"], kw)(case),
+                     "TRL chunked log-probs + loss": methods.peer_step(
+                         "TRL ChunkedLogProbFunction", kw["loss_type"], kw)(case)}
             for compiled in (False, True):
                 try:
                     steps[f"Liger GRPO ({'compiled' if compiled else 'eager'})"] = \

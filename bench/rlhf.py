@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from alignkit.profiling import peak_memory_bytes
-from bench import harness
+from alignkit.bench import harness
 
 OUT = Path(__file__).parent
 VOCABS = (8192, 32768, 131072)

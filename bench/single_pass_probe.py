@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from alignkit.ops import tiling
-from bench import harness
+from alignkit.bench import harness
 
 SHAPES = [("B1 4x1024 H1024 V32000", 3072, 1024, 32000),
           ("B2 2x512 H384 V151936", 768, 384, 151936),

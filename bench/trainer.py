@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from alignkit.profiling import MemoryWindow, resident_bytes
-from bench.harness import machine
+from alignkit.bench.harness import machine
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000
 MODEL = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=688,

@@ -13,7 +13,6 @@ refused by ``head_of``.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs

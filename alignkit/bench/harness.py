@@ -1,7 +1,7 @@
-"""Timing and exact peak-memory measurement shared by the bench scripts.
+"""Timing and exact peak-memory measurement shared by every bench (``measure`` is the loop).
 
-Time: median of `reps` interleaved rounds after `warmup` runs, each a full fwd+bwd (or forward)
-from fresh grads.
+Time: median of `reps` interleaved rounds after a first (warm-up) run, each a full fwd+bwd (or
+forward) from fresh grads.
 Memory: the exact peak of live tensor memory allocated during one run, from the profiler's
 allocation events (`[memory]` events summed in time order, running maximum). Tensors that exist
 before the run (inputs, weights) are not counted; gradients and everything the method allocates are.
@@ -31,30 +31,30 @@ def timed_run(fn, reset=None) -> float:
     return time.perf_counter() - t0
 
 
-def median_time(fn, warmup: int = 1, reps: int = 3, reset=None) -> float:
-    return interleaved_times({"x": fn}, warmup, reps, reset)[0]["x"]
-
-
 def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
-                      slow_after: float | None = None) -> dict:
+                      slow_after: float | None = None, progress=None) -> dict:
     """Median time of each step, measured in `reps` interleaved rounds (one run of every step per
     round) after `warmup` runs each. This machine's speed drifts by up to ~30% over minutes;
     interleaving makes every method see the same drift, so ratios within one run stay honest.
 
     A step whose last warm-up run took longer than `slow_after` seconds is timed once only (a peer
     at 40x the floor would otherwise take most of the bench's time); those are returned as `slow`.
+    progress: called with the step's name after every run (a progress bar).
     Returns (median seconds per step, slow)."""
     slow = set()
+    tick = progress or (lambda k: None)
     for k, fn in steps.items():
         for _ in range(warmup):
             if timed_run(fn, reset) > (slow_after or float("inf")):
                 slow.add(k)
+            tick(k)
     times = {k: [] for k in steps}
     for r in range(reps):
         for k, fn in steps.items():
             if k in slow and r > 0:
                 continue
             times[k].append(timed_run(fn, reset))
+            tick(k)
     return {k: statistics.median(v) for k, v in times.items()}, slow
 
 
@@ -79,56 +79,72 @@ def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=
             {k: statistics.median(v) for k, v in secs.items()})
 
 
-def peak_after_reset(fn, reset=None) -> int:
-    if reset:
-        reset()
-    return peak_bytes(fn)
-
-
 FLOOR = "GEMM floor (3 GEMMs)"
 
 
 def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip_memory: bool,
-            unlisted=(), log=print, paired: bool = False):
-    """Runs each step once (a step that fails is reported as a row, not hidden), times the rest in
-    interleaved rounds (steps[FLOOR] sets the cut-off for peers too slow to time `reps` times),
-    profiles their peak memory, and returns (times, rows). Steps named in `unlisted` are timed but
-    get no row: the caller reports them against another baseline. paired: each step's ratio to
-    the floor is the median of `reps` (floor, step) back-to-back pairs (paired_ratios) instead of
-    a ratio of medians."""
-    notes = {}
+            unlisted=(), log=print, paired: bool = False, budget_s: float | None = None,
+            progress=None, skipped: dict | None = None):
+    """The one measuring loop of every bench (bench.core / losses / rl, the pytest-benchmark
+    suite, ``alignkit bench``). Returns (median seconds per step, rows).
+
+    1. A first run of each step, from fresh grads: under the profiler (its exact peak memory)
+       unless skip_memory. It is the warm-up (compiles, first allocations), the check that the
+       step runs (a step that fails becomes a row with the error, not hidden), and the cut-off:
+       a step over 8x the floor's first run is timed once more only.
+    2. `reps` interleaved rounds (one run of every step a round), so that the machine's drift
+       hits every method alike; with budget_s, fewer rounds (at least one) when the first runs
+       say that `reps` would not fit in it. paired: each step's ratio to the floor is instead
+       the median of `reps` (floor, step) back-to-back pairs (paired_ratios).
+    Steps named in `unlisted` are timed but get no row (the caller reports them against another
+    baseline); `skipped` {name: why} become rows with the reason (a peer not installed)."""
+    notes, mem, first = {}, {}, {}
+    tick = progress or (lambda k: None)
     for k in list(steps):
         try:
             reset()
-            steps[k]()
+            gc.collect()
+            t0 = time.perf_counter()
+            if skip_memory or k == FLOOR:
+                steps[k]()
+            else:
+                mem[k] = peak_bytes(steps[k]) / 2**20
+            first[k] = time.perf_counter() - t0
         except Exception as exc:
             notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
             log(f"  {k:40s} FAILED {notes[k]}")
             del steps[k]
+        tick(k)
+    slow = {k for k in steps if first[k] > 8 * first[FLOOR]}
+    if budget_s is not None and not paired:
+        per_round = sum(first[k] for k in steps if k not in slow)
+        reps = max(1, min(reps, int(budget_s / max(per_round, 1e-9))))
     log(f"[{label}] timing {len(steps)} steps x {reps} "
         f"{'(floor, step) pairs' if paired else 'interleaved rounds'}")
     ratio = {}
     if paired:
-        ratio, t = paired_ratios(steps, FLOOR, warmup=1, reps=reps, reset=reset)
-        slow = set()
+        ratio, t = paired_ratios(steps, FLOOR, warmup=0, reps=reps, reset=reset)
     else:
-        floor0 = median_time(steps[FLOOR], reps=1)
-        t, slow = interleaved_times(steps, warmup=1, reps=reps, reset=reset, slow_after=8 * floor0)
+        fast = {k: v for k, v in steps.items() if k not in slow}
+        t, _ = interleaved_times(fast, warmup=0, reps=reps, reset=reset, progress=tick)
+        for k in slow:                           # one more run each: > 8x the floor
+            t[k] = timed_run(steps[k], reset)
+            tick(k)
     floor_s = t[FLOOR]
     rows = []
     for k in steps:
         if k in unlisted:
             continue
-        mem = None
-        if not skip_memory and k != FLOOR:
-            mem = peak_after_reset(steps[k], reset) / 2**20
         note = "timed once (> 8x floor)" if k in slow else ""
         if k in ratio:
             note = f"median of {reps} (floor, step) pairs"
-        rows.append(Row(label, k, t[k], mem, floor_s, grads_mib, note=note,
+        rows.append(Row(label, k, t[k], mem.get(k), floor_s, grads_mib, note=note,
                         ratio=ratio.get(k)))
-        log(f"  {k:40s} {t[k]:7.3f}s  {rows[-1].x_floor:5.2f}x floor  {fmt(mem, '7.0f')} MiB")
+        log(f"  {k:40s} {t[k]:7.3f}s  {rows[-1].x_floor:5.2f}x floor  "
+            f"{fmt(mem.get(k), '7.0f')} MiB")
     rows += [Row(label, k, None, None, floor_s, grads_mib, note=n) for k, n in notes.items()]
+    rows += [Row(label, k, None, None, floor_s, grads_mib, note=f"skipped: {n}")
+             for k, n in (skipped or {}).items()]
     return t, rows
 
 

@@ -1,0 +1,393 @@
+"""The implementations every benchmark compares (bench.core, bench.losses, bench.rl, the
+pytest-benchmark suite and ``alignkit bench``), each as ``setup(case) -> step``: one forward +
+backward on the case's inputs, from fresh gradients.
+
+Three objectives, the same math for every method, only the head differs:
+    logprobs  seq_s = Σ_t log p(y_t | h_t); loss = −mean log σ(β·((seq_c − ref_c) − (seq_r −
+              ref_r))) for pairs (first half chosen), −mean log σ(β·(seq_s − ref_s)) otherwise
+    dpo / simpo / orpo   alignkit.losses' math on the per-sequence sums (Liger: its own classes)
+    policy types         alignkit.losses.policy.policy_loss_from_logprobs on per-token log-probs
+Peers give per-token log-probs (naive full logits, TRL's ChunkedLogProbFunction, torch's chunked
+F.linear_cross_entropy, CCE) and the shared math does the rest; Liger's fused classes compute
+their own loss. ``steps_for`` builds a loss's side-by-side set, peers that are not installed
+reported with the pip name that adds them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import alignkit
+from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
+from alignkit.losses.policy import POLICY_LOSS_TYPES, policy_loss_from_logprobs
+
+
+@dataclass
+class Case:
+    name: str
+    S: int
+    T: int
+    H: int
+    V: int
+    h: torch.Tensor       # [S, T, H] requires grad
+    W: torch.Tensor       # [V, H] requires grad
+    y: torch.Tensor       # [S, T], first 25% of each row = -100 (masked prompt)
+    ref: torch.Tensor     # [S] reference sequence log-probs
+    beta: float = 0.1
+
+    @property
+    def mask(self):
+        return self.y != -100
+
+    def reset(self):
+        """Drops the gradients of the last run, outside any timed or profiled region (a free of
+        a tensor allocated before profiling starts would be counted with an unknown size)."""
+        self.h.grad = self.W.grad = None
+
+
+def case_as(case: Case, dtype) -> Case:
+    """The same inputs in another dtype (fresh leaves)."""
+    return Case(case.name, case.S, case.T, case.H, case.V,
+                case.h.detach().to(dtype).requires_grad_(),
+                case.W.detach().to(dtype).requires_grad_(), case.y, case.ref, case.beta)
+
+
+def make_case(name, S, T, H, V, seed=0, prompt_fraction: float = 0.25) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(S, T, H, generator=g).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()
+    y = torch.randint(0, V, (S, T), generator=g)
+    y[:, : int(T * prompt_fraction)] = -100
+    ref = torch.randn(S, generator=g) * 10 - T * 5
+    return Case(name, S, T, H, V, h, W, y, ref)
+
+
+def seq_loss(seq, case: Case):
+    d = seq - case.ref
+    if case.S % 2 == 0:
+        B = case.S // 2
+        d = d[:B] - d[B:]
+    return -F.logsigmoid(case.beta * d).mean()
+
+
+def _step(case: Case, token_lp_fn):
+    def step():
+        lp = token_lp_fn()
+        seq_loss(lp.reshape(case.S, case.T).sum(-1), case).backward()
+    return step
+
+
+# ------------------------------------------------------------------------------------- methods
+def floor(case: Case):
+    """The three GEMMs no fused loss avoids, over the labelled tokens only: h·Wᵀ, G·W, Gᵀ·h."""
+    hs = case.h.detach()[case.mask]
+    W = case.W.detach()
+    G = torch.randn(hs.shape[0], case.V, dtype=hs.dtype)   # the case's dtype: bf16 has its own
+
+    def step():
+        torch.mm(hs, W.t())
+        torch.mm(G, W)
+        torch.mm(G.t(), hs)
+    return step
+
+
+def one_gemm(case: Case):
+    hs = case.h.detach()[case.mask]
+    W = case.W.detach()
+    return lambda: torch.mm(hs, W.t())
+
+
+def naive(case: Case):
+    def lp():
+        logits = case.h @ case.W.t()
+        logp = torch.log_softmax(logits.float(), -1)
+        return logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
+    return _step(case, lp)
+
+
+def alignkit_op(backend):
+    def setup(case: Case):
+        return _step(case, lambda: alignkit.linear_token_logprobs(case.h, case.W, case.y,
+                                                                  backend=backend))
+    return setup
+
+
+def alignkit_nograd(case: Case):
+    h, W = case.h.detach(), case.W.detach()
+
+    def step():
+        with torch.no_grad():
+            alignkit.linear_token_logprobs(h, W, case.y)
+    return step
+
+
+def trl_chunked(case: Case):
+    """TRL 1.16's ChunkedLogProbFunction as TRL calls it off-Triton: every position scored."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
+
+    def lp():
+        out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
+                                           case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None,
+                                           1.0, ())
+        return out[0].view(case.S, case.T).masked_fill(~case.mask, 0)
+    return _step(case, lp)
+
+
+def torch_lce(case: Case):
+    """torch 2.13's F.linear_cross_entropy with the chunked options, reduction='none'."""
+    opts = torch.nn.LinearCrossEntropyOptions()
+
+    def lp():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ce = F.linear_cross_entropy(case.h.reshape(-1, case.H), case.W, case.y.reshape(-1),
+                                        reduction="none", ignore_index=-100, options=opts)
+        return -ce
+    return _step(case, lp)
+
+
+def cce_compile(case: Case):
+    """Apple's cut-cross-entropy, impl='torch_compile' (inductor-fused full-logits loss)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    def lp():
+        return -linear_cross_entropy(case.h, case.W, case.y, reduction="none",
+                                     impl="torch_compile")
+    return _step(case, lp)
+
+
+def liger_dpo(compiled: bool):
+    """Liger's fused linear DPO loss (pairs only; no reference model, its own loss math)."""
+    def setup(case: Case):
+        if case.S % 2:
+            return None
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        loss_fn = LigerFusedLinearDPOLoss(beta=case.beta, compiled=compiled, use_ref_model=False)
+
+        def step():
+            loss = loss_fn(case.W, case.h, case.y)[0]
+            loss.backward()
+        return step
+    return setup
+
+
+METHODS = {
+    "naive full logits": naive,
+    "alignkit (auto)": alignkit_op("auto"),
+    "alignkit (torch backend)": alignkit_op("torch"),
+    "TRL ChunkedLogProbFunction": trl_chunked,
+    "torch F.linear_cross_entropy chunked": torch_lce,
+    "Liger fused DPO (eager)": liger_dpo(False),
+    "CCE torch_compile": cce_compile,
+}
+
+
+# ------------------------------------------------------------------ preference losses (bench.losses)
+PREFERENCE = ("dpo", "simpo", "orpo")
+
+
+def _loss_from_seq(loss, sums, counts, case):
+    B = case.S // 2
+    counts = counts.to(sums.dtype)
+    avg = sums / counts.clamp(min=1)
+    if loss == "dpo":
+        return dpo_loss(sums[:B], sums[B:], case.ref[:B], case.ref[B:])[0]
+    if loss == "simpo":
+        return simpo_loss(avg[:B], avg[B:])[0]
+    nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+    return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
+
+
+def alignkit_fused(loss, grad_mode="auto", backend="auto"):
+    def setup(case):
+        kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
+        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss,
+                                                grad_mode=grad_mode, backend=backend,
+                                                **kw)[0].backward()
+    return setup
+
+
+def liger_pref(loss, compiled):
+    def setup(case):
+        from liger_kernel.chunked_loss import (
+            LigerFusedLinearDPOLoss,
+            LigerFusedLinearORPOLoss,
+            LigerFusedLinearSimPOLoss,
+        )
+        if loss == "dpo":
+            fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=compiled, use_ref_model=False)
+        elif loss == "simpo":
+            fn = LigerFusedLinearSimPOLoss(beta=2.0, gamma=1.0, compiled=compiled)
+        else:
+            fn = LigerFusedLinearORPOLoss(beta=0.1, compiled=compiled)
+        return lambda: fn(case.W, case.h, case.y)[0].backward()
+    return setup
+
+
+# ------------------------------------------------------------------ policy losses (bench.rl)
+def rl_inputs(case, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    adv = torch.randn(case.S, generator=g)
+    old = -3 + 0.1 * torch.randn(case.S, case.T, generator=g)
+    ref = -3 + 0.1 * torch.randn(case.S, case.T, generator=g)
+    return adv, old, ref
+
+
+def policy_terms_step(case, kw, lp_ent):
+    """The policy loss on per-token log-probs [S, T] (and entropies) from lp_ent(), with
+    policy_loss's own math."""
+    adv, old, ref = rl_inputs(case)
+
+    def step():
+        lp, ent = lp_ent()
+        policy_loss_from_logprobs(lp, ent, case.y, advantages=adv, old_logprobs=old,
+                                  ref_logprobs=ref if kw.get("beta") else None,
+                                  **kw)[0].backward()
+    return step
+
+
+def alignkit_policy(kw, grad_mode="auto", backend="auto"):
+    def setup(case):
+        adv, old, ref = rl_inputs(case)
+        extra = dict(ref_logprobs=ref) if kw.get("beta") else {}
+        return lambda: alignkit.policy_loss(case.h, case.W, case.y, advantages=adv,
+                                            old_logprobs=old, grad_mode=grad_mode,
+                                            backend=backend, **extra, **kw)[0].backward()
+    return setup
+
+
+def liger_grpo(kw, compiled):
+    def setup(case):
+        if kw.get("entropy_coef"):
+            raise NotImplementedError("LigerFusedLinearGRPOLoss has no entropy bonus")
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        adv, old, ref = rl_inputs(case)
+        beta = kw.get("beta", 0.0)
+        fn = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta > 0,
+                                      loss_type=kw["loss_type"], max_completion_length=case.T)
+        mask = case.mask.long()
+        y = case.y.clamp(min=0)
+        return lambda: fn(case.h, case.W, y, mask, adv, ref_per_token_logps=ref if beta else None,
+                          old_per_token_logps=old)[0].backward()
+    return setup
+
+
+# ------------------------------------------------------------------ per-token log-probs of peers
+def _naive_lp(case, entropy=False):
+    logp = torch.log_softmax((case.h @ case.W.t()).float(), -1)
+    lp = logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
+    return lp, (-(logp.exp() * logp).sum(-1) if entropy else None)
+
+
+def _trl_lp(case, entropy=False):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
+    outputs = ("entropy",) if entropy else ()
+    out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
+                                       case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None, 1.0,
+                                       outputs)
+    lp = out[0].view(case.S, case.T).masked_fill(~case.mask, 0)
+    return lp, (out[1].view(case.S, case.T) if entropy else None)
+
+
+def _torch_lce_lp(case, entropy=False):
+    if entropy:
+        raise NotImplementedError("F.linear_cross_entropy gives no entropy")
+    opts = torch.nn.LinearCrossEntropyOptions()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ce = F.linear_cross_entropy(case.h.reshape(-1, case.H), case.W, case.y.reshape(-1),
+                                    reduction="none", ignore_index=-100, options=opts)
+    return -ce.view(case.S, case.T), None
+
+
+def _cce_lp(case, entropy=False):
+    if entropy:
+        raise NotImplementedError("cut-cross-entropy gives no entropy")
+    from cut_cross_entropy import linear_cross_entropy
+    return -linear_cross_entropy(case.h, case.W, case.y, reduction="none",
+                                 impl="torch_compile"), None
+
+
+# peer name -> (token log-probs, the import it needs, the pip name that adds it)
+PEERS = {
+    "naive full logits": (_naive_lp, None, None),
+    "TRL ChunkedLogProbFunction": (_trl_lp, "trl", "trl"),
+    "torch F.linear_cross_entropy chunked": (_torch_lce_lp, None, None),
+    "CCE torch_compile": (_cce_lp, "cut_cross_entropy", "cut-cross-entropy"),
+}
+LIGER = ("liger_kernel", "liger-kernel")
+LOSS_KINDS = ("logprobs",) + PREFERENCE + POLICY_LOSS_TYPES
+
+
+def missing(module):
+    return module is not None and importlib.util.find_spec(module) is None
+
+
+def peer_step(name, loss, kw=None):
+    """setup(case) of a peer's per-token log-probs under the loss's shared math."""
+    lp_fn = PEERS[name][0]
+
+    def setup(case):
+        if loss == "logprobs":
+            return _step(case, lambda: lp_fn(case)[0])
+        if loss in PREFERENCE:
+            def step():
+                lp = lp_fn(case)[0].reshape(case.S, case.T)
+                _loss_from_seq(loss, lp.sum(-1), case.mask.sum(-1), case).backward()
+            return step
+        entropy = bool((kw or {}).get("entropy_coef"))
+        return policy_terms_step(case, kw or {}, lambda: lp_fn(case, entropy))
+    return setup
+
+
+def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peers=True):
+    """(steps {name: step}, skipped {name: why}) for one loss kind on a case: the GEMM floor,
+    alignkit's entry point, then every peer (a peer that is not installed is skipped, with the pip
+    name that would add it; one that cannot serve the loss is skipped with the reason)."""
+    from alignkit.bench.harness import FLOOR
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
+    steps, skipped = {FLOOR: floor(case)}, {}
+    kw = dict(loss_type=loss, **(policy_kw or {})) if loss in POLICY_LOSS_TYPES else None
+    if loss == "logprobs":
+        steps[f"alignkit ({backend})"] = alignkit_op(backend)(case)
+    elif loss in PREFERENCE:
+        if case.S % 2:
+            raise ValueError(f"loss {loss!r} needs pairs: an even number of sequences")
+        steps[f"alignkit preference_loss ({grad_mode})"] = \
+            alignkit_fused(loss, grad_mode, backend)(case)
+    else:
+        steps[f"alignkit policy_loss ({grad_mode})"] = alignkit_policy(kw, grad_mode, backend)(case)
+    if not peers:
+        return steps, skipped
+    for name, (_, module, pip) in PEERS.items():
+        if missing(module):
+            skipped[name] = f"not installed: pip install {pip}"
+            continue
+        if name.startswith("torch F.linear") and not hasattr(F, "linear_cross_entropy"):
+            skipped[name] = "this torch has no F.linear_cross_entropy (torch >= 2.13)"
+            continue
+        steps[name] = peer_step(name, loss, kw)(case)
+    liger = None
+    if loss in PREFERENCE:
+        liger = lambda c: liger_pref(loss, c)  # noqa: E731
+    elif kw is not None:
+        liger = lambda c: liger_grpo(kw, c)  # noqa: E731
+    for compiled in (False, True):
+        name = f"Liger fused ({'compiled' if compiled else 'eager'})"
+        if liger is None:
+            skipped[name] = "Liger has no fused per-token log-prob op"
+        elif missing(LIGER[0]):
+            skipped[name] = f"not installed: pip install {LIGER[1]}"
+        else:
+            try:
+                steps[name] = liger(compiled)(case)
+            except (NotImplementedError, ValueError) as e:
+                skipped[name] = str(e)
+    return steps, skipped

@@ -1,0 +1,88 @@
+"""The bench tools a user runs: the regression gate against a checked-in baseline (it passes on
+the baseline itself and fails against a copy edited to be 20% faster), and ``alignkit bench``'s
+argument handling and output on a tiny shape (every installed peer listed, a missing one named
+with its pip name)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignkit.bench import compare, methods
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINES = os.path.join(REPO, "bench", "baselines")
+
+
+def _baseline():
+    files = sorted(f for f in os.listdir(BASELINES) if f.endswith(".json"))
+    assert files, "no baseline checked in under bench/baselines/"
+    return os.path.join(BASELINES, files[0])
+
+
+def test_gate_passes_on_the_baseline_and_fails_on_a_faster_copy(tmp_path):
+    base = _baseline()
+    assert len(compare.ratios(base)) >= 4          # alignkit cases with a ratio to the floor
+    assert compare.compare(base, base, log=lambda *a: None)
+    with open(base) as f:
+        data = json.load(f)
+    for b in data["benchmarks"]:
+        if "x_floor" in b.get("extra_info", {}):
+            b["extra_info"]["x_floor"] *= 0.8                # 20% faster
+    faster = tmp_path / "faster.json"
+    faster.write_text(json.dumps(data))
+    lines = []
+    assert not compare.compare(str(faster), base, log=lines.append)
+    assert "FAILED" in lines[-1] and "+25.0%" in "\n".join(lines)
+    p = subprocess.run([sys.executable, "-m", "alignkit.bench.compare", str(faster), base],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 1, p.stdout
+    data["benchmarks"] = data["benchmarks"][:1]
+    (tmp_path / "few.json").write_text(json.dumps(data))
+    assert not compare.compare(base, str(tmp_path / "few.json"), log=lambda *a: None)
+
+
+def test_alignkit_bench_cli_on_a_tiny_shape(tmp_path, monkeypatch):
+    from alignkit.bench import cli
+    out = tmp_path / "b.json"
+    lines = []
+    res = cli.run(["--hidden", "16", "--vocab", "64", "--tokens", "64", "--loss", "dpo",
+                   "--dtype", "fp32", "--reps", "1", "--no-progress", "--json", str(out),
+                   "--csv", str(tmp_path / "b.csv")], log=lines.append)
+    names = [r.method for r in res["rows"]]
+    assert names[0] == "GEMM floor (3 GEMMs)" and "alignkit preference_loss (auto)" in names
+    assert "naive full logits" in names and "TRL ChunkedLogProbFunction" in names
+    d = json.loads(out.read_text())
+    assert d["shape"] == dict(S=2, T=32, H=16, V=64, loss="dpo", dtype="fp32")
+    ak = next(r for r in d["rows"] if r["method"].startswith("alignkit"))
+    assert ak["seconds"] > 0 and ak["peak_mib"] > 0 and ak["x_floor"] > 0
+    # a peer that is not installed is listed, with the pip name that adds it
+    real = methods.missing
+    monkeypatch.setattr(methods, "missing", lambda m: m == "cut_cross_entropy" or real(m))
+    res = cli.run(["--hidden", "16", "--vocab", "64", "--batch", "8", "--seq", "4", "--loss",
+                   "grpo", "--dtype", "fp32", "--reps", "1", "--no-progress", "--no-memory"],
+                  log=lines.append)
+    cce = next(r for r in res["rows"] if r.method == "CCE torch_compile")
+    assert cce.seconds is None and "pip install cut-cross-entropy" in cce.note
+    assert "skipped: not installed: pip install cut-cross-entropy" in "\n".join(lines)
+
+
+def test_alignkit_bench_reads_a_model_config_and_names_bad_input(tmp_path):
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps({"hidden_size": 16, "vocab_size": 96,
+                                "final_logit_softcapping": 30.0, "tie_word_embeddings": False}))
+    from alignkit.bench import cli
+    lines = []
+    cli.run(["--model-config", str(conf), "--tokens", "32", "--loss", "logprobs", "--dtype",
+             "fp32", "--reps", "1", "--no-progress", "--no-memory", "--no-peers"],
+            log=lines.append)
+    assert "H16 V96" in lines[0] and "softcap 30.0" in lines[0]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for args, msg in ((["--vocab", "64", "--tokens", "8"], "give --hidden and --vocab"),
+                      (["--hidden", "8", "--vocab", "64", "--batch", "3", "--seq", "4"],
+                       "--batch must be even for loss dpo"),
+                      (["--model-config", "nope.json", "--tokens", "8"], "is not a file")):
+        p = subprocess.run([sys.executable, "-m", "alignkit.cli", "bench", *args],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
