@@ -15,6 +15,12 @@ def test_case(benchmark, bench_case, cases):
     if method in skipped:
         pytest.skip(skipped[method])
     step = steps[method]
+    if not method.startswith("alignkit") and method != harness.FLOOR:
+        try:                          # a peer that breaks is reported as such, not as our failure
+            case.reset()
+            step()
+        except Exception as e:            # noqa: BLE001 (torch.compile raises anything)
+            pytest.xfail(f"peer failed: {type(e).__name__}: {e}"[:200])
     benchmark.group = f"{name} {loss}"
     benchmark.name = method
     disabled = benchmark.disabled
