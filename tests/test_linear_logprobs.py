@@ -262,3 +262,23 @@ def test_neg_inf_logits_give_defined_entropy_and_gradients(backend):
     assert torch.isfinite(gh1).all() and torch.isfinite(gW1).all() and torch.isfinite(gb1).all()
     # 0 (torch), or below 1e-30 (cpp, whose exp flattens at exp(-87) ~ 1.6e-38)
     assert b.grad[torch.arange(5, 300, 7)].abs().max() < 1e-30
+
+
+def test_default_tile_budget_grows_with_a_big_head(monkeypatch):
+    """The default tile_bytes is max(16 MiB, grad_W / 16) for the op's weight; an explicit budget
+    (argument or ALIGNKIT_TILE_BYTES) is taken as given; the launcher passes the weight's shape."""
+    from alignkit.ops.options import TileOptions
+    monkeypatch.delenv("ALIGNKIT_TILE_BYTES", raising=False)
+    assert TileOptions().resolved(head=(128256, 4096)).tile_bytes == 128256 * 4096 * 4 // 16
+    assert TileOptions().resolved(head=(32000, 1024)).tile_bytes == 16 << 20
+    assert TileOptions(tile_bytes=1 << 20).resolved(head=(128256, 4096)).tile_bytes == 1 << 20
+    monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(2 << 20))
+    assert TileOptions().resolved(head=(128256, 4096)).tile_bytes == 2 << 20
+    monkeypatch.delenv("ALIGNKIT_TILE_BYTES")
+    seen = []
+    real = TileOptions.resolved
+    monkeypatch.setattr(TileOptions, "resolved",
+                        lambda self, head=None: seen.append(head) or real(self, head))
+    h, w = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    alignkit.linear_token_logprobs(h, w, torch.randint(0, 11, (5,))).sum().backward()
+    assert (11, 8) in seen

@@ -265,7 +265,7 @@ def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m))."""
     check_linear_inputs(hidden, weight, labels, bias)
     backend = resolve(opts.backend, hidden.device)
-    t = opts.tiles.resolved()
+    t = opts.tiles.resolved(head=tuple(weight.shape))
     lp, ent, lse = _fwd_op(hidden, weight, labels, bias, opts.ignore_index,
                            float(opts.temperature), opts.cap, opts.return_entropy, backend,
                            t.tile_bytes, t.vocab_block, t.gpu_chunk_bytes, t.triton_bwd)
