@@ -6,8 +6,13 @@ and takes the running maximum. Tensors alive before `fn` runs are not counted.
 from __future__ import annotations
 
 import gc
+import os
 
 from torch.profiler import ProfilerActivity, profile
+
+# kineto prints two "USDT ... profiler_start/stop" lines to stderr per window; read at the first
+# window, so set here unless the user set it
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
 
 def peak_memory_bytes(fn) -> int:

@@ -86,6 +86,9 @@ def parser():
                         "--reps would not fit")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-peers", action="store_true", help="alignkit and the floor only")
+    p.add_argument("--peers", nargs="*", metavar="NAME",
+                   help="only the peers whose name contains one of these (case-insensitive), "
+                        "e.g. --peers liger cce")
     p.add_argument("--csv")
     p.add_argument("--json")
     p.add_argument("--plot", help="a PNG of time / floor and peak / memory floor")
@@ -115,6 +118,13 @@ def run(argv=None, log=print) -> dict:
                                            peers=not a.no_peers)
     except ValueError as e:
         p.error(str(e))
+    if a.peers is not None:
+        keep = [x.lower() for x in a.peers]
+        for k in list(steps) + list(skipped):
+            if k != harness.FLOOR and not k.startswith("alignkit") and \
+                    not any(x in k.lower() for x in keep):
+                steps.pop(k, None)
+                skipped.pop(k, None)
     head = (f"alignkit bench: {name}, {int(case.mask.sum())} labelled tokens"
             + "".join(f", {k} {v}" for k, v in info.items()) + f"\nmachine: {harness.machine()}")
     log(head)

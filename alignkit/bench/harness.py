@@ -91,7 +91,8 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
     1. A first run of each step, from fresh grads: under the profiler (its exact peak memory)
        unless skip_memory. It is the warm-up (compiles, first allocations), the check that the
        step runs (a step that fails becomes a row with the error, not hidden), and the cut-off:
-       a step over 8x the floor's first run is timed once more only.
+       a step over 8x the floor's first run keeps that run's time (a peer at 30x the floor would
+       otherwise take most of the bench's time; the note says so).
     2. `reps` interleaved rounds (one run of every step a round), so that the machine's drift
        hits every method alike; with budget_s, fewer rounds (at least one) when the first runs
        say that `reps` would not fit in it. paired: each step's ratio to the floor is instead
@@ -127,15 +128,13 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
     else:
         fast = {k: v for k, v in steps.items() if k not in slow}
         t, _ = interleaved_times(fast, warmup=0, reps=reps, reset=reset, progress=tick)
-        for k in slow:                           # one more run each: > 8x the floor
-            t[k] = timed_run(steps[k], reset)
-            tick(k)
+        t.update({k: first[k] for k in slow})
     floor_s = t[FLOOR]
     rows = []
     for k in steps:
         if k in unlisted:
             continue
-        note = "timed once (> 8x floor)" if k in slow else ""
+        note = "one run, its first (> 8x floor)" if k in slow else ""
         if k in ratio:
             note = f"median of {reps} (floor, step) pairs"
         rows.append(Row(label, k, t[k], mem.get(k), floor_s, grads_mib, note=note,
