@@ -282,3 +282,34 @@ def test_default_tile_budget_grows_with_a_big_head(monkeypatch):
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     alignkit.linear_token_logprobs(h, w, torch.randint(0, 11, (5,))).sum().backward()
     assert (11, 8) in seen
+
+
+def test_one_chunk_writes_a_low_precision_grad_w_directly():
+    """Where the GEMMs run in bf16 and the labelled rows fit one chunk, grad_W is written by the
+    GEMM in bf16 (no fp32 copy of V·H): the peak stays under that copy's size, and the gradient
+    equals the several-chunk path's fp32 accumulation to bf16 rounding."""
+    from alignkit.ops.backends import gemm_dtype
+    from alignkit.profiling import peak_memory_bytes
+    if gemm_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16:
+        pytest.skip("this CPU runs bf16 GEMMs in fp32")
+    V, H, N = 4096, 256, 48
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(V, H, generator=g) / 16).bfloat16().requires_grad_()
+    h = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+
+    def run(**kw):
+        w.grad = h.grad = None
+        alignkit.linear_token_logprobs(h, w, y, **kw).sum().backward()
+    several = alignkit.TileOptions(tile_bytes=64 << 10)       # several chunks: fp32 accumulation
+    run()
+    run(tiles=several)
+    w.grad = h.grad = None
+    peak = peak_memory_bytes(run)
+    one = w.grad.float()
+    w.grad = h.grad = None
+    peak_several = peak_memory_bytes(lambda: run(tiles=several))
+    # the fp32 accumulator alone is V·H·4 bytes: the one-chunk peak saves at least that
+    assert w.grad.dtype == torch.bfloat16 and peak + V * H * 4 <= peak_several, (peak,
+                                                                                  peak_several)
+    torch.testing.assert_close(one, w.grad.float(), rtol=2 ** -7, atol=1e-3)

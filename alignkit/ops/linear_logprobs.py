@@ -38,15 +38,19 @@ def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.
     hidden rows (in the GEMM dtype dt, backends.gemm_dtype: bf16 on CPUs with bf16 units, where a
     bf16 GEMM ran 3.5x an fp32 one, fp32 elsewhere) and labels, and the one tile buffer every
     chunk reuses (in dt: torch's CPU GEMM writes its own dtype)."""
-    M, H = idx.numel(), h2.shape[1]
-    # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
-    live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)
-    p = tiling.plan(M, H, V, tiles.tile_bytes, tiles.vocab_block, live_tiles=live)
+    M = idx.numel()
+    p = _plan(M, h2.shape[1], V, backend, dt, tiles)
     buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=dt,
                       device=h2.device) if M else None
     for c0 in range(0, M, p.rows):
         ic = idx[c0:c0 + p.rows]
         yield ic, h2.index_select(0, ic).to(dt), y.index_select(0, ic), buf, p
+
+
+def _plan(M: int, H: int, V: int, backend: str, dt: torch.dtype, tiles: TileOptions):
+    # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
+    live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)
+    return tiling.plan(M, H, V, tiles.tile_bytes, tiles.vocab_block, live_tiles=live)
 
 
 def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int):
@@ -135,10 +139,17 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
         if need_h:
             gh.index_copy_(0, idx, dh)
         return _cast_grads(gh, gw, gb, hidden, weight, bias)
-    gw = torch.zeros(V, H, **f32) if need_w else None
-    gb = torch.zeros(V, **f32) if need_b else None
     _, grad = KERNELS.get(backend, (None, None))
     dt = gemm_dtype(weight.dtype, weight.device)
+    # One chunk of rows (the common case since the budget grows with grad_W) writes each block
+    # of grad_W once: a low-precision GEMM then writes it in the weight's dtype directly, with
+    # the one rounding an fp32 accumulator would get at the end, and no fp32 copy of grad_W
+    # (V·H·4 bytes: twice the bf16 gradient itself). Several chunks accumulate in fp32.
+    direct_w = need_w and dt != torch.float32 and weight.dtype == dt and \
+        0 < idx.numel() <= _plan(idx.numel(), H, V, backend, dt, opts.tiles).rows
+    gw = (torch.empty(V, H, dtype=dt, device=weight.device) if direct_w else
+          torch.zeros(V, H, **f32)) if need_w else None
+    gb = torch.zeros(V, **f32) if need_b else None
     gbuf = None
     for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt, opts.tiles):
         lse_c = lse.index_select(0, ic)
@@ -167,7 +178,9 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
             tile.copy_(g)                     # G in the GEMM dtype, over the spent logits
             if need_h:
                 ghc.add_(tile @ wb)
-            if need_w:
+            if direct_w:
+                torch.mm(tile.t(), hc, out=gw[v0:v1])
+            elif need_w:
                 gw[v0:v1].add_(tile.t() @ hc)
         if need_h:
             gh.index_copy_(0, ic, ghc)
