@@ -32,7 +32,6 @@ def run(preset: str, only: list[str] | None, reps: int, skip_memory: bool, log=p
     rows: list[harness.Row] = []
     for name, S, T, H, V in PRESETS[preset]:
         case = methods.make_case(name, S, T, H, V)
-        grads_mib = (V * H + S * T * H) * 4 / 2**20
         steps = {harness.FLOOR: methods.floor(case), "one GEMM": methods.one_gemm(case),
                  "alignkit no-grad forward": methods.alignkit_nograd(case)}
         for mname, setup in methods.METHODS.items():
@@ -45,11 +44,11 @@ def run(preset: str, only: list[str] | None, reps: int, skip_memory: bool, log=p
             steps[mname] = step
         log(f"[{name}] labelled tokens {int(case.mask.sum())}")
         t, shape_rows = harness.measure(name, steps, reset=case.reset, reps=reps,
-                                        grads_mib=grads_mib, skip_memory=skip_memory,
+                                        grads_mib=case.grads_mib, skip_memory=skip_memory,
                                         unlisted=("one GEMM", "alignkit no-grad forward"), log=log)
         rows += shape_rows
         ng, gemm_s = t["alignkit no-grad forward"], t["one GEMM"]
-        rows.append(harness.Row(name, "alignkit no-grad forward", ng, None, gemm_s, grads_mib,
+        rows.append(harness.Row(name, "alignkit no-grad forward", ng, None, gemm_s, case.grads_mib,
                                 note="time / floor is vs ONE GEMM"))
         log(f"  {'alignkit no-grad forward':40s} {ng:7.3f}s  {ng / gemm_s:5.2f}x one GEMM")
     return rows

@@ -77,7 +77,7 @@ def main(argv=None):
             return step
         steps = {"floor": lambda: (hs @ W.t(), G @ W, G.t() @ hs), "cpp": run("cpp"),
                  "torch": run("torch")}
-        t = harness.interleaved_times(steps, warmup=1, reps=a.reps)[0]
+        t = harness.interleaved_times(steps, warmup=1, reps=a.reps)
         runs = 1 + a.reps  # warm-up included in the clocks
         k_c, k_t = clocks["cpp"][0] / runs, clocks["torch"][0] / runs
         lines.append(f"| {name} | {t['floor']:.3f} | {t['cpp']:.3f} | {t['torch']:.3f} | "

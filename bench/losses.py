@@ -41,7 +41,6 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
         if shapes and not any(x in name for x in shapes):
             continue
         case = methods.make_case(name, S, T, H, V)
-        grads_mib = (V * H + S * T * H) * 4 / 2**20
         for loss in losses:
             steps = {harness.FLOOR: methods.floor(case)}
             reset = case.reset
@@ -67,7 +66,7 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                               "Liger fused (eager)": liger(loss, False)(case),
                               "Liger fused (compiled)": liger(loss, True)(case)})
             rows += harness.measure(f"{name} {loss.upper()}", steps, reset=reset, reps=reps,
-                                    grads_mib=grads_mib, skip_memory=skip_memory, log=log,
+                                    grads_mib=case.grads_mib, skip_memory=skip_memory, log=log,
                                     paired=auto_only)[1]
     return rows
 

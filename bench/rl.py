@@ -31,7 +31,6 @@ def run(preset, reps, skip_memory, log=print):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         case = methods.make_case(name, S, T, H, V)
-        grads_mib = (V * H + S * T * H) * 4 / 2**20
         for label, kw in RUNS:
             steps = {harness.FLOOR: methods.floor(case),
                      "alignkit policy_loss (auto: token pass)": alignkit_policy(kw, "auto")(case),
@@ -47,7 +46,7 @@ def run(preset, reps, skip_memory, log=print):
                 except NotImplementedError as e:
                     log(f"  Liger: {e}")
             rows += harness.measure(f"{name} {label}", steps, reset=case.reset, reps=reps,
-                                    grads_mib=grads_mib, skip_memory=skip_memory, log=log)[1]
+                                    grads_mib=case.grads_mib, skip_memory=skip_memory, log=log)[1]
     return rows
 
 

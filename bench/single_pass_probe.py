@@ -74,7 +74,7 @@ def main():
             rows = max(1, budget // (4 * V))
             steps = {"floor": lambda: (h @ W.t(), G @ W, G.t() @ h),
                      "single": single_pass(h, W, rows), "recompute": recompute(h, W, budget)}
-            t = harness.interleaved_times(steps, warmup=1, reps=3)[0]
+            t = harness.interleaved_times(steps, warmup=1, reps=3)
             print(f"| {name} | {budget >> 20} MiB | {rows} | {t['single']:.3f} | "
                   f"{t['recompute']:.3f} | {t['floor']:.3f} | {t['single'] / t['floor']:.2f}x | "
                   f"{t['recompute'] / t['floor']:.2f}x |", flush=True)

@@ -10,8 +10,9 @@ PAIRS = 7
 
 
 def test_case(benchmark, bench_case, cases):
-    (name, S, T, H, V), loss, method = bench_case
-    case, (steps, skipped) = cases((name, S, T, H, V), loss)
+    shape, loss, method = bench_case
+    name = shape[0]
+    case, (steps, skipped) = cases(shape, loss)
     if method in skipped:
         pytest.skip(skipped[method])
     step = steps[method]
@@ -25,7 +26,6 @@ def test_case(benchmark, bench_case, cases):
     benchmark.name = method
     disabled = benchmark.disabled
     if not disabled:
-        grads = (V * H + S * T * H) * 4
         info = dict(shape=name, loss=loss, method=method, alignkit=method.startswith("alignkit"))
         if method != harness.FLOOR:
             ratio, _ = harness.paired_ratios({harness.FLOOR: steps[harness.FLOOR], method: step},
@@ -33,7 +33,8 @@ def test_case(benchmark, bench_case, cases):
                                              reset=case.reset)
             case.reset()
             peak = harness.peak_bytes(step)
-            info.update(x_floor=ratio[method], peak_mib=peak / 2**20, x_memory_floor=peak / grads)
+            info.update(x_floor=ratio[method], peak_mib=peak / 2**20,
+                        x_memory_floor=peak / 2**20 / case.grads_mib)
         benchmark.extra_info.update(info)
     benchmark.pedantic(step, setup=case.reset, rounds=1 if disabled else 3, iterations=1,
                        warmup_rounds=0 if disabled else 1)

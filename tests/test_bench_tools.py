@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from alignkit.bench import compare, methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

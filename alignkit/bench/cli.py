@@ -111,20 +111,11 @@ def run(argv=None, log=print) -> dict:
                              prompt_fraction=a.prompt_fraction)
     if dtype == "bf16":
         case = methods.case_as(case, torch.bfloat16)
-    esize = 2 if dtype == "bf16" else 4
-    grads_mib = (a.vocab * a.hidden + S * T * a.hidden) * esize / 2**20
     try:
         steps, skipped = methods.steps_for(case, a.loss, a.grad_mode, a.backend,
-                                           peers=not a.no_peers)
+                                           peers=[] if a.no_peers else a.peers)
     except ValueError as e:
         p.error(str(e))
-    if a.peers is not None:
-        keep = [x.lower() for x in a.peers]
-        for k in list(steps) + list(skipped):
-            if k != harness.FLOOR and not k.startswith("alignkit") and \
-                    not any(x in k.lower() for x in keep):
-                steps.pop(k, None)
-                skipped.pop(k, None)
     head = (f"alignkit bench: {name}, {int(case.mask.sum())} labelled tokens"
             + "".join(f", {k} {v}" for k, v in info.items()) + f"\nmachine: {harness.machine()}")
     log(head)
@@ -133,15 +124,16 @@ def run(argv=None, log=print) -> dict:
     bar = None
     if not a.no_progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(steps) * (1 + a.reps), desc="bench", dynamic_ncols=True,
+        bar = tqdm(total=len(steps) * (2 + a.reps), desc="bench", dynamic_ncols=True,
                    file=sys.stderr)
     tick = (lambda k: (bar.set_postfix_str(k[:24]), bar.update(1))) if bar else None
-    _, rows = harness.measure(name, steps, reset=case.reset, reps=a.reps, grads_mib=grads_mib,
+    _, rows = harness.measure(name, steps, reset=case.reset, reps=a.reps,
+                              grads_mib=case.grads_mib,
                               skip_memory=a.no_memory, log=lambda *x: None, budget_s=a.budget,
                               progress=tick, skipped=skipped)
     if bar:
         bar.close()
-    table = table_of(rows)
+    table = harness.markdown(rows, shape_column=False)
     log(table)
     log(f"({time.time() - t_all:.0f} s; time / floor: the three GEMMs over the labelled tokens "
         "in the same dtype, timed in the same rounds; memory floor: grad_W + grad_h)")
@@ -160,16 +152,6 @@ def run(argv=None, log=print) -> dict:
 def row_dict(r: harness.Row) -> dict:
     return dict(method=r.method, seconds=r.seconds, x_floor=r.x_floor, peak_mib=r.peak_mib,
                 x_memory_floor=r.x_grads, note=r.note)
-
-
-def table_of(rows) -> str:
-    out = ["| method | time (s) | x floor | peak MiB | x memory floor | note |",
-           "|---|---|---|---|---|---|"]
-    f = harness.fmt
-    for r in rows:
-        out.append(f"| {r.method} | {f(r.seconds, '.3f')} | {f(r.x_floor, '.2f', 'x')} | "
-                   f"{f(r.peak_mib, '.0f')} | {f(r.x_grads, '.2f', 'x')} | {r.note} |")
-    return "\n".join(out)
 
 
 def main(argv=None) -> int:

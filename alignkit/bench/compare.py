@@ -29,7 +29,7 @@ def compare(baseline: str, new: str, max_regression: float = 0.10, log=print) ->
     if not base:
         raise ValueError(f"{baseline}: no alignkit case with an x_floor (not a suite JSON?)")
     ok = True
-    log(f"| case | baseline x floor | new x floor | change | |\n|---|---|---|---|---|")
+    log("| case | baseline x floor | new x floor | change | |\n|---|---|---|---|---|")
     for k, b in sorted(base.items()):
         if k not in cur:
             log(f"| {k} | {b:.3f} | missing | | FAIL |")

@@ -32,30 +32,23 @@ def timed_run(fn, reset=None) -> float:
 
 
 def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
-                      slow_after: float | None = None, progress=None) -> dict:
+                      progress=None) -> dict:
     """Median time of each step, measured in `reps` interleaved rounds (one run of every step per
     round) after `warmup` runs each. This machine's speed drifts by up to ~30% over minutes;
     interleaving makes every method see the same drift, so ratios within one run stay honest.
-
-    A step whose last warm-up run took longer than `slow_after` seconds is timed once only (a peer
-    at 40x the floor would otherwise take most of the bench's time); those are returned as `slow`.
-    progress: called with the step's name after every run (a progress bar).
-    Returns (median seconds per step, slow)."""
-    slow = set()
+    progress: called with the step's name after every run (a progress bar). (Peers too slow to
+    time `reps` times are kept out by the caller: measure.)"""
     tick = progress or (lambda k: None)
     for k, fn in steps.items():
         for _ in range(warmup):
-            if timed_run(fn, reset) > (slow_after or float("inf")):
-                slow.add(k)
+            timed_run(fn, reset)
             tick(k)
     times = {k: [] for k in steps}
-    for r in range(reps):
+    for _ in range(reps):
         for k, fn in steps.items():
-            if k in slow and r > 0:
-                continue
             times[k].append(timed_run(fn, reset))
             tick(k)
-    return {k: statistics.median(v) for k, v in times.items()}, slow
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=None):
@@ -89,36 +82,38 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
     suite, ``alignkit bench``). Returns (median seconds per step, rows).
 
     1. A first run of each step, from fresh grads: under the profiler (its exact peak memory)
-       unless skip_memory. It is the warm-up (compiles, first allocations), the check that the
-       step runs (a step that fails becomes a row with the error, not hidden), and the cut-off:
-       a step over 8x the floor's first run keeps that run's time (a peer at 30x the floor would
-       otherwise take most of the bench's time; the note says so).
-    2. `reps` interleaved rounds (one run of every step a round), so that the machine's drift
-       hits every method alike; with budget_s, fewer rounds (at least one) when the first runs
+       unless skip_memory. It is the warm-up (compiles, first allocations) and the check that the
+       step runs (a step that fails becomes a row with the error, not hidden).
+    2. One warm, timed run of each: the cut-off (a step over 8x the floor's warm run keeps that
+       time, as a peer at 30x the floor would otherwise take most of the bench's time; the note
+       says so) and, with budget_s, the estimate of a round.
+    3. `reps` interleaved rounds (one run of every step a round), so that the machine's drift
+       hits every method alike; with budget_s, fewer rounds (at least one) when the warm runs
        say that `reps` would not fit in it. paired: each step's ratio to the floor is instead
        the median of `reps` (floor, step) back-to-back pairs (paired_ratios).
     Steps named in `unlisted` are timed but get no row (the caller reports them against another
     baseline); `skipped` {name: why} become rows with the reason (a peer not installed)."""
-    notes, mem, first = {}, {}, {}
+    notes, mem = {}, {}
     tick = progress or (lambda k: None)
     for k in list(steps):
         try:
             reset()
-            gc.collect()
-            t0 = time.perf_counter()
             if skip_memory or k == FLOOR:
                 steps[k]()
             else:
                 mem[k] = peak_bytes(steps[k]) / 2**20
-            first[k] = time.perf_counter() - t0
         except Exception as exc:
             notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
             log(f"  {k:40s} FAILED {notes[k]}")
             del steps[k]
         tick(k)
-    slow = {k for k in steps if first[k] > 8 * first[FLOOR]}
+    warm = {}
+    for k, fn in steps.items():
+        warm[k] = timed_run(fn, reset)
+        tick(k)
+    slow = {k for k in steps if warm[k] > 8 * warm[FLOOR]}
     if budget_s is not None and not paired:
-        per_round = sum(first[k] for k in steps if k not in slow)
+        per_round = sum(warm[k] for k in steps if k not in slow)
         reps = max(1, min(reps, int(budget_s / max(per_round, 1e-9))))
     log(f"[{label}] timing {len(steps)} steps x {reps} "
         f"{'(floor, step) pairs' if paired else 'interleaved rounds'}")
@@ -127,14 +122,14 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
         ratio, t = paired_ratios(steps, FLOOR, warmup=0, reps=reps, reset=reset)
     else:
         fast = {k: v for k, v in steps.items() if k not in slow}
-        t, _ = interleaved_times(fast, warmup=0, reps=reps, reset=reset, progress=tick)
-        t.update({k: first[k] for k in slow})
+        t = interleaved_times(fast, warmup=0, reps=reps, reset=reset, progress=tick)
+        t.update({k: warm[k] for k in slow})
     floor_s = t[FLOOR]
     rows = []
     for k in steps:
         if k in unlisted:
             continue
-        note = "one run, its first (> 8x floor)" if k in slow else ""
+        note = "one warm run (> 8x floor)" if k in slow else ""
         if k in ratio:
             note = f"median of {reps} (floor, step) pairs"
         rows.append(Row(label, k, t[k], mem.get(k), floor_s, grads_mib, note=note,
@@ -174,12 +169,16 @@ def fmt(v, spec, unit=""):
     return "n/a" if v is None else format(v, spec) + unit
 
 
-def markdown(rows: list[Row]) -> str:
-    out = ["| shape | method | time (s) | time / floor | peak MiB | peak / (grad_W+grad_h) | note |",
-           "|---|---|---|---|---|---|---|"]
+def markdown(rows: list[Row], shape_column: bool = True) -> str:
+    """The benches' table; shape_column=False for one shape (alignkit bench)."""
+    head = ["method", "time (s)", "time / floor", "peak MiB", "peak / (grad_W+grad_h)", "note"]
+    if shape_column:
+        head.insert(0, "shape")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        out.append(f"| {r.shape} | {r.method} | {fmt(r.seconds, '.3f')} | {fmt(r.x_floor, '.2f', 'x')} "
-                   f"| {fmt(r.peak_mib, '.0f')} | {fmt(r.x_grads, '.2f', 'x')} | {r.note} |")
+        cells = [r.method, fmt(r.seconds, ".3f"), fmt(r.x_floor, ".2f", "x"),
+                 fmt(r.peak_mib, ".0f"), fmt(r.x_grads, ".2f", "x"), r.note]
+        out.append("| " + " | ".join(([r.shape] if shape_column else []) + cells) + " |")
     return "\n".join(out)
 
 

@@ -43,6 +43,11 @@ class Case:
     def mask(self):
         return self.y != -100
 
+    @property
+    def grads_mib(self) -> float:
+        """The memory floor: grad_W + grad_h in the inputs' dtype."""
+        return (self.V * self.H + self.S * self.T * self.H) * self.h.element_size() / 2**20
+
     def reset(self):
         """Drops the gradients of the last run, outside any timed or profiled region (a free of
         a tensor allocated before profiling starts would be counted with an unknown size)."""
@@ -101,14 +106,6 @@ def one_gemm(case: Case):
     return lambda: torch.mm(hs, W.t())
 
 
-def naive(case: Case):
-    def lp():
-        logits = case.h @ case.W.t()
-        logp = torch.log_softmax(logits.float(), -1)
-        return logp.gather(-1, case.y.clamp(min=0)[..., None]).squeeze(-1) * case.mask
-    return _step(case, lp)
-
-
 def alignkit_op(backend):
     def setup(case: Case):
         return _step(case, lambda: alignkit.linear_token_logprobs(case.h, case.W, case.y,
@@ -123,68 +120,6 @@ def alignkit_nograd(case: Case):
         with torch.no_grad():
             alignkit.linear_token_logprobs(h, W, case.y)
     return step
-
-
-def trl_chunked(case: Case):
-    """TRL 1.16's ChunkedLogProbFunction as TRL calls it off-Triton: every position scored."""
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as CHUNK
-
-    def lp():
-        out = ChunkedLogProbFunction.apply(case.h.reshape(-1, case.H), case.W, None,
-                                           case.y.clamp(min=0).reshape(-1), 1.0, CHUNK, None,
-                                           1.0, ())
-        return out[0].view(case.S, case.T).masked_fill(~case.mask, 0)
-    return _step(case, lp)
-
-
-def torch_lce(case: Case):
-    """torch 2.13's F.linear_cross_entropy with the chunked options, reduction='none'."""
-    opts = torch.nn.LinearCrossEntropyOptions()
-
-    def lp():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ce = F.linear_cross_entropy(case.h.reshape(-1, case.H), case.W, case.y.reshape(-1),
-                                        reduction="none", ignore_index=-100, options=opts)
-        return -ce
-    return _step(case, lp)
-
-
-def cce_compile(case: Case):
-    """Apple's cut-cross-entropy, impl='torch_compile' (inductor-fused full-logits loss)."""
-    from cut_cross_entropy import linear_cross_entropy
-
-    def lp():
-        return -linear_cross_entropy(case.h, case.W, case.y, reduction="none",
-                                     impl="torch_compile")
-    return _step(case, lp)
-
-
-def liger_dpo(compiled: bool):
-    """Liger's fused linear DPO loss (pairs only; no reference model, its own loss math)."""
-    def setup(case: Case):
-        if case.S % 2:
-            return None
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-        loss_fn = LigerFusedLinearDPOLoss(beta=case.beta, compiled=compiled, use_ref_model=False)
-
-        def step():
-            loss = loss_fn(case.W, case.h, case.y)[0]
-            loss.backward()
-        return step
-    return setup
-
-
-METHODS = {
-    "naive full logits": naive,
-    "alignkit (auto)": alignkit_op("auto"),
-    "alignkit (torch backend)": alignkit_op("torch"),
-    "TRL ChunkedLogProbFunction": trl_chunked,
-    "torch F.linear_cross_entropy chunked": torch_lce,
-    "Liger fused DPO (eager)": liger_dpo(False),
-    "CCE torch_compile": cce_compile,
-}
 
 
 # ------------------------------------------------------------------ preference losses (bench.losses)
@@ -346,10 +281,12 @@ def peer_step(name, loss, kw=None):
     return setup
 
 
-def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peers=True):
+def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peers=None):
     """(steps {name: step}, skipped {name: why}) for one loss kind on a case: the GEMM floor,
     alignkit's entry point, then every peer (a peer that is not installed is skipped, with the pip
-    name that would add it; one that cannot serve the loss is skipped with the reason)."""
+    name that would add it; one that cannot serve the loss is skipped with the reason).
+    peers: None for all, else the peers whose name holds one of these substrings
+    (case-insensitive; [] for none)."""
     from alignkit.bench.harness import FLOOR
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
@@ -364,9 +301,11 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
             alignkit_fused(loss, grad_mode, backend)(case)
     else:
         steps[f"alignkit policy_loss ({grad_mode})"] = alignkit_policy(kw, grad_mode, backend)(case)
-    if not peers:
-        return steps, skipped
+    def wanted(name):
+        return peers is None or any(x.lower() in name.lower() for x in peers)
     for name, (_, module, pip) in PEERS.items():
+        if not wanted(name):
+            continue
         if missing(module):
             skipped[name] = f"not installed: pip install {pip}"
             continue
@@ -381,6 +320,8 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
         liger = lambda c: liger_grpo(kw, c)  # noqa: E731
     for compiled in (False, True):
         name = f"Liger fused ({'compiled' if compiled else 'eager'})"
+        if not wanted(name):
+            continue
         if liger is None:
             skipped[name] = "Liger has no fused per-token log-prob op"
         elif missing(LIGER[0]):
@@ -391,3 +332,22 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
             except (NotImplementedError, ValueError) as e:
                 skipped[name] = str(e)
     return steps, skipped
+
+
+def liger_dpo(compiled: bool):
+    """Liger's fused linear DPO loss for the core bench (pairs only: None on an odd number of
+    sequences; no reference model, its own loss math)."""
+    return lambda case: None if case.S % 2 else liger_pref("dpo", compiled)(case)
+
+
+# bench.core's set: every peer's per-token log-probs under the same sequence loss
+METHODS = {
+    "naive full logits": peer_step("naive full logits", "logprobs"),
+    "alignkit (auto)": alignkit_op("auto"),
+    "alignkit (torch backend)": alignkit_op("torch"),
+    "TRL ChunkedLogProbFunction": peer_step("TRL ChunkedLogProbFunction", "logprobs"),
+    "torch F.linear_cross_entropy chunked": peer_step("torch F.linear_cross_entropy chunked",
+                                                      "logprobs"),
+    "Liger fused DPO (eager)": liger_dpo(False),
+    "CCE torch_compile": peer_step("CCE torch_compile", "logprobs"),
+}
