@@ -23,9 +23,9 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from alignkit.rl import PPOConfig, PPOLoop
-    from alignkit.rl.rollout import scores_of
+    from alignkit.rl.rollout import encode_prompts, scores_of
     from alignkit.train import PreferenceTrainer
-    from alignkit.train.data import Tokenise, load_rows, prompt_of
+    from alignkit.train.data import load_rows
     from alignkit.train.demo import demo_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,8 +72,7 @@ def main(argv=None) -> dict:
                    PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=12,
                              kl_coef=args.kl_coef, lr=args.lr, value_lr=1e-3, seed=0))
     held = [r["prompt"] for r in load_rows(base["eval_data"])][:64]
-    tk = Tokenise(sft.tokenizer, base["max_length"], base["max_prompt_length"], False)
-    held_ids = [tk.prompt(prompt_of({"prompt": x})) for x in held]
+    held_ids, _ = encode_prompts(sft.tokenizer, held, base["max_prompt_length"])
 
     def held_out():
         """(mean reward, share exactly sorted) of fresh samples on the held-out prompts."""

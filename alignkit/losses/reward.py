@@ -47,10 +47,12 @@ def reward_ranking_loss(rewards: Tensor, num_responses: Union[Tensor, Sequence[i
     if num_responses is None:
         n = torch.full((P,), K, device=dev)
     else:
-        n = torch.as_tensor(num_responses, device=dev)
+        # checked where it was given (the trainer's list: on the host, no device sync)
+        n = torch.as_tensor(num_responses)
         if n.shape != (P,) or n.is_floating_point() or bool(((n < 2) | (n > K)).any()):
             raise ValueError(f"num_responses must be [P] = ({P},) integers in [2, K={K}]; got "
                              f"{n.tolist() if n.numel() <= 16 else tuple(n.shape)}")
+        n = n.to(dev)
     if margin is not None:
         check_pair_tensors(margin=margin, **{"rewards[:, 0]": rewards[:, 0]})
     check_number("center_rewards_coefficient", center_rewards_coefficient, low=0)

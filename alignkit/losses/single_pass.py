@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from alignkit.ops import triton_path
 from alignkit.ops.backends import gemm_dtype, resolve

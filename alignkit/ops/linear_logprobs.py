@@ -32,19 +32,17 @@ from alignkit.ops.validate import check_label_range, check_linear_inputs
 _EMPTY = (0,)
 
 
-def _chunks(h2: Tensor, y: Tensor, idx: Tensor, V: int, backend: str, dt: torch.dtype,
-            tiles: TileOptions):
-    """Yields (ic, hc, yc, buf, plan) per token chunk of the labelled tokens idx: their indices,
-    hidden rows (in the GEMM dtype dt, backends.gemm_dtype: bf16 on CPUs with bf16 units, where a
-    bf16 GEMM ran 3.5x an fp32 one, fp32 elsewhere) and labels, and the one tile buffer every
-    chunk reuses (in dt: torch's CPU GEMM writes its own dtype)."""
+def _chunks(h2: Tensor, y: Tensor, idx: Tensor, p: tiling.TilePlan, dt: torch.dtype):
+    """Yields (ic, hc, yc, buf) per token chunk of the labelled tokens idx (p: _plan's): their
+    indices, hidden rows (in the GEMM dtype dt, backends.gemm_dtype: bf16 on CPUs with bf16
+    units, where a bf16 GEMM ran 3.5x an fp32 one, fp32 elsewhere) and labels, and the one tile
+    buffer every chunk reuses (in dt: torch's CPU GEMM writes its own dtype)."""
     M = idx.numel()
-    p = _plan(M, h2.shape[1], V, backend, dt, tiles)
-    buf = torch.empty(min(p.rows, M) * min(p.vocab_block, V), dtype=dt,
+    buf = torch.empty(min(p.rows, M) * p.vocab_block, dtype=dt,
                       device=h2.device) if M else None
     for c0 in range(0, M, p.rows):
         ic = idx[c0:c0 + p.rows]
-        yield ic, h2.index_select(0, ic).to(dt), y.index_select(0, ic), buf, p
+        yield ic, h2.index_select(0, ic).to(dt), y.index_select(0, ic), buf
 
 
 def _plan(M: int, H: int, V: int, backend: str, dt: torch.dtype, tiles: TileOptions):
@@ -104,7 +102,8 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
         return lp, ent_out, lse_out
     fold, _ = KERNELS[backend]
     dt = gemm_dtype(weight.dtype, weight.device)
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt, opts.tiles):
+    p = _plan(M, H, V, backend, dt, opts.tiles)
+    for ic, hc, yc, buf in _chunks(h2, y, idx, p, dt):
         st = RowStats.new(ic.numel(), opts.return_entropy, hidden.device)
         for v0 in range(0, V, p.vocab_block):
             v1 = min(V, v0 + p.vocab_block)
@@ -145,13 +144,14 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     # of grad_W once: a low-precision GEMM then writes it in the weight's dtype directly, with
     # the one rounding an fp32 accumulator would get at the end, and no fp32 copy of grad_W
     # (V·H·4 bytes: twice the bf16 gradient itself). Several chunks accumulate in fp32.
+    p = _plan(idx.numel(), H, V, backend, dt, opts.tiles)
     direct_w = need_w and dt != torch.float32 and weight.dtype == dt and \
-        0 < idx.numel() <= _plan(idx.numel(), H, V, backend, dt, opts.tiles).rows
+        0 < idx.numel() <= p.rows
     gw = (torch.empty(V, H, dtype=dt, device=weight.device) if direct_w else
           torch.zeros(V, H, **f32)) if need_w else None
     gb = torch.zeros(V, **f32) if need_b else None
     gbuf = None
-    for ic, hc, yc, buf, p in _chunks(h2, y, idx, V, backend, dt, opts.tiles):
+    for ic, hc, yc, buf in _chunks(h2, y, idx, p, dt):
         lse_c = lse.index_select(0, ic)
         g_c = g_lp_all.index_select(0, ic)
         ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None

@@ -33,6 +33,8 @@ from alignkit.reward_model import as_reward_model, is_reward_model
 from alignkit.rl.advantages import gae, kl_penalized_rewards, value_loss
 from alignkit.rl.rollout import (
     Rollout,
+    check_sampling,
+    encode_prompts,
     policy_head,
     response_hidden,
     sample,
@@ -70,18 +72,11 @@ class PPOConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                  "ptx_batch_size", "max_prompt_length"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
+        check_sampling(self, ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                              "ptx_batch_size", "max_prompt_length"))
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
                              f"({self.batch_size})")
-        check_number("temperature", self.temperature, low=0, low_open=True)
-        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         check_number("kl_coef", self.kl_coef, low=0)
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got "
@@ -119,7 +114,7 @@ class PPOLoop:
 
     def __init__(self, policy, reward_model, tokenizer, prompts: Sequence, config=None,
                  value_model=None, ref_policy=None, ptx_data: Optional[Sequence] = None):
-        from alignkit.train.data import Tokenise, prompt_of
+        from alignkit.train.packing import pad_id_of
         self.cfg = cfg = config if isinstance(config, PPOConfig) else PPOConfig(**(config or {}))
         if not is_reward_model(reward_model):
             raise ValueError("reward_model must be a reward model (a sequence-classification "
@@ -136,17 +131,7 @@ class PPOLoop:
             raise ValueError("prompts: empty")
         if cfg.ptx_coef > 0 and not ptx_data:
             raise ValueError("ptx_coef > 0 needs ptx_data (pretraining rows)")
-        tk = Tokenise(tokenizer, cfg.max_prompt_length + 1, cfg.max_prompt_length, False)
-        self.prompts = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and
-                                                          not isinstance(x, bool) for x in p):
-                self.prompts.append(tuple(p)[-cfg.max_prompt_length:])     # token ids
-                continue
-            try:
-                self.prompts.append(tk.prompt(prompt_of({"prompt": p})))
-            except TypeError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
+        self.prompts, _ = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
         self.ptx = None
         if ptx_data:
             self.ptx = [list(tokenizer(x, add_special_tokens=True)["input_ids"])
@@ -155,8 +140,7 @@ class PPOLoop:
                 raise ValueError("ptx_data: every row needs at least 2 tokens")
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        self.pad_id = next(int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
-                           if t is not None)
+        self.pad_id = pad_id_of(tokenizer)
         self.device = next(policy.parameters()).device
         self.policy = policy
         self.reward_model = reward_model.eval().requires_grad_(False)
@@ -183,12 +167,10 @@ class PPOLoop:
         """Fresh samples of the current policy (prompts: token-id tuples; default B random
         training prompts)."""
         c = self.cfg
-        r = sample(self.policy, prompts or self._next_prompts(), max_new_tokens=c.max_new_tokens,
-                   eos_id=self.eos_id, pad_id=self.pad_id, temperature=c.temperature,
-                   top_k=c.top_k, top_p=c.top_p,
-                   seed=c.seed * 1_000_003 + self.step_count if seed is None else seed)
-        return Rollout(*(t.to(self.device) for t in (r.query, r.query_mask, r.response,
-                                                     r.response_mask)))
+        return sample(self.policy, prompts or self._next_prompts(),
+                      max_new_tokens=c.max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                      temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      seed=c.seed * 1_000_003 + self.step_count if seed is None else seed)
 
     @torch.no_grad()
     def score(self, r: Rollout) -> torch.Tensor:

@@ -16,10 +16,47 @@ from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
 from alignkit.heads import match_head_dtypes
+from alignkit.losses.options import check_number
 from alignkit.reward_model import SequenceScores, score_sequences
 from alignkit.train.model import head_of
 
 IGNORE = -100
+
+
+def check_sampling(cfg, counts: Sequence[str]) -> None:
+    """A sampling config's options (PPOConfig, SampleConfig): the named counts integers >= 1,
+    temperature > 0, top_p in (0, 1], top_k an integer >= 0."""
+    for k in counts:
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
+    check_number("temperature", cfg.temperature, low=0, low_open=True)
+    check_number("top_p", cfg.top_p, low=0, high=1, low_open=True)
+    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {cfg.top_k!r}")
+
+
+def encode_prompts(tokenizer, prompts: Sequence, max_prompt_length: int):
+    """Prompts -> (token-id tuples, messages): a string or {role, content} messages is rendered
+    as the trainer renders a prompt (its chat template, the generation prompt added) and keeps its
+    last max_prompt_length tokens; a list of token ids is taken as is (messages: None). A bad
+    prompt raises ValueError naming its index."""
+    from alignkit.train.data import Tokenise, prompt_of
+    tk = Tokenise(tokenizer, max_prompt_length + 1, max_prompt_length, False)
+    ids, msgs = [], []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (list, tuple)) and p and all(isinstance(x, int) and
+                                                      not isinstance(x, bool) for x in p):
+            ids.append(tuple(p)[-max_prompt_length:])
+            msgs.append(None)
+            continue
+        try:
+            m = prompt_of({"prompt": p})
+            ids.append(tk.prompt(m))
+        except TypeError as e:
+            raise ValueError(f"prompts[{i}]: {e}") from None
+        msgs.append(m)
+    return ids, msgs
 
 
 @dataclass

@@ -19,9 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from alignkit.losses.options import check_number
 from alignkit.reward_model import is_reward_model
-from alignkit.rl.rollout import sample, scores_of
+from alignkit.rl.rollout import check_sampling, encode_prompts, sample, scores_of
 
 FORMATS = ("sft", "dpo")
 
@@ -38,36 +37,25 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for k in ("n", "max_new_tokens", "batch_size", "max_prompt_length"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
-        check_number("temperature", self.temperature, low=0, low_open=True)
-        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        check_sampling(self, ("n", "max_new_tokens", "batch_size", "max_prompt_length"))
 
 
 def best_of_n(policy, reward_model, tokenizer, prompts: Sequence, config=None) -> list:
     """For each prompt (a string or [{role, content}] messages): its n completions, best first,
     as {"prompt": [msg], "completions": [text, ...], "scores": [float, ...]}. The policy and the
     reward model share the tokenizer; prompts are rendered with its chat template."""
-    from alignkit.train.data import Tokenise, prompt_of
+    from alignkit.train.packing import pad_id_of
     cfg = config if isinstance(config, SampleConfig) else SampleConfig(**(config or {}))
     if not is_reward_model(reward_model):
         raise ValueError("reward_model must be a reward model (num_labels=1); train one with "
                          "loss: reward")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id: completions could never end")
-    msgs = []
-    for i, p in enumerate(prompts):
-        try:
-            msgs.append(prompt_of({"prompt": p}))
-        except TypeError as e:
-            raise ValueError(f"prompts[{i}]: {e}") from None
-    tk = Tokenise(tokenizer, cfg.max_prompt_length + 1, cfg.max_prompt_length, False)
-    ids = [tk.prompt(m) for m in msgs]
-    pad = next(int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None)
+    ids, msgs = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    if None in msgs:
+        raise ValueError(f"prompts[{msgs.index(None)}]: token ids; best_of_n writes training "
+                         "rows, so give prompts as strings or {role, content} messages")
+    pad = pad_id_of(tokenizer)
     out = []
     for s in range(0, len(ids), cfg.batch_size):
         chunk = ids[s:s + cfg.batch_size]

@@ -1,6 +1,7 @@
 """The trainer's objective. The paired losses run as ``alignkit.preference_loss`` inside the
 model module (``Paired``: the fused engine, single pass included); ``compute_loss`` is the same
-objective on per-sequence log-prob sums (KTO, and the tests' cross-checks).
+objective on per-sequence log-prob sums (KTO, SFT, and the tests' cross-checks);
+``reward_objective`` is a reward model's, on its scores.
 
 KTO's reference point z₀ (``loss_options.kl_estimate``): ``mismatched`` (default, as in the paper
 and TRL) scores each prompt with the completion of a fixed other example (the next one in dataset
@@ -19,28 +20,26 @@ from alignkit.losses.reward import reward_ranking_loss
 from alignkit.losses.fused import GRAD_MODES, split_options
 from alignkit.losses.registry import LOSSES
 
-_KTO_OPTIONS = LOSSES["kto"].options
-# the trainer's losses outside the registry (they score no preference) and their options
-EXTRA_OPTIONS = {"reward": ("center_rewards_coefficient",), "sft": ()}
+# the options of the losses the trainer runs outside the paired engine: KTO (the registry's), and
+# two that score no preference
+OWN_OPTIONS = {"kto": LOSSES["kto"].options, "reward": ("center_rewards_coefficient",),
+               "sft": ()}
 
 
 def check_loss_options(loss: str, options: dict) -> None:
     """Names and values of a loss's options, checked by running the loss itself once on a dummy
     pair (or KTO example) of zeros: the same code and messages as a real call, before any model
     is built."""
-    if loss in EXTRA_OPTIONS:
-        bad = sorted(set(options) - set(EXTRA_OPTIONS[loss]))
+    if loss in OWN_OPTIONS:
+        bad = sorted(set(options) - set(OWN_OPTIONS[loss]))
         if bad:
             raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
-                             f"{', '.join(EXTRA_OPTIONS[loss]) or 'none'}")
-        if loss == "reward":
-            reward_ranking_loss(torch.zeros(1, 2), **options)
+                             f"{', '.join(OWN_OPTIONS[loss]) or 'none'}")
+    if loss == "reward":
+        reward_ranking_loss(torch.zeros(1, 2), **options)
+    if loss in ("reward", "sft"):
         return
     if loss == "kto":
-        bad = sorted(set(options) - set(_KTO_OPTIONS))
-        if bad:
-            raise ValueError(f"option(s) {bad} do not apply to loss 'kto'; it takes "
-                             f"{', '.join(_KTO_OPTIONS)}")
         if options.get("kl_estimate", "mismatched") not in ("mismatched", "zero"):
             raise ValueError("kl_estimate must be mismatched or zero, got "
                              f"{options['kl_estimate']!r}")
@@ -97,6 +96,8 @@ def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
                  ref: Optional[tuple], desirable: Optional[Tensor] = None):
     """sums/counts [S] from the policy; ref = (sums [S], counts [S]) or None (reference-free).
     Returns (loss, metrics)."""
+    if loss == "sft":
+        return sft_loss(sums, counts)
     if loss == "kto":
         opts = {k: v for k, v in options.items() if k != "kl_estimate"}
         b = desirable.shape[0]

@@ -44,7 +44,7 @@ class Batch:
     num_sequences: int           # S
     tokens: int                  # Σ over sequences of (prompt + response) tokens
     ref_index: Tensor            # [S] example index of each sequence (for cached references)
-    num_examples: int            # b: S = b * (sequences per example), but for ranked rows
+    num_examples: int            # b: S = b * (sequences per example) (ranked rows: K varies)
     last: Tensor                 # [S] flat position of each sequence's last token (rewards)
     # shared_prompt's second pass: the rejected responses over the first pass's prompt KV cache
     input_ids2: Optional[Tensor] = None        # [B, L2]

@@ -38,7 +38,6 @@ from alignkit.train.objective import (
     paired_objective,
     ref_logprobs_of,
     reward_objective,
-    sft_loss,
 )
 from alignkit.train.packing import collate, pad_id_of
 from alignkit.train.reference import LiveReference, is_peft, precompute
@@ -252,9 +251,6 @@ class PreferenceTrainer:
                 loss, metrics = forward_batch(module, batch, self.objective, ref_lp)
                 return loss, metrics, batch.tokens
             sums, counts = forward_batch(module, batch)
-        if self.cfg.loss == "sft":
-            loss, metrics = sft_loss(sums.float(), counts)
-            return loss, metrics, batch.tokens
         desirable = None
         if self.cfg.loss == "kto":
             desirable = torch.tensor([examples[i].desirable for i in idx], device=self.device)
