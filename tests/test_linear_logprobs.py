@@ -282,6 +282,16 @@ def test_default_tile_budget_grows_with_a_big_head(monkeypatch):
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
     alignkit.linear_token_logprobs(h, w, torch.randint(0, 11, (5,))).sum().backward()
     assert (11, 8) in seen
+    # the front doors' recompute path reaches the same launcher
+    for call in (lambda: alignkit.preference_loss(h[:4].view(2, 2, 8), w,
+                                                  torch.randint(0, 11, (2, 2)), loss="simpo",
+                                                  grad_mode="recompute"),
+                 lambda: alignkit.policy_loss(h.view(1, 5, 8), w, torch.randint(0, 11, (1, 5)),
+                                              advantages=torch.ones(1), loss_type="grpo",
+                                              grad_mode="recompute")):
+        seen.clear()
+        call()[0].backward()
+        assert (11, 8) in seen
 
 
 def test_one_chunk_writes_a_low_precision_grad_w_directly():
