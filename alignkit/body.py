@@ -1,21 +1,33 @@
 """A decoder body run over one of the trainer's layouts (alignkit.train.packing), to flat hidden
-states [rows·L (+ B·L2), H]: padded and padding_free are one call; shared_prompt is two, the
-second continuing from the first's KV cache cropped to the prompt columns."""
+states [rows·L (+ B·L2), H]: one call, with the varlen layout passed to the attention when there
+is one; dense shared_prompt is two, the second continuing from the first's KV cache cropped to
+the prompt columns."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from alignkit.attention import FLASH_VARLEN, VARLEN, uses_varlen
+
 
 class BodyError(ValueError):
-    """The body cannot run the layout (no croppable KV cache for shared_prompt)."""
+    """The body cannot run the layout (no croppable KV cache for shared_prompt, or a varlen
+    layout for an attention that would ignore it)."""
 
 
 def body_hidden(body, input_ids, position_ids, attention_mask, input_ids2=None,
-                position_ids2=None, attention_mask2=None, prefix: int = 0) -> Tensor:
+                position_ids2=None, attention_mask2=None, prefix: int = 0,
+                layout=None) -> Tensor:
     two = input_ids2 is not None
+    kw = {}
+    if layout is not None:
+        if not uses_varlen(body):     # sdpa would ignore it and attend across sequences
+            raise BodyError(f"a varlen layout needs attn_implementation {VARLEN} or "
+                            f"{FLASH_VARLEN}; {type(body).__name__} has "
+                            f"{getattr(body.config, '_attn_implementation', None)!r}")
+        kw["alignkit_layout"] = layout
     out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-               use_cache=two)
+               use_cache=two, **kw)
     hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
     if not two:
         return hidden

@@ -103,14 +103,15 @@ class SequenceScores(nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, last: Optional[Tensor] = None,
-                input_ids2=None, position_ids2=None, attention_mask2=None, prefix: int = 0):
+                input_ids2=None, position_ids2=None, attention_mask2=None, prefix: int = 0,
+                layout=None):
         body, score = reward_parts(self.model)
         if last is None:
             out = body(input_ids=input_ids, position_ids=position_ids,
                        attention_mask=attention_mask, use_cache=False)
             return score(out.last_hidden_state).squeeze(-1)
         hidden = body_hidden(body, input_ids, position_ids, attention_mask, input_ids2,
-                             position_ids2, attention_mask2, prefix)
+                             position_ids2, attention_mask2, prefix, layout)
         h = hidden.index_select(0, last)
         return score(h.to(score.weight.dtype)).squeeze(-1).float()
 

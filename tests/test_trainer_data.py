@@ -106,8 +106,11 @@ BASE = dict(model_config={"model_type": "llama"}, tokenizer="tok")
     ({"loss": "simpo", "reference": "live"}, "reference-free"),
     ({"loss_options": {"gamma": 1.0}}, "do not apply to loss 'dpo'"),
     ({"loss_options": {"softcap": 30.0}}, "set by the trainer"),
-    ({"packing": "shared_prompt", "gradient_checkpointing": True}, "KV cache"),
-    ({"attn_implementation": "flash_attention_2"}, "attn_implementation must be sdpa or eager"),
+    ({"packing": "shared_prompt", "gradient_checkpointing": True, "attn_implementation": "sdpa"},
+     "KV cache"),
+    ({"attn_implementation": "flash"}, "attn_implementation must be one of auto, varlen"),
+    ({"attn_implementation": "flash_attention_2"},     # no CUDA here (tests/test_attention.py)
+     "attn_implementation flash_attention_2: flash-attn runs on CUDA only"),
     ({"model": "m"}, "give model or model_config, not both"),
 ])
 def test_config_errors_name_the_key(over, match):

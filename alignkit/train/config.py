@@ -15,6 +15,8 @@ from alignkit.losses.registry import LOSSES as REGISTRY
 from alignkit.ops.options import is_real
 
 PACKINGS = ("padded", "padding_free", "shared_prompt")
+# auto: flash_attention_2 where flash-attn can run (CUDA, installed), else varlen (alignkit.attention)
+ATTN_IMPLEMENTATIONS = ("auto", "varlen", "flash_attention_2", "sdpa", "eager")
 REFERENCES = ("precompute", "live", "none")
 # dpo, simpo, cpo, orpo, kto (alignkit/losses/registry.py), and two that score no preference:
 # reward (a scalar-head reward model, Bradley-Terry) and sft (the response tokens' NLL)
@@ -26,7 +28,7 @@ DATA_FORMATS = ("auto", "pairs", "messages", "sharegpt", "kto", "ranked", "sft")
 
 _FLOATS = ("lr", "weight_decay", "eval_fraction", "max_grad_norm")
 _PATHS = ("model", "tokenizer", "data", "eval_data", "reference_cache_dir")
-_BOOLS = ("append_eos", "gradient_checkpointing", "fsdp", "progress", "tensorboard")
+_BOOLS = ("append_eos", "gradient_checkpointing", "tiled_mlp", "fsdp", "progress", "tensorboard")
 
 
 def uses_reference(loss: str) -> bool:
@@ -43,7 +45,9 @@ class TrainConfig:
     model: Optional[str] = None
     model_config: Optional[dict] = None      # e.g. {model_type: llama, hidden_size: 256, ...}
     tokenizer: Optional[str] = None          # a local tokenizer directory (default: model)
-    attn_implementation: str = "sdpa"
+    # varlen / flash_attention_2: each sequence of a packed row attends to itself, with no mask
+    # (alignkit/attention.py); sdpa / eager: masks (padding_free's is dense, [N, N])
+    attn_implementation: str = "auto"
     # data
     data: Optional[str] = None               # .json / .jsonl path (or a datasets.Dataset in Python)
     eval_data: Optional[str] = None
@@ -57,7 +61,7 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)   # beta, loss_type, gamma, ... (per loss)
     reference: str = "precompute"
     reference_cache_dir: Optional[str] = None  # default $ALIGNKIT_CACHE or ~/.cache/alignkit
-    packing: str = "padded"                  # fastest on CPU with sdpa (bench/RESULTS.md)
+    packing: str = "padded"                  # padding_free wins on mixed lengths (bench/RESULTS.md)
     backend: str = "auto"                    # the log-prob op's backend
     # loop
     output_dir: str = "alignkit-out"
@@ -72,6 +76,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"                  # auto: bf16 autocast where the device has bf16
     gradient_checkpointing: bool = False
+    tiled_mlp: bool = False                  # the MLP a chunk of tokens at a time (alignkit.tiled_mlp)
     fsdp: bool = False                       # FSDP2 (fully_shard) under torchrun; else DDP
     logging_steps: int = 1
     eval_steps: int = 0                      # 0: eval at the end only (when there is eval data)
@@ -103,7 +108,7 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, bool):
                 raise ConfigError(f"{k} must be true or false; got {v!r}")
-        for k in ("attn_implementation", "output_dir"):
+        for k in ("output_dir",):
             if not isinstance(getattr(self, k), str) or not getattr(self, k):
                 raise ConfigError(f"{k} must be a non-empty string; got {getattr(self, k)!r}")
 
@@ -128,6 +133,7 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be a finite number {rng}"
                                   f"{' or null' if optional else ''}; got {v!r}")
 
+        choice("attn_implementation", ATTN_IMPLEMENTATIONS)
         choice("packing", PACKINGS)
         choice("reference", REFERENCES)
         choice("loss", LOSSES)
@@ -161,20 +167,40 @@ class TrainConfig:
         if self.loss in ("kto", "sft") and self.packing == "shared_prompt":
             raise ConfigError(f"packing shared_prompt needs pairs; loss {self.loss} scores one "
                               "response per prompt (use padded or padding_free)")
-        if self.packing == "shared_prompt" and self.gradient_checkpointing:
-            raise ConfigError("packing shared_prompt continues from the prompt's KV cache, which "
-                              "gradient checkpointing turns off in training; use padded or "
-                              "padding_free with gradient_checkpointing")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError("attn_implementation must be sdpa or eager (the packed modes pass a "
-                              "4D float mask, which flash-attention kernels do not take); got "
-                              f"{self.attn_implementation!r}")
+        dense = self.attn_implementation in ("sdpa", "eager")
+        if self.packing == "shared_prompt" and self.gradient_checkpointing and dense:
+            raise ConfigError(f"packing shared_prompt with attn_implementation "
+                              f"{self.attn_implementation} continues from the prompt's KV cache, "
+                              "which gradient checkpointing turns off in training; use "
+                              "attn_implementation auto or varlen (one row per pair, no cache)")
+        if self.attn_implementation == "flash_attention_2":
+            from alignkit.attention import flash_attn_missing
+            why = flash_attn_missing()
+            if why:
+                raise ConfigError(f"attn_implementation flash_attention_2: {why}; use auto or "
+                                  "varlen")
+            if self.precision == "fp32":
+                raise ConfigError("attn_implementation flash_attention_2 runs in bf16/fp16 only; "
+                                  "set precision auto or bf16, or use varlen")
         # the loss's own options, checked by the loss code itself (same messages as a loss call)
         from alignkit.train.objective import check_loss_options
         try:
             check_loss_options(self.loss, self.loss_options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"loss_options: {e}") from None
+
+    def attention(self) -> str:
+        """The transformers attn_implementation this config runs: sdpa, eager, or one of
+        alignkit.attention's varlen names (auto: flash-attn's where it can run)."""
+        from alignkit.attention import FLASH_VARLEN, VARLEN, flash_attn_missing, register
+        a = self.attn_implementation
+        if a in ("sdpa", "eager"):
+            return a
+        register()
+        if a == "flash_attention_2" or (a == "auto" and flash_attn_missing() is None
+                                        and self.precision != "fp32"):
+            return FLASH_VARLEN
+        return VARLEN
 
     def check_sources(self, need_model: bool = True, need_tokenizer: bool = True):
         """Where the model and the tokenizer come from, when the caller does not pass them."""

@@ -60,10 +60,10 @@ class SequenceLogprobs(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, gather, labels, segment_ids,
                 num_sequences: int, input_ids2=None, position_ids2=None, attention_mask2=None,
-                prefix: int = 0, objective=None, ref_logprobs=None):
+                prefix: int = 0, objective=None, ref_logprobs=None, layout=None):
         body, head, _ = head_of(self.model)
         hidden = body_hidden(body, input_ids, position_ids, attention_mask, input_ids2,
-                             position_ids2, attention_mask2, prefix)
+                             position_ids2, attention_mask2, prefix, layout)
         h = hidden.index_select(0, gather)
         h, w, b = match_head_dtypes(h, head.weight, head.bias)
         if objective is not None:
@@ -82,4 +82,4 @@ def forward_batch(module, batch, objective=None, ref_logprobs=None):
     return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.gather,
                   batch.labels, batch.segment_ids, batch.num_sequences, batch.input_ids2,
                   batch.position_ids2, batch.attention_mask2, batch.prefix, objective,
-                  ref_logprobs)
+                  ref_logprobs, batch.layout)

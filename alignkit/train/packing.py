@@ -7,22 +7,29 @@ the LM-head GEMMs run over response tokens alone: prompt and padding never meet 
 Hidden position t predicts token t+1, so a response of R tokens after a prompt of P tokens
 gathers positions P-1 .. P+R-2.
 
-- ``padded``: one row per sequence, right-padded to the longest; a 2D attention mask.
-- ``padding_free``: all sequences concatenated into one row; ``position_ids`` restart per
-  sequence; a 4D float block-causal mask [1, 1, N, N] (0 or the dtype's min) keeps each sequence
-  to itself (position_ids alone do not, with sdpa or eager attention).
-- ``shared_prompt``: two passes of the body. Pass 1 runs [prompt, chosen] per pair, the prompts
-  left-padded so that they all end at column Pm; its KV cache, cropped to those Pm columns, is the
-  prefix of pass 2, which runs the rejected responses alone. So both responses attend to the
-  prompt and not to each other, positions continue after the prompt for both, the prompt is
-  computed once per pair, and gradients reach it from both (through the cached keys and values).
-  No dense [N, N] mask: pass 1 is an ordinary padded batch, pass 2 a cached continuation. The
-  last prompt position predicts the first token of both responses, so it is gathered twice;
-  gather indices of pass 2 follow pass 1's (flat index B·L1 + ...).
+Two attentions (``attention=``), chosen by the model's attn_implementation:
 
-``padding_free``'s dense 4D mask costs 4·N² bytes (64 MiB at N=4096) and, with sdpa on CPU,
-attention over a masked row costs O(N²) whatever the mask, so its attention grows with the
-square of the micro-batch's tokens (bench/RESULTS.md). ``padded`` uses the causal kernel.
+- ``varlen`` (alignkit.attention: ``alignkit_varlen`` / ``alignkit_flash_varlen``): no mask at all.
+  ``layout`` (a ``VarlenLayout``) says which positions attend to which; ``attention_mask`` is all
+  ones (O(N)), so transformers builds no mask either.
+  - ``padded``: one row per sequence, right-padded; each row one causal sequence (a real token
+    never attends to the padding after it).
+  - ``padding_free``: all sequences end to end in one row, ``position_ids`` restarting per
+    sequence; attention per sequence (cu_seqlens). Memory O(N), time Σ L_s².
+  - ``shared_prompt``: one row of [prompt, chosen, rejected] per pair, positions continuing after
+    the prompt for both responses; attention over [prompt, chosen] and [prompt, rejected]. The
+    prompt's projections and MLP run once per pair, gradients reach it from both responses, and
+    the last prompt position, which predicts the first token of both, is gathered twice. One body
+    call, so gradient checkpointing and the tiled MLP apply as to any row.
+- ``dense`` (``sdpa``, ``eager``):
+  - ``padded``: a 2D attention mask.
+  - ``padding_free``: a 4D float block-causal mask [1, 1, N, N] (0 or the dtype's min) keeps each
+    sequence to itself (position_ids alone do not, with sdpa or eager attention). It costs 4·N²
+    bytes (64 MiB at N=4096) and, with sdpa on CPU, O(N²) time whatever the mask.
+  - ``shared_prompt``: two passes of the body. Pass 1 runs [prompt, chosen] per pair, the prompts
+    left-padded so that they all end at column Pm; its KV cache, cropped to those Pm columns, is
+    the prefix of pass 2, which runs the rejected responses alone. Gather indices of pass 2 follow
+    pass 1's (flat index B·L1 + ...). No gradient checkpointing (the cache is off in training).
 """
 from __future__ import annotations
 
@@ -32,12 +39,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from alignkit.attention import VarlenLayout
+
+ATTENTIONS = ("dense", "varlen")
+
 
 @dataclass
 class Batch:
     input_ids: Tensor            # [rows, L]
     position_ids: Tensor         # [rows, L]
-    attention_mask: Tensor       # [rows, L] (padded) or [1, 1, N, N] float (packed)
+    attention_mask: Tensor       # [rows, L], or [1, 1, N, N] float (dense padding_free)
     gather: Tensor               # [M] int64 into the flattened [rows * L] positions
     labels: Tensor               # [M]
     segment_ids: Tensor          # [M]
@@ -51,12 +62,15 @@ class Batch:
     position_ids2: Optional[Tensor] = None     # [B, L2]
     attention_mask2: Optional[Tensor] = None   # [B, prefix + L2]
     prefix: int = 0                            # cache columns kept (the left-padded prompts)
+    layout: Optional[VarlenLayout] = None      # attention varlen: who attends to whom
 
     def to(self, device):
         for k in ("input_ids", "position_ids", "attention_mask", "gather", "labels",
-                  "segment_ids", "last", "input_ids2", "position_ids2", "attention_mask2"):
+                  "segment_ids", "last", "input_ids2", "position_ids2", "attention_mask2",
+                  "layout"):
             if getattr(self, k) is not None:
-                setattr(self, k, getattr(self, k).to(device, non_blocking=True))
+                setattr(self, k, getattr(self, k).to(device, non_blocking=True) if k != "layout"
+                        else self.layout.to(device))
         return self
 
 
@@ -93,7 +107,10 @@ def _block_causal_mask(lengths: Sequence[int], dtype) -> Tensor:
 
 
 def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
-            mask_dtype=torch.float32) -> Batch:
+            mask_dtype=torch.float32, attention: str = "dense") -> Batch:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be dense or varlen; got {attention!r}")
+    varlen = attention == "varlen"
     seqs, owner = sequences_of(examples, indices, kl_partner)
     S = len(seqs)
     tokens = sum(len(p) + len(r) for p, r in seqs)
@@ -117,7 +134,7 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             am[s, :n] = 1
             add(s, range(s * L + len(p) - 1, s * L + n - 1), r, s * L + n - 1)
         pos = torch.arange(L).expand(S, L).contiguous()
-        mask = am
+        mask, layout = (torch.ones_like(am), VarlenLayout()) if varlen else (am, None)
     elif packing == "padding_free":
         flat, pos_l, off = [], [], 0
         for s, (p, r) in enumerate(seqs):
@@ -127,14 +144,32 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             add(s, range(off + len(p) - 1, off + n - 1), r, off + n - 1)
             off += n
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
-        mask = _block_causal_mask([len(p) + len(r) for p, r in seqs], mask_dtype)
+        lengths = [len(p) + len(r) for p, r in seqs]
+        mask, layout = ((torch.ones_like(ids), VarlenLayout.of(lengths)) if varlen else
+                        (_block_causal_mask(lengths, mask_dtype), None))
+    elif packing == "shared_prompt" and varlen:
+        B = _pairs_of(examples, indices, S)
+        flat, pos_l, lengths, index, keep = [], [], [], [], []
+        for i in range(B):
+            (p, c), (_, r) = seqs[i], seqs[B + i]
+            P, C, R = len(p), len(c), len(r)
+            o, base = len(flat), len(index)           # row offset, offset among the sequences
+            flat.extend(p + c + r)
+            pos_l.extend(list(range(P + C)) + list(range(P, P + R)))
+            lengths += [P + C, P + R]                 # [prompt, chosen], [prompt, rejected]
+            index.extend(list(range(o, o + P + C)) + list(range(o, o + P)) +
+                         list(range(o + P + C, o + P + C + R)))
+            keep.extend(list(range(base, base + P + C)) +
+                        list(range(base + 2 * P + C, base + 2 * P + C + R)))
+            add(i, [o + P - 1] + list(range(o + P, o + P + C - 1)) if C else [], c, o + P + C - 1)
+            add(B + i, [o + P - 1] + list(range(o + P + C, o + P + C + R - 1)) if R else [], r,
+                o + P + C + R - 1 if R else o + P - 1)
+        ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
+        mask, layout = torch.ones_like(ids), VarlenLayout.of(lengths, index, keep)
     elif packing == "shared_prompt":
         # pass 1: [prompt (left-padded to Pm), chosen, pad] per pair; pass 2: [rejected, pad] on
         # top of pass 1's KV cache cropped to the Pm prompt columns
-        B = S // 2
-        if any(len(examples[i].responses) != 2 or examples[i].desirable is not None
-               for i in indices):
-            raise ValueError("packing shared_prompt needs pairs (two responses per prompt)")
+        B = _pairs_of(examples, indices, S)
         Pm = max(len(seqs[i][0]) for i in range(B))
         L1 = Pm + max(len(seqs[i][1]) for i in range(B))
         L2 = max(1, max(len(seqs[B + i][1]) for i in range(B)))
@@ -161,13 +196,20 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             off2 = B * L1 + i * L2                     # pass 2's positions follow pass 1's
             add(B + i, ([last_prompt] + list(range(off2, off2 + R - 1))) if R else [], r,
                 off2 + R - 1 if R else last_prompt)
-        mask, second = am, (ids2, pos2, am2, Pm)
+        mask, layout, second = am, None, (ids2, pos2, am2, Pm)
     else:
         raise ValueError(f"packing must be padded, padding_free or shared_prompt; got {packing!r}")
     return Batch(ids, pos, mask, torch.tensor(gather, dtype=torch.long),
                  torch.tensor(labels, dtype=torch.long), torch.tensor(segs, dtype=torch.long),
                  S, tokens, ref_index, len(indices), torch.tensor(last, dtype=torch.long),
-                 *second)
+                 *second, layout=layout)
+
+
+def _pairs_of(examples, indices, S) -> int:
+    if any(len(examples[i].responses) != 2 or examples[i].desirable is not None
+           for i in indices):
+        raise ValueError("packing shared_prompt needs pairs (two responses per prompt)")
+    return S // 2
 
 
 def pad_id_of(tokenizer) -> int:
@@ -176,4 +218,4 @@ def pad_id_of(tokenizer) -> int:
                 if t is not None)
 
 
-__all__ = ["Batch", "collate", "sequences_of", "pad_id_of"]
+__all__ = ["Batch", "collate", "sequences_of", "pad_id_of", "ATTENTIONS"]

@@ -67,7 +67,8 @@ class ReferenceTable:
 
 
 def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head_backend,
-               cache_dir: Optional[str], key_extra: dict, device, log=print) -> ReferenceTable:
+               cache_dir: Optional[str], key_extra: dict, device, log=print,
+               attention: str = "dense") -> ReferenceTable:
     key = hashlib.sha256(json.dumps(
         dict(data=examples_digest(examples), model=model_digest(model), extra=key_extra),
         sort_keys=True).encode()).hexdigest()[:24]
@@ -87,7 +88,8 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
     with reference_context(model):
         for start in range(0, len(examples), batch_size):
             idx = list(range(start, min(start + batch_size, len(examples))))
-            batch = collate(examples, idx, packing, pad_id, kl_partner=kl_partner).to(device)
+            batch = collate(examples, idx, packing, pad_id, kl_partner=kl_partner,
+                            attention=attention).to(device)
             s, c = forward_batch(module, batch)
             k = batch.num_sequences // len(idx)
             sums[idx, :k] = s.float().cpu().view(k, len(idx)).T

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from alignkit.attention import uses_varlen
 from alignkit.ops.backends import cpu_has_bf16
+from alignkit.tiled_mlp import tile_mlp
 from alignkit.reward_model import (
     SequenceScores,
     as_reward_model,
@@ -72,16 +74,16 @@ def load_model(cfg: TrainConfig, tokenizer=None):
     a tokenizer, a vocab_size below the tokenizer's is refused before the model is built."""
     from transformers import AutoModelForCausalLM
     if cfg.model is not None and cfg.loss == "reward":
-        return load_reward_model(cfg.model, cfg.attn_implementation, cfg.seed)
+        return load_reward_model(cfg.model, cfg.attention(), cfg.seed)
     if cfg.model is not None:
         return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                    attn_implementation=cfg.attn_implementation)
+                                                    attn_implementation=cfg.attention())
     v = cfg.model_config.get("vocab_size")
     if tokenizer is not None and v is not None and not (isinstance(v, int) and v >= len(tokenizer)):
         raise ConfigError(f"model_config.vocab_size ({v!r}) must be an integer >= the tokenizer's "
                           f"{len(tokenizer)} tokens (len(tokenizer)), or every id past it has no "
                           "embedding")
-    return model_from_config(cfg.model_config, cfg.attn_implementation, cfg.seed,
+    return model_from_config(cfg.model_config, cfg.attention(), cfg.seed,
                              reward=cfg.loss == "reward")
 
 
@@ -131,11 +133,10 @@ class PreferenceTrainer:
         check_vocab(model, tokenizer)
         if not self.reward:
             head_of(model)                              # fail early if the head is unreachable
-        if cfg.packing != "padded" and getattr(model.config, "_attn_implementation", "sdpa") \
-                not in ("sdpa", "eager"):
-            raise ConfigError(f"packing {cfg.packing!r} passes a 4D float attention mask, which "
-                              f"attn_implementation {model.config._attn_implementation!r} cannot "
-                              "take; use sdpa or eager, or packing: padded")
+        attn = cfg.attention()
+        if getattr(model.config, "_attn_implementation", None) != attn:
+            model.set_attn_implementation(attn)   # a model passed in runs the config's attention
+        self.attention = "varlen" if uses_varlen(model) else "dense"
         self.model, self.tokenizer = model.to(self.device), tokenizer
         tk = Tokenise(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.append_eos)
         self.tok_settings = tk.settings()
@@ -169,6 +170,8 @@ class PreferenceTrainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if cfg.tiled_mlp:
+            tile_mlp(model)
         self.module = SequenceScores(model) if self.reward else \
             SequenceLogprobs(model, backend=cfg.backend)
         self.ref_tables = {}
@@ -218,6 +221,7 @@ class PreferenceTrainer:
                 self.ref_tables[name] = precompute(
                     self.model, exs, packing=cfg.packing, pad_id=self.pad_id,
                     batch_size=cfg.batch_size, kl_partner=self._kl_partner(exs),
+                    attention=self.attention,
                     head_backend=cfg.backend, cache_dir=cfg.reference_cache_dir,
                     key_extra=key_extra, device=self.device, log=self._log)
 
@@ -235,12 +239,13 @@ class PreferenceTrainer:
 
     def micro_loss(self, module, examples, idx, split="train"):
         batch = collate(examples, idx, self.cfg.packing, self.pad_id,
-                        kl_partner=self._kl_partner(examples)).to(self.device)
+                        kl_partner=self._kl_partner(examples),
+                        attention=self.attention).to(self.device)
         with self._autocast():
             if self.reward:
                 scores = module(batch.input_ids, batch.position_ids, batch.attention_mask,
                                 batch.last, batch.input_ids2, batch.position_ids2,
-                                batch.attention_mask2, batch.prefix)
+                                batch.attention_mask2, batch.prefix, batch.layout)
                 loss, metrics = reward_objective(scores.float(), examples, idx,
                                                  self.cfg.loss_options)
                 return loss, metrics, batch.tokens

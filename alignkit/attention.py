@@ -1,0 +1,194 @@
+"""Varlen attention for the trainer's packed rows: each sequence attends to itself alone, with no
+[N, N] mask, registered with transformers' attention interface.
+
+Two implementations, one function:
+- ``alignkit_varlen`` (any device): ``F.scaled_dot_product_attention(is_causal=True)`` one
+  sequence at a time. Memory O(N) (the CPU and CUDA flash kernels keep no [L, L] scores), time
+  Σ L_s² instead of N². Measured on this 2-core Xeon: 2.7-3.8x faster than SDPA with the dense
+  block-causal mask at N=2048 in 4 sequences (fwd+bwd), and no 4·N² bytes of mask.
+- ``alignkit_flash_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
+  ``flash_attn_varlen_func`` over the whole row with cumulative sequence lengths (``cu_seqlens``,
+  int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows.
+
+The layout (``VarlenLayout``) reaches the attention as a keyword argument of the body's call
+(``alignkit_layout=``), which transformers passes down to every attention call. Without it (the
+model's own forward, ``generate``), both names behave as ``sdpa``: their mask function is
+``sdpa_mask``. Softcapped attention (Gemma 2) takes an exact per-sequence math path.
+
+shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, positions
+[0 .. P+C-1, P .. P+R-1]. Its attention runs two causal sequences, [prompt, chosen] and
+[prompt, rejected]: ``index`` [N'] lists the row positions that make them (the prompt twice),
+``keep`` [N] where each row position's output lies among them (a prompt's from its first copy).
+So both responses see the prompt and not each other, and the prompt's MLP, norms and projections
+run once per pair; its attention runs twice (2·P² of Σ L_s²).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VARLEN = "alignkit_varlen"
+FLASH_VARLEN = "alignkit_flash_varlen"
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Which positions of a row attend to which.
+
+    bounds: host ints, the cumulative lengths [0, L_1, L_1+L_2, ..., N'] of the attention
+    sequences over the row (or over ``index`` when given); empty: each row of the batch is one
+    causal sequence (right padding is never attended to by a real token, so it needs no mask).
+    cu_seqlens: the same bounds as int32 on the batch's device (flash-attn reads them there).
+    index [N'], keep [N]: shared_prompt's repeated prompts (module docstring); None: identity.
+    """
+    bounds: tuple = ()
+    cu_seqlens: Optional[Tensor] = None
+    max_seqlen: int = 0
+    index: Optional[Tensor] = None
+    keep: Optional[Tensor] = None
+
+    @staticmethod
+    def of(lengths: Sequence[int], index: Optional[Sequence[int]] = None,
+           keep: Optional[Sequence[int]] = None) -> "VarlenLayout":
+        bounds = (0,) + tuple(int(x) for x in torch.tensor(list(lengths)).cumsum(0).tolist())
+        return VarlenLayout(bounds, torch.tensor(bounds, dtype=torch.int32),
+                            max(lengths, default=0),
+                            None if index is None else torch.tensor(index, dtype=torch.long),
+                            None if keep is None else torch.tensor(keep, dtype=torch.long))
+
+    def to(self, device) -> "VarlenLayout":
+        move = {k: getattr(self, k).to(device, non_blocking=True)
+                for k in ("cu_seqlens", "index", "keep") if getattr(self, k) is not None}
+        return replace(self, **move)
+
+
+def _math(q, k, v, scaling, softcap, window, dropout, mask=None):
+    """Eager attention for one sequence [B, Hq, L, D] (Gemma 2's softcap and sliding window): the
+    scores exist for this sequence only. mask: a bool [.., L, Lk] (True attends) or None for
+    causal (with the window)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is None:
+        Lq, Lk = s.shape[-2:]
+        i = torch.arange(Lq, device=s.device)[:, None] + (Lk - Lq)
+        j = torch.arange(Lk, device=s.device)[None]
+        mask = j <= i
+        if window is not None:
+            mask = mask & (i - j < window)
+    elif mask.dtype != torch.bool:              # an additive float mask
+        s = s + mask
+        mask = None
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        p = F.dropout(p, p=dropout, training=True)
+    return torch.matmul(p, v)
+
+
+def _causal(q, k, v, scaling, softcap, window, dropout):
+    """One causal sequence (or a batch of right-padded rows) [B, Hq, L, D] -> [B, Hq, L, D]."""
+    L = q.shape[2]
+    if softcap is not None or (window is not None and window < L):
+        return _math(q, k, v, scaling, softcap, window, dropout)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash(q, k, v, layout, scaling, softcap, window, dropout):
+    """flash-attn over the packed row: q [1, Hq, N, D] -> [1, N, Hq, D]."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    kw = dict(dropout_p=dropout, softmax_scale=scaling, causal=True,
+              window_size=(window - 1, 0) if window is not None else (-1, -1),
+              softcap=0.0 if softcap is None else softcap)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, L, H, D]
+    if not layout.bounds:
+        return flash_attn_func(q, k, v, **kw)
+    q, k, v = (t[0] for t in (q, k, v))                        # [N, H, D]
+    if layout.index is not None:
+        q, k, v = (t.index_select(0, layout.index) for t in (q, k, v))
+    out = flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens,
+                                 layout.max_seqlen, layout.max_seqlen, **kw)
+    if layout.keep is not None:
+        out = out.index_select(0, layout.keep)
+    return out[None]
+
+
+def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+                     dropout: float = 0.0, scaling: Optional[float] = None,
+                     sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                     alignkit_layout: Optional[VarlenLayout] = None, kernel: str = "sdpa",
+                     **kwargs):
+    """transformers' attention signature: query [B, Hq, L, D], key/value [B, Hkv, L, D] ->
+    ([B, L, Hq, D], None)."""
+    if not module.training:
+        dropout = 0.0
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    layout = alignkit_layout
+    if layout is None:                                  # the model's own call: sdpa semantics
+        if softcap is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling,
+                                          sliding_window=sliding_window, **kwargs)
+        mask = attention_mask[:, :, :, :key.shape[2]] if attention_mask is not None else None
+        out = _math(query, key, value, scaling, softcap, sliding_window, dropout, mask)
+        return out.transpose(1, 2).contiguous(), None
+    if kernel == "flash":
+        return _flash(query, key, value, layout, scaling, softcap, sliding_window, dropout), None
+    if not layout.bounds:
+        out = _causal(query, key, value, scaling, softcap, sliding_window, dropout)
+        return out.transpose(1, 2).contiguous(), None
+    if layout.index is not None:
+        query, key, value = (t.index_select(2, layout.index) for t in (query, key, value))
+    b = layout.bounds
+    out = torch.cat([_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
+                             softcap, sliding_window, dropout)
+                     for s, e in zip(b, b[1:])], dim=2)
+    if layout.keep is not None:
+        out = out.index_select(2, layout.keep)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _flash_varlen_attention(*args, **kwargs):
+    return varlen_attention(*args, kernel="flash", **kwargs)
+
+
+def flash_attn_missing() -> Optional[str]:
+    """Why flash-attn's varlen kernel cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "flash-attn runs on CUDA only and no CUDA device is visible"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed (pip install 'alignkit[gpu]')"
+    return None
+
+
+def register() -> None:
+    """Registers both names with transformers (idempotent): attention functions, and sdpa's
+    mask function for the calls that carry no layout."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionInterface.register(FLASH_VARLEN, _flash_varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+    AttentionMaskInterface.register(FLASH_VARLEN, sdpa_mask)
+
+
+def uses_varlen(model) -> bool:
+    """Whether the model's attention takes a VarlenLayout (one of the two names above)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in (
+        VARLEN, FLASH_VARLEN)
+
+
+__all__ = ["VarlenLayout", "varlen_attention", "register", "uses_varlen", "flash_attn_missing",
+           "VARLEN", "FLASH_VARLEN"]
