@@ -6,7 +6,7 @@ Two implementations, one function:
   sequence at a time. Memory O(N) (the CPU and CUDA flash kernels keep no [L, L] scores), time
   Σ L_s² instead of N². Measured on this 2-core Xeon: 2.7-3.8x faster than SDPA with the dense
   block-causal mask at N=2048 in 4 sequences (fwd+bwd), and no 4·N² bytes of mask.
-- ``alignkit_flash_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
+- ``alignkit_fa_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
   ``flash_attn_varlen_func`` over the whole row with cumulative sequence lengths (``cu_seqlens``,
   int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 VARLEN = "alignkit_varlen"
-FLASH_VARLEN = "alignkit_flash_varlen"
+FLASH_VARLEN = "alignkit_fa_varlen"     # no "flash" in it: transformers would treat it as its own
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ def _math(q, k, v, scaling, softcap, window, dropout, mask=None):
     elif mask.dtype != torch.bool:              # an additive float mask
         s = s + mask
         mask = None
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+    if mask is not None:      # the dtype's min, not -inf: a padding query that sees no key gets
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)   # a uniform row, not NaN (eager's way)
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout:
         p = F.dropout(p, p=dropout, training=True)

@@ -1,0 +1,222 @@
+"""Long sequences on limited memory (issue #16): the packings on real mixed-length rows, the
+longest sequence under a memory cap, and what attention and the MLP take of a step.
+
+    python -m bench.long_sequences [real] [cap] [shares] [--write]
+
+Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, random init), fp32.
+
+- ``real``: ``../shared/data/dpo_en_demo.json`` and ``dpo_zh_demo.json``, tokenised by a byte-level
+  BPE trained here on both files (8000 tokens), max_length 1024 and 2048 (max_prompt_length half),
+  2 pairs per micro-batch. Every trainer runs the same ``--rows`` rows (one epoch); the alignkit
+  runs see the same batches in the same order (the order depends on the seed alone). tokens/s =
+  the epoch's sequence tokens (prompt + response per sequence, alignkit's tokenisation) per step,
+  over the mean gap between step ends after the first step. TRL DPOTrainer runs at its defaults
+  (live reference model), the same model init and rows.
+- ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each), the exact step
+  peak (resident parameters, gradients and optimizer state, plus the profiler's peak during
+  step 2) per packing, with gradient checkpointing and the tiled MLP on and off.
+- ``shares``: forward+backward of the model module on one padding_free micro-batch, whole and
+  with the attention (or the MLP) replaced by a pass-through, interleaved: the difference is what
+  that part takes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignkit.bench.harness import machine
+from bench.trainer import MODEL, StepClock, make_rows, make_tokenizer, run_trl
+
+DATA = os.environ.get("ALIGNKIT_DATA_DIR",
+                      str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def run(rows, L, steps, packing, tok_dir, work, *, batch=2, attn="auto", ckpt=False,
+        tiled=False, profile_step=None, loss="dpo", prompt_len=None):
+    """One alignkit trainer run -> (StepClock, trainer)."""
+    from alignkit.train import PreferenceTrainer
+    cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8,
+               max_prompt_length=prompt_len or (L // 2 + 4), loss=loss,
+               loss_options={"beta": 0.1}, reference="precompute" if loss == "dpo" else "none",
+               reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
+               attn_implementation=attn, gradient_checkpointing=ckpt, tiled_mlp=tiled,
+               output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
+               max_steps=steps, lr=1e-5, precision="fp32", progress=False, tensorboard=False,
+               seed=0, save_steps=10**6)
+    clock = StepClock(profile_step or 10**9)
+    tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
+        lambda t, s, r: clock.on_end(s, [t.model], t.optimizer)], log=lambda *a: None)
+    tr.save_final = lambda module: None
+    torch.manual_seed(0)
+    tr.train()
+    return clock, tr
+
+
+def mean_gap(clock):
+    gaps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    return sum(gaps) / len(gaps)
+
+
+def plain(row):
+    """A ShareGPT pair as plain strings {prompt, chosen, rejected} (the same text for TRL)."""
+    return dict(prompt="\n".join(t["value"] for t in row["conversations"]),
+                chosen=row["chosen"]["value"], rejected=row["rejected"]["value"])
+
+
+def real(a, work, out):
+    from alignkit.train.data import load_rows
+    from alignkit.train.tokenizer import texts_of, train_bpe
+    files = ("dpo_en_demo.json", "dpo_zh_demo.json")
+    data = {f: [plain(r) for r in load_rows(os.path.join(DATA, f))[:a.rows]] for f in files}
+    tok_dir = os.path.join(work, "bpe")
+    tok = train_bpe(texts_of(list(data.values())), 8000)
+    tok.chat_template = None               # plain text for both trainers
+    tok.save_pretrained(tok_dir)
+    out += ["", f"### Real rows: tokens/s per packing ({a.rows} rows per file, one epoch, "
+            "2 pairs per micro-batch, fp32)", "",
+            "| data | max_length | trainer | step s | tokens/s | vs padded | vs today's padded "
+            "(sdpa) | vs TRL | padded rows / real tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    runs = [("padded", "auto"), ("padding_free", "auto"), ("shared_prompt", "auto"),
+            ("padded", "sdpa"), ("padding_free", "sdpa"), ("shared_prompt", "sdpa")]
+    for f, rows in data.items():
+        for L in a.lengths:
+            steps = len(rows) // 2
+            res, tokens, padfrac = {}, None, None
+            for packing, attn in runs:
+                clock, tr = run(rows, L - 8, steps, packing, tok_dir, work, attn=attn,
+                                prompt_len=L // 2)
+                if tokens is None:        # the epoch's sequence tokens, and padded's rows
+                    ex, tok_sum, pad_sum = tr.train_ex, 0, 0
+                    for step in range(steps):
+                        for idx in tr.step_indices(step):
+                            n = [len(ex[i].prompt) + len(r) for i in idx for r in ex[i].responses]
+                            tok_sum, pad_sum = tok_sum + sum(n), pad_sum + len(n) * max(n)
+                    tokens, padfrac = tok_sum / steps, pad_sum / tok_sum
+                res[f"alignkit {packing} ({attn})"] = mean_gap(clock)
+                print(f"  {f} L={L} {packing} {attn}: {res[f'alignkit {packing} ({attn})']:.2f} s",
+                      flush=True)
+            if not a.no_trl:
+                res["TRL DPOTrainer (live ref)"] = mean_gap(
+                    run_trl(rows, L - 8, steps, tok_dir, work, False, profile_step=10**9))
+            pad, today = res["alignkit padded (auto)"], res["alignkit padded (sdpa)"]
+            trl = res.get("TRL DPOTrainer (live ref)")
+            for name, t in res.items():
+                out.append(f"| {f} | {L} | {name} | {t:.2f} | {tokens / t:.0f} | {pad / t:.2f}x | "
+                           f"{today / t:.2f}x | {f'{trl / t:.1f}x' if trl else '-'} | "
+                           f"{padfrac:.2f} |")
+                print(out[-1], flush=True)
+
+
+def cap(a, work, out):
+    tok_dir = os.path.join(work, "tok")
+    make_tokenizer(tok_dir)
+    out += ["", f"### Step peak, one pair per step (MiB; cap {a.cap_gib:g} GiB)", "",
+            "| packing | checkpointing | tiled MLP | " + " | ".join(f"L={L}" for L in a.cap_lengths)
+            + " | peak ratio, last two L | longest L under cap |",
+            "|---|---|---|" + "---|" * len(a.cap_lengths) + "---|---|"]
+    cap_b = a.cap_gib * 2**30
+    for packing in ("padded", "padding_free", "shared_prompt"):
+        for ckpt, tiled in ((False, False), (True, False), (True, True)):
+            peaks = []
+            for L in a.cap_lengths:
+                if peaks and peaks[-1] > 2 * cap_b:        # far past the cap: stop climbing
+                    peaks.append(None)
+                    continue
+                t = time.time()
+                clock, _ = run(make_rows(4, L, seed=L), L, 2, packing, tok_dir, work, batch=1,
+                               ckpt=ckpt, tiled=tiled, profile_step=2, loss="simpo")
+                peaks.append(clock.peak)
+                print(f"  cap {packing} ckpt={ckpt} tiled={tiled} L={L}: "
+                      f"{clock.peak / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)
+            ok = [L for L, p in zip(a.cap_lengths, peaks) if p is not None and p <= cap_b]
+            ratio = (f"{peaks[-1] / peaks[-2]:.2f}x" if None not in peaks[-2:] else "-")
+            out.append(f"| {packing} | {'on' if ckpt else 'off'} | {'on' if tiled else 'off'} | "
+                       + " | ".join(f"{p / 2**20:.0f}" if p else "-" for p in peaks)
+                       + f" | {ratio} | {max(ok) if ok else '-'} |")
+            print(out[-1], flush=True)
+
+
+def shares(a, work, out):
+    from alignkit.train.data import Example
+    from alignkit.train.model import SequenceLogprobs, forward_batch
+    from alignkit.train.packing import collate
+    from alignkit.train.trainer import model_from_config
+    from alignkit.train.config import TrainConfig
+    from transformers import AttentionInterface
+    AttentionInterface.register("bench_passthrough",
+                                lambda m, q, k, v, mask, **kw: (v.transpose(1, 2).repeat_interleave(
+                                    q.shape[1] // v.shape[1], 2).contiguous(), None))
+    out += ["", "### What attention and the MLP take of forward+backward (padding_free, varlen, "
+            "2 pairs)", "", "| L per sequence | whole s | attention | MLP | rest (embedding, "
+            "norms, projections, LM head) |", "|---|---|---|---|---|"]
+    attn = TrainConfig(attn_implementation="auto").attention()
+    g = torch.Generator().manual_seed(0)
+    for L in a.share_lengths:
+        def ids(k):
+            return tuple(torch.randint(4, 32000, (k,), generator=g).tolist())
+        exs = [Example(ids(L // 2), (ids(L // 2), ids(L // 2))) for _ in range(2)]
+        batch = collate(exs, [0, 1], "padding_free", 0, attention="varlen")
+        model = model_from_config(MODEL, attn)
+        mlps = [layer.mlp for layer in model.model.layers]
+        mod = SequenceLogprobs(model)
+
+        def step(kind):
+            model.set_attn_implementation("bench_passthrough" if kind == "attn" else attn)
+            for layer, mlp in zip(model.model.layers, mlps):
+                layer.mlp = torch.nn.Identity() if kind == "mlp" else mlp
+            t = time.perf_counter()
+            s, _ = forward_batch(mod, batch)
+            s.sum().backward()
+            model.zero_grad(set_to_none=True)
+            return time.perf_counter() - t
+
+        times = {k: [] for k in ("whole", "attn", "mlp")}
+        for r in range(a.share_rounds + 1):
+            for k in times:
+                dt = step(k)
+                if r:
+                    times[k].append(dt)
+        w, at, ml = (statistics.median(times[k]) for k in ("whole", "attn", "mlp"))
+        out.append(f"| {L} | {w:.2f} | {(w - at) / w:.0%} | {(w - ml) / w:.0%} | "
+                   f"{1 - (w - at) / w - (w - ml) / w:.0%} |")
+        print(out[-1], flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="*", default=["real", "cap", "shares"])
+    p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--lengths", default="1024,2048")
+    p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--cap-gib", type=float, default=2.0)
+    p.add_argument("--cap-lengths", default="8192,16384,32768")
+    p.add_argument("--share-lengths", default="1024,8192")
+    p.add_argument("--share-rounds", type=int, default=3)
+    p.add_argument("--write", action="store_true", help="write bench/out/long_sequences.md")
+    a = p.parse_args(argv)
+    a.lengths = [int(x) for x in a.lengths.split(",")]
+    a.cap_lengths = [int(x) for x in a.cap_lengths.split(",")]
+    a.share_lengths = [int(x) for x in a.share_lengths.split(",")]
+    torch.set_num_threads(os.cpu_count())
+    work = tempfile.mkdtemp(prefix="ak-bench-long-")
+    out = [f"machine: {machine()}"]
+    for part in a.parts:
+        {"real": real, "cap": cap, "shares": shares}[part](a, work, out)
+    text = "\n".join(out)
+    print(text)
+    if a.write:
+        os.makedirs("bench/out", exist_ok=True)
+        with open("bench/out/long_sequences.md", "w") as f:
+            f.write(f"command: python -m bench.long_sequences {' '.join(os.sys.argv[1:])}\n\n"
+                    f"{text}\n")
+
+
+if __name__ == "__main__":
+    main()
