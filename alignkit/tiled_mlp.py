@@ -3,9 +3,10 @@ backward, so its [tokens × intermediate] activations never exist whole (Snowfla
 Sequence Training, "TiledMLP", arXiv:2506.13996).
 
 A gated MLP (Llama, Qwen2, Gemma) over T tokens saves gate, up and act(gate)·up, 3·T·I floats, for
-backward: 516 MiB per layer at T=65536, I=688 in fp32, more than the layer's other activations
-together. Tiled, forward keeps only its input [T, H] and the output; backward recomputes one chunk
-of Tc tokens at a time under autograd and frees it, so the MLP's transient peak is ~4·Tc·I floats.
+backward: 516 MiB per layer at T=65536, I=688 in fp32, about as much as the layer's other
+activations together. Tiled, forward keeps only its input [T, H] and the output; backward
+recomputes one chunk of Tc tokens at a time under autograd and frees it, so the MLP's transient
+peak is ~4·Tc·I floats.
 The MLP is per token, so tiling is exact: the same sums, per chunk.
 
 ``tile_mlp(model, chunk_tokens=None)`` replaces every decoder layer's ``mlp`` by a ``TiledMLP``
@@ -22,14 +23,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-# Chunk budget: 64 MiB of fp32 intermediate per chunk tensor. The bench model (I=688) gets 24384
-# tokens per chunk; Llama-3-8B (I=14336) 1170. Never below 256 rows: smaller GEMMs lose speed.
-CHUNK_BYTES = 64 * 2**20
-MIN_CHUNK = 256
+# Chunk: max(H, 1024) tokens. ALST's rule (ceil(T / H) shards) makes a chunk's [Tc, I]
+# intermediate the size of one MLP weight [H, I]; the 1024 floor keeps the GEMMs efficient on a CPU
+# for small H. Measured on the bench model (H=256, I=688) at 16384 tokens with checkpointing: one
+# 24k-token chunk saved nothing (the MLP's ~10.7 H floats per token were all live in the recompute).
+MIN_CHUNK = 1024
 
 
-def chunk_tokens_for(intermediate: int) -> int:
-    return max(MIN_CHUNK, CHUNK_BYTES // (4 * max(1, intermediate)))
+def chunk_tokens_for(hidden: int) -> int:
+    return max(MIN_CHUNK, int(hidden))
 
 
 class _TiledMLPFunction(torch.autograd.Function):
@@ -105,10 +107,10 @@ def _layers(model):
 
 def tile_mlp(model: nn.Module, chunk_tokens: Optional[int] = None) -> nn.Module:
     """Every decoder layer's MLP tiled (in place; idempotent). chunk_tokens: tokens per chunk
-    (default ``chunk_tokens_for(config.intermediate_size)``). Returns the model."""
+    (default ``chunk_tokens_for(config.hidden_size)``). Returns the model."""
     if chunk_tokens is None:
-        inter = getattr(getattr(model, "config", None), "intermediate_size", None)
-        chunk_tokens = chunk_tokens_for(inter if isinstance(inter, int) else 4096)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        chunk_tokens = chunk_tokens_for(hidden if isinstance(hidden, int) else MIN_CHUNK)
     for layer in _layers(model):
         if not isinstance(layer.mlp, TiledMLP):
             layer.mlp = TiledMLP(layer.mlp, chunk_tokens)

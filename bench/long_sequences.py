@@ -12,9 +12,12 @@ Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, r
   the epoch's sequence tokens (prompt + response per sequence, alignkit's tokenisation) per step,
   over the mean gap between step ends after the first step. TRL DPOTrainer runs at its defaults
   (live reference model), the same model init and rows.
-- ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each), the exact step
-  peak (resident parameters, gradients and optimizer state, plus the profiler's peak during
-  step 2) per packing, with gradient checkpointing and the tiled MLP on and off.
+- ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each, SimPO: no
+  reference), the exact peak of the first optimizer step: the parameters plus the profiler's
+  peak from before the step to its end (so gradients and Adam's state, allocated inside it,
+  count). Per packing: without checkpointing, with it, and with it and the tiled MLP; each
+  setting climbs the lengths until its peak passes the cap (``--cap-lengths``; the 32768-token
+  runs take ~4 minutes each here).
 - ``shares``: forward+backward of the model module on one padding_free micro-batch, whole and
   with the attention (or the MLP) replaced by a pass-through, interleaved: the difference is what
   that part takes.
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from alignkit.bench.harness import machine
+from alignkit.profiling import resident_bytes
 from bench.trainer import MODEL, StepClock, make_rows, make_tokenizer, run_trl
 
 DATA = os.environ.get("ALIGNKIT_DATA_DIR",
@@ -54,6 +58,9 @@ def run(rows, L, steps, packing, tok_dir, work, *, batch=2, attn="auto", ckpt=Fa
         lambda t, s, r: clock.on_end(s, [t.model], t.optimizer)], log=lambda *a: None)
     tr.save_final = lambda module: None
     torch.manual_seed(0)
+    if profile_step == 1:      # the first step's window: its gradients and optimizer state are
+        clock.resident = resident_bytes([tr.model])            # allocated inside it
+        clock.window.start()
     tr.train()
     return clock, tr
 
@@ -125,12 +132,12 @@ def cap(a, work, out):
         for ckpt, tiled in ((False, False), (True, False), (True, True)):
             peaks = []
             for L in a.cap_lengths:
-                if peaks and peaks[-1] > 2 * cap_b:        # far past the cap: stop climbing
+                if peaks and (peaks[-1] is None or peaks[-1] > cap_b):   # past the cap
                     peaks.append(None)
                     continue
                 t = time.time()
-                clock, _ = run(make_rows(4, L, seed=L), L, 2, packing, tok_dir, work, batch=1,
-                               ckpt=ckpt, tiled=tiled, profile_step=2, loss="simpo")
+                clock, _ = run(make_rows(2, L, seed=L), L, 1, packing, tok_dir, work, batch=1,
+                               ckpt=ckpt, tiled=tiled, profile_step=1, loss="simpo")
                 peaks.append(clock.peak)
                 print(f"  cap {packing} ckpt={ckpt} tiled={tiled} L={L}: "
                       f"{clock.peak / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)

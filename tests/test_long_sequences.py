@@ -26,7 +26,6 @@ from test_trainer_packing import V, examples, tiny_model  # noqa: E402
 
 register()
 MODES = ("padded", "padding_free", "shared_prompt")
-WEIGHTS = None
 
 
 def weights(S):
@@ -265,8 +264,7 @@ def test_tiled_mlp_keeps_names_and_bf16_error():
         err_t = (grads[True][n].double() - g64[n]).abs().max()
         err_u = (grads[False][n].double() - g64[n]).abs().max()
         assert err_t <= 2 * err_u + 1e-3 * g64[n].abs().max(), n
-    assert chunk_tokens_for(688) == 24385 and chunk_tokens_for(14336) == 1170
-    assert chunk_tokens_for(10**9) == 256
+    assert chunk_tokens_for(256) == 1024 and chunk_tokens_for(4096) == 4096
     with pytest.raises(ValueError, match="chunk_tokens must be a positive integer"):
         TiledMLP(torch.nn.Linear(2, 2), 0)
     with pytest.raises(ValueError, match="tiled_mlp needs decoder layers"):
