@@ -10,6 +10,7 @@ from alignkit.integrations.hf import (  # noqa: E402
     pack_pairs,
     sequence_logprobs_from_model,
 )
+from alignkit.attention import VARLEN, register  # noqa: E402
 from alignkit.losses import dpo_loss  # noqa: E402
 
 V = 101
@@ -79,8 +80,20 @@ def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients(op_calls
     want = torch.stack(want)
     ref = want.float() + torch.linspace(-1, 1, 6)
     grads = {}
-    for packing in ("padded", "padding_free"):
-        batch = pack_pairs(pairs, packing=packing)
+    dense = {packing: pack_pairs(pairs, packing=packing) for packing in ("padded", "padding_free")}
+    varlen = tiny()                     # the same weights, alignkit's varlen attention
+    varlen.load_state_dict(m.state_dict())
+    register()
+    varlen.set_attn_implementation(VARLEN)
+    for packing, model in (("padded", m), ("padding_free", m), ("padded varlen", varlen),
+                           ("padding_free varlen", varlen)):
+        m = model
+        batch = pack_pairs(pairs, packing=packing.split()[0],
+                           attention="varlen" if "varlen" in packing else "dense")
+        if "varlen" in packing:         # no mask: ones, and the layout the attention reads
+            assert batch["attention_mask"].ndim == 2 and bool(batch["attention_mask"].all())
+            assert batch["alignkit_layout"] is not None
+            assert batch["sequence_ids"].equal(dense[packing.split()[0]]["sequence_ids"])
         before = len(op_calls)
         sums, counts = sequence_logprobs_from_model(m, batch)
         assert len(op_calls) == before + 1           # alignkit's head op scored the batch
@@ -94,9 +107,13 @@ def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients(op_calls
         m.zero_grad()
         loss.backward()
         grads[packing] = {n: p.grad.clone() for n, p in m.named_parameters()}
-    for n in grads["padded"]:
-        torch.testing.assert_close(grads["padding_free"][n], grads["padded"][n], rtol=1e-4,
-                                   atol=1e-6)
+    for packing in ("padding_free", "padded varlen", "padding_free varlen"):
+        for n in grads["padded"]:
+            torch.testing.assert_close(grads[packing][n], grads["padded"][n], rtol=1e-4,
+                                       atol=1e-6)
+    with pytest.raises(ValueError, match="alignkit_layout but the model's attn_implementation"):
+        sequence_logprobs_from_model(tiny(), pack_pairs(pairs, packing="padding_free",
+                                                        attention="varlen"))
 
 
 def test_helper_bad_batches():

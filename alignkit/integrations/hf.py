@@ -4,6 +4,9 @@ overrides and hand-written loops.
 Batch (HF conventions; ``pack_pairs`` builds one from token lists):
 - ``input_ids`` [R, L], ``attention_mask`` ([R, L], or a 4D float mask for packed rows),
   optional ``position_ids`` [R, L];
+- optional ``alignkit_layout``: a ``VarlenLayout`` (``pack_pairs(..., attention="varlen")``) for
+  a model whose attn_implementation is alignkit's varlen (``alignkit.attention``): packed rows
+  with no mask, passed down to every attention call;
 - ``labels`` [R, L]: the token ids where they are to be scored, -100 elsewhere (prompt,
   padding); label t is scored from position t-1, as HF's own loss shifts;
 - optional ``sequence_ids`` [R, L]: which sequence each token belongs to (chosen 0..B-1, then
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from alignkit.api import reduce_sequences
+from alignkit.attention import uses_varlen
 from alignkit.integrations.head import patch_model
 
 
@@ -37,7 +41,7 @@ def _ensure_patched(model):
         inner._alignkit_hf_patched = True
 
 
-def _check_batch(batch):
+def _check_batch(batch, model):
     for k in ("input_ids", "labels"):
         if k not in batch:
             raise KeyError(f"batch needs {k!r} (see alignkit.integrations.hf)")
@@ -45,7 +49,16 @@ def _check_batch(batch):
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}; got "
                          f"{tuple(labels.shape)}")
-    return ids, labels, {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if batch.get("alignkit_layout") is not None and not uses_varlen(_unwrap(model)):
+        raise ValueError("batch has an alignkit_layout but the model's attn_implementation is "
+                         f"{getattr(_unwrap(model).config, '_attn_implementation', None)!r}, "
+                         "which would ignore it and attend across sequences: "
+                         "model.set_attn_implementation('alignkit_varlen') (after "
+                         "alignkit.attention.register()), or pack_pairs(attention='dense')")
+    kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if batch.get("alignkit_layout") is not None:     # collators leave it where it was built
+        kw["alignkit_layout"] = batch["alignkit_layout"].to(ids.device)
+    return ids, labels, kw
 
 
 def _segments(batch, lab, num_sequences):
@@ -65,7 +78,7 @@ def _segments(batch, lab, num_sequences):
 
 def sequence_logprobs_from_model(model, batch: dict, *, num_sequences: Optional[int] = None):
     """(sums [S], counts [S]) of the labelled tokens' log-probs per sequence."""
-    ids, labels, kw = _check_batch(batch)
+    ids, labels, kw = _check_batch(batch, model)
     _ensure_patched(model)
     out = model(input_ids=ids, labels=labels, **kw)
     lp, lab = out.log_probs, labels[:, 1:]              # [R, L-1], label t+1 from position t
@@ -83,7 +96,7 @@ def fused_preference_loss(model, batch: dict, *, loss: str = "dpo",
     orpo with their options, ``grad_mode`` among them). For DPO give ``ref_logprobs`` [2B]
     (e.g. ``sequence_logprobs_from_model(ref_model, batch)[0]`` under ``torch.no_grad()``, or
     cached)."""
-    ids, labels, kw = _check_batch(batch)
+    ids, labels, kw = _check_batch(batch, model)
     _ensure_patched(model)
     seg, S = _segments(batch, labels[:, 1:], None)
     pref = dict(loss_options, loss=loss, ref_logprobs=ref_logprobs, sequence_ids=seg,
@@ -92,17 +105,20 @@ def fused_preference_loss(model, batch: dict, *, loss: str = "dpo",
     return out.loss, out.metrics
 
 
-def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0) -> dict:
+def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0,
+               attention: str = "dense") -> dict:
     """[(prompt_ids, chosen_ids, rejected_ids)] -> a batch for fused_preference_loss.
     ``padded``: 2B right-padded rows; ``padding_free``: one row with restarting position_ids,
-    sequence_ids and a 4D float block-causal mask (shared_prompt scores one position twice, which
-    HF-style labels cannot express: use alignkit's own trainer for it)."""
+    sequence_ids and (attention ``dense``) a 4D float block-causal mask, or (``varlen``) an
+    all-ones mask and an ``alignkit_layout`` for a varlen model: no [N, N] mask
+    (shared_prompt scores one position twice, which HF-style labels cannot express: use
+    alignkit's own trainer for it)."""
     from alignkit.train.data import Example
     from alignkit.train.packing import collate
     if packing not in ("padded", "padding_free"):
         raise ValueError(f"packing must be padded or padding_free; got {packing!r}")
     exs = [Example(tuple(p), (tuple(c), tuple(r))) for p, c, r in pairs]
-    b = collate(exs, list(range(len(exs))), packing, pad_id)
+    b = collate(exs, list(range(len(exs))), packing, pad_id, attention=attention)
     R, L = b.input_ids.shape
     labels = torch.full((R * L,), -100, dtype=torch.long)
     labels[b.gather + 1] = b.labels                    # position g predicts token g+1
@@ -113,8 +129,10 @@ def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0) -> 
         for s, (a, e) in enumerate(zip(starts, starts[1:])):
             seq[a:e] = s
     else:
-        seq = torch.where(b.attention_mask.reshape(-1) == 1,
-                          torch.arange(R).repeat_interleave(L), seq)
-    return dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                position_ids=b.position_ids, labels=labels.view(R, L),
-                sequence_ids=seq.view(R, L))
+        real = torch.arange(L)[None] <= (b.last - torch.arange(R) * L)[:, None]  # not padding
+        seq = torch.where(real.reshape(-1), torch.arange(R).repeat_interleave(L), seq)
+    out = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
+               position_ids=b.position_ids, labels=labels.view(R, L), sequence_ids=seq.view(R, L))
+    if b.layout is not None:
+        out["alignkit_layout"] = b.layout
+    return out
