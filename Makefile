@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize
+.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-wheels
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
 # Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
@@ -54,6 +54,27 @@ bench-baseline: $(STAMP)
 
 bench-full: $(STAMP)
 	$(VPY) -m bench.core --preset full --write
+
+# One prepared check for a lent GPU machine (issue #20; Python, torch + CUDA, triton, transformers,
+# pytest preinstalled, no network): builds alignkit in place, installs the peers' wheels from
+# wheels/ when they are there, runs the Triton tests on CUDA and bench.gpu on two shapes, and
+# writes a markdown report to REPORT (bench/GPU_CHECK.md; under 8 minutes). DRY=1: the same
+# script on this CPU under the Triton interpreter (CI runs it). Peers are not on that image:
+# download their wheels here first with `make gpu-wheels` (needs the network).
+REPORT ?= bench/out/gpu-check.md
+gpu-check:
+ifeq ($(DRY),1)
+	$(MAKE) venv
+	$(VPY) -m bench.gpu_check $(REPORT) --dry
+else
+	python3 -m pip install -q --no-build-isolation --no-deps -e .
+	if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps --no-index wheels/*.whl; fi
+	python3 -m bench.gpu_check $(REPORT)
+endif
+
+gpu-wheels: $(STAMP)
+	mkdir -p wheels
+	$(VPY) -m pip download -q --no-deps -d wheels "trl==1.16.*" "liger-kernel==0.8.*" cut-cross-entropy
 
 clean:
 	rm -rf $(VENV) build alignkit/_C*.so *.egg-info

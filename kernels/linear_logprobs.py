@@ -105,23 +105,34 @@ def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
 def _fwd_merge(pm_ptr, ps_ptr, pa_ptr, pt_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
                M, NVB,
                BLOCK_N: tl.constexpr):
+    # One online pass over the NVB vocab blocks' partials (each read once), rescaling the running
+    # (m, s, a) to each new max: s = Σ e^(z−m), a = Σ e^(z−m)·(z−m). The pointers advance by M
+    # per block (64-bit pointer arithmetic: block·M may pass 2^31 at M > 2M labelled rows).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
+    pm, ps, pa, pt = pm_ptr + rows, ps_ptr + rows, pa_ptr + rows, pt_ptr + rows
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    for i in range(0, NVB):
-        m = tl.maximum(m, tl.load(pm_ptr + i * M + rows, mask=rmask, other=0.0))
     s = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
-    for i in range(0, NVB):
-        mi = tl.load(pm_ptr + i * M + rows, mask=rmask, other=0.0)
-        si = tl.load(ps_ptr + i * M + rows, mask=rmask, other=0.0)
-        ai = tl.load(pa_ptr + i * M + rows, mask=rmask, other=0.0)
-        c = tl.exp(mi - m)
-        s += si * c
-        # Σ e·(z − m) relative to the row max; a block of −inf only (si = 0) adds nothing
-        a += tl.where(si > 0, (ai + (mi - m) * si) * c, 0.0)
-        t += tl.load(pt_ptr + i * M + rows, mask=rmask, other=0.0)
+    for _ in range(0, NVB):
+        mi = tl.load(pm, mask=rmask, other=0.0)
+        si = tl.load(ps, mask=rmask, other=0.0)
+        ai = tl.load(pa, mask=rmask, other=0.0)
+        t += tl.load(pt, mask=rmask, other=0.0)
+        mn = tl.maximum(m, mi)
+        shift = tl.where(mn == float("-inf"), 0.0, mn)       # no −inf − (−inf)
+        c_old = tl.exp(m - shift)
+        c_i = tl.exp(mi - shift)
+        # a block of −inf only (si = 0) adds nothing; nor does the empty running sum
+        a = tl.where(s > 0, (a + (m - mn) * s) * c_old, 0.0) + \
+            tl.where(si > 0, (ai + (mi - mn) * si) * c_i, 0.0)
+        s = s * c_old + si * c_i
+        m = mn
+        pm += M
+        ps += M
+        pa += M
+        pt += M
     logs = tl.log(s)
     tl.store(lp_ptr + rows, (t - m) - logs, mask=rmask)
     tl.store(m_ptr + rows, m, mask=rmask)

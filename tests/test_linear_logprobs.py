@@ -18,8 +18,8 @@ def _run(fn, h, W, b, y, g_lp, g_ent, **kw):
 
 def check_all(h, W, b, y, backend, factor=4.0, **kw):
     g = torch.Generator().manual_seed(1)
-    g_lp = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    g_ent = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    g_lp = torch.randn(y.shape, generator=g, dtype=torch.float64).to(h.device)
+    g_ent = torch.randn(y.shape, generator=g, dtype=torch.float64).to(h.device)
     tiles = kw.pop("tiles", None)                     # ours only: the oracle has no tiles
     ours = _run(alignkit.linear_token_logprobs, h, W, b, y, g_lp, g_ent, backend=backend,
                 tiles=tiles, **kw)

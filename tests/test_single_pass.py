@@ -59,14 +59,16 @@ def test_single_pass_matches_recompute_and_float64(loss, opts, shape, backend):
     check_single_pass(loss, opts, shape, backend)
 
 
-def check_single_pass(loss, opts, shape, backend, dtype=torch.float32):
-    """Single pass and recompute (both on `backend`, inputs in `dtype`) against float64: loss and
-    the gradients of hidden, weight and bias within a few times the recompute's own error."""
-    h64, W64, b64, y, seg = pair_inputs(**shape)
+def check_single_pass(loss, opts, shape, backend, dtype=torch.float32, device="cpu"):
+    """Single pass and recompute (both on `backend`, inputs in `dtype` on `device`) against
+    float64: loss and the gradients of hidden, weight and bias within a few times the
+    recompute's own error."""
+    h64, W64, b64, y, seg = (None if t is None else t.to(device) for t in pair_inputs(**shape))
     B = shape.get("pairs", 1)
     ref_lp = None
     if loss == "dpo":
         ref_lp = -1450.0 + 60 * torch.randn(2 * B, generator=torch.Generator().manual_seed(7))
+        ref_lp = ref_lp.to(device)
     # the float64 oracle (alignkit.oracle): full logits, then the registry's loss, via autograd
     h64.requires_grad_(), W64.requires_grad_()
     if b64 is not None:

@@ -1,8 +1,12 @@
-"""The Triton kernels against the same float64 oracle, under the interpreter (TRITON_INTERPRET=1).
+"""The Triton kernels against the same float64 oracle, where the tensors are: CPU tensors under the
+interpreter (TRITON_INTERPRET=1), CUDA tensors on a card (no interpreter).
 
 The interpreter runs each program in numpy, so shapes are small: odd sizes, block sizes that do
 not divide V, H crossing two K blocks, several vocab blocks. CI runs this file as its own pytest
-process with TRITON_INTERPRET=1 (see the Makefile's test target).
+process with TRITON_INTERPRET=1 (see the Makefile's test target); ``make gpu-check`` runs it on a
+lent GPU, where the same cases take the paths the interpreter cannot show: the bf16 tensor-core
+dot (DOT_F32=False), the bf16 backward's out_dtype GEMMs, several G chunks under
+ALIGNKIT_TRITON_G_BYTES, and a tensor on cuda:1 while cuda:0 is current.
 """
 import os
 
@@ -15,46 +19,95 @@ from alignkit.oracle import reference_token_logprobs as ref_tok
 from conftest import assert_oracle, make_inputs
 from test_linear_logprobs import check_all
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="run with TRITON_INTERPRET=1 (make test does)")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the interpreter runs CPU tensors (it would copy CUDA ones to the host); a card runs CUDA ones
+DEVICES = ["cpu"] if INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.skipif(not DEVICES, reason="run with TRITON_INTERPRET=1 (make test "
+                                "does) or on a CUDA device (make gpu-check)")
 triton = pytest.importorskip("triton")
+
+
+@pytest.fixture(params=DEVICES or ["cpu"])
+def device(request):
+    return torch.device(request.param)
+
+
+def on(device, *ts):
+    """The tensors on `device`; leaves that required grad stay leaves that do."""
+    return tuple(None if t is None else
+                 t.detach().to(device).requires_grad_(t.requires_grad) for t in ts)
 
 
 @pytest.fixture(params=["chunked", "atomic", "blocked"])
 def mode(request, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     monkeypatch.setenv("ALIGNKIT_TRITON_BWD", request.param)
-    if request.param == "chunked":
-        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(16 * 4099 * 4))  # several row chunks
+    if request.param == "chunked":   # several row chunks of G: the CPU budget, and the CUDA one
+        monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(16 * 4099 * 4))
+        monkeypatch.setenv("ALIGNKIT_TRITON_G_BYTES", str(16 * 4099 * 4))
     return request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_against_oracle(mode, bias):
+def test_linear_against_oracle(mode, bias, device):
     # N=37 (3 row blocks of 16), H=48 (2 K blocks of 32), V=1000 (16 vocab blocks, ragged last)
     h, W, b, y = make_inputs((37,), 48, 1000, bias=bias, seed=41)
     y[:5] = -100
-    check_all(h, W, b, y, "triton")
+    check_all(*on(device, h, W, b, y), "triton")
 
 
-def test_linear_softcap_temperature_and_odd_vocab(mode):
+def test_linear_softcap_temperature_and_odd_vocab(mode, device):
     h, W, b, y = make_inputs((2, 9), 40, 4099, bias=True, seed=42)
     y[1] = -100  # a fully ignored row
-    check_all(h, W, b, y, "triton", softcap=3.0, temperature=0.8)
+    check_all(*on(device, h, W, b, y), "triton", softcap=3.0, temperature=0.8)
 
 
-def test_linear_bf16(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_low_precision(monkeypatch, dtype, device):
+    # on a card: bf16 takes the tensor-core dot and the bf16-G backward with out_dtype GEMMs;
+    # fp16 keeps G in fp32 (its tail would underflow in fp16)
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
-    h, W, b, y = make_inputs((19,), 32, 500, dtype=torch.bfloat16, seed=43)
-    check_all(h, W, b, y, "triton", factor=2.0)
+    h, W, b, y = make_inputs((19,), 32, 500, dtype=dtype, seed=43)
+    check_all(*on(device, h, W, b, y), "triton", factor=2.0)
 
 
-def test_logits_against_oracle():
+def test_fp16_gradient_tail_does_not_underflow(monkeypatch, device):
+    # Every W row shifted by +5 (the softmax cannot see it) and an averaged loss's small upstream
+    # gradient (1e-3 per token): G = g·p_v is below fp16's smallest subnormal (6e-8) for most of
+    # the V=20000 tail. grad_h = g·(W_y − Σ_v p_v W_v), where the +5 cancels only if the tail is
+    # kept: flushed, grad_h would carry ~5·g·(tail mass) per element against a true ~5e-4.
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    h, W, _, y = make_inputs((8,), 32, 20000, seed=49, ignore_frac=0.0)
+    h = h.detach().to(device, torch.float16).requires_grad_()
+    W = (W.detach() + 5).to(device, torch.float16).requires_grad_()
+    y = y.to(device)
+    lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")
+    (lp.float().mean() * 8e-3).backward()
+    h64, W64 = (t.detach().double().requires_grad_() for t in (h, W))
+    (ref_lin(h64, W64, y).mean() * 8e-3).backward()
+    err = (h.grad.double() - h64.grad).norm() / h64.grad.norm()
+    assert err < 2e-2, err
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() > 1)
+                    or INTERPRET, reason="needs two CUDA devices")
+def test_tensors_on_the_second_device():
+    # cuda:0 current, tensors on cuda:1 (device_map="auto"): every launch runs on cuda:1
+    torch.cuda.set_device(0)
+    h, W, b, y = make_inputs((37,), 48, 1000, bias=True, seed=50)
+    check_all(*on(torch.device("cuda", 1), h, W, b, y), "triton")
+    from test_single_pass import check_single_pass
+    check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",
+                      device="cuda:1")
+
+
+def test_logits_against_oracle(device):
     g = torch.Generator().manual_seed(44)
     x = torch.randn(2, 7, 3001, generator=g) * 5
     y = torch.randint(0, 3001, (2, 7), generator=g)
     y[0, :3] = -100
     g1, g2 = torch.randn(2, 7, generator=g).double(), torch.randn(2, 7, generator=g).double()
+    x, y, g1, g2 = on(device, x, y, g1, g2)
 
     def run(fn, x_, **kw):
         x_ = x_.detach().clone().requires_grad_()
@@ -68,14 +121,15 @@ def test_logits_against_oracle():
         assert_oracle(name, a, o, n)
 
 
-def test_autotune_opt_in(monkeypatch):
+def test_autotune_opt_in(monkeypatch, device):
     # the tuner's configs are GPU-sized; under the interpreter they run too, on a small case
     monkeypatch.setenv("ALIGNKIT_TRITON_AUTOTUNE", "1")
     from alignkit.kernels import linear_logprobs as K
-    monkeypatch.setattr(K.fwd_partials_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
-    monkeypatch.setattr(K.bwd_g_chunk_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
+    if INTERPRET:
+        monkeypatch.setattr(K.fwd_partials_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
+        monkeypatch.setattr(K.bwd_g_chunk_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
     h, W, b, y = make_inputs((21,), 64, 300, bias=True, seed=45)
-    check_all(h, W, b, y, "triton")
+    check_all(*on(device, h, W, b, y), "triton")
 
 
 def test_auto_does_not_pick_triton_on_cpu():
@@ -85,7 +139,7 @@ def test_auto_does_not_pick_triton_on_cpu():
 
 # ---------------------------------------------------------------- single-pass losses (issue #3)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_single_pass_tile_kernel(dtype):
+def test_single_pass_tile_kernel(dtype, device):
     # one [rows, V] tile, V=4099 (the 1024-column blocks do not divide it), softcap + temperature:
     # log-probs, then G = w·(onehot − p)·dz/dx written over the tile in place: the logits kernels
     # as the single pass runs them (alignkit/losses/single_pass.py, _Tiles._score)
@@ -100,6 +154,7 @@ def test_single_pass_tile_kernel(dtype):
     x64 = torch.randn(7, 4099, generator=g, dtype=torch.float64) * 6
     y = torch.randint(0, 4099, (7,), generator=g)
     w = torch.randn(7, generator=g)
+    x64, y, w = on(device, x64, y, w)
     cap, temp = 4.0, 0.8
 
     def torch_lp_grad(x):
@@ -129,27 +184,30 @@ def test_single_pass_tile_kernel(dtype):
     ("simpo", dict(beta=2.0, gamma=0.5, softcap=5.0, temperature=0.7), dict(packed=True)),
     ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),            # untied
 ])
-def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch):
+def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch, device):
     from test_single_pass import check_single_pass
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 1000 * 4))   # 16-row tiles
-    check_single_pass(loss, opts, shape, "triton")
+    monkeypatch.setenv("ALIGNKIT_TRITON_G_BYTES", str(16 * 1000 * 4))      # ... on CUDA too
+    check_single_pass(loss, opts, shape, "triton", device=device)
 
 
-def test_single_pass_bf16_on_triton(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_single_pass_low_precision_on_triton(monkeypatch, dtype, device):
     from test_single_pass import check_single_pass
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",
-                      dtype=torch.bfloat16)
+                      dtype=dtype, device=device)
 
 
-def test_linear_strided_bias(mode):
+def test_linear_strided_bias(mode, device):
     # a bias that is a strided view (bias[::2]): the kernels index it with stride 1, so the
     # launcher must hand them a contiguous copy (before the fix: wrong log-probs, max error 3.0)
     h, W, _, y = make_inputs((12,), 16, 50, seed=45)
     big = torch.randn(100, dtype=torch.float64).float().requires_grad_()
+    h, W, y, big = on(device, h, W, y, big)
     lp = alignkit.linear_token_logprobs(h, W, y, bias=big[::2], backend="triton")
-    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(lp.shape, generator=torch.Generator().manual_seed(3)).to(device)
     (lp * g).sum().backward()
     b64 = big.detach().double()[::2].requires_grad_()
     ref = ref_lin(h.detach().double(), W.detach().double(), y, bias=b64)
@@ -159,10 +217,10 @@ def test_linear_strided_bias(mode):
     assert torch.all(big.grad[1::2] == 0)
 
 
-def test_linear_neg_inf_logits(mode):
+def test_linear_neg_inf_logits(mode, device):
     # a −inf logit: entropy and gradients defined (0·log 0 = 0) on the Triton kernels too
     from test_linear_logprobs import masked_bias_inputs
-    h, W, b, y = masked_bias_inputs(V=200, seed=46)
+    h, W, b, y = on(device, *masked_bias_inputs(V=200, seed=46))
     lp, ent = alignkit.linear_token_logprobs(h, W, y, bias=b, return_entropy=True,
                                              backend="triton")
     (lp + ent).sum().backward()
@@ -175,27 +233,28 @@ def test_linear_neg_inf_logits(mode):
         assert torch.isfinite(ours).all() and (ours.double() - theirs).abs().max() < 1e-4
 
 
-def test_single_pass_bf16_tile_is_fp32(monkeypatch):
+def test_single_pass_bf16_tile_is_fp32(monkeypatch, device):
     # The same bf16 inputs through both modes: the recompute forms fp32 logits, so must the single
     # pass. Both then differ by fp32 summation order only (~1e-6 relative); a tile that holds the
     # logits in bf16 rounds each by up to 2^-9 relative before the log-softmax (5e-3 on this loss).
     from test_single_pass import pair_inputs
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     h, W, _, y, _ = pair_inputs(T=19, H=16, V=300, seed=47, scale=4.0)
-    h, W = h.to(torch.bfloat16), W.to(torch.bfloat16)
+    h, W, y = h.to(device, torch.bfloat16), W.to(device, torch.bfloat16), y.to(device)
     L = {m: alignkit.preference_loss(h, W, y, loss="simpo", beta=2.0, gamma=0.5, grad_mode=m,
                                      backend="triton")[0].item()
          for m in ("recompute", "single_pass")}
     assert abs(L["single_pass"] - L["recompute"]) < 1e-5 * max(1.0, abs(L["recompute"])), L
 
 
-def test_policy_token_pass_on_triton(monkeypatch):
+def test_policy_token_pass_on_triton(monkeypatch, device):
     # the token pass on the triton tile kernels, entropy bonus included, against the recompute
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 300 * 4))      # several tiles
     from test_policy import _inputs
     h64, W64, b64, y, g = _inputs(S=3, Tn=9, H=16, V=300, seed=48)
     adv, old = torch.randn(3, generator=g), torch.randn(3, 9, generator=g) * 0.1 - 4
+    h64, W64, b64, y, adv, old = on(device, h64, W64, b64, y, adv, old)
     out = {}
     for mode in ("single_pass", "recompute"):
         h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))

@@ -175,6 +175,7 @@ class _Tiles:
         self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
             else None
         self.wt = weight if weight.dtype == self.tdt else None  # else W converted per block
+        self.w_g = None                                          # W for the gradient GEMMs
         self.bt = bias if bias is None or bias.dtype == self.tile.dtype else \
             bias.to(self.tile.dtype)
 
@@ -269,12 +270,16 @@ class _Tiles:
             if ents is not None:
                 ents[i0:i0 + n] = ent
             if formed and not self.cpu_lowp:
-                g_t = t if self.tdt == torch.float32 else t.to(self.tdt)
+                # bf16 G (fp32's exponent range); fp16 would flush p's tail (< 6e-8) to zero
+                # before the loss scale is applied: fp16 keeps the fp32 tile for its GEMMs
+                gdt = torch.bfloat16 if self.tdt == torch.bfloat16 else torch.float32
+                g_t = t if gdt == torch.float32 else t.to(gdt)
+                if self.w_g is None:                    # W in G's dtype, converted once
+                    self.w_g = self.weight if self.weight.dtype == gdt else self.weight.to(gdt)
                 if self.gh is not None:
-                    self.gh.index_copy_(0, ic, _mm32(g_t, self.wt if self.wt is not None
-                                                     else self.weight.to(self.tdt)))
+                    self.gh.index_copy_(0, ic, _mm32(g_t, self.w_g))
                 if self.gw is not None:
-                    _addmm32(self.gw, g_t.t(), hc)
+                    _addmm32(self.gw, g_t.t(), hc.to(gdt))
                 if self.gb is not None:
                     self.gb.add_(t.sum(0))
         return out, ents

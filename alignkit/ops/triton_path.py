@@ -10,6 +10,8 @@ validated and restricted to the labelled tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -18,6 +20,19 @@ import torch
 # of two >= 16. Override with ALIGNKIT_TRITON_BLOCKS="n,v,k".
 DEFAULT_BLOCKS = (64, 128, 64)
 LOGITS_BLOCK_V = 1024
+
+
+def on_device(fn):
+    """Runs a launcher with its first tensor's CUDA device current: Triton launches on the current
+    device, so tensors on cuda:1 while cuda:0 is current (device_map="auto") would be read with
+    the wrong device's pointers."""
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        guard = torch.cuda.device(x.device) if x.device.type == "cuda" else \
+            contextlib.nullcontext()
+        with guard:
+            return fn(x, *args, **kwargs)
+    return run
 
 
 def autotune() -> bool:
@@ -56,6 +71,7 @@ def _dot_f32(h) -> bool:
     return h.dtype == torch.float32 or h.device.type != "cuda"
 
 
+@on_device
 def linear_forward(h, w, y, b, inv_temp, cap):
     """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
     from alignkit.kernels import linear_logprobs as K
@@ -87,6 +103,7 @@ def linear_forward(h, w, y, b, inv_temp, cap):
     return outs
 
 
+@on_device
 def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need_w, need_b,
                     tiles):
     """→ (dh [M, H], dW [V, H], db [V]) fp32, None where not needed."""
@@ -109,9 +126,12 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     mode = tiles.triton_bwd
     if mode == "chunked":
         R = g_chunk_rows(M, V, h, tiles)
-        # On a GPU with bf16/fp16 inputs G is stored in that dtype and the two GEMMs run on tensor
-        # cores with fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once).
-        lowp = h.device.type == "cuda" and h.dtype != torch.float32
+        # On a GPU with bf16 inputs G is stored in bf16 and the two GEMMs run on tensor cores with
+        # fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once). Not fp16: G
+        # holds tok_w·(onehot − p) before the loss's scalar (and any GradScaler factor) is
+        # applied, so at V=128k most of p's tail (< 6e-8) would flush to zero in fp16; bf16 has
+        # fp32's exponent range.
+        lowp = h.device.type == "cuda" and h.dtype == torch.bfloat16
         G_all = torch.empty(min(R, M) * V, dtype=h.dtype if lowp else torch.float32,
                             device=h.device)
         wc = w if lowp or w.dtype == torch.float32 else w.float()
@@ -164,6 +184,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     return dh, dw, db
 
 
+@on_device
 def logits_forward(x, y, inv_temp, ignore_index, cap=0.0):
     """x [N, V] logits, y [N] → (logprob, m, log s, entropy), each [N] fp32."""
     from alignkit.kernels.logits_logprobs import _logits_fwd
@@ -176,6 +197,7 @@ def logits_forward(x, y, inv_temp, ignore_index, cap=0.0):
     return outs
 
 
+@on_device
 def logits_backward(x, out, y, m, logs, g, ent, ge, inv_temp, cap=0.0):
     from alignkit.kernels.logits_logprobs import _logits_bwd
     N, V = x.shape

@@ -1,0 +1,96 @@
+"""One prepared check for a lent GPU machine: ``make gpu-check`` (REPORT=path, DRY=1).
+
+    python -m bench.gpu_check REPORT.md [--dry]
+
+The lent machine (issue #20): Python 3.12, torch + CUDA, triton, transformers, pytest and
+pytest-benchmark preinstalled, no network. The Makefile has already built alignkit in place
+(``pip install --no-build-isolation --no-deps -e .``) and installed the peers' wheels from
+``wheels/`` when they are there (``make gpu-wheels`` downloads them beforehand). This script then:
+
+1. runs the Triton tests on CUDA (tests/test_triton_interpreter.py, no interpreter: the bf16
+   tensor-core dot, the bf16 backward's out_dtype GEMMs, fp16, several G chunks, cuda:1 when
+   there is one);
+2. runs bench.gpu on two shapes (Llama-3-8B and Qwen2.5-7B heads, 8192 tokens, bf16);
+3. writes a markdown report to REPORT: the machine, the test summary, the tables, the times.
+
+``--dry`` (CI, any CPU): the same steps with TRITON_INTERPRET=1 and bench.gpu's dry shape. Under
+8 minutes on a card; exits non-zero when the tests fail.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+TESTS = "tests/test_triton_interpreter.py"
+
+
+def _tests(dry):
+    env = dict(os.environ)
+    if dry:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-W", "ignore::RuntimeWarning",
+                        "-p", "no:cacheprovider", TESTS], env=env, capture_output=True, text=True)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    return p.returncode, lines, time.time() - t
+
+
+def _bench(dry):
+    env = dict(os.environ)
+    if dry:
+        env["TRITON_INTERPRET"] = "1"           # before triton is imported: a process of its own
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "bench.gpu"] + (["--dry"] if dry else []),
+                       env=env, capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode:                     # the interpreter's numpy warnings are noise otherwise
+        lines += ["", "```"] + p.stderr.strip().splitlines()[-40:] + ["```"]
+    return p.returncode, lines, time.time() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("report")
+    ap.add_argument("--dry", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+    t0 = time.time()
+    if not a.dry and not torch.cuda.is_available():
+        print("gpu-check needs a CUDA device; on CPU run it with DRY=1", file=sys.stderr)
+        return 2
+    rc, test_lines, t_tests = _tests(a.dry)
+    brc, bench_lines, t_bench = _bench(a.dry)
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    dev = ("dry run: CPU under the Triton interpreter" if a.dry else
+           ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    report = [
+        "# alignkit GPU check" + (" (dry run)" if a.dry else ""), "",
+        f"- device: {dev}",
+        f"- python {platform.python_version()}, torch {torch.__version__} (CUDA "
+        f"{torch.version.cuda}), triton {tv}",
+        f"- tests ({TESTS}): {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {t_tests:.0f} s: "
+        f"{test_lines[-1] if test_lines else 'no output'}",
+        f"- bench.gpu: exit {brc} in {t_bench:.0f} s; whole check {time.time() - t0:.0f} s", "",
+        "## bench.gpu", ""] + bench_lines
+    if rc != 0:
+        report += ["", "## Test output (last 60 lines)", "", "```"] + test_lines[-60:] + ["```"]
+    os.makedirs(os.path.dirname(os.path.abspath(a.report)), exist_ok=True)
+    with open(a.report, "w") as f:
+        f.write("\n".join(report) + "\n")
+    print("\n".join(report))
+    return rc or brc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
