@@ -37,9 +37,13 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=5e-5, help="the policy's PPO learning rate")
     args = p.parse_args(argv)
     t_all = time.time()
+    # attn_implementation sdpa: the recorded run. PPO on this small task depends on the reward
+    # model's exact function: trained under varlen attention (the same math, other round-off)
+    # the reward model reached 0.985 held-out accuracy and 50 PPO steps did not raise its score
+    # at any of five (lr, kl_coef, seed) settings tried; the 0.965 one below is exploited
     base = demo_config(args.out, wrong_digits=True, n_train=20000, progress=False,
                        tensorboard=False, eval_steps=0, save_steps=0, reference="none",
-                       loss_options={}, warmup_steps=0)
+                       loss_options={}, warmup_steps=0, attn_implementation="sdpa")
 
     # 1. SFT on the chosen answers: brief, so that the policy writes answers of the right shape
     #    but sorts only some of them (room for PPO)
