@@ -17,10 +17,10 @@ model's own forward, ``generate``), both names behave as ``sdpa``: their mask fu
 
 shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, positions
 [0 .. P+C-1, P .. P+R-1]. Its attention runs two causal sequences, [prompt, chosen] and
-[prompt, rejected]: ``index`` [N'] lists the row positions that make them (the prompt twice),
-``keep`` [N] where each row position's output lies among them (a prompt's from its first copy).
-So both responses see the prompt and not each other, and the prompt's MLP, norms and projections
-run once per pair; its attention runs twice (2·P² of Σ L_s²).
+[prompt, rejected] (the prompt's keys, values and queries copied in front of the rejected
+response's; those queries' outputs dropped). So both responses see the prompt and not each
+other, and the prompt's MLP, norms and projections run once per pair; its attention runs twice
+(P² more of Σ L_s²).
 """
 from __future__ import annotations
 
@@ -41,26 +41,37 @@ FLASH_VARLEN = "alignkit_fa_varlen"     # no "flash" in it: transformers would t
 class VarlenLayout:
     """Which positions of a row attend to which.
 
-    bounds: host ints, the cumulative lengths [0, L_1, L_1+L_2, ..., N'] of the attention
-    sequences over the row (or over ``index`` when given); empty: each row of the batch is one
-    causal sequence (right padding is never attended to by a real token, so it needs no mask).
-    cu_seqlens: the same bounds as int32 on the batch's device (flash-attn reads them there).
-    index [N'], keep [N]: shared_prompt's repeated prompts (module docstring); None: identity.
+    pieces: host ints, one (ps, pe, s, e) per attention sequence, in row order of [s, e): the
+    sequence is row positions [ps, pe) (a shared prompt, its outputs dropped; empty when ps ==
+    pe) then [s, e), whose outputs are the row's; the [s, e) tile the row. Empty: each row of
+    the batch is one causal sequence (right padding is never attended to by a real token, so it
+    needs no mask).
+    cu_seqlens [S+1] (int32, the batch's device), max_seqlen: the sequences' cumulative lengths
+    for flash-attn, over index [N'] (the row positions of the sequences laid end to end; None:
+    the row itself); keep [N]: where each row position's output lies among them (None: same).
     """
-    bounds: tuple = ()
+    pieces: tuple = ()
     cu_seqlens: Optional[Tensor] = None
     max_seqlen: int = 0
     index: Optional[Tensor] = None
     keep: Optional[Tensor] = None
 
     @staticmethod
-    def of(lengths: Sequence[int], index: Optional[Sequence[int]] = None,
-           keep: Optional[Sequence[int]] = None) -> "VarlenLayout":
-        bounds = (0,) + tuple(int(x) for x in torch.tensor(list(lengths)).cumsum(0).tolist())
-        return VarlenLayout(bounds, torch.tensor(bounds, dtype=torch.int32),
-                            max(lengths, default=0),
-                            None if index is None else torch.tensor(index, dtype=torch.long),
-                            None if keep is None else torch.tensor(keep, dtype=torch.long))
+    def of(pieces: Sequence[tuple]) -> "VarlenLayout":
+        pieces = tuple((int(ps), int(pe), int(s), int(e)) for ps, pe, s, e in pieces)
+        lengths = [pe - ps + e - s for ps, pe, s, e in pieces]
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        index = keep = None
+        if any(pe > ps for ps, pe, _, _ in pieces):
+            index, keep = [], []
+            for (ps, pe, s, e), b in zip(pieces, bounds):
+                index.extend(list(range(ps, pe)) + list(range(s, e)))
+                keep.extend(range(b + pe - ps, b + pe - ps + e - s))
+            index, keep = (torch.tensor(t, dtype=torch.long) for t in (index, keep))
+        return VarlenLayout(pieces, torch.tensor(bounds, dtype=torch.int32),
+                            max(lengths, default=0), index, keep)
 
     def to(self, device) -> "VarlenLayout":
         move = {k: getattr(self, k).to(device, non_blocking=True)
@@ -112,7 +123,7 @@ def _flash(q, k, v, layout, scaling, softcap, window, dropout):
               window_size=(window - 1, 0) if window is not None else (-1, -1),
               softcap=0.0 if softcap is None else softcap)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, L, H, D]
-    if not layout.bounds:
+    if not layout.pieces:
         return flash_attn_func(q, k, v, **kw)
     q, k, v = (t[0] for t in (q, k, v))                        # [N, H, D]
     if layout.index is not None:
@@ -146,18 +157,19 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         return out.transpose(1, 2).contiguous(), None
     if kernel == "flash":
         return _flash(query, key, value, layout, scaling, softcap, sliding_window, dropout), None
-    if not layout.bounds:
+    if not layout.pieces:
         out = _causal(query, key, value, scaling, softcap, sliding_window, dropout)
         return out.transpose(1, 2).contiguous(), None
-    if layout.index is not None:
-        query, key, value = (t.index_select(2, layout.index) for t in (query, key, value))
-    b = layout.bounds
-    out = torch.cat([_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
-                             softcap, sliding_window, dropout)
-                     for s, e in zip(b, b[1:])], dim=2)
-    if layout.keep is not None:
-        out = out.index_select(2, layout.keep)
-    return out.transpose(1, 2).contiguous(), None
+    outs = []
+    for ps, pe, s, e in layout.pieces:
+        if pe > ps:       # [prompt, response]: the prompt's queries run too (causal, no mask),
+            q, k, v = (torch.cat([t[:, :, ps:pe], t[:, :, s:e]], 2)     # their outputs dropped
+                       for t in (query, key, value))
+            outs.append(_causal(q, k, v, scaling, softcap, sliding_window, dropout)[:, :, pe - ps:])
+        else:
+            outs.append(_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
+                                softcap, sliding_window, dropout))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _flash_varlen_attention(*args, **kwargs):

@@ -1,7 +1,7 @@
 """Long sequences on limited memory (issue #16): the packings on real mixed-length rows, the
 longest sequence under a memory cap, and what attention and the MLP take of a step.
 
-    python -m bench.long_sequences [real] [cap] [shares] [--write]
+    python -m bench.long_sequences [real] [synthetic] [cap] [shares] [--write]
 
 Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, random init), fp32.
 
@@ -12,6 +12,8 @@ Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, r
   the epoch's sequence tokens (prompt + response per sequence, alignkit's tokenisation) per step,
   over the mean gap between step ends after the first step. TRL DPOTrainer runs at its defaults
   (live reference model), the same model init and rows.
+- ``synthetic``: bench.trainer's synthetic rows at L=512 and 1024: each packing under today's
+  sdpa and under varlen (auto), runs alternating (``--rounds``), median step after the first.
 - ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each, SimPO: no
   reference), the exact peak of the first optimizer step: the parameters plus the profiler's
   peak from before the step to its end (so gradients and Adam's state, allocated inside it,
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.bench.harness import machine
+from alignkit.bench.harness import machine, write_out
 from alignkit.profiling import resident_bytes
 from bench.trainer import MODEL, StepClock, make_rows, make_tokenizer, run_trl
 
@@ -120,6 +122,28 @@ def real(a, work, out):
                 print(out[-1], flush=True)
 
 
+def synthetic(a, work, out):
+    """Today's attention (sdpa) against varlen (auto) per packing, on bench.trainer's synthetic
+    rows (prompt L/2, responses L/2 each), 2 pairs per step: the median step after the first,
+    the two attentions alternating run by run."""
+    tok_dir = os.path.join(work, "tok")
+    make_tokenizer(tok_dir)
+    out += ["", "### Synthetic rows: varlen (auto) against today's sdpa, per packing", "",
+            "| L | packing | sdpa step s | varlen step s | varlen speed-up |", "|---|---|---|---|---|"]
+    for L in a.synthetic_lengths:
+        rows = make_rows(2 * a.steps + 4, L)
+        for packing in ("padded", "padding_free", "shared_prompt"):
+            t = {"sdpa": [], "auto": []}
+            for _ in range(a.rounds):
+                for attn in t:
+                    clock, _ = run(rows, L, a.steps, packing, tok_dir, work, attn=attn)
+                    gaps = [y - x for x, y in zip(clock.ends, clock.ends[1:])]
+                    t[attn].append(statistics.median(gaps))
+            sd, vl = statistics.median(t["sdpa"]), statistics.median(t["auto"])
+            out.append(f"| {L} | {packing} | {sd:.2f} | {vl:.2f} | {sd / vl:.2f}x |")
+            print(out[-1], flush=True)
+
+
 def cap(a, work, out):
     tok_dir = os.path.join(work, "tok")
     make_tokenizer(tok_dir)
@@ -155,10 +179,8 @@ def shares(a, work, out):
     from alignkit.train.packing import collate
     from alignkit.train.trainer import model_from_config
     from alignkit.train.config import TrainConfig
-    from transformers import AttentionInterface
-    AttentionInterface.register("bench_passthrough",
-                                lambda m, q, k, v, mask, **kw: (v.transpose(1, 2).repeat_interleave(
-                                    q.shape[1] // v.shape[1], 2).contiguous(), None))
+    import alignkit.attention as attention
+    causal = attention._causal
     out += ["", "### What attention and the MLP take of forward+backward (padding_free, varlen, "
             "2 pairs)", "", "| L per sequence | whole s | attention | MLP | rest (embedding, "
             "norms, projections, LM head) |", "|---|---|---|---|---|"]
@@ -174,7 +196,9 @@ def shares(a, work, out):
         mod = SequenceLogprobs(model)
 
         def step(kind):
-            model.set_attn_implementation("bench_passthrough" if kind == "attn" else attn)
+            # attention's per-sequence SDPA replaced by its values (the same shapes onward)
+            attention._causal = (lambda q, k, v, *_: v.repeat_interleave(
+                q.shape[1] // v.shape[1], 1)) if kind == "attn" else causal
             for layer, mlp in zip(model.model.layers, mlps):
                 layer.mlp = torch.nn.Identity() if kind == "mlp" else mlp
             t = time.perf_counter()
@@ -189,6 +213,7 @@ def shares(a, work, out):
                 dt = step(k)
                 if r:
                     times[k].append(dt)
+        attention._causal = causal
         w, at, ml = (statistics.median(times[k]) for k in ("whole", "attn", "mlp"))
         out.append(f"| {L} | {w:.2f} | {(w - at) / w:.0%} | {(w - ml) / w:.0%} | "
                    f"{1 - (w - at) / w - (w - ml) / w:.0%} |")
@@ -198,31 +223,32 @@ def shares(a, work, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", default=["real", "cap", "shares"])
+    p.add_argument("parts", nargs="*", default=["real", "synthetic", "cap", "shares"])
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--cap-gib", type=float, default=2.0)
     p.add_argument("--cap-lengths", default="8192,16384,32768")
     p.add_argument("--share-lengths", default="1024,8192")
+    p.add_argument("--synthetic-lengths", default="512,1024")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--share-rounds", type=int, default=3)
     p.add_argument("--write", action="store_true", help="write bench/out/long_sequences.md")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
     a.cap_lengths = [int(x) for x in a.cap_lengths.split(",")]
     a.share_lengths = [int(x) for x in a.share_lengths.split(",")]
+    a.synthetic_lengths = [int(x) for x in a.synthetic_lengths.split(",")]
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp(prefix="ak-bench-long-")
     out = [f"machine: {machine()}"]
     for part in a.parts:
-        {"real": real, "cap": cap, "shares": shares}[part](a, work, out)
+        {"real": real, "synthetic": synthetic, "cap": cap, "shares": shares}[part](a, work, out)
     text = "\n".join(out)
     print(text)
     if a.write:
-        os.makedirs("bench/out", exist_ok=True)
-        with open("bench/out/long_sequences.md", "w") as f:
-            f.write(f"command: python -m bench.long_sequences {' '.join(os.sys.argv[1:])}\n\n"
-                    f"{text}\n")
+        write_out("long_sequences", "bench.long_sequences", text)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from alignkit.profiling import MemoryWindow, resident_bytes
-from alignkit.bench.harness import machine
+from alignkit.bench.harness import machine, write_out
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000
 MODEL = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=688,
@@ -260,10 +260,7 @@ def main():
                           "alternating", ""] + head_ab_table(out))
         print(text)
         if a.write:
-            os.makedirs("bench/out", exist_ok=True)
-            with open("bench/out/trainer_engine.md", "w") as f:
-                f.write(f"command: python -m bench.trainer {' '.join(os.sys.argv[1:])}\n\n"
-                        f"{text}\n")
+            write_out("trainer_engine", "bench.trainer", text)
         return
     work = tempfile.mkdtemp(prefix="ak-bench-trainer-")
     tok_dir = os.path.join(work, "tok")
@@ -315,9 +312,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if a.write:
-        os.makedirs("bench/out", exist_ok=True)
-        with open("bench/out/trainer.md", "w") as f:
-            f.write(f"command: python -m bench.trainer {' '.join(os.sys.argv[1:])}\n\n{text}\n")
+        write_out("trainer", "bench.trainer", text)
 
 
 if __name__ == "__main__":

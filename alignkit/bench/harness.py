@@ -9,6 +9,7 @@ before the run (inputs, weights) are not counted; gradients and everything the m
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -219,6 +220,17 @@ def plot(rows: list[Row], path, title: str):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_out(name: str, module: str, text: str) -> str:
+    """bench/out/<name>.md: the command line (``python -m <module> <argv>``), then the text.
+    Returns the path."""
+    import sys
+    os.makedirs("bench/out", exist_ok=True)
+    path = os.path.join("bench/out", f"{name}.md")
+    with open(path, "w") as f:
+        f.write(f"command: python -m {module} {' '.join(sys.argv[1:])}\n\n{text}\n")
+    return path
 
 
 def machine() -> str:

@@ -145,27 +145,26 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             off += n
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
         lengths = [len(p) + len(r) for p, r in seqs]
-        mask, layout = ((torch.ones_like(ids), VarlenLayout.of(lengths)) if varlen else
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        mask, layout = ((torch.ones_like(ids), VarlenLayout.of(
+            (e - n, e - n, e - n, e) for n, e in zip(lengths, ends))) if varlen else
                         (_block_causal_mask(lengths, mask_dtype), None))
     elif packing == "shared_prompt" and varlen:
         B = _pairs_of(examples, indices, S)
-        flat, pos_l, lengths, index, keep = [], [], [], [], []
+        flat, pos_l, pieces = [], [], []
         for i in range(B):
             (p, c), (_, r) = seqs[i], seqs[B + i]
             P, C, R = len(p), len(c), len(r)
-            o, base = len(flat), len(index)           # row offset, offset among the sequences
+            o = len(flat)                             # the pair's row offset
             flat.extend(p + c + r)
             pos_l.extend(list(range(P + C)) + list(range(P, P + R)))
-            lengths += [P + C, P + R]                 # [prompt, chosen], [prompt, rejected]
-            index.extend(list(range(o, o + P + C)) + list(range(o, o + P)) +
-                         list(range(o + P + C, o + P + C + R)))
-            keep.extend(list(range(base, base + P + C)) +
-                        list(range(base + 2 * P + C, base + 2 * P + C + R)))
+            # attention over [prompt, chosen], and over [prompt, rejected]
+            pieces += [(o, o, o, o + P + C), (o, o + P, o + P + C, o + P + C + R)]
             add(i, [o + P - 1] + list(range(o + P, o + P + C - 1)) if C else [], c, o + P + C - 1)
             add(B + i, [o + P - 1] + list(range(o + P + C, o + P + C + R - 1)) if R else [], r,
                 o + P + C + R - 1 if R else o + P - 1)
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
-        mask, layout = torch.ones_like(ids), VarlenLayout.of(lengths, index, keep)
+        mask, layout = torch.ones_like(ids), VarlenLayout.of(pieces)
     elif packing == "shared_prompt":
         # pass 1: [prompt (left-padded to Pm), chosen, pad] per pair; pass 2: [rejected, pad] on
         # top of pass 1's KV cache cropped to the Pm prompt columns
