@@ -61,7 +61,7 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)   # beta, loss_type, gamma, ... (per loss)
     reference: str = "precompute"
     reference_cache_dir: Optional[str] = None  # default $ALIGNKIT_CACHE or ~/.cache/alignkit
-    packing: str = "padded"                  # padding_free wins on mixed lengths (bench/RESULTS.md)
+    packing: str = "padding_free"            # 1.19-1.38x padded on real rows (bench/RESULTS.md)
     backend: str = "auto"                    # the log-prob op's backend
     # loop
     output_dir: str = "alignkit-out"
