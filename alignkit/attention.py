@@ -73,6 +73,15 @@ class VarlenLayout:
         return VarlenLayout(pieces, torch.tensor(bounds, dtype=torch.int32),
                             max(lengths, default=0), index, keep)
 
+    @staticmethod
+    def of_lengths(lengths: Sequence[int]) -> "VarlenLayout":
+        """Sequences of these lengths end to end in one row (padding_free)."""
+        pieces, s = [], 0
+        for n in lengths:
+            pieces.append((s, s, s, s + n))
+            s += n
+        return VarlenLayout.of(pieces)
+
     def to(self, device) -> "VarlenLayout":
         move = {k: getattr(self, k).to(device, non_blocking=True)
                 for k in ("cu_seqlens", "index", "keep") if getattr(self, k) is not None}
@@ -202,5 +211,17 @@ def uses_varlen(model) -> bool:
         VARLEN, FLASH_VARLEN)
 
 
-__all__ = ["VarlenLayout", "varlen_attention", "register", "uses_varlen", "flash_attn_missing",
+def require_varlen(model) -> None:
+    """Raises ValueError unless the model's attention reads a VarlenLayout: any other would
+    ignore it and attend across the packed sequences."""
+    if not uses_varlen(model):
+        have = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        raise ValueError(f"a varlen layout (alignkit_layout) needs the model's attn_implementation "
+                         f"to be {VARLEN} or {FLASH_VARLEN} (alignkit.attention.register(), then "
+                         f"model.set_attn_implementation({VARLEN!r})); {type(model).__name__} "
+                         f"has {have!r}, which would ignore it and attend across sequences")
+
+
+__all__ = ["VarlenLayout", "varlen_attention", "register", "uses_varlen", "require_varlen",
+           "flash_attn_missing",
            "VARLEN", "FLASH_VARLEN"]

@@ -7,12 +7,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignkit.attention import FLASH_VARLEN, VARLEN, uses_varlen
+from alignkit.attention import require_varlen
 
 
 class BodyError(ValueError):
-    """The body cannot run the layout (no croppable KV cache for shared_prompt, or a varlen
-    layout for an attention that would ignore it)."""
+    """The body cannot run the layout (no croppable KV cache for shared_prompt)."""
 
 
 def body_hidden(body, input_ids, position_ids, attention_mask, input_ids2=None,
@@ -21,10 +20,7 @@ def body_hidden(body, input_ids, position_ids, attention_mask, input_ids2=None,
     two = input_ids2 is not None
     kw = {}
     if layout is not None:
-        if not uses_varlen(body):     # sdpa would ignore it and attend across sequences
-            raise BodyError(f"a varlen layout needs attn_implementation {VARLEN} or "
-                            f"{FLASH_VARLEN}; {type(body).__name__} has "
-                            f"{getattr(body.config, '_attn_implementation', None)!r}")
+        require_varlen(body)
         kw["alignkit_layout"] = layout
     out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                use_cache=two, **kw)

@@ -111,7 +111,7 @@ def test_helper_padded_and_packed_match_the_oracle_with_equal_gradients(op_calls
         for n in grads["padded"]:
             torch.testing.assert_close(grads[packing][n], grads["padded"][n], rtol=1e-4,
                                        atol=1e-6)
-    with pytest.raises(ValueError, match="alignkit_layout but the model's attn_implementation"):
+    with pytest.raises(ValueError, match="has 'sdpa', which would ignore it"):
         sequence_logprobs_from_model(tiny(), pack_pairs(pairs, packing="padding_free",
                                                         attention="varlen"))
 

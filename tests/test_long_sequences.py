@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import alignkit.attention as attention  # noqa: E402
 from alignkit.attention import FLASH_VARLEN, VARLEN, register  # noqa: E402
-from alignkit.body import BodyError, body_hidden  # noqa: E402
+from alignkit.body import body_hidden  # noqa: E402
 from alignkit.profiling import MemoryWindow  # noqa: E402
 from alignkit.tiled_mlp import TiledMLP, chunk_tokens_for, tile_mlp, untile_mlp  # noqa: E402
 from alignkit.train.config import ConfigError, TrainConfig  # noqa: E402
@@ -217,7 +217,8 @@ def test_the_models_own_calls_keep_sdpa_semantics():
 def test_a_layout_never_reaches_an_attention_that_would_ignore_it():
     model = tiny_model("llama", attn="sdpa")
     b = collate(examples(n=2), [0, 1], "padding_free", 0, attention="varlen")
-    with pytest.raises(BodyError, match="varlen layout needs attn_implementation"):
+    with pytest.raises(ValueError, match=r"varlen layout \(alignkit_layout\) needs the model's "
+                       "attn_implementation to be alignkit_varlen or alignkit_fa_varlen"):
         body_hidden(model.get_decoder(), b.input_ids, b.position_ids, b.attention_mask,
                     layout=b.layout)
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from alignkit.api import reduce_sequences
-from alignkit.attention import uses_varlen
+from alignkit.attention import require_varlen
 from alignkit.integrations.head import patch_model
 
 
@@ -49,14 +49,10 @@ def _check_batch(batch, model):
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}; got "
                          f"{tuple(labels.shape)}")
-    if batch.get("alignkit_layout") is not None and not uses_varlen(_unwrap(model)):
-        raise ValueError("batch has an alignkit_layout but the model's attn_implementation is "
-                         f"{getattr(_unwrap(model).config, '_attn_implementation', None)!r}, "
-                         "which would ignore it and attend across sequences: "
-                         "model.set_attn_implementation('alignkit_varlen') (after "
-                         "alignkit.attention.register()), or pack_pairs(attention='dense')")
     kw = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-    if batch.get("alignkit_layout") is not None:     # collators leave it where it was built
+    if batch.get("alignkit_layout") is not None:
+        require_varlen(_unwrap(model))
+        # collators leave it where it was built
         kw["alignkit_layout"] = batch["alignkit_layout"].to(ids.device)
     return ids, labels, kw
 

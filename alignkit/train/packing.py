@@ -145,9 +145,7 @@ def collate(examples, indices, packing: str, pad_id: int, *, kl_partner=None,
             off += n
         ids, pos = torch.tensor([flat]), torch.tensor([pos_l])
         lengths = [len(p) + len(r) for p, r in seqs]
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        mask, layout = ((torch.ones_like(ids), VarlenLayout.of(
-            (e - n, e - n, e - n, e) for n, e in zip(lengths, ends))) if varlen else
+        mask, layout = ((torch.ones_like(ids), VarlenLayout.of_lengths(lengths)) if varlen else
                         (_block_causal_mask(lengths, mask_dtype), None))
     elif packing == "shared_prompt" and varlen:
         B = _pairs_of(examples, indices, S)
