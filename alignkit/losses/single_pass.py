@@ -270,8 +270,8 @@ class _Tiles:
             if ents is not None:
                 ents[i0:i0 + n] = ent
             if formed and not self.cpu_lowp:
-                # bf16 G (fp32's exponent range); fp16 would flush p's tail (< 6e-8) to zero
-                # before the loss scale is applied: fp16 keeps the fp32 tile for its GEMMs
+                # bf16 G (fp32's exponent range); in fp16 g·p would flush to zero below 6e-8
+                # over most of a large vocabulary's tail: fp16 keeps the fp32 tile for its GEMMs
                 gdt = torch.bfloat16 if self.tdt == torch.bfloat16 else torch.float32
                 g_t = t if gdt == torch.float32 else t.to(gdt)
                 if self.w_g is None:                    # W in G's dtype, converted once

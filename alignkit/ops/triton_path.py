@@ -127,10 +127,11 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     if mode == "chunked":
         R = g_chunk_rows(M, V, h, tiles)
         # On a GPU with bf16 inputs G is stored in bf16 and the two GEMMs run on tensor cores with
-        # fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once). Not fp16: G
-        # holds tok_w·(onehot − p) before the loss's scalar (and any GradScaler factor) is
-        # applied, so at V=128k most of p's tail (< 6e-8) would flush to zero in fp16; bf16 has
-        # fp32's exponent range.
+        # fp32 outputs (out_dtype); otherwise everything is fp32 (W converted once). Not fp16:
+        # G = g·(onehot − p), g the upstream gradient per token (1/N of an averaged loss), and at
+        # V=128k g·p is below fp16's smallest subnormal (6e-8) for most of the tail, which would
+        # flush to zero (grad_h then loses Σ p·W: tests/test_triton_interpreter.py, fp16 tail);
+        # bf16 has fp32's exponent range.
         lowp = h.device.type == "cuda" and h.dtype == torch.bfloat16
         G_all = torch.empty(min(R, M) * V, dtype=h.dtype if lowp else torch.float32,
                             device=h.device)
