@@ -58,7 +58,7 @@ bench-full: $(STAMP)
 # One prepared check for a lent GPU machine (issue #20; Python, torch + CUDA, triton, transformers,
 # pytest preinstalled, no network): builds alignkit in place, installs the peers' wheels from
 # wheels/ when they are there, runs the Triton tests on CUDA and bench.gpu on two shapes, and
-# writes a markdown report to REPORT (bench/GPU_CHECK.md; under 8 minutes). DRY=1: the same
+# writes a markdown report to REPORT (default bench/out/gpu-check.md; under 8 minutes). DRY=1: the same
 # script on this CPU under the Triton interpreter (CI runs it). Peers are not on that image:
 # download their wheels here first with `make gpu-wheels` (needs the network).
 REPORT ?= bench/out/gpu-check.md
