@@ -12,6 +12,8 @@ Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, r
   the epoch's sequence tokens (prompt + response per sequence, alignkit's tokenisation) per step,
   over the mean gap between step ends after the first step. TRL DPOTrainer runs at its defaults
   (live reference model), the same model init and rows.
+  ``--bf16`` adds alignkit padding_free in bf16 (``precision: auto`` on a CPU with bf16 units)
+  and TRL in bf16 (``bf16=True``), and leaves out the sdpa rows.
 - ``synthetic``: bench.trainer's synthetic rows at L=512 and 1024: each packing under today's
   sdpa and under varlen (auto), runs alternating (``--rounds``), median step after the first.
 - ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each, SimPO: no
@@ -44,7 +46,7 @@ DATA = os.environ.get("ALIGNKIT_DATA_DIR",
 
 
 def run(rows, L, steps, packing, tok_dir, work, *, batch=2, attn="auto", ckpt=False,
-        tiled=False, profile_step=None, loss="dpo", prompt_len=None):
+        tiled=False, profile_step=None, loss="dpo", prompt_len=None, precision="fp32"):
     """One alignkit trainer run -> (StepClock, trainer)."""
     from alignkit.train import PreferenceTrainer
     cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8,
@@ -53,7 +55,7 @@ def run(rows, L, steps, packing, tok_dir, work, *, batch=2, attn="auto", ckpt=Fa
                reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
                attn_implementation=attn, gradient_checkpointing=ckpt, tiled_mlp=tiled,
                output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
-               max_steps=steps, lr=1e-5, precision="fp32", progress=False, tensorboard=False,
+               max_steps=steps, lr=1e-5, precision=precision, progress=False, tensorboard=False,
                seed=0, save_steps=10**6)
     clock = StepClock(profile_step or 10**9)
     tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
@@ -91,15 +93,18 @@ def real(a, work, out):
             "2 pairs per micro-batch, fp32)", "",
             "| data | max_length | trainer | step s | tokens/s | vs padded | vs today's padded "
             "(sdpa) | vs TRL | padded rows / real tokens |", "|---|---|---|---|---|---|---|---|---|"]
-    runs = [("padded", "auto"), ("padding_free", "auto"), ("shared_prompt", "auto"),
-            ("padded", "sdpa"), ("padding_free", "sdpa"), ("shared_prompt", "sdpa")]
+    runs = [("padded", "auto", "fp32"), ("padding_free", "auto", "fp32"),
+            ("shared_prompt", "auto", "fp32"), ("padded", "sdpa", "fp32"),
+            ("padding_free", "sdpa", "fp32"), ("shared_prompt", "sdpa", "fp32")]
+    if a.bf16:                              # the trainer's default precision on bf16 CPUs
+        runs = [r for r in runs if r[1] == "auto"] + [("padding_free", "auto", "bf16")]
     for f, rows in data.items():
         for L in a.lengths:
             steps = len(rows) // 2
             res, tokens, padfrac = {}, None, None
-            for packing, attn in runs:
+            for packing, attn, prec in runs:
                 clock, tr = run(rows, L - 8, steps, packing, tok_dir, work, attn=attn,
-                                prompt_len=L // 2)
+                                prompt_len=L // 2, precision=prec)
                 if tokens is None:        # the epoch's sequence tokens, and padded's rows
                     ex, tok_sum, pad_sum = tr.train_ex, 0, 0
                     for step in range(steps):
@@ -107,17 +112,23 @@ def real(a, work, out):
                             n = [len(ex[i].prompt) + len(r) for i in idx for r in ex[i].responses]
                             tok_sum, pad_sum = tok_sum + sum(n), pad_sum + len(n) * max(n)
                     tokens, padfrac = tok_sum / steps, pad_sum / tok_sum
-                res[f"alignkit {packing} ({attn})"] = mean_gap(clock)
-                print(f"  {f} L={L} {packing} {attn}: {res[f'alignkit {packing} ({attn})']:.2f} s",
-                      flush=True)
+                name = f"alignkit {packing} ({attn}{', bf16' if prec == 'bf16' else ''})"
+                res[name] = mean_gap(clock)
+                print(f"  {f} L={L} {name}: {res[name]:.2f} s", flush=True)
             if not a.no_trl:
                 res["TRL DPOTrainer (live ref)"] = mean_gap(
                     run_trl(rows, L - 8, steps, tok_dir, work, False, profile_step=10**9))
-            pad, today = res["alignkit padded (auto)"], res["alignkit padded (sdpa)"]
+                if a.bf16:
+                    res["TRL DPOTrainer (live ref, bf16)"] = mean_gap(
+                        run_trl(rows, L - 8, steps, tok_dir, work, False, profile_step=10**9,
+                                bf16=True))
+            pad = res["alignkit padded (auto)"]
+            today = res.get("alignkit padded (sdpa)")
             trl = res.get("TRL DPOTrainer (live ref)")
             for name, t in res.items():
                 out.append(f"| {f} | {L} | {name} | {t:.2f} | {tokens / t:.0f} | {pad / t:.2f}x | "
-                           f"{today / t:.2f}x | {f'{trl / t:.1f}x' if trl else '-'} | "
+                           f"{f'{today / t:.2f}x' if today else '-'} | "
+                           f"{f'{trl / t:.1f}x' if trl else '-'} | "
                            f"{padfrac:.2f} |")
                 print(out[-1], flush=True)
 
@@ -227,6 +238,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--no-trl", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="real: the varlen packings, padding_free in bf16, and TRL in bf16 too")
     p.add_argument("--cap-gib", type=float, default=2.0)
     p.add_argument("--cap-lengths", default="8192,16384,32768")
     p.add_argument("--share-lengths", default="1024,8192")

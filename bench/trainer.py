@@ -192,7 +192,7 @@ def head_ab_table(out):
 
 
 def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=None, patch=False,
-            kind="dpo"):
+            kind="dpo", bf16=False):
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -211,7 +211,7 @@ def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=Non
 
     common = dict(output_dir=os.path.join(work, f"trl-{kind}-{L}-{precompute}-{patch}"),
                   per_device_train_batch_size=batch, max_length=L + 8, max_steps=steps,
-                  logging_steps=1, report_to="none", use_cpu=True, bf16=False,
+                  logging_steps=1, report_to="none", use_cpu=True, bf16=bf16,
                   save_strategy="no", beta=0.1, learning_rate=1e-5, dataloader_num_workers=0,
                   disable_tqdm=True, seed=0)
     with warnings.catch_warnings():
