@@ -58,11 +58,15 @@ def test_scores_at_the_last_token_match_the_models_own_forward(setup):
     am = (torch.arange(L)[None] < torch.tensor([len(s) for s in ids])[:, None]).long()
     with torch.no_grad():
         own = rm(input_ids=x, attention_mask=am).logits.squeeze(-1)   # HF: last non-pad token
+        assert t.attention == "varlen"          # the trainer's default attention
         for packing in ("padded", "padding_free", "shared_prompt"):
-            b = collate(exs, idx, packing, t.pad_id)
-            got = SequenceScores(rm)(b.input_ids, b.position_ids, b.attention_mask, b.last,
-                                     b.input_ids2, b.position_ids2, b.attention_mask2, b.prefix)
-            torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5, msg=packing)
+            for attention in ("dense", "varlen"):
+                b = collate(exs, idx, packing, t.pad_id, attention=attention)
+                got = SequenceScores(rm)(b.input_ids, b.position_ids, b.attention_mask, b.last,
+                                         b.input_ids2, b.position_ids2, b.attention_mask2,
+                                         b.prefix, b.layout)
+                torch.testing.assert_close(got, own, rtol=1e-5, atol=1e-5,
+                                           msg=f"{packing} {attention}")
         torch.testing.assert_close(score_sequences(rm, x, am), own, rtol=1e-5, atol=1e-5)
     assert own.std() > 0                     # distinct scores: a misplaced index would show
 
