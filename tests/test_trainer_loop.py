@@ -111,11 +111,14 @@ def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
 
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2-tiled-mlp"])
 def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp):
+    """FSDP2 with the long-sequence settings: the tiled MLP's parameters enter its autograd
+    function as FSDP2's unsharded tensors and their gradients leave it for the reduce-scatter."""
     import yaml
+    long = dict(tiled_mlp=True, gradient_checkpointing=True) if fsdp else {}
     one = config(setup, tmp_path / "one", max_steps=3, batch_size=2, grad_accum=2,
-                 reference="precompute")
+                 reference="precompute", **long)
     PreferenceTrainer(one).train()
     two = dict(one, output_dir=str(tmp_path / "two"), grad_accum=1, fsdp=fsdp)
     cfg_path = tmp_path / "two.yaml"
