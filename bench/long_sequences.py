@@ -38,35 +38,10 @@ from pathlib import Path
 import torch
 
 from alignkit.bench.harness import machine, write_out
-from alignkit.profiling import resident_bytes
-from bench.trainer import MODEL, StepClock, make_rows, make_tokenizer, run_trl
+from bench.trainer import MODEL, make_rows, make_tokenizer, run_alignkit, run_trl
 
 DATA = os.environ.get("ALIGNKIT_DATA_DIR",
                       str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def run(rows, L, steps, packing, tok_dir, work, *, batch=2, attn="auto", ckpt=False,
-        tiled=False, profile_step=None, loss="dpo", prompt_len=None, precision="fp32"):
-    """One alignkit trainer run -> (StepClock, trainer)."""
-    from alignkit.train import PreferenceTrainer
-    cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8,
-               max_prompt_length=prompt_len or (L // 2 + 4), loss=loss,
-               loss_options={"beta": 0.1}, reference="precompute" if loss == "dpo" else "none",
-               reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
-               attn_implementation=attn, gradient_checkpointing=ckpt, tiled_mlp=tiled,
-               output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
-               max_steps=steps, lr=1e-5, precision=precision, progress=False, tensorboard=False,
-               seed=0, save_steps=10**6)
-    clock = StepClock(profile_step or 10**9)
-    tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
-        lambda t, s, r: clock.on_end(s, [t.model], t.optimizer)], log=lambda *a: None)
-    tr.save_final = lambda module: None
-    torch.manual_seed(0)
-    if profile_step == 1:      # the first step's window: its gradients and optimizer state are
-        clock.resident = resident_bytes([tr.model])            # allocated inside it
-        clock.window.start()
-    tr.train()
-    return clock, tr
 
 
 def mean_gap(clock):
@@ -103,8 +78,10 @@ def real(a, work, out):
             steps = len(rows) // 2
             res, tokens, padfrac = {}, None, None
             for packing, attn, prec in runs:
-                clock, tr = run(rows, L - 8, steps, packing, tok_dir, work, attn=attn,
-                                prompt_len=L // 2, precision=prec)
+                clock = run_alignkit(rows, L - 8, steps, packing, tok_dir, work,
+                                     profile_step=steps + 1, precision=prec,
+                                     attn_implementation=attn, max_prompt_length=L // 2)
+                tr = clock.trainer
                 if tokens is None:        # the epoch's sequence tokens, and padded's rows
                     ex, tok_sum, pad_sum = tr.train_ex, 0, 0
                     for step in range(steps):
@@ -147,7 +124,8 @@ def synthetic(a, work, out):
             t = {"sdpa": [], "auto": []}
             for _ in range(a.rounds):
                 for attn in t:
-                    clock, _ = run(rows, L, a.steps, packing, tok_dir, work, attn=attn)
+                    clock = run_alignkit(rows, L, a.steps, packing, tok_dir, work,
+                                         profile_step=a.steps + 1, attn_implementation=attn)
                     gaps = [y - x for x, y in zip(clock.ends, clock.ends[1:])]
                     t[attn].append(statistics.median(gaps))
             sd, vl = statistics.median(t["sdpa"]), statistics.median(t["auto"])
@@ -171,8 +149,9 @@ def cap(a, work, out):
                     peaks.append(None)
                     continue
                 t = time.time()
-                clock, _ = run(make_rows(2, L, seed=L), L, 1, packing, tok_dir, work, batch=1,
-                               ckpt=ckpt, tiled=tiled, profile_step=1, loss="simpo")
+                clock = run_alignkit(make_rows(2, L, seed=L), L, 1, packing, tok_dir, work,
+                                     batch=1, profile_step=1, gradient_checkpointing=ckpt,
+                                     tiled_mlp=tiled, loss="simpo", reference="none")
                 peaks.append(clock.peak)
                 print(f"  cap {packing} ckpt={ckpt} tiled={tiled} L={L}: "
                       f"{clock.peak / 2**20:.0f} MiB ({time.time() - t:.0f} s)", flush=True)

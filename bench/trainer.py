@@ -82,22 +82,32 @@ class StepClock:
 
 
 def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=None,
-                 precision="fp32"):
+                 precision="fp32", **overrides):
+    """One alignkit trainer run -> its StepClock (``.records``: the logged metrics per step;
+    ``.trainer``: the PreferenceTrainer). overrides: TrainConfig keys over the bench's (e.g.
+    attn_implementation, gradient_checkpointing, tiled_mlp, loss with reference). profile_step
+    (default min(3, steps); past ``steps``: none): the step whose peak is measured; 1 opens the
+    window before the first step, so its gradients and optimizer state, allocated inside it,
+    count."""
     from alignkit.train import PreferenceTrainer
     profile_step = profile_step or min(3, steps)
-    cfg = dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8, max_prompt_length=L // 2 + 4,
-               loss="dpo", loss_options={"beta": 0.1}, reference="precompute",
-               reference_cache_dir=os.path.join(work, "refcache"), packing=packing,
-               output_dir=os.path.join(work, f"ak-{packing}-{L}"), batch_size=batch,
-               max_steps=steps, lr=1e-5, precision=precision, progress=False, tensorboard=False,
-               seed=0, save_steps=10**6)
+    cfg = dict(dict(model_config=MODEL, tokenizer=tok_dir, max_length=L + 8,
+                    max_prompt_length=L // 2 + 4, loss="dpo", loss_options={"beta": 0.1},
+                    reference="precompute", reference_cache_dir=os.path.join(work, "refcache"),
+                    packing=packing, output_dir=os.path.join(work, f"ak-{packing}-{L}"),
+                    batch_size=batch, max_steps=steps, lr=1e-5, precision=precision,
+                    progress=False, tensorboard=False, seed=0, save_steps=10**6), **overrides)
     clock = StepClock(profile_step)
     clock.records = []
     tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
         lambda t, s, r: (clock.on_end(s, [t.model], t.optimizer), clock.records.append(r))],
                            log=lambda *a: None)
     tr.save_final = lambda module: None               # not part of a step
+    clock.trainer = tr
     torch.manual_seed(0)
+    if profile_step == 1:
+        clock.resident = resident_bytes([tr.model])
+        clock.window.start()
     tr.train()
     return clock
 
