@@ -28,30 +28,31 @@ import time
 TESTS = "tests/test_triton_interpreter.py"
 
 
-def _tests(dry):
+def _run(args, dry):
+    """A python -m subprocess with TRITON_INTERPRET=1 in a dry run and unset on a card (set
+    before triton is imported: a process of its own) -> (exit code, stdout, stderr, seconds)."""
     env = dict(os.environ)
     if dry:
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
     t = time.time()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-W", "ignore::RuntimeWarning",
-                        "-p", "no:cacheprovider", TESTS], env=env, capture_output=True, text=True)
-    lines = (p.stdout + p.stderr).strip().splitlines()
-    return p.returncode, lines, time.time() - t
+    p = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr, time.time() - t
+
+
+def _tests(dry):
+    rc, out, err, secs = _run(["pytest", "-q", "-W", "ignore::RuntimeWarning", "-p",
+                               "no:cacheprovider", TESTS], dry)
+    return rc, (out + err).strip().splitlines(), secs
 
 
 def _bench(dry):
-    env = dict(os.environ)
-    if dry:
-        env["TRITON_INTERPRET"] = "1"           # before triton is imported: a process of its own
-    t = time.time()
-    p = subprocess.run([sys.executable, "-m", "bench.gpu"] + (["--dry"] if dry else []),
-                       env=env, capture_output=True, text=True)
-    lines = p.stdout.strip().splitlines()
-    if p.returncode:                     # the interpreter's numpy warnings are noise otherwise
-        lines += ["", "```"] + p.stderr.strip().splitlines()[-40:] + ["```"]
-    return p.returncode, lines, time.time() - t
+    rc, out, err, secs = _run(["bench.gpu"] + (["--dry"] if dry else []), dry)
+    lines = out.strip().splitlines()
+    if rc:                               # the interpreter's numpy warnings are noise otherwise
+        lines += ["", "```"] + err.strip().splitlines()[-40:] + ["```"]
+    return rc, lines, secs
 
 
 def main(argv=None):
