@@ -82,8 +82,9 @@ class VarlenLayout:
             s += n
         return VarlenLayout.of(pieces)
 
-    def to(self, device) -> "VarlenLayout":
-        move = {k: getattr(self, k).to(device, non_blocking=True)
+    def to(self, device, non_blocking: bool = False) -> "VarlenLayout":
+        """A copy with its tensors on ``device`` (as Tensor.to)."""
+        move = {k: getattr(self, k).to(device, non_blocking=non_blocking)
                 for k in ("cu_seqlens", "index", "keep") if getattr(self, k) is not None}
         return replace(self, **move)
 

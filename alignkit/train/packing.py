@@ -69,8 +69,7 @@ class Batch:
                   "segment_ids", "last", "input_ids2", "position_ids2", "attention_mask2",
                   "layout"):
             if getattr(self, k) is not None:
-                setattr(self, k, getattr(self, k).to(device, non_blocking=True) if k != "layout"
-                        else self.layout.to(device))
+                setattr(self, k, getattr(self, k).to(device, non_blocking=True))
         return self
 
 
