@@ -3,6 +3,7 @@
     python -m bench.losses --preset full --write     # B1-B3 and the long pair
     python -m bench.losses --preset small
     python -m bench.losses --preset full --auto-only --reps 7 --write   # the targets table
+    python -m bench.losses --preset full --keep --write    # the single pass's keep budget
 
 Methods per loss: alignkit.preference_loss; naive full logits + the same loss; Liger's fused loss
 (compiled=False and True); TRL's ChunkedLogProbFunction log-probs + the loss math; the GEMM floor
@@ -34,8 +35,23 @@ OUT = Path(__file__).parent
 alignkit_fused, liger = methods.alignkit_fused, methods.liger_pref
 
 
+def keep_steps(case, loss):
+    """The single pass's keep budget (TileOptions.keep_bytes) against the recompute and CCE:
+    no budget beyond the tile (the deferred tokens past the tile's rows formed twice), the
+    default (3/10 of grad_W), and one that keeps every deferred token (3 GEMMs for all)."""
+    from alignkit import TileOptions
+    every = TileOptions(keep_bytes=case.S * case.T * case.V * 4)
+    sp = lambda tiles: alignkit_fused(loss, "single_pass", tiles=tiles)(case)  # noqa: E731
+    return {"alignkit auto": alignkit_fused(loss)(case),
+            "alignkit recompute": alignkit_fused(loss, "recompute")(case),
+            "alignkit single_pass, keep_bytes=0": sp(TileOptions(keep_bytes=0)),
+            "alignkit single_pass, default keep": sp(None),
+            "alignkit single_pass, keep every deferred token": sp(every),
+            "CCE torch_compile + loss": methods.peer_step("CCE torch_compile", loss)(case)}
+
+
 def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False,
-        auto_only=False, bf16=False):
+        auto_only=False, bf16=False, keep=False):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         if shapes and not any(x in name for x in shapes):
@@ -52,6 +68,8 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                 steps["alignkit recompute, bf16"] = alignkit_fused(loss, "recompute")(c16)
                 steps["alignkit single_pass, bf16"] = alignkit_fused(loss, "single_pass")(c16)
                 reset = lambda c16=c16: (case.reset(), c16.reset())  # noqa: E731
+            elif keep:
+                steps.update(keep_steps(case, loss))
             elif auto_only:                           # the default mode against the floor
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
             elif only_alignkit:                     # the two gradient modes that auto picks from
@@ -89,20 +107,23 @@ def main(argv=None):
                        help="the floor and alignkit's default (auto) only, each run right after "
                             "a floor run: ratio = median of the back-to-back pairs (the targets' "
                             "table)")
+    which.add_argument("--keep", action="store_true",
+                       help="the single pass's keep budget (none, the default, every deferred "
+                            "token) beside auto, the recompute and CCE")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
     rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit,
-               auto_only=a.auto_only, bf16=a.bf16)
+               auto_only=a.auto_only, bf16=a.bf16, keep=a.keep)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
         out = OUT / "out"
         out.mkdir(exist_ok=True)
         tag = a.preset + ("_auto" if a.auto_only else "_alignkit" if a.only_alignkit
-                          else "_bf16" if a.bf16 else "")
+                          else "_bf16" if a.bf16 else "_keep" if a.keep else "")
         harness.write_csv(rows, out / f"losses_{tag}.csv")
-        if not (a.auto_only or a.only_alignkit or a.bf16):
+        if not (a.auto_only or a.only_alignkit or a.bf16 or a.keep):
             harness.plot(rows, OUT / f"losses_{a.preset}.png",
                          "alignkit fused losses, fwd+bwd (CPU)")
         (out / f"losses_{tag}.md").write_text(

@@ -84,3 +84,29 @@ def test_alignkit_bench_reads_a_model_config_and_names_bad_input(tmp_path):
         p = subprocess.run([sys.executable, "-m", "alignkit.cli", "bench", *args],
                            capture_output=True, text=True, env=env)
         assert p.returncode == 2 and msg in p.stderr, p.stderr
+
+
+def test_bench_losses_keep_mode_runs_each_budget(monkeypatch):
+    """bench.losses --keep: each budget's step runs the single pass with the kept rows it
+    names (none beyond the tile's own, the default, every deferred token); CCE is left to the
+    bench run (its compile is slow)."""
+    import alignkit.losses.single_pass as sp
+    from bench.losses import keep_steps
+    kept = []
+    real = sp._Tiles.finish_kept
+    monkeypatch.setattr(sp._Tiles, "finish_kept",
+                        lambda self, sel, scale: kept.append(sel.numel()) or real(self, sel, scale))
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 500 * 4))     # 16-row tiles
+    case = methods.make_case("tiny", 4, 64, 32, 500)
+    steps = keep_steps(case, "dpo")
+    assert "CCE torch_compile + loss" in steps
+    counts = case.mask.sum(-1)                  # pairs (0, 2) and (1, 3); the longer is U
+    deferred = int(counts.sum() - (counts[:2] + counts[2:]).max())
+    for name, want in (("alignkit single_pass, keep_bytes=0", 16),
+                       # (16 rows + 3/10 of grad_W) / 4V
+                       ("alignkit single_pass, default keep", (16 * 2000 + 19200) // 2000),
+                       ("alignkit single_pass, keep every deferred token", deferred)):
+        kept.clear()
+        steps[name]()
+        case.reset()
+        assert kept == [min(want, deferred)], name

@@ -59,10 +59,10 @@ def test_single_pass_matches_recompute_and_float64(loss, opts, shape, backend):
     check_single_pass(loss, opts, shape, backend)
 
 
-def check_single_pass(loss, opts, shape, backend, dtype=torch.float32, device="cpu"):
-    """Single pass and recompute (both on `backend`, inputs in `dtype` on `device`) against
-    float64: loss and the gradients of hidden, weight and bias within a few times the
-    recompute's own error."""
+def check_single_pass(loss, opts, shape, backend, dtype=torch.float32, device="cpu", tiles=None):
+    """Single pass and recompute (both on `backend`, inputs in `dtype` on `device`, with
+    `tiles`) against float64: loss and the gradients of hidden, weight and bias within a few
+    times the recompute's own error."""
     h64, W64, b64, y, seg = (None if t is None else t.to(device) for t in pair_inputs(**shape))
     B = shape.get("pairs", 1)
     ref_lp = None
@@ -85,7 +85,7 @@ def check_single_pass(loss, opts, shape, backend, dtype=torch.float32, device="c
         b = b64.detach().to(dtype).requires_grad_() if b64 is not None else None
         out, m = alignkit.preference_loss(h, W, y, loss=loss, bias=b, segment_ids=seg,
                                           ref_logprobs=ref_lp, grad_mode=mode, backend=backend,
-                                          **opts)
+                                          tiles=tiles, **opts)
         out.backward()
         runs[mode] = (out.detach(), m, h.grad, W.grad, None if b is None else b.grad)
     rec, sp = runs["recompute"], runs["single_pass"]
@@ -132,14 +132,19 @@ def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
 
 @pytest.mark.parametrize("loss,pairs,rows,picked", [
     ("simpo", 1, None, "single_pass"),          # one tied pair, 16777-row tiles
-    ("simpo", 2, None, "recompute"),            # a second pair would be formed twice
+    ("simpo", 2, None, "single_pass"),          # the second pair's G kept (3 GEMMs)
+    ("simpo", 2, 300, "recompute"),             # ... past the keep budget: formed twice
     ("simpo", 1, 200, "recompute"),             # short tiles
-    ("orpo", 1, None, "recompute"),             # untied: the rejected sequence formed twice
+    ("orpo", 1, None, "single_pass"),           # untied: the rejected sequence's G kept
+    ("orpo", 1, 300, "recompute"),              # ... past the keep budget: formed twice
 ])
 def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked,
                                                              monkeypatch):
-    tiles = alignkit.TileOptions(single_pass_bytes=rows * 4 * 1000) if rows else None
-    h64, W64, _, y, _ = pair_inputs(pairs=pairs)
+    # rows: a tile budget of that many rows and no keep budget beyond it (H = 24 < 1024), with
+    # 400 tokens a sequence: 300 kept rows hold under half the deferred tokens
+    tiles = alignkit.TileOptions(single_pass_bytes=rows * 4 * 1000, keep_bytes=0) \
+        if rows else None
+    h64, W64, _, y, _ = pair_inputs(pairs=pairs, T=400 if rows == 300 else 37)
     grads = {}
     for mode in ("single_pass", "auto", "recompute"):
         h = h64.float().requires_grad_()
@@ -257,4 +262,61 @@ def test_tile_knobs_have_one_meaning_each(monkeypatch):
         TileOptions(triton_bwd="fast")
     monkeypatch.setenv("ALIGNKIT_VOCAB_BLOCK", "lots")
     with pytest.raises(ValueError, match="ALIGNKIT_VOCAB_BLOCK must be an integer"):
+        TileOptions().resolved()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget", ["all", "part"])
+@pytest.mark.parametrize("loss,opts,shape", [
+    ("dpo", dict(beta=0.2), dict(pairs=3)),                                   # tied
+    ("simpo", dict(beta=2.0, gamma=0.5), dict(pairs=2, packed=True, bias=True)),
+    ("dpo", dict(beta=0.5, loss_type="ipo"), dict(pairs=2, packed=True)),     # count-tied
+    ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),                   # untied, 1 pair
+    ("cpo", dict(beta=0.5, alpha=0.7), dict(pairs=2, bias=True)),             # untied
+])
+def test_kept_deferred_tokens(loss, opts, shape, budget, dtype, backend, monkeypatch):
+    """The keep budget: the deferred sequences' G formed once and kept until their scalars are
+    known. "all": every deferred token kept (the default budget holds these shapes); "part":
+    8-row tiles and no budget beyond them, so 8 tokens are kept and the rest formed again. Both
+    against float64 and the recompute; a counter proves how many rows were kept."""
+    import alignkit.losses.single_pass as sp
+    kept = []
+    real = sp._Tiles.finish_kept
+    monkeypatch.setattr(sp._Tiles, "finish_kept",
+                        lambda self, sel, scale: kept.append(sel.numel()) or real(self, sel, scale))
+    from alignkit.ops.backends import gemm_dtype
+    per = 2 if gemm_dtype(dtype, torch.device("cpu")) == torch.bfloat16 else 4
+    tiles = alignkit.TileOptions(single_pass_bytes=8 * per * 1000, keep_bytes=0) \
+        if budget == "part" else None
+    check_single_pass(loss, opts, shape, backend, dtype=dtype, tiles=tiles)
+    _, _, _, y, seg = pair_inputs(**shape)
+    S = 2 * shape.get("pairs", 1)
+    sid = seg if seg is not None else torch.arange(S)[:, None].expand(y.shape)
+    counts = torch.bincount(sid[y != -100], minlength=S)
+    B = S // 2
+    tied = loss in ("dpo", "simpo")
+    deferred = int(counts.sum() - ((counts[:B] + counts[B:]).max() if tied else counts.max()))
+    assert kept == [deferred if budget == "all" else 8]
+
+
+def test_keep_budget_knob(monkeypatch):
+    """keep_bytes: default 3/10 of grad_W; ALIGNKIT_KEEP_BYTES; the call's TileOptions wins;
+    the kept rows share the tile's budget (fp32: 4 bytes an element)."""
+    from alignkit.losses.single_pass import keep_rows
+    from alignkit.ops.options import TileOptions
+    monkeypatch.delenv("ALIGNKIT_KEEP_BYTES", raising=False)
+    monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
+    assert TileOptions().resolved(head=(1000, 64)).keep_bytes == 1000 * 64 * 4 * 3 // 10
+    assert TileOptions().resolved().keep_bytes == 0
+    assert keep_rows(1000, 64) == ((64 << 20) + 76800) // 4000
+    t = TileOptions(single_pass_bytes=4000 * 5, keep_bytes=4000 * 2)
+    assert keep_rows(1000, 64, tiles=t) == 7
+    assert keep_rows(1000, 64, dtype=torch.bfloat16, tiles=t, triton=True) == 4  # own bf16 buffer
+    monkeypatch.setenv("ALIGNKIT_KEEP_BYTES", str(4000 * 3))
+    assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000)) == 4
+    assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000, keep_bytes=0)) == 1
+    with pytest.raises(ValueError, match="keep_bytes must be None or an int >= 0"):
+        TileOptions(keep_bytes=-1)
+    monkeypatch.setenv("ALIGNKIT_KEEP_BYTES", "much")
+    with pytest.raises(ValueError, match="ALIGNKIT_KEEP_BYTES must be an integer"):
         TileOptions().resolved()

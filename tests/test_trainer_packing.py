@@ -131,10 +131,11 @@ def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, mon
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
     model = tiny_model("qwen2", bias=True)
-    # two pairs (one for auto, which takes the single pass for one pair of a tied loss)
-    exs = examples(n=1 if grad_mode == "auto" else 2)
+    # two pairs: auto takes the single pass, the second pair's (untied: every other
+    # sequence's) G tiles kept within the default keep budget at this size
+    exs = examples(n=2)
     S = 2 * len(exs)
-    single = grad_mode == "single_pass" or (grad_mode == "auto" and loss != "orpo")
+    single = grad_mode != "recompute"
     mod = SequenceLogprobs(model, backend="cpp" if alignkit.cpp_available() else "torch")
     for mode in MODES:
         batch = collate(exs, list(range(len(exs))), mode, pad_id=0)

@@ -138,12 +138,12 @@ def _loss_from_seq(loss, sums, counts, case):
     return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
 
 
-def alignkit_fused(loss, grad_mode="auto", backend="auto"):
+def alignkit_fused(loss, grad_mode="auto", backend="auto", tiles=None):
     def setup(case):
         kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
         return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss,
                                                 grad_mode=grad_mode, backend=backend,
-                                                **kw)[0].backward()
+                                                tiles=tiles, **kw)[0].backward()
     return setup
 
 

@@ -13,15 +13,16 @@ How the gradient is computed (the memory arithmetic; measurements in bench/RESUL
   whole vocabulary: [rows, V] fp32, rows = 64 MiB / 4V) and its sequence's scalar dL/dlogp,
   known only after the sequence's last token. One group of tokens with one unknown scalar can go
   unscaled into the empty grad_W accumulator and be scaled once: both sequences of the longest
-  pair for the tied losses (SimPO, most DPO types: dL/dr = −dL/dc), its chosen sequence for the
-  others. Every other sequence is scored first (forward only), so its scalar is known when its
-  tiles are formed the second time. A second [V, H] accumulator per pair in flight would cost
-  1.8-2.0x (grad_W + grad_h) at the bench shapes against the 1.3x budget; whole-pair tiles cost
-  [T, V] per pair, O(T·V). So: 3 GEMMs per token of the unscaled group, 4 for the rest; one
-  pair, tied: 3 for all.
-- ``grad_mode="auto"`` (the default) takes the single pass where it measured faster: one or two
-  pairs, and a full-vocabulary tile of >= 64 rows for the tied losses, >= 256 for the others
-  (V <= 262144 and V <= 65536 with the 64 MiB tile); the recompute otherwise.
+  pair for the tied losses (SimPO, most DPO types: dL/dr = −dL/dc), the longest sequence for the
+  others. Every other sequence is deferred. A second [V, H] accumulator per pair in flight would
+  cost 1.8-2.0x (grad_W + grad_h) at the bench shapes against the 1.3x budget. Instead, within
+  the keep budget (TileOptions.keep_bytes, default 0.3 x grad_W beyond the tile, sharing its
+  buffer: the 1.3x bound holds) a deferred token's G tile is kept until its scalar is known:
+  3 GEMMs. Past it the token is scored first (forward only) and formed again: 4 GEMMs.
+- ``grad_mode="auto"`` (the default) takes the single pass where it measured faster, fp32 with
+  full-vocabulary tiles of >= 256 rows (V <= 65536): one tied pair, or every deferred token
+  within the keep budget (at H >= 1024 also a batch with at most 30% of its tokens formed twice);
+  the recompute otherwise (_single_pass_pays has the measurements).
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ from alignkit.losses.registry import PAIRED, paired_loss_on_logps
 from alignkit.losses.single_pass import (
     GRAD_MODES,
     SinglePassOptions,
+    keep_rows,
     long_tiles,
     pass_blocker,
     single_pass_loss,
     tile_rows,
+    unscaled_group,
 )
+from alignkit.ops.backends import resolve
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
@@ -89,13 +93,12 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
     does not read raises.
 
-    grad_mode: "recompute" (backward recomputes each tile), "single_pass" (fp32; the
-    gradient is formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest
-    pair, or of its chosen sequence where the loss does not tie the two, 4 for the other tokens;
-    see alignkit/losses/single_pass.py; a call it cannot serve raises, naming why), "auto"
-    (the default: single_pass where it measured faster: one or two pairs, and a
-    full-vocabulary tile of >= 64 rows for SimPO and the tied DPO types, >= 256 rows for the
-    other losses; else recompute).
+    grad_mode: "recompute" (backward recomputes each tile), "single_pass" (the gradient is
+    formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest pair (tied
+    losses) or sequence (the others) and of the deferred tokens whose G tiles fit the keep
+    budget (tiles.keep_bytes), 4 for the rest; see alignkit/losses/single_pass.py; a call it
+    cannot serve raises, naming why), "auto" (the default: single_pass where it measured
+    faster, see the module docstring; else recompute).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
@@ -139,11 +142,13 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         # a fake (the single pass's loops are data-dependent and would break the graph)
         if torch.compiler.is_compiling():
             why = why or "it does not trace under torch.compile (auto takes the recompute there)"
-        pays = grad_mode == "single_pass" or _single_pass_pays(loss, own, S, weight,
-                                                               common.get("tiles"))
+        seg = _sequence_ids(S, labels, segment_ids)
+        pays = grad_mode == "single_pass" or (why is None and _single_pass_pays(
+            loss, own, S, weight, labels, seg, common.get("ignore_index", -100),
+            common.get("backend", "auto"), common.get("tiles")))
         if why is None and pays:
             return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
-                                segment_ids, ref)
+                                seg, ref)
         if grad_mode == "single_pass":
             raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
     sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
@@ -152,17 +157,18 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
 
-def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
-    # Measured (bench/RESULTS.md, "Single pass or recompute"), 64 MiB full-vocabulary tiles,
-    # fp32, on two 2-core machines: an EPYC (issue #3) and an AMX Xeon (issue #14).
-    # - one pair of a tied loss (SimPO, the DPO types of c − r): 3 GEMMs against 4; at or below
-    #   the recompute on both from 256-row tiles (V <= 65536); on the Xeon 17% above it with
-    #   110-row tiles (V=152k).
-    # - two pairs: the second pair is scored, then formed again (3.5 GEMMs). Below the recompute
-    #   on the EPYC, 3-20% above it on the Xeon (B1, and the trainer bench's head at 2x512 and
-    #   2x1024): a rule that holds on both takes the recompute.
-    # - untied losses (ORPO, CPO, DPO+sft...): the rejected sequence is formed twice; 10-15% above
-    #   the recompute on the Xeon at every shape.
+def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
+                      tiles=None) -> bool:
+    # Measured (bench/RESULTS.md, "Single pass or recompute", "The keep budget"), 64 MiB
+    # full-vocabulary tiles, fp32, on two 2-core machines: an EPYC (issue #3) and an AMX Xeon
+    # (issue #14).
+    # - every token formed once (one tied pair; or every deferred token's G within the keep
+    #   budget): 3 GEMMs against 4, at or below the recompute on both from 256-row tiles
+    #   (V <= 65536); on the Xeon 17% above it with 110-row tiles (V=152k). Kept, 2 pairs
+    #   ran 5-10% below the recompute at H = 256, 512 and 1024.
+    # - deferred tokens formed again (past the budget): 3-20% above the recompute on the Xeon
+    #   at H <= 512 (B1 without a budget; the trainer's head at 2x512, 2x1024); with part of
+    #   them kept, level at H = 512 and 5% below at H = 1024 (B1's default budget, 3.3 GEMMs).
     # bf16 on a CPU with bf16 units (the Xeon): 5-13% above the recompute even for one tied
     # pair of 1048-row tiles (B3, the long pair; bench.losses --bf16), more with short tiles:
     # the elementwise passes over the kept bf16 logits, not the GEMMs, bound it. The recompute.
@@ -172,15 +178,29 @@ def _single_pass_pays(loss, own, S, weight, tiles=None) -> bool:
     if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
         rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
         return S <= 4 and rows >= (64 if tied else 256)
-    return tied and S == 2 and long_tiles(weight, tiles)
+    if not long_tiles(weight, tiles):
+        return False
+    # the deferred tokens: all labelled tokens but the longest pair's (tied) or sequence's
+    # (untied), counted exactly (a pass over the labels; the CPU has no sync to avoid)
+    V, H = weight.shape
+    lab = labels.reshape(-1) != ignore_index
+    counts = torch.bincount(seg.reshape(-1)[lab], minlength=S)
+    n = int(counts.sum())
+    deferred = n - unscaled_group(counts, tied)[1]
+    kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles,
+                                   resolve(backend, weight.device) == "triton"))
+    return kept == deferred or (H >= 1024 and (deferred - kept) <= 0.3 * n)
 
 
-def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, segment_ids, ref):
+def _sequence_ids(S, labels, segment_ids):
+    """Each token's sequence: segment_ids (packed), else the row (padded [2B, T])."""
+    if segment_ids is not None:
+        return segment_ids
+    return torch.arange(S, device=labels.device)[:, None].expand(labels.shape)
+
+
+def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, seg, ref):
     from alignkit.ops.options import LogprobOptions
-    if segment_ids is None:
-        seg = torch.arange(S, device=hidden.device)[:, None].expand(labels.shape)
-    else:
-        seg = segment_ids
 
     def loss_fn(logps, counts):
         # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
@@ -188,9 +208,11 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
         return paired_loss_on_logps(loss, logps, sums, counts, ref, own)
     lp_opts = LogprobOptions(**common)
     t = lp_opts.tiles.resolved()
+    V, H = weight.shape
     o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
-                          tile_rows(weight.shape[0], weight.device, weight.dtype, t),
-                          t.vocab_block)
+                          tile_rows(V, weight.device, weight.dtype, t), t.vocab_block,
+                          keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles,
+                                    resolve(lp_opts.backend, weight.device) == "triton"))
     value, sums, counts = single_pass_loss(hidden, weight, labels, bias, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -16,24 +16,26 @@ place. Three GEMMs per tile instead of the recompute path's four: no tile is com
 
 Several pairs. Each pair has its own k, and a second [V, H] accumulator per pair in flight would
 break the memory budget (fused.py has the arithmetic). So one group goes unscaled into the empty
-accumulators: the longest pair (the most labelled tokens). Every other sequence is first scored
-forward only; once all log-probs are known, the loss gives every sequence's scalar, the group is
-scaled, and the other sequences' tiles are formed again with their scalars known. GEMMs: 3 per
-token of the group, 4 per other token (its logits twice), e.g. 7/6 of the floor for two equal
-pairs, against the recompute's 4/3 for any batch.
+accumulators: the longest pair (the most labelled tokens). The other sequences' tokens are
+deferred: their scalars are known only once every sequence is scored. Within the keep budget
+(TileOptions.keep_bytes, keep_rows) a deferred token's G is formed once with a unit scalar and
+kept, [rows, V], until the loss gives its sequence's scalar; then gh = s·(G·W) and
+grad_W += Gᵀ·(s·h): 3 GEMMs. Past the budget a deferred token is scored forward only first and
+its tile formed again with the scalar known: 4 GEMMs (its logits twice).
 
 Tied (the group is the whole pair): SimPO; DPO types that are a function of the log-ratio
 difference (sigmoid incl. cDPO, hinge, robust, exo_pair, discopop, aot, aot_unpaired; ipo and
-sigmoid_norm with the count normalisation), alone or combined. The tie is checked on the loss's
-own gradients, and a loss that breaks it raises.
+sigmoid_norm with the count normalisation), alone or combined. The tie is a property of the loss
+type (registry: LossSpec.tie).
 
 Untied (any other loss of the pair: DPO with sft, nca_pair, bco_pair, sppo_hard, apo_*, CPO and
 ORPO with their NLL term): dL/dc and dL/dr are two unrelated scalars, so the group is the
-longest pair's chosen sequence alone, and its rejected one joins the others: (3C + 4R) / 3(C + R),
-about 1.17x the three-GEMM floor for one pair of equal lengths.
+longest sequence alone, and every other sequence is deferred: one pair of equal lengths past the
+keep budget costs (3C + 4R) / 3(C + R), about 1.17x the three-GEMM floor.
 
 Memory: A ([V, H] fp32, returned as grad_W), the [N, H] hidden-gradient buffer (returned as
-grad_h) and one [rows, V] fp32 tile: rows = tile budget / (4V), whatever T and B are.
+grad_h) and one [rows, V] fp32 buffer, rows = (tile budget + keep budget) / (4V) at most,
+whatever T and B are: the tile and the kept G rows share it.
 """
 from __future__ import annotations
 
@@ -65,6 +67,25 @@ def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=Non
         budget = t.single_pass_bytes
         per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return max(1, budget // (per * V))
+
+
+def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
+              tiles=None, triton: bool = False) -> int:
+    """Token rows of G the single pass may keep for sequences whose scalar is not known yet.
+    Where G has the tile's dtype (fp32; bf16 GEMMs on CPU) the kept rows share one buffer with
+    the tile, formed in place: (tile budget + keep_bytes) / (V x itemsize), so keep_bytes is all
+    the memory keeping adds, and 0 still keeps what the tile's own memory holds. The triton
+    backend's bf16 G sits beside its fp32 tile, in a buffer of its own: keep_bytes / 2V.
+    (TileOptions.keep_bytes; default 3/10 of grad_W.)"""
+    t = (tiles or TileOptions()).resolved(head=(V, H))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    budget = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
+    if triton:
+        if dtype == torch.bfloat16:
+            return t.keep_bytes // (2 * V)
+        return (budget + t.keep_bytes) // (4 * V)
+    per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
+    return (budget + t.keep_bytes) // (per * V)
 
 
 GRAD_MODES = ("recompute", "single_pass", "auto")
@@ -126,6 +147,7 @@ class SinglePassOptions:
     logprob: LogprobOptions
     rows: int                        # token rows per [rows, V] tile (tile_rows)
     vocab_block: int = 2048          # columns per logits GEMM inside a tile (TileOptions)
+    keep: int = 0                    # deferred token rows whose G may be kept (keep_rows)
 
 
 def _mm_tile(t, hc, weight):
@@ -147,7 +169,7 @@ class _Tiles:
     gh [N, H], gw [V, H] and gb [V] (fp32; None where not needed)."""
 
     def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
-                 need_h, need_w, need_b, entropy=False):
+                 need_h, need_w, need_b, entropy=False, keep=0):
         H, V = weight.shape[1], weight.shape[0]
         dev = hidden.device
         self.h2, self.y, self.idx = hidden.reshape(-1, H), labels.reshape(-1), idx
@@ -168,8 +190,20 @@ class _Tiles:
         self.gw = torch.zeros(V, H, **f32) if need_w else None
         self.gb = torch.zeros(V, **f32) if need_b else None
         n_rows = min(rows, max(idx.numel(), 1))
-        self.tile = torch.empty(n_rows, V, dtype=self.tdt if self.cpu_lowp else torch.float32,
-                                device=dev)
+        tile_dt = self.tdt if self.cpu_lowp else torch.float32
+        # G's dtype in the gradient GEMMs: bf16 for bf16 GEMMs (fp32's exponent range); in fp16
+        # g·p would flush to zero below 6e-8 over most of a large vocabulary's tail, so fp16
+        # keeps the fp32 tile for its GEMMs
+        self.gdt = self.tdt if self.cpu_lowp else (
+            torch.bfloat16 if self.tdt == torch.bfloat16 else torch.float32)
+        # one buffer for the tile and the kept G rows (keep_rows): where G has the tile's dtype
+        # a kept chunk is formed in place, as its own tile
+        shared = self.gdt == tile_dt
+        work = torch.empty(max(n_rows, keep if shared else 0), V, dtype=tile_dt, device=dev)
+        self.tile = work[:n_rows]
+        self.kept = None if not keep else (work[:keep] if shared else
+                                           torch.empty(keep, V, dtype=self.gdt, device=dev))
+        self.kept_in_place = shared
         self.vb = vb = min(vocab_block, V)
         self.gblk = torch.empty(n_rows, vb, **f32) if self.cpu_lowp else None
         self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
@@ -179,17 +213,21 @@ class _Tiles:
         self.bt = bias if bias is None or bias.dtype == self.tile.dtype else \
             bias.to(self.tile.dtype)
 
-    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent):
+    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent, keep=False):
         """CPU bf16: per vocab block, G from the kept bf16 logits (fp32), cast, then gh[ic] +=
         G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16 out, added into
-        the fp32 accumulators a block at a time: no second [V, H] buffer)."""
+        the fp32 accumulators a block at a time: no second [V, H] buffer). keep: G (bf16)
+        replaces the block's logits in t, for finish_kept; no GEMM."""
         n, V = t.shape[0], self.V
         ghc = torch.zeros(n, self.H, dtype=torch.float32, device=self.dev) \
-            if self.gh is not None else None
+            if self.gh is not None and not keep else None
         for v0 in range(0, V, self.vb):
             v1 = min(V, v0 + self.vb)
             g, gl = self.gblk[:n, :v1 - v0], self.gblk_lp[:n, :v1 - v0]
             self.grad(t[:, v0:v1], g, yc, v0, lse2, g_lp, ent, g_ent, self.o)
+            if keep:
+                t[:, v0:v1].copy_(g)
+                continue
             if self.gb is not None:
                 self.gb[v0:v1] += g.sum(0)
             gl.copy_(g)
@@ -200,8 +238,9 @@ class _Tiles:
         if ghc is not None:
             self.gh.index_copy_(0, ic, ghc)
 
-    def _score(self, t, hc, yc, ic, coef, i0):
-        """Log-probs (and entropies) of the tile's rows; with coef, their gradient too."""
+    def _score(self, t, hc, yc, ic, coef, i0, keep=False):
+        """Log-probs (and entropies) of the tile's rows; with coef, their gradient too (with
+        keep, G only, left in t for finish_kept on CPU bf16)."""
         o, V = self.o, self.V
         if self.backend == "triton":
             # one vendor GEMM for the fp32 tile, then the logits kernels: the row statistics,
@@ -238,7 +277,7 @@ class _Tiles:
             return lp, ent, False
         ent_in = ent if g_ent is not None else None
         if self.cpu_lowp:
-            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_lp, ent_in, g_ent)
+            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_lp, ent_in, g_ent, keep)
         else:
             self.grad(t, t, yc, 0, st.lse2(), g_lp, ent_in, g_ent, o)
         return lp, ent, True
@@ -251,10 +290,18 @@ class _Tiles:
             return coef(ic, lp, ent)
         return coef[i0:i0 + ic.numel()].contiguous(), None
 
-    def sweep(self, sel, coef=None):
+    def _w_g(self):
+        """W in G's dtype for the gradient GEMMs, converted once."""
+        if self.w_g is None:
+            self.w_g = self.weight if self.weight.dtype == self.gdt else self.weight.to(self.gdt)
+        return self.w_g
+
+    def sweep(self, sel, coef=None, keep=False):
         """(log-probs, entropies or None) of the labelled tokens idx[sel]. coef: None (score
         only), g_lp per token [len(sel)], or a callable (token indices, lp, ent) -> (g_lp, g_ent
-        or None) of each tile's rows: their gradient contributions go into gh, gw and gb."""
+        or None) of each tile's rows: their gradient contributions go into gh, gw and gb. keep:
+        G is formed but left in the kept buffer (row j for sel[j]) for finish_kept, which runs
+        its two GEMMs once each row's scale is known."""
         ids = self.idx[sel]
         f32 = dict(dtype=torch.float32, device=self.dev)
         out = torch.empty(ids.numel(), **f32)
@@ -264,25 +311,59 @@ class _Tiles:
             n = ic.numel()
             hc = self.h2.index_select(0, ic).to(self.tdt)
             yc = self.y.index_select(0, ic)
-            t = self.tile[:n]
-            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0)
+            t = self.kept[i0:i0 + n] if keep and self.kept_in_place else self.tile[:n]
+            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0, keep)
             out[i0:i0 + n] = lp
             if ents is not None:
                 ents[i0:i0 + n] = ent
-            if formed and not self.cpu_lowp:
-                # bf16 G (fp32's exponent range); in fp16 g·p would flush to zero below 6e-8
-                # over most of a large vocabulary's tail: fp16 keeps the fp32 tile for its GEMMs
-                gdt = torch.bfloat16 if self.tdt == torch.bfloat16 else torch.float32
-                g_t = t if gdt == torch.float32 else t.to(gdt)
-                if self.w_g is None:                    # W in G's dtype, converted once
-                    self.w_g = self.weight if self.weight.dtype == gdt else self.weight.to(gdt)
-                if self.gh is not None:
-                    self.gh.index_copy_(0, ic, _mm32(g_t, self.w_g))
-                if self.gw is not None:
-                    _addmm32(self.gw, g_t.t(), hc.to(gdt))
-                if self.gb is not None:
-                    self.gb.add_(t.sum(0))
+            if not formed or self.cpu_lowp:
+                continue
+            if keep:
+                if not self.kept_in_place:
+                    self.kept[i0:i0 + n].copy_(t)
+                continue
+            g_t = t if self.gdt == torch.float32 else t.to(self.gdt)
+            if self.gh is not None:
+                self.gh.index_copy_(0, ic, _mm32(g_t, self._w_g()))
+            if self.gw is not None:
+                _addmm32(self.gw, g_t.t(), hc.to(self.gdt))
+            if self.gb is not None:
+                self.gb.add_(t.sum(0))
         return out, ents
+
+    def finish_kept(self, sel, scale):
+        """The kept G rows of idx[sel] (swept with keep=True), each times its scale [len(sel)]
+        (its sequence's dL/dlogp, known now): gh[rows] = s·(G·W), gw += Gᵀ·(s·h), gb += Gᵀ·s.
+        The scale goes on the [n, H] side of each GEMM, not on the [n, V] G."""
+        ids = self.idx[sel]
+        n = ids.numel()
+        K = self.kept[:n]
+        s32 = scale.to(torch.float32)
+        hs = (self.h2.index_select(0, ids).to(torch.float32) * s32[:, None]).to(self.gdt)
+        if not self.cpu_lowp:
+            if self.gh is not None:
+                self.gh.index_copy_(0, ids, _mm32(K, self._w_g()).mul_(s32[:, None]))
+            if self.gw is not None:
+                _addmm32(self.gw, K.t(), hs)
+            if self.gb is not None:
+                self.gb.add_(K.t().to(torch.float32) @ s32 if K.dtype != torch.float32
+                             else K.t() @ s32)
+            return
+        # CPU bf16: a vocab block at a time, as _lowp_grads (bf16 GEMM outputs of one block)
+        ghk = torch.zeros(n, self.H, dtype=torch.float32, device=self.dev) \
+            if self.gh is not None else None
+        for v0 in range(0, self.V, self.vb):
+            v1 = min(self.V, v0 + self.vb)
+            kb = K[:, v0:v1]
+            if ghk is not None:
+                wb = self.wt[v0:v1] if self.wt is not None else self.weight[v0:v1].to(self.tdt)
+                ghk.add_(kb @ wb)
+            if self.gw is not None:
+                self.gw[v0:v1].add_(kb.t() @ hs)
+            if self.gb is not None:
+                self.gb[v0:v1] += kb.t().to(torch.float32) @ s32
+        if ghk is not None:
+            self.gh.index_copy_(0, ids, ghk.mul_(s32[:, None]))
 
 
 def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need_w, need_b):
@@ -300,21 +381,25 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     per = counts_f.clamp(min=1).reciprocal()
     # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
     w = per if o.average else torch.ones(S, device=dev)
-    tiles = _Tiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
-                   need_w, need_b)
-
-    def sweep(sel, coef):
-        return tiles.sweep(sel, coef)[0]
-
-    # The pair with the most labelled tokens goes unscaled into the empty accumulators
-    # (its scalar gradient is known only after its last token); every other sequence is
-    # scored first, forward only, so that its scalar is known when its gradient sweep runs.
-    # U: both sequences of that pair (tied) or its chosen one (untied); R: the rest.
-    p = int((counts[:B] + counts[B:]).argmax()) if B > 1 else 0
-    pair = (sid == p) | (sid == p + B)
-    in_u = pair if o.norm in ("unit", "count") else sid == p
+    # One group U goes unscaled into the empty accumulators (its scalar gradient is known only
+    # after its last token): the pair with the most labelled tokens (tied), or the longest
+    # sequence (untied). R: the rest, whose scalars are known only once every sequence is
+    # scored. R's first n_keep tokens (the keep budget, keep_rows) are formed once with a unit
+    # scalar and their G kept: 3 GEMMs, like U. The others are scored first, forward only, and
+    # formed again once their scalars are known: 4 GEMMs.
+    tied = o.norm in ("unit", "count")
+    p, _ = unscaled_group(counts, tied)
+    in_u = ((sid == p) | (sid == p + B)) if tied else sid == p
     u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
-    if o.norm in ("unit", "count"):
+    n_keep = min(o.keep, r_sel.numel()) if (need_h or need_w or need_b) else 0
+    k_sel, r_sel = r_sel[:n_keep], r_sel[n_keep:]
+    tiles = _Tiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
+                   need_w, need_b, keep=n_keep)
+
+    def sweep(sel, coef, keep=False):
+        return tiles.sweep(sel, coef, keep)[0]
+
+    if tied:
         # tied: dL/dr = −(a_r/a_c)·dL/dc, so the pair's tokens carry ±a_s·w_s. The tie is a
         # property of the loss type (registry: LossSpec.tie); tests check every tied type
         # against the recompute. No run-time check: it would be a sync, and NaN inputs would trip it.
@@ -328,19 +413,36 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     sums64 = torch.zeros(S, dtype=torch.float64, device=dev)
     sums64.index_add_(0, sid[r_sel], sweep(r_sel, None).double())
     sums64.index_add_(0, sid[u_sel], sweep(u_sel, tok_u).double())
+    if n_keep:
+        sums64.index_add_(0, sid[k_sel], sweep(k_sel, w[sid].index_select(0, k_sel),
+                                               keep=True).double())
     sums = sums64.float()
     logps = (sums / counts_f.clamp(min=1) if o.average else sums).requires_grad_()
     with torch.enable_grad():
         loss, _ = o.loss_fn(logps, counts_f)
         g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
     g = torch.zeros(S, device=dev) if g is None else g
-    k = g[p] / a[p]
+    k = g[p] / a[p]                    # U's scalar: tied, that of the pair's chosen sequence
     for buf in (tiles.gh, tiles.gw, tiles.gb):
         if buf is not None:
             buf.mul_(k)
+    if n_keep:
+        tiles.finish_kept(k_sel, g.index_select(0, sid.index_select(0, k_sel)))
     if r_sel.numel():
         sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
     return loss.detach(), sums, counts, tiles.gh, tiles.gw, tiles.gb
+
+
+def unscaled_group(counts, tied: bool):
+    """(p, labelled tokens of U) from the sequences' labelled-token counts [2B]: U is the pair p
+    with the most labelled tokens (tied; p indexes pairs) or the longest sequence p (untied)."""
+    B = counts.numel() // 2
+    if tied:
+        per_pair = counts[:B] + counts[B:]
+        p = int(per_pair.argmax()) if B > 1 else 0
+        return p, int(per_pair[p])
+    p = int(counts.argmax())
+    return p, int(counts[p])
 
 
 def _stash(ctx, bufs, form, o, need, hidden, weight, labels, bias, *extra):

@@ -34,6 +34,13 @@ class TileOptions:
     vocab_block       vocabulary columns per logits GEMM. ALIGNKIT_VOCAB_BLOCK, 2048.
     single_pass_bytes the single pass's full-vocabulary [rows, V] tile on CPU.
                       ALIGNKIT_SINGLE_PASS_BYTES, 64 MiB.
+    keep_bytes        the single pass's memory beyond its tile for the G tiles of sequences
+                      whose scalar is not known yet (several pairs, untied losses): kept, they
+                      cost 3 GEMMs per token instead of 4 (formed again). One buffer holds the
+                      tile and the kept tiles, so the pass's peak is at most grad_W + grad_h +
+                      single_pass_bytes + keep_bytes. ALIGNKIT_KEEP_BYTES; default 3/10 of
+                      grad_W (V·H·4·0.3), which keeps the peak within 1.3 x (grad_W + grad_h)
+                      + the tile budget; 0 keeps only what the tile's own memory holds.
     gpu_chunk_bytes   on CUDA, the triton backward's G chunk and the single pass's tile: the GEMMs
                       that read it want thousands of rows. ALIGNKIT_TRITON_G_BYTES, 1 GiB.
     triton_bwd        the triton backward: chunked (G chunks + two vendor GEMMs, deterministic),
@@ -45,6 +52,7 @@ class TileOptions:
     single_pass_bytes: int | None = None
     gpu_chunk_bytes: int | None = None
     triton_bwd: str | None = None
+    keep_bytes: int | None = None
 
     _ENV = (("tile_bytes", "ALIGNKIT_TILE_BYTES", 16 << 20),
             ("vocab_block", "ALIGNKIT_VOCAB_BLOCK", 2048),
@@ -56,13 +64,17 @@ class TileOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be None or an int > 0, got {v!r}")
+        k = self.keep_bytes
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"keep_bytes must be None or an int >= 0, got {k!r}")
         if self.triton_bwd is not None and self.triton_bwd not in TRITON_BWD_MODES:
             raise ValueError(f"triton_bwd must be None or one of {TRITON_BWD_MODES}, got "
                              f"{self.triton_bwd!r}")
 
     def resolved(self, head: tuple | None = None) -> "TileOptions":
         """Every field set: the given value, else its environment variable, else the default.
-        head: the weight's (V, H), for the default tile_bytes's scaling with grad_W."""
+        head: the weight's (V, H), for the defaults that scale with grad_W (tile_bytes,
+        keep_bytes; without it keep_bytes defaults to 0)."""
         vals = {}
         for name, env, default in self._ENV:
             v = getattr(self, name)
@@ -76,7 +88,18 @@ class TileOptions:
                     v = max(v, int(head[0]) * int(head[1]) * 4 // 16)
             vals[name] = v
         mode = self.triton_bwd or os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
-        return TileOptions(**vals, triton_bwd=mode)
+        keep = self.keep_bytes
+        if keep is None:
+            raw = os.environ.get("ALIGNKIT_KEEP_BYTES")
+            try:
+                keep = int(raw) if raw is not None else None
+            except ValueError:
+                raise ValueError(f"ALIGNKIT_KEEP_BYTES must be an integer, got {raw!r}") from None
+            if keep is None:
+                keep = int(head[0]) * int(head[1]) * 4 * 3 // 10 if head is not None else 0
+            elif keep < 0:
+                raise ValueError(f"ALIGNKIT_KEEP_BYTES must be >= 0, got {keep}")
+        return TileOptions(**vals, triton_bwd=mode, keep_bytes=keep)
 
 
 @dataclass(frozen=True)
