@@ -334,23 +334,29 @@ class _Tiles:
     def finish_kept(self, sel, scale):
         """The kept G rows of idx[sel] (swept with keep=True), each times its scale [len(sel)]
         (its sequence's dL/dlogp, known now): gh[rows] = s·(G·W), gw += Gᵀ·(s·h), gb += Gᵀ·s.
-        The scale goes on the [n, H] side of each GEMM, not on the [n, V] G."""
-        ids = self.idx[sel]
-        n = ids.numel()
-        K = self.kept[:n]
-        s32 = scale.to(torch.float32)
-        hs = (self.h2.index_select(0, ids).to(torch.float32) * s32[:, None]).to(self.gdt)
-        if not self.cpu_lowp:
+        The scale goes on the [n, H] side of each GEMM, not on the [n, V] G. A tile's rows at a
+        time, so the [rows, H] temporaries stay within the 0.3·grad_h the memory bound leaves
+        beside the keep budget (0.3·grad_W)."""
+        ids_all = self.idx[sel]
+        s_all = scale.to(torch.float32)
+        for r0 in range(0, ids_all.numel(), self.rows):
+            ids, s32 = ids_all[r0:r0 + self.rows], s_all[r0:r0 + self.rows]
+            K = self.kept[r0:r0 + ids.numel()]
+            hs = (self.h2.index_select(0, ids).to(torch.float32) * s32[:, None]).to(self.gdt)
+            if self.cpu_lowp:
+                self._finish_lowp(K, ids, s32, hs)
+                continue
             if self.gh is not None:
                 self.gh.index_copy_(0, ids, _mm32(K, self._w_g()).mul_(s32[:, None]))
             if self.gw is not None:
                 _addmm32(self.gw, K.t(), hs)
             if self.gb is not None:
-                self.gb.add_(K.t().to(torch.float32) @ s32 if K.dtype != torch.float32
-                             else K.t() @ s32)
-            return
-        # CPU bf16: a vocab block at a time, as _lowp_grads (bf16 GEMM outputs of one block)
-        ghk = torch.zeros(n, self.H, dtype=torch.float32, device=self.dev) \
+                self.gb.add_(s32 @ (K if K.dtype == torch.float32 else K.float()))
+
+    def _finish_lowp(self, K, ids, s32, hs):
+        """finish_kept's CPU bf16 chunk: a vocab block at a time, as _lowp_grads (the bf16
+        GEMMs' outputs are one block's, added into the fp32 accumulators)."""
+        ghk = torch.zeros(ids.numel(), self.H, dtype=torch.float32, device=self.dev) \
             if self.gh is not None else None
         for v0 in range(0, self.V, self.vb):
             v1 = min(self.V, v0 + self.vb)
@@ -361,7 +367,7 @@ class _Tiles:
             if self.gw is not None:
                 self.gw[v0:v1].add_(kb.t() @ hs)
             if self.gb is not None:
-                self.gb[v0:v1] += kb.t().to(torch.float32) @ s32
+                self.gb[v0:v1] += s32 @ kb.float()
         if ghk is not None:
             self.gh.index_copy_(0, ids, ghk.mul_(s32[:, None]))
 
