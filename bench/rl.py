@@ -1,10 +1,11 @@
 """RL policy losses from hidden states (issue #15): one fwd+bwd of a policy loss, alignkit's
-policy_loss (auto: the token pass, 3 GEMMs; and the recompute, 4) against naive full logits, TRL
+policy_loss (auto: the token pass, 3 GEMMs; and the recompute, 4; for GSPO also the single pass
+with the default keep budget and one that keeps every token) against naive full logits, TRL
 1.16's ChunkedLogProbFunction log-probs, Liger's LigerFusedLinearGRPOLoss (eager and compiled),
 and the 3-GEMM floor. The naive and TRL rows run the same loss math on their log-probs
 (alignkit.losses.policy.policy_terms), so only the head differs.
 
-    python -m bench.rl [--preset small|full] [--reps 3] [--write]
+    python -m bench.rl [--preset small|full] [--reps 3] [--runs gspo ...] [--write]
 """
 from __future__ import annotations
 
@@ -21,24 +22,35 @@ SMALL = [("R2 16x256 H512 V32000", 16, 256, 512, 32000),
 PRESETS = {"small": SMALL, "full": [("R1 8x512 H1024 V151936", 8, 512, 1024, 151936)] + SMALL}
 RUNS = [("dapo", dict(loss_type="dapo")),
         ("grpo beta=0.04", dict(loss_type="grpo", beta=0.04)),
-        ("dapo + entropy bonus", dict(loss_type="dapo", entropy_coef=0.01))]
+        ("dapo + entropy bonus", dict(loss_type="dapo", entropy_coef=0.01)),
+        # sequence-level importance sampling (GSPO): every token deferred to its sequence's end
+        ("gspo", dict(loss_type="grpo", importance_sampling_level="sequence"))]
 
 
 alignkit_policy, liger = methods.alignkit_policy, methods.liger_grpo
 
 
-def run(preset, reps, skip_memory, log=print):
+def run(preset, reps, skip_memory, log=print, runs=None):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         case = methods.make_case(name, S, T, H, V)
         for label, kw in RUNS:
+            if runs and label not in runs:
+                continue
             steps = {harness.FLOOR: methods.floor(case),
-                     "alignkit policy_loss (auto: token pass)": alignkit_policy(kw, "auto")(case),
+                     "alignkit policy_loss (auto)": alignkit_policy(kw, "auto")(case),
                      "alignkit policy_loss (recompute)": alignkit_policy(kw, "recompute")(case),
                      "naive full logits + loss": methods.peer_step(
                          "naive full logits", kw["loss_type"], kw)(case),
                      "TRL chunked log-probs + loss": methods.peer_step(
                          "TRL ChunkedLogProbFunction", kw["loss_type"], kw)(case)}
+            if kw.get("importance_sampling_level") == "sequence":
+                from alignkit import TileOptions
+                every = TileOptions(keep_bytes=case.S * case.T * case.V * 4)
+                steps["alignkit single_pass, default keep"] = \
+                    alignkit_policy(kw, "single_pass")(case)
+                steps["alignkit single_pass, keep every token"] = \
+                    alignkit_policy(dict(kw, tiles=every), "single_pass")(case)
             for compiled in (False, True):
                 try:
                     steps[f"Liger GRPO ({'compiled' if compiled else 'eager'})"] = \
@@ -56,10 +68,12 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--runs", nargs="*", choices=[r[0] for r in RUNS],
+                   help="the losses to run (default: all)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.reps, a.skip_memory)
+    rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:

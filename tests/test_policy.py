@@ -125,17 +125,27 @@ def _inputs(S=4, Tn=11, H=24, V=700, seed=0, bias=True):
     dict(loss_type="grpo", beta=0.04, kl_estimator="k2"),
     dict(loss_type="ppo", entropy_coef=0.02, beta=0.1, kl_estimator="k1"),
     dict(loss_type="grpo", importance_sampling_level="sequence", entropy_coef=0.01),
+    # sequence level (GSPO), no entropy bonus: every token deferred; 8-row tiles and a keep
+    # budget of 12 rows, so 12 tokens are kept and the rest scored, then formed again
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
+         kl_importance_weight=True, tiles=alignkit.TileOptions(single_pass_bytes=8 * 700 * 4,
+                                                               keep_bytes=4 * 700 * 4)),
+    dict(loss_type="luspo", importance_sampling_level="sequence", delta=1.5),  # all kept
     dict(loss_type="cispo", epsilon_high=2.0, softcap=4.0, temperature=0.7),
-], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items() if a != "tiles"))
 @pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
 def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad_mode,
                                                       monkeypatch):
-    if grad_mode == "single_pass" and kw.get("importance_sampling_level") == "sequence":
-        pytest.skip("sequence-level importance sampling runs the recompute")
+    seq_ent = kw.get("importance_sampling_level") == "sequence" and kw.get("entropy_coef")
+    if grad_mode == "single_pass" and seq_ent:
+        pytest.skip("sequence level with an entropy bonus runs the recompute (refused below)")
     import alignkit.losses.single_pass as sp
-    ran = []
+    ran, kept = [], []
     real = sp._token_grads
     monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(1) or real(*a))
+    real_fk = sp._Tiles.finish_kept
+    monkeypatch.setattr(sp._Tiles, "finish_kept",
+                        lambda self, sel, sc: kept.append(sel.numel()) or real_fk(self, sel, sc))
     h64, W64, b64, y, g = _inputs(seed=len(kw))
     S, Tn = y.shape
     old = torch.randn(S, Tn, generator=g, dtype=torch.float64) * 0.1 - 4
@@ -144,7 +154,7 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad
     if kw["loss_type"] == "ppo":
         adv = torch.randn(S, Tn, generator=g, dtype=torch.float64)
     op = {k: kw[k] for k in ("softcap", "temperature") if k in kw}
-    lk = {k: v for k, v in kw.items() if k not in op}
+    lk = {k: v for k, v in kw.items() if k not in op and k != "tiles"}
     extra = dict(ref_logprobs=ref) if kw.get("beta") else {}
     # oracle: float64 log-probs and entropies from full logits, then the same loss terms
     leaves = [t.requires_grad_() for t in (h64, W64, b64)]
@@ -179,6 +189,9 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad
     assert torch.isfinite(got) and m["entropy"] > 0
     assert hh.grad[2].abs().max() == 0                 # the fully masked completion
     assert len(ran) == (grad_mode == "single_pass")    # the token pass ran where asked for
+    if grad_mode == "single_pass" and kw.get("importance_sampling_level") == "sequence":
+        n = int((y != -100).sum())
+        assert kept == [12 if "tiles" in kw else n]     # the kept rows (the rest formed twice)
 
 
 def ours_hidden_free(lp, ent, old, ref, y, adv, lk):
@@ -239,8 +252,8 @@ def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
     with torch.no_grad():
         l0, _ = alignkit.policy_loss(h, W, y, **kw)       # forward only: the generic op
     assert len(ran) == 2 and l0.item() == pytest.approx(loss.item(), rel=1e-5)
-    with pytest.raises(ValueError, match="sequence-level importance sampling"):
-        alignkit.policy_loss(h, W, y, advantages=adv, loss_type="grpo",
+    with pytest.raises(ValueError, match="sequence-level importance sampling with an entropy"):
+        alignkit.policy_loss(h, W, y, advantages=adv, loss_type="grpo", entropy_coef=0.01,
                              importance_sampling_level="sequence", grad_mode="single_pass")
 
 

@@ -204,7 +204,9 @@ def liger_grpo(kw, compiled):
         adv, old, ref = rl_inputs(case)
         beta = kw.get("beta", 0.0)
         fn = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta > 0,
-                                      loss_type=kw["loss_type"], max_completion_length=case.T)
+                                      loss_type=kw["loss_type"], max_completion_length=case.T,
+                                      importance_sampling_level=kw.get(
+                                          "importance_sampling_level", "token"))
         mask = case.mask.long()
         y = case.y.clamp(min=0)
         return lambda: fn(case.h, case.W, y, mask, adv, ref_per_token_logps=ref if beta else None,

@@ -37,6 +37,7 @@ from alignkit.losses.registry import PAIRED, paired_loss_on_logps
 from alignkit.losses.single_pass import (
     GRAD_MODES,
     SinglePassOptions,
+    keep_pays,
     keep_rows,
     long_tiles,
     pass_blocker,
@@ -189,7 +190,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     deferred = n - unscaled_group(counts, tied)[1]
     kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles,
                                    resolve(backend, weight.device) == "triton"))
-    return kept == deferred or (H >= 1024 and (deferred - kept) <= 0.3 * n)
+    return keep_pays(deferred, kept, n, H)
 
 
 def _sequence_ids(S, labels, segment_ids):

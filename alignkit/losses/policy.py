@@ -38,11 +38,14 @@ from alignkit.losses.options import check_number
 from alignkit.losses.single_pass import (
     GRAD_MODES,
     TokenPassOptions,
+    keep_pays,
+    keep_rows,
     long_tiles,
     pass_blocker,
     tile_rows,
     token_pass_loss,
 )
+from alignkit.ops.backends import resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_linear_inputs,
@@ -82,12 +85,15 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     ``clip_ratio/region_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped types),
     ``cispo_clip_ratio`` (cispo). Differentiable w.r.t. hidden, weight and bias.
 
-    grad_mode: "single_pass" (token-level importance sampling: each token's gradient coefficient
-    is known once its row is scored, so G is formed in the forward pass from full-vocabulary
-    tiles, entropy term included: 3 GEMMs for any number of sequences), "recompute" (the generic
-    op: backward recomputes each tile, 4 GEMMs), "auto" (the single pass where it applies and
-    its tiles are long enough to pay, as preference_loss decides; the recompute under no_grad,
-    torch.compile or sequence-level importance sampling).
+    grad_mode: "single_pass" (G is formed in the forward pass from full-vocabulary tiles.
+    Token-level importance sampling: each token's gradient coefficient is known once its row is
+    scored, entropy term included: 3 GEMMs for any number of sequences. Sequence-level: a
+    token's coefficient needs its sequence's mean ratio, so its G is formed with a unit
+    coefficient and kept (tiles.keep_bytes) until every token is scored: 3 GEMMs, 4 for the
+    tokens past the budget; not with an entropy bonus), "recompute" (the generic op: backward
+    recomputes each tile, 4 GEMMs), "auto" (the single pass where it applies and pays, as
+    preference_loss decides: long tiles, and at the sequence level the keep budget; the
+    recompute under no_grad and torch.compile).
     """
     o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
@@ -101,12 +107,16 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                              backend=backend, tiles=tiles or TileOptions())
-    if _token_pass(grad_mode, o, flat, weight, bias, lp_opts):
+    coupled = o["level"] == "sequence"
+    keep = keep_rows(*weight.shape, weight.device, weight.dtype, lp_opts.tiles,
+                     resolve(backend, weight.device) == "triton") if coupled else 0
+    if _token_pass(grad_mode, o, flat, weight, bias, lp_opts, P["mask"], keep):
         value, lp, ent = token_pass_loss(
             flat, weight, y, bias, TokenPassOptions(
                 _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
                 tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles),
-                lp_opts.tiles.resolved().vocab_block, entropy=True))
+                lp_opts.tiles.resolved().vocab_block, entropy=True, coupled=coupled,
+                keep=keep))
         return value, policy_terms(lp, ent, **P)[1]
     lp, ent = linear_token_logprobs(flat, weight, y, bias=bias, ignore_index=ignore_index,
                                     temperature=temperature, softcap=softcap,
@@ -177,23 +187,32 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
                 seq_adv=seq_adv)
 
 
-def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts) -> bool:
+def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts, mask, keep) -> bool:
     """Whether the single pass serves this call (grad_mode="single_pass" raises where it
-    cannot); the gate is the pair pass's (single_pass.pass_blocker, long_tiles), since the token
-    pass runs the same 3-GEMM schedule on the same tiles."""
+    cannot); the gate is the pair pass's (single_pass.pass_blocker, long_tiles, keep_pays),
+    since the token pass runs the same schedule on the same tiles. Sequence-level importance
+    sampling defers every token (its coefficient needs its sequence's mean ratio): auto takes it
+    where the keep budget (keep rows) holds enough of them."""
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
     if grad_mode == "recompute":
         return False
-    why = ("sequence-level importance sampling ties a sequence's tokens (not token-level)"
-           if o["level"] != "token" else pass_blocker(hidden, weight, bias, grad_mode))
+    why = pass_blocker(hidden, weight, bias, grad_mode)
+    if o["level"] == "sequence" and o["entropy_coef"] != 0:
+        # a kept G carries one unknown scale per row; the entropy term's gradient is a second
+        # matrix beside it (−p·(log p + H)), which would need its own buffer or GEMMs
+        why = why or ("sequence-level importance sampling with an entropy bonus (its kept G "
+                      "tiles take one scale per token; the entropy term would be a second one)")
     if grad_mode == "single_pass":
         if why:
             raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
         return True
-    if why or torch.compiler.is_compiling():
+    if why or torch.compiler.is_compiling() or not long_tiles(weight, lp_opts.tiles):
         return False
-    return long_tiles(weight, lp_opts.tiles)
+    if o["level"] == "sequence":
+        n = int(mask.sum())
+        return keep_pays(n, min(n, keep), n, weight.shape[1])
+    return True
 
 
 def _coefficients(P):

@@ -88,6 +88,15 @@ def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
     return (budget + t.keep_bytes) // (per * V)
 
 
+def keep_pays(deferred: int, kept: int, n: int, H: int) -> bool:
+    """auto's rule for a pass with deferred tokens (n labelled tokens, `deferred` of them with a
+    scalar known only at the end, `kept` of those within the keep budget), measured on the AMX
+    Xeon in fp32 (bench/RESULTS.md, "The keep budget"): every deferred token kept, or at
+    H >= 1024 at most 30% of the tokens formed twice. Past that the recompute ran level or
+    faster (H <= 512: the elementwise passes weigh more than the GEMM they save)."""
+    return kept >= deferred or (H >= 1024 and deferred - kept <= 0.3 * n)
+
+
 GRAD_MODES = ("recompute", "single_pass", "auto")
 
 
@@ -507,27 +516,58 @@ def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
 class TokenPassOptions:
     """A token-level loss L = Σ_t f_t(lp_t, H_t): each token's coefficients are known as soon as
     its row is scored, so every tile is formed once (3 GEMMs for any number of sequences).
-    coef: (token indices, lp, ent) -> (dL/dlp, dL/dH or None) of a tile's rows; finish: (lp [M],
-    ent [M] or None) -> the loss (0-dim); entropy: fold the entropy statistics."""
+    coef: (token indices, lp, ent) -> (dL/dlp, dL/dH or None) of a tile's rows; finish: (lp [N],
+    ent [N] or None) -> the loss (0-dim); entropy: fold the entropy statistics.
+
+    coupled: a loss whose dL/dlp_t is known only once every token is scored (sequence-level
+    importance sampling: w_s = mean of lp − old over s), with no gradient through the entropy.
+    coef is not read: dL/dlp comes from finish by autograd at the end. The first `keep` tokens
+    (keep_rows) are formed once with a unit coefficient and their G kept until then (3 GEMMs);
+    the others are scored first and formed again (4 GEMMs)."""
     coef: object
     finish: object
     logprob: LogprobOptions
     rows: int
     vocab_block: int = 2048
     entropy: bool = False
+    coupled: bool = False
+    keep: int = 0
 
 
 def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
     y = labels.reshape(-1)
     idx = (y != o.logprob.ignore_index).nonzero().squeeze(1)
+    need = need_h or need_w or need_b
+    M = idx.numel()
+    n_keep = min(o.keep, M) if o.coupled and need else 0
     tiles = _Tiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
-                   need_w, need_b, entropy=o.entropy)
-    sel = torch.arange(idx.numel(), device=hidden.device)
-    lp, ent = tiles.sweep(sel, o.coef if (need_h or need_w or need_b) else None)
+                   need_w, need_b, entropy=o.entropy, keep=n_keep)
+    sel = torch.arange(M, device=hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lp_all = torch.zeros(y.numel(), **f32).index_copy_(0, idx, lp)
-    ent_all = torch.zeros(y.numel(), **f32).index_copy_(0, idx, ent) if ent is not None else None
-    return o.finish(lp_all, ent_all), lp_all, ent_all, tiles.gh, tiles.gw, tiles.gb
+
+    def full(x):                                  # labelled-token values -> [N]
+        return torch.zeros(y.numel(), **f32).index_copy_(0, idx, x) if x is not None else None
+    if not o.coupled:
+        lp, ent = tiles.sweep(sel, o.coef if need else None)
+        return o.finish(full(lp), full(ent)), full(lp), full(ent), tiles.gh, tiles.gw, tiles.gb
+    # coupled: the tokens past the keep budget scored first (forward only), the kept ones
+    # formed with a unit coefficient; then dL/dlp of every token from the loss, by autograd
+    k_sel, r_sel = sel[:n_keep], sel[n_keep:]
+    lp_r, ent_r = tiles.sweep(r_sel)
+    lp_k, ent_k = tiles.sweep(k_sel, torch.ones(n_keep, **f32), keep=True)
+    lp_all = full(torch.cat([lp_k, lp_r]))
+    ent_all = full(torch.cat([ent_k, ent_r])) if o.entropy else None
+    with torch.enable_grad():
+        x = lp_all.clone().requires_grad_()
+        loss = o.finish(x, ent_all)
+        g = torch.autograd.grad(loss, x, allow_unused=True)[0] if need else None
+    if g is not None:
+        g = g.index_select(0, idx)
+        if n_keep:
+            tiles.finish_kept(k_sel, g[:n_keep])
+        if r_sel.numel():
+            tiles.sweep(r_sel, g[n_keep:].contiguous())
+    return loss.detach(), lp_all, ent_all, tiles.gh, tiles.gw, tiles.gb
 
 
 class _TokenPass(torch.autograd.Function):
