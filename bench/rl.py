@@ -5,7 +5,8 @@ with the default keep budget and one that keeps every token) against naive full 
 and the 3-GEMM floor. The naive and TRL rows run the same loss math on their log-probs
 (alignkit.losses.policy.policy_terms), so only the head differs.
 
-    python -m bench.rl [--preset small|full] [--reps 3] [--runs gspo ...] [--write]
+    python -m bench.rl [--preset small|full] [--reps 3] [--runs gspo ...] [--shapes R1 ...]
+                       [--write]
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ RUNS = [("dapo", dict(loss_type="dapo")),
 alignkit_policy, liger = methods.alignkit_policy, methods.liger_grpo
 
 
-def run(preset, reps, skip_memory, log=print, runs=None):
+def run(preset, reps, skip_memory, log=print, runs=None, shapes=None):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
+        if shapes and not any(x in name for x in shapes):
+            continue
         case = methods.make_case(name, S, T, H, V)
         for label, kw in RUNS:
             if runs and label not in runs:
@@ -70,10 +73,11 @@ def main(argv=None):
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--runs", nargs="*", choices=[r[0] for r in RUNS],
                    help="the losses to run (default: all)")
+    p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs)
+    rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs, shapes=a.shapes)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:

@@ -110,3 +110,16 @@ def test_bench_losses_keep_mode_runs_each_budget(monkeypatch):
         steps[name]()
         case.reset()
         assert kept == [min(want, deferred)], name
+
+
+def test_grpo_step_bench_runs_both_trainers(tmp_path):
+    """bench.grpo_step on a tiny shape: TRL's GRPOTrainer unpatched, then patched; it raises
+    unless alignkit's op ran in the patched step only, and both steps log a loss."""
+    import pytest
+    pytest.importorskip("trl")
+    from bench.grpo_step import run, table
+    out = run(completion_length=8, generations=2, words=200, work=str(tmp_path),
+              log=lambda *a: None)
+    assert out["patched"][3] > 0 and set(out) == {"unpatched", "patched"}
+    assert all(peak > 0 and loss == loss for peak, _, loss, _ in out.values())
+    assert "MiB lower" in table(out, 8, 2, 204)

@@ -1,6 +1,5 @@
 """The loop end to end on a tiny random Llama: every loss, reference modes and their cache,
 eval records, the saved model, resume after SIGKILL, and DDP / FSDP2 against one process."""
-import json
 import math
 import os
 import signal
@@ -12,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from alignkit.train import PreferenceTrainer, TrainConfig  # noqa: E402
+from alignkit.train import PreferenceTrainer  # noqa: E402
 from alignkit.train.metrics import read_metrics  # noqa: E402
 from tiny_run import MODEL, config, final_weights, make_setup  # noqa: E402,F401
 
