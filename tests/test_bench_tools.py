@@ -86,16 +86,12 @@ def test_alignkit_bench_reads_a_model_config_and_names_bad_input(tmp_path):
         assert p.returncode == 2 and msg in p.stderr, p.stderr
 
 
-def test_bench_losses_keep_mode_runs_each_budget(monkeypatch):
+def test_bench_losses_keep_mode_runs_each_budget(monkeypatch, kept_rows):
     """bench.losses --keep: each budget's step runs the single pass with the kept rows it
     names (none beyond the tile's own, the default, every deferred token); CCE is left to the
     bench run (its compile is slow)."""
-    import alignkit.losses.single_pass as sp
     from bench.losses import keep_steps
-    kept = []
-    real = sp._Tiles.finish_kept
-    monkeypatch.setattr(sp._Tiles, "finish_kept",
-                        lambda self, sel, scale: kept.append(sel.numel()) or real(self, sel, scale))
+    kept = kept_rows
     monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(16 * 500 * 4))     # 16-row tiles
     case = methods.make_case("tiny", 4, 64, 32, 500)
     steps = keep_steps(case, "dpo")

@@ -135,17 +135,14 @@ def _inputs(S=4, Tn=11, H=24, V=700, seed=0, bias=True):
 ], ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items() if a != "tiles"))
 @pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
 def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad_mode,
-                                                      monkeypatch):
+                                                      monkeypatch, kept_rows):
     seq_ent = kw.get("importance_sampling_level") == "sequence" and kw.get("entropy_coef")
     if grad_mode == "single_pass" and seq_ent:
         pytest.skip("sequence level with an entropy bonus runs the recompute (refused below)")
     import alignkit.losses.single_pass as sp
-    ran, kept = [], []
+    ran = []
     real = sp._token_grads
     monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(1) or real(*a))
-    real_fk = sp._Tiles.finish_kept
-    monkeypatch.setattr(sp._Tiles, "finish_kept",
-                        lambda self, sel, sc: kept.append(sel.numel()) or real_fk(self, sel, sc))
     h64, W64, b64, y, g = _inputs(seed=len(kw))
     S, Tn = y.shape
     old = torch.randn(S, Tn, generator=g, dtype=torch.float64) * 0.1 - 4
@@ -191,7 +188,7 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad
     assert len(ran) == (grad_mode == "single_pass")    # the token pass ran where asked for
     if grad_mode == "single_pass" and kw.get("importance_sampling_level") == "sequence":
         n = int((y != -100).sum())
-        assert kept == [12 if "tiles" in kw else n]     # the kept rows (the rest formed twice)
+        assert kept_rows == [12 if "tiles" in kw else n]  # the kept rows (the rest formed twice)
 
 
 def ours_hidden_free(lp, ent, old, ref, y, adv, lk):
