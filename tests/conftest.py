@@ -95,11 +95,11 @@ def op_calls(monkeypatch):
 @pytest.fixture
 def kept_rows(monkeypatch):
     """The rows of G each single pass kept for its deferred tokens (one entry per
-    _Tiles.finish_kept call): a keep-budget test asserts them, so it fails if the kept path did
-    not run, or kept another number of rows."""
-    import alignkit.losses.single_pass as sp
+    VocabTiles.finish_kept call): a keep-budget test asserts them, so it fails if the kept path
+    did not run, or kept another number of rows."""
+    from alignkit.losses.vocab_tiles import VocabTiles
     kept = []
-    real = sp._Tiles.finish_kept
-    monkeypatch.setattr(sp._Tiles, "finish_kept",
+    real = VocabTiles.finish_kept
+    monkeypatch.setattr(VocabTiles, "finish_kept",
                         lambda self, sel, scale: kept.append(sel.numel()) or real(self, sel, scale))
     return kept

@@ -1,0 +1,256 @@
+"""The single pass's full-vocabulary tiles (alignkit/losses/single_pass.py drives them): each
+[rows, V] tile formed once from hidden rows, folded into its rows' log-prob (and entropy)
+statistics, turned in place into G = g_lp·(onehot − p) − g_ent·p·(log p + H) where the rows'
+coefficients are known, and fed to the two gradient GEMMs (G·W, Gᵀ·h); or, for rows whose
+coefficient is known only later, G formed with a unit coefficient and kept (finish_kept).
+"""
+from __future__ import annotations
+
+import torch
+
+from alignkit.ops import triton_path
+from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.tile_kernels import KERNELS, RowStats
+
+
+def _mm32(a, b):
+    """a·b as fp32. For bf16/fp16 (the triton backend): fp32 accumulation and output on CUDA; on
+    CPU tensors (the interpreter's tests) torch has no fp32-output low-precision mm, so the
+    inputs are upcast (the same fp32 accumulation)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _addmm32(acc, a, b):
+    """acc (fp32) += a·b, as _mm32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _mm_tile(t, hc, weight):
+    """t (fp32 [rows, V]) = hc·Wᵀ with fp32 accumulation and output, whatever the inputs' dtype:
+    the log-softmax then runs on fp32 logits (a bf16 tile rounds them before it, ~5e-3 off)."""
+    if hc.dtype == torch.float32:
+        torch.mm(hc, weight.t(), out=t)
+    elif hc.is_cuda:
+        torch.mm(hc, weight.t(), out_dtype=torch.float32, out=t)
+    else:                                 # the interpreter's CPU tensors: no fp32-output bf16 mm
+        torch.mm(hc.float(), weight.t().float(), out=t)
+
+
+class VocabTiles:
+    """The single pass's tile machinery over the labelled tokens idx of hidden [N, H]: each
+    full-vocabulary tile is formed once (its logits a vocab block at a time), folded into its
+    rows' statistics, and, where the rows' gradient coefficients are known, turned in place into
+    G = g_lp·(onehot − p) − g_ent·p·(log p + H) and fed to the two gradient GEMMs, accumulating
+    gh [N, H], gw [V, H] and gb [V] (fp32; None where not needed)."""
+
+    def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
+                 need_h, need_w, need_b, entropy=False, keep=0):
+        H, V = weight.shape[1], weight.shape[0]
+        dev = hidden.device
+        self.h2, self.y, self.idx = hidden.reshape(-1, H), labels.reshape(-1), idx
+        self.weight, self.bias, self.o, self.rows = weight, bias, lp_opts, rows
+        self.entropy, self.V, self.H, self.dev = entropy, V, H, dev
+        self.backend = resolve(lp_opts.backend, dev)
+        self.fold, self.grad = KERNELS.get(self.backend, (None, None))
+        # The GEMMs run in the inputs' dtype where that is fast (gemm_dtype: CUDA, CPUs with bf16
+        # units), with fp32 accumulation; statistics, log-probs and accumulators are fp32.
+        # triton: an fp32 tile (fp32-output GEMM), G cast for the two gradient GEMMs. CPU bf16:
+        # the tile keeps the bf16 logits (torch's CPU GEMM has no fp32 output: they are rounded
+        # to bf16, as under autocast), the fold reads them in fp32, and G is formed a vocab block
+        # at a time (fp32, then cast) for that block's GEMMs: the logits are still formed once.
+        self.tdt = weight.dtype if self.backend == "triton" else gemm_dtype(weight.dtype, dev)
+        self.cpu_lowp = self.backend != "triton" and self.tdt != torch.float32
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.gh = torch.zeros(self.h2.shape[0], H, **f32) if need_h else None
+        self.gw = torch.zeros(V, H, **f32) if need_w else None
+        self.gb = torch.zeros(V, **f32) if need_b else None
+        n_rows = min(rows, max(idx.numel(), 1))
+        tile_dt = self.tdt if self.cpu_lowp else torch.float32
+        # G's dtype in the gradient GEMMs: bf16 for bf16 GEMMs (fp32's exponent range); in fp16
+        # g·p would flush to zero below 6e-8 over most of a large vocabulary's tail, so fp16
+        # keeps the fp32 tile for its GEMMs
+        self.gdt = self.tdt if self.cpu_lowp else (
+            torch.bfloat16 if self.tdt == torch.bfloat16 else torch.float32)
+        # one buffer for the tile and the kept G rows (keep_rows): where G has the tile's dtype
+        # a kept chunk is formed in place, as its own tile
+        shared = self.gdt == tile_dt
+        work = torch.empty(max(n_rows, keep if shared else 0), V, dtype=tile_dt, device=dev)
+        self.tile = work[:n_rows]
+        self.kept = None if not keep else (work[:keep] if shared else
+                                           torch.empty(keep, V, dtype=self.gdt, device=dev))
+        self.kept_in_place = shared
+        self.vb = vb = min(vocab_block, V)
+        self.gblk = torch.empty(n_rows, vb, **f32) if self.cpu_lowp else None
+        self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
+            else None
+        self.wt = weight if weight.dtype == self.tdt else None  # else W converted per block
+        self.w_g = None                                          # W for the gradient GEMMs
+        self.bt = bias if bias is None or bias.dtype == self.tile.dtype else \
+            bias.to(self.tile.dtype)
+
+    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent, keep=False):
+        """CPU bf16: per vocab block, G from the kept bf16 logits (fp32), cast, then gh[ic] +=
+        G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16 out, added into
+        the fp32 accumulators a block at a time: no second [V, H] buffer). keep: G (bf16)
+        replaces the block's logits in t, for finish_kept; no GEMM."""
+        n, V = t.shape[0], self.V
+        ghc = torch.zeros(n, self.H, dtype=torch.float32, device=self.dev) \
+            if self.gh is not None and not keep else None
+        for v0 in range(0, V, self.vb):
+            v1 = min(V, v0 + self.vb)
+            g, gl = self.gblk[:n, :v1 - v0], self.gblk_lp[:n, :v1 - v0]
+            self.grad(t[:, v0:v1], g, yc, v0, lse2, g_lp, ent, g_ent, self.o)
+            if keep:
+                t[:, v0:v1].copy_(g)
+                continue
+            if self.gb is not None:
+                self.gb[v0:v1] += g.sum(0)
+            gl.copy_(g)
+            if ghc is not None:
+                ghc.add_(gl @ self.weight[v0:v1])
+            if self.gw is not None:
+                self.gw[v0:v1].add_(gl.t() @ hc)
+        if ghc is not None:
+            self.gh.index_copy_(0, ic, ghc)
+
+    def _score(self, t, hc, yc, ic, coef, i0, keep=False):
+        """Log-probs (and entropies) of the tile's rows; with coef, their gradient too (with
+        keep, G only, left in t for finish_kept on CPU bf16)."""
+        o, V = self.o, self.V
+        if self.backend == "triton":
+            # one vendor GEMM for the fp32 tile, then the logits kernels: the row statistics,
+            # then G (entropy term included) in place
+            _mm_tile(t, hc, self.weight)
+            if self.bias is not None:
+                t.add_(self.bias)
+            lp, m, logs, ent = triton_path.logits_forward(t, yc, o.inv_temp, o.ignore_index,
+                                                          o.cap)
+            ent = ent if self.entropy else None
+            g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+            if g_lp is not None:
+                triton_path.logits_backward(t, t, yc, m, logs, g_lp,
+                                            ent if g_ent is not None else None, g_ent,
+                                            o.inv_temp, o.cap)
+            return lp, ent, g_lp is not None
+        st = RowStats.new(t.shape[0], self.entropy, self.dev)
+        # the tile's logits a vocab block at a time, each folded while it is in cache:
+        # [rows, 2048] GEMMs ran 1.2-1.3x faster here than one [rows, V] GEMM (bench/
+        # RESULTS.md, single pass), and the fold then reads L2, not memory
+        for v0 in range(0, V, self.vb):
+            v1 = min(V, v0 + self.vb)
+            tb = t[:, v0:v1]
+            wb = self.wt[v0:v1] if self.wt is not None else self.weight[v0:v1].to(self.tdt)
+            if self.bt is None:
+                torch.mm(hc, wb.t(), out=tb)
+            else:
+                torch.addmm(self.bt[v0:v1], hc, wb.t(), out=tb)
+            self.fold(tb, yc, v0, st, o)
+        lp = st.logprob()
+        ent = st.entropy() if self.entropy else None
+        g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+        if g_lp is None:
+            return lp, ent, False
+        ent_in = ent if g_ent is not None else None
+        if self.cpu_lowp:
+            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_lp, ent_in, g_ent, keep)
+        else:
+            self.grad(t, t, yc, 0, st.lse2(), g_lp, ent_in, g_ent, o)
+        return lp, ent, True
+
+    @staticmethod
+    def _coef(coef, ic, lp, ent, i0):
+        if coef is None:
+            return None, None
+        if callable(coef):
+            return coef(ic, lp, ent)
+        return coef[i0:i0 + ic.numel()].contiguous(), None
+
+    def _w_g(self):
+        """W in G's dtype for the gradient GEMMs, converted once."""
+        if self.w_g is None:
+            self.w_g = self.weight if self.weight.dtype == self.gdt else self.weight.to(self.gdt)
+        return self.w_g
+
+    def sweep(self, sel, coef=None, keep=False):
+        """(log-probs, entropies or None) of the labelled tokens idx[sel]. coef: None (score
+        only), g_lp per token [len(sel)], or a callable (token indices, lp, ent) -> (g_lp, g_ent
+        or None) of each tile's rows: their gradient contributions go into gh, gw and gb. keep:
+        G is formed but left in the kept buffer (row j for sel[j]) for finish_kept, which runs
+        its two GEMMs once each row's scale is known."""
+        ids = self.idx[sel]
+        f32 = dict(dtype=torch.float32, device=self.dev)
+        out = torch.empty(ids.numel(), **f32)
+        ents = torch.empty(ids.numel(), **f32) if self.entropy else None
+        for i0 in range(0, ids.numel(), self.rows):
+            ic = ids[i0:i0 + self.rows]
+            n = ic.numel()
+            hc = self.h2.index_select(0, ic).to(self.tdt)
+            yc = self.y.index_select(0, ic)
+            t = self.kept[i0:i0 + n] if keep and self.kept_in_place else self.tile[:n]
+            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0, keep)
+            out[i0:i0 + n] = lp
+            if ents is not None:
+                ents[i0:i0 + n] = ent
+            if not formed or self.cpu_lowp:
+                continue
+            if keep:
+                if not self.kept_in_place:
+                    self.kept[i0:i0 + n].copy_(t)
+                continue
+            g_t = t if self.gdt == torch.float32 else t.to(self.gdt)
+            if self.gh is not None:
+                self.gh.index_copy_(0, ic, _mm32(g_t, self._w_g()))
+            if self.gw is not None:
+                _addmm32(self.gw, g_t.t(), hc.to(self.gdt))
+            if self.gb is not None:
+                self.gb.add_(t.sum(0))
+        return out, ents
+
+    def finish_kept(self, sel, scale):
+        """The kept G rows of idx[sel] (swept with keep=True), each times its scale [len(sel)]
+        (its sequence's dL/dlogp, known now): gh[rows] = s·(G·W), gw += Gᵀ·(s·h), gb += Gᵀ·s.
+        The scale goes on the [n, H] side of each GEMM, not on the [n, V] G. A tile's rows at a
+        time, so the [rows, H] temporaries stay within the 0.3·grad_h the memory bound leaves
+        beside the keep budget (0.3·grad_W)."""
+        ids_all = self.idx[sel]
+        s_all = scale.to(torch.float32)
+        for r0 in range(0, ids_all.numel(), self.rows):
+            ids, s32 = ids_all[r0:r0 + self.rows], s_all[r0:r0 + self.rows]
+            K = self.kept[r0:r0 + ids.numel()]
+            hs = (self.h2.index_select(0, ids).to(torch.float32) * s32[:, None]).to(self.gdt)
+            if self.cpu_lowp:
+                self._finish_lowp(K, ids, s32, hs)
+                continue
+            if self.gh is not None:
+                self.gh.index_copy_(0, ids, _mm32(K, self._w_g()).mul_(s32[:, None]))
+            if self.gw is not None:
+                _addmm32(self.gw, K.t(), hs)
+            if self.gb is not None:
+                self.gb.add_(s32 @ (K if K.dtype == torch.float32 else K.float()))
+
+    def _finish_lowp(self, K, ids, s32, hs):
+        """finish_kept's CPU bf16 chunk: a vocab block at a time, as _lowp_grads (the bf16
+        GEMMs' outputs are one block's, added into the fp32 accumulators)."""
+        ghk = torch.zeros(ids.numel(), self.H, dtype=torch.float32, device=self.dev) \
+            if self.gh is not None else None
+        for v0 in range(0, self.V, self.vb):
+            v1 = min(self.V, v0 + self.vb)
+            kb = K[:, v0:v1]
+            if ghk is not None:
+                wb = self.wt[v0:v1] if self.wt is not None else self.weight[v0:v1].to(self.tdt)
+                ghk.add_(kb @ wb)
+            if self.gw is not None:
+                self.gw[v0:v1].add_(kb.t() @ hs)
+            if self.gb is not None:
+                self.gb[v0:v1] += s32 @ kb.float()
+        if ghk is not None:
+            self.gh.index_copy_(0, ids, ghk.mul_(s32[:, None]))
