@@ -306,7 +306,8 @@ def test_keep_budget_knob(monkeypatch):
     assert keep_rows(1000, 64) == ((64 << 20) + 76800) // 4000
     t = TileOptions(single_pass_bytes=4000 * 5, keep_bytes=4000 * 2)
     assert keep_rows(1000, 64, tiles=t) == 7
-    assert keep_rows(1000, 64, dtype=torch.bfloat16, tiles=t, triton=True) == 4  # own bf16 buffer
+    monkeypatch.setenv("TRITON_INTERPRET", "1")          # backend="triton" on CPU tensors
+    assert keep_rows(1000, 64, dtype=torch.bfloat16, tiles=t, backend="triton") == 4  # own buffer
     monkeypatch.setenv("ALIGNKIT_KEEP_BYTES", str(4000 * 3))
     assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000)) == 4
     assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000, keep_bytes=0)) == 1

@@ -45,7 +45,6 @@ from alignkit.losses.single_pass import (
     tile_rows,
     unscaled_group,
 )
-from alignkit.ops.backends import resolve
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
@@ -188,8 +187,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     counts = torch.bincount(seg.reshape(-1)[lab], minlength=S)
     n = int(counts.sum())
     deferred = n - unscaled_group(counts, tied)[1]
-    kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles,
-                                   resolve(backend, weight.device) == "triton"))
+    kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles, backend))
     return keep_pays(deferred, kept, n, H)
 
 
@@ -213,7 +211,7 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
     o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
                           tile_rows(V, weight.device, weight.dtype, t), t.vocab_block,
                           keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles,
-                                    resolve(lp_opts.backend, weight.device) == "triton"))
+                                    lp_opts.backend))
     value, sums, counts = single_pass_loss(hidden, weight, labels, bias, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

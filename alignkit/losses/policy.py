@@ -45,7 +45,6 @@ from alignkit.losses.single_pass import (
     tile_rows,
     token_pass_loss,
 )
-from alignkit.ops.backends import resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_linear_inputs,
@@ -109,7 +108,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
                              backend=backend, tiles=tiles or TileOptions())
     coupled = o["level"] == "sequence"
     keep = keep_rows(*weight.shape, weight.device, weight.dtype, lp_opts.tiles,
-                     resolve(backend, weight.device) == "triton") if coupled else 0
+                     backend) if coupled else 0
     if _token_pass(grad_mode, o, flat, weight, bias, lp_opts, P["mask"], keep):
         value, lp, ent = token_pass_loss(
             flat, weight, y, bias, TokenPassOptions(
