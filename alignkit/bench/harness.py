@@ -234,7 +234,6 @@ def write_out(name: str, module: str, text: str) -> str:
 
 
 def machine() -> str:
-    import os
     import platform
     cpu = platform.processor() or platform.machine()
     try:
