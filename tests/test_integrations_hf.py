@@ -139,9 +139,11 @@ def test_all_masked_batch_keeps_the_graph_and_the_field_dtypes():
     assert m.model.embed_tokens.weight.grad is not None
 
 
-def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
-    """One pair of a tied loss: the default grad_mode takes the single pass inside the model's
-    call; the loss, metrics and gradients equal the recompute's."""
+@pytest.mark.parametrize("pairs", [1, 2])
+def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls, kept_rows, pairs):
+    """A tied loss: the default grad_mode takes the single pass inside the model's call (with
+    two pairs, the second pair's G kept within the keep budget); the loss, metrics and
+    gradients equal the recompute's."""
     import alignkit.losses.single_pass as sp
     ran = []
     real = sp._grads
@@ -151,7 +153,7 @@ def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
 
     def r(k):
         return torch.randint(0, V, (k,), generator=g).tolist()
-    batch = pack_pairs([(r(5), r(8), r(3))], packing="padding_free")
+    batch = pack_pairs([(r(5), r(8), r(3)), (r(4), r(2), r(6))][:pairs], packing="padding_free")
     runs = {}
     for mode in ("auto", "recompute"):
         m.zero_grad()
@@ -160,6 +162,7 @@ def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls):
         loss.backward()
         runs[mode] = (loss.detach(), metrics, {n: p.grad.clone() for n, p in m.named_parameters()})
     assert len(ran) == 1 and op_calls == ["preference_loss"] * 2
+    assert kept_rows == ([] if pairs == 1 else [min(8 + 3, 2 + 6)])   # the shorter pair's tokens
     (la, ma, ga), (lr, mr, gr) = runs["auto"], runs["recompute"]
     torch.testing.assert_close(la, lr, rtol=1e-5, atol=1e-6)
     for k in mr:

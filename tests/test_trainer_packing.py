@@ -121,7 +121,8 @@ def test_kto_mismatched_partners_are_extra_sequences():
                                           ("orpo", {"beta": 0.5}),
                                           ("simpo", {"beta": 2.0, "gamma": 0.3})])
 @pytest.mark.parametrize("grad_mode", ["single_pass", "recompute", "auto"])
-def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, monkeypatch):
+def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, monkeypatch,
+                                                   kept_rows):
     """The trainer's paired losses run as preference_loss inside the model module; every packing
     gives the loss and every parameter's gradient of the sums path (compute_loss on the module's
     per-sequence sums), and the single pass is what ran where it is asked for or chosen."""
@@ -146,11 +147,13 @@ def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, mon
         want.backward()
         want_g = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
-        before = len(ran)
+        before, kept_before = len(ran), len(kept_rows)
         got, got_m = forward_batch(mod, batch, Paired(loss, dict(options, grad_mode=grad_mode)),
                                    ref_logprobs_of(loss, options, ref, sums))
         got.backward()
         assert (len(ran) > before) == single, (mode, grad_mode)
+        # the other pair's (untied: the other sequences') G kept, not formed again
+        assert (len(kept_rows) > kept_before) == single, (mode, grad_mode)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         for k in want_m:
             torch.testing.assert_close(got_m[k], want_m[k], rtol=1e-5, atol=1e-5)
