@@ -1,96 +1,147 @@
-"""The GPU kernels' cost on paper (no GPU here): FLOPs, bytes, expected H100 time.
+"""The GPU kernels' cost on paper (no GPU here): FLOPs, bytes, expected H100 time, per kernel as
+the launchers schedule them now (alignkit/ops/triton_path.py), beside the previous schedule.
 
     python -m bench.paper
 
-Assumptions, stated once: H100 SXM bf16 dense 790 TFLOP/s and 3.0 TB/s; a Triton tl.dot GEMM tile
-loop reaches TRITON_EFF = 0.8 of cuBLAS on the same FLOPs (typical for well-tuned Triton GEMMs on
-Hopper; the first thing to measure when a GPU is lent). N = 8192 tokens, bf16 inputs, fp32
-accumulation and fp32 grad_W. Each kernel is costed two ways:
-  roofline  max(FLOPs / rate, bytes / bandwidth) per kernel, summed over kernels: a GEMM whose
-            bytes per FLOP are below the machine's ratio (790/3 = 263 FLOP/B) hides its traffic;
-            every GEMM here is at >= 1000 FLOP/B (its inner dimension is H or a chunk of rows);
-  additive  FLOPs / rate + bytes / bandwidth for every kernel: no overlap at all, a pessimistic
-            bound.
+Assumptions. Each is an assumption until a card measures it (`python -m bench.gpu`, or
+`make gpu-check` on a lent machine), not a figure of the card's data sheet:
+  CUBLAS     790 TFLOP/s: what a cuBLAS bf16 GEMM of these shapes is assumed to sustain on an
+             H100 SXM (about 80% of the 989 TFLOP/s dense bf16 of the data sheet).
+  BW         3.0 TB/s: sustained HBM3 bandwidth (about 90% of the data sheet's 3.35 TB/s).
+  L2         50 MB.
+  EFF        a Triton tile GEMM's rate as a share of cuBLAS's on the same FLOPs:
+               grouped  0.75 for the grouped 1-D grid with 128 x 256 x 64 tiles, 8 warps and
+                        3 stages (the class of CCE's and Liger's swizzled H100 kernels);
+               previous 0.45 for the 2-D row-fastest grid with 64 x 128 x 64 tiles and 4 warps
+                        (the middle of the review's 0.4-0.55).
+  STEP       1 us per dependent step of a loop of global loads that nothing else hides (a load's
+             round trip is ~0.6-1 us): the merge's cost where its bytes are not.
+The model: N = 8192 tokens, bf16 inputs, fp32 grad_W. Each kernel costs
+  roofline   max(FLOPs / rate, bytes / BW, dependent steps x STEP), summed over kernels: every
+             GEMM here runs at >= 1000 FLOP/byte against the H100's 263, so its traffic hides;
+  additive   FLOPs / rate + bytes / BW for every kernel, no overlap at all: a pessimistic bound.
+Bytes count what a grid order makes each kernel read from HBM: the grouped grid reads W once and
+h once per group of GROUP_V vocab blocks (its working set, GROUP_V x 256 x H x 2 bytes of W,
+fits L2); the previous row-fastest grid read h once per vocab block (h, N x H x 2 = 64 MiB,
+does not fit L2).
 """
 from __future__ import annotations
 
-PEAK, BW, TRITON_EFF = 790e12, 3.0e12, 0.8
+CUBLAS, BW, L2, STEP = 790e12, 3.0e12, 50e6, 1e-6
+SCHEDULES = {  # name: (Triton efficiency, BLOCK_V, GROUP_V or None for the 2-D grid, merge steps)
+    "grouped": (0.75, 256, 8, 32),        # triton_path.CUDA_LOWP, MERGE_B
+    "previous": (0.45, 128, None, 1),
+}
 SHAPES = {"Llama-3-8B": (4096, 128256), "Qwen2.5-7B": (3584, 152064)}
 N = 8192
-CHUNK_BYTES = 2**30  # triton_path.g_chunk_rows on CUDA: G / the single-pass tile, 1 GiB
-BLOCK_V = 128        # triton_path.DEFAULT_BLOCKS
+CHUNK_BYTES = 2**30   # TileOptions.gpu_chunk_bytes: G of the core op's backward, the single-pass tile
+KEEP = 0.3            # TileOptions.keep_bytes: 3/10 of grad_W (V x H x 4) for kept bf16 G rows
 
 
 class Cost:
     def __init__(self):
         self.roof = self.add = self.flops = 0.0
 
-    def kernel(self, flops, bytes_, eff=1.0):
-        t_c, t_m = flops / (PEAK * eff), bytes_ / BW
-        self.roof += max(t_c, t_m)
-        self.add += t_c + t_m
+    def kernel(self, flops, bytes_, eff=1.0, steps=0):
+        t_c, t_m = flops / (CUBLAS * eff), bytes_ / BW
+        self.roof += max(t_c, t_m, steps * STEP)
+        self.add += t_c + t_m + steps * STEP
         self.flops += flops
 
 
-def core_op(H, V):
-    """linear_token_logprobs fwd+bwd: Triton forward (logits in registers), chunked backward
-    (Triton recompute writes G per chunk, then two cuBLAS GEMMs)."""
+def _h_reads(H, V, block_v, group_v, n):
+    """How many times a Triton GEMM kernel over n rows reads h: once per group of vocab blocks
+    (grouped), or once per vocab block where the rows' h does not fit L2 (the 2-D grid)."""
+    nvb = -(-V // block_v)
+    if group_v:
+        return -(-nvb // group_v)
+    return nvb if n * H * 2 > L2 else 1
+
+
+def core_op(H, V, schedule="grouped"):
+    """linear_token_logprobs fwd+bwd: the Triton forward (logits in registers: _fwd_partials,
+    then _fwd_merge), the chunked backward (_bwd_g_chunk writes G per chunk of rows in bf16, two
+    cuBLAS GEMMs read it)."""
+    eff, bv, gv, merge_b = SCHEDULES[schedule]
     c, F = Cost(), 2 * N * H * V
-    nvb = -(-V // BLOCK_V)
-    c.kernel(F, (N * H + V * H) * 2 + 4 * 4 * nvb * N, TRITON_EFF)  # _fwd_partials
-    c.kernel(0, 2 * 4 * 4 * nvb * N)                                # _fwd_merge
+    nvb = -(-V // bv)
+    parts = 4 * 4 * nvb * N                                          # (m, s, a, t) fp32 per block
+    c.kernel(F, V * H * 2 + _h_reads(H, V, bv, gv, N) * N * H * 2 + parts, eff)
+    c.kernel(0, parts + 4 * 4 * N, steps=-(-nvb // merge_b))          # _fwd_merge
     R = min(N, CHUNK_BYTES // (2 * V))
     for r0 in range(0, N, R):
         n = min(R, N - r0)
         f = 2 * n * H * V
-        c.kernel(f, (n * H + V * H) * 2 + n * V * 2, TRITON_EFF)   # _bwd_g_chunk: G written
+        c.kernel(f, V * H * 2 + _h_reads(H, V, bv, gv, n) * n * H * 2 + n * V * 2, eff)
         c.kernel(f, n * V * 2 + V * H * 2 + n * H * 4)              # G·W -> grad_h
         c.kernel(f, n * V * 2 + n * H * 2 + V * H * 4 * (2 if r0 else 1))  # Gᵀ·h -> grad_W
-    return c, -(-N // R), R
+    return c, -(-N // R), R, 4
 
 
-def single_pass(H, V, twice_frac=0.0):
-    """preference_loss(grad_mode="single_pass") on the triton backend: per chunk a cuBLAS GEMM
-    writes the [rows, V] bf16 tile, _logits_fwd then _logits_bwd read it twice and write G over
-    it, then G·W and Gᵀ·h (cuBLAS). twice_frac: the share of tokens scored forward first (untied losses:
-    the rejected half of one pair; several pairs: all but the longest pair)."""
-    c, R = Cost(), min(N, CHUNK_BYTES // (2 * V))
-    for part, grad in ((twice_frac, False), (1.0, True)):
-        rows = int(N * part)
-        for r0 in range(0, rows, R):
-            n = min(R, rows - r0)
-            f = 2 * n * H * V
-            c.kernel(f, (n * H + V * H) * 2 + n * V * 2)            # logits tile (bf16 out)
-            c.kernel(0, n * V * 2 * (3 if grad else 1))             # _logits_fwd (+ _logits_bwd)
-            if grad:
-                c.kernel(f, n * V * 2 + V * H * 2 + n * H * 4)      # G·W -> grad_h
-                c.kernel(f, n * V * 2 + n * H * 2 + V * H * 4 * (2 if r0 else 1))
-    return c, -(-N // R), R
+def _chunks(rows, R):
+    for r0 in range(0, rows, R):
+        yield r0, min(R, rows - r0)
+
+
+def single_pass(H, V, deferred=0.0, keep=KEEP):
+    """preference_loss / policy_loss's single pass on the triton backend. Per chunk a cuBLAS GEMM
+    writes the fp32 [rows, V] tile; _logits_fwd reads it (row statistics, log-probs);
+    _logits_bwd reads it again and writes G in bf16 beside it; G·W and Gᵀ·h run on cuBLAS.
+    deferred: the share of tokens whose scalar is known only once every sequence is scored
+    (untied losses: all but the longest sequence; several pairs: all but the longest pair).
+    Those within the keep budget (KEEP x grad_W of bf16 G rows) are formed once with a unit
+    scalar and kept for their two GEMMs; the rest are scored first and formed again."""
+    c, R = Cost(), min(N, CHUNK_BYTES // (4 * V))
+    n_def = int(N * deferred)
+    kept = min(n_def, int(keep * V * H * 4 // (2 * V)))
+    twice = n_def - kept
+    gw_passes = 0
+
+    def tile(n, grad):
+        f = 2 * n * H * V
+        c.kernel(f, (n * H + V * H) * 2 + n * V * 4)                # fp32 tile from cuBLAS
+        c.kernel(0, n * V * 4 + (n * V * 6 if grad else 0))        # _logits_fwd (+ _logits_bwd)
+
+    def grads(n):
+        nonlocal gw_passes
+        f = 2 * n * H * V
+        c.kernel(f, n * V * 2 + V * H * 2 + n * H * 4)              # G·W -> grad_h
+        c.kernel(f, n * V * 2 + n * H * 2 + V * H * 4 * (2 if gw_passes else 1))
+        gw_passes += 1
+    for _, n in _chunks(twice, R):                                  # scored first
+        tile(n, False)
+    for _, n in _chunks(N, R):                                      # every token formed once
+        tile(n, True)
+        grads(n)
+    return c, -(-N // R), R, 3 + twice / N
 
 
 DESIGNS = [
-    ("core op (Triton fwd + chunked bwd)", core_op),
-    ("single-pass loss, tied pair (DPO/SimPO)", lambda H, V: single_pass(H, V)),
-    ("single-pass loss, untied pair (ORPO/CPO)", lambda H, V: single_pass(H, V, 0.5)),
-    ("single-pass loss, 2 tied pairs", lambda H, V: single_pass(H, V, 0.5)),
+    ("core op, previous schedule", lambda H, V: core_op(H, V, "previous")),
+    ("core op, grouped schedule", lambda H, V: core_op(H, V, "grouped")),
+    ("single pass, tied pair (DPO/SimPO)", lambda H, V: single_pass(H, V)),
+    ("single pass, untied pair (ORPO/CPO)", lambda H, V: single_pass(H, V, 0.5)),
+    ("single pass, 2 tied pairs", lambda H, V: single_pass(H, V, 0.5)),
+    ("single pass, untied or 2 pairs, every deferred G kept (keep_bytes = grad_W / 2)",
+     lambda H, V: single_pass(H, V, 0.5, keep=0.5)),
 ]
 
 
 def main():
     print(__doc__)
     print("| model (N=8192) | design | GEMMs done | roofline ms | vs same-FLOP cuBLAS | vs 3-GEMM "
-          "floor | additive ms | vs same-FLOP (additive) | largest logits-sized buffer |")
+          "floor | additive ms | additive vs 3-GEMM floor | largest logits-sized buffer |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (H, V) in SHAPES.items():
-        t1 = 2 * N * H * V / PEAK
+        t1 = 2 * N * H * V / CUBLAS
         for label, fn in DESIGNS:
-            c, chunks, R = fn(H, V)
-            k = c.flops / (2 * N * H * V)
-            buf = "none (fwd), " if fn is core_op else ""
-            print(f"| {name} H={H} V={V} | {label} | {k:.1f} | {c.roof * 1e3:.1f} | "
+            c, chunks, R, k = fn(H, V)
+            dt = "bf16" if label.startswith("core") else "fp32"
+            buf = "none (fwd), " if label.startswith("core") else ""
+            print(f"| {name} H={H} V={V} | {label} | {k:.2f} | {c.roof * 1e3:.1f} | "
                   f"{c.roof / (k * t1):.2f}x | {c.roof / (3 * t1):.2f}x | {c.add * 1e3:.1f} | "
-                  f"{c.add / (k * t1):.2f}x | {buf}[{R}, V] bf16 ({R * V * 2 / 2**30:.2f} GiB), "
-                  f"{chunks} chunks |")
+                  f"{c.add / (3 * t1):.2f}x | {buf}[{R}, V] {dt} "
+                  f"({R * V * (2 if dt == 'bf16' else 4) / 2**30:.2f} GiB), {chunks} chunks |")
 
 
 if __name__ == "__main__":

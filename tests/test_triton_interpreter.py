@@ -5,7 +5,7 @@ The interpreter runs each program in numpy, so shapes are small: odd sizes, bloc
 not divide V, H crossing two K blocks, several vocab blocks. CI runs this file as its own pytest
 process with TRITON_INTERPRET=1 (see the Makefile's test target); ``make gpu-check`` runs it on a
 lent GPU, where the same cases take the paths the interpreter cannot show: the bf16 tensor-core
-dot (DOT_F32=False), the bf16 backward's out_dtype GEMMs, several G chunks under
+dot (PRECISION="native"), the bf16 backward's out_dtype GEMMs, several G chunks under
 ALIGNKIT_TRITON_G_BYTES, and a tensor on cuda:1 while cuda:0 is current.
 """
 import os
@@ -130,6 +130,139 @@ def test_autotune_opt_in(monkeypatch, device):
         monkeypatch.setattr(K.bwd_g_chunk_tuned, "configs", K.AUTOTUNE_CONFIGS[-1:])
     h, W, b, y = make_inputs((21,), 64, 300, bias=True, seed=45)
     check_all(*on(device, h, W, b, y), "triton")
+
+
+def spy_launches(monkeypatch, module, *names):
+    """Records (kernel name, grid, keyword arguments, first argument's dtype) per launch."""
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((self.kernel.fn.__name__, grid, kw, args[0].dtype))
+                return self.kernel[grid](*args, **kw)
+            return launch
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    return seen
+
+
+def test_autocast_reaches_the_kernels(monkeypatch, device):
+    # fp32 leaves under bf16 autocast: the kernels get bf16 operands (tensor cores on a card),
+    # as F.linear's GEMM would, and the gradients come back fp32
+    from alignkit.kernels import linear_logprobs as K
+    seen = spy_launches(monkeypatch, K, "_fwd_partials", "_bwd_g_chunk")
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    h, W, _, y = make_inputs((21,), 32, 300, seed=54, ignore_frac=0.0)
+    h, W, y = on(device, h, W, y)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")
+    lp.sum().backward()
+    assert [(k, dt) for k, _, _, dt in seen] == [("_fwd_partials", torch.bfloat16),
+                                                 ("_bwd_g_chunk", torch.bfloat16)]
+    assert seen[0][2]["PRECISION"] == ("native" if device.type == "cuda" else "ieee")
+    assert h.grad.dtype == W.grad.dtype == torch.float32
+    hb, Wb = (t.detach().bfloat16().requires_grad_() for t in (h, W))
+    lp_b = alignkit.linear_token_logprobs(hb, Wb, y, backend="triton")
+    lp_b.sum().backward()
+    assert torch.equal(lp, lp_b) and torch.equal(W.grad, Wb.grad.float())
+
+
+@pytest.mark.parametrize("group,H", [(1, 48), (3, 64), (64, 48)])
+def test_grouped_grid_covers_every_tile(monkeypatch, group, H, device):
+    # the 1-D grouped grid (kernels._tile_index): 5 row blocks x 16 vocab blocks, grouped 1, 3
+    # (a ragged last group of one block) and 64 (one group wider than the vocab); H=64 takes the
+    # EVEN_K loads, H=48 the masked ones. The merge walks 16 partials in 32-block steps. A tile
+    # that no program computes, or two programs computing one, shows in the log-probs.
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", f"16,64,32,{group}")
+    monkeypatch.setenv("ALIGNKIT_TRITON_BWD", "chunked")
+    h, W, b, y = make_inputs((73,), H, 1000, bias=True, seed=51, ignore_frac=0.0)
+    check_all(*on(device, h, W, b, y), "triton")
+
+
+def test_schedule_follows_device_dtype_and_torch_precision(monkeypatch, device):
+    # the launch each kernel gets: fp32 dots exact ("ieee") under torch's default "highest",
+    # "tf32" where torch.set_float32_matmul_precision allows it (the interpreter's numpy dot is
+    # exact either way; on a card the tolerance below covers tf32's 2^-11 on the logits)
+    from alignkit.kernels import linear_logprobs as K
+    from alignkit.ops import triton_path as T
+    seen = spy_launches(monkeypatch, K, "_fwd_partials", "_bwd_g_chunk")
+    h, W, b, y = make_inputs((37,), 64, 300, seed=52, ignore_frac=0.0)
+    h, W, y = on(device, h, W, y)
+    for prec, want in (("highest", "ieee"), ("high", "tf32")):
+        seen.clear()
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(prec)
+        try:
+            lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")
+            lp.sum().backward()
+        finally:
+            torch.set_float32_matmul_precision(old)
+        assert [k for k, _, _, _ in seen] == ["_fwd_partials", "_bwd_g_chunk"]
+        for _, grid, kw, _ in seen:
+            assert kw["PRECISION"] == want
+            assert kw["EVEN_K"] == (64 % kw["BLOCK_K"] == 0)
+            sch = T.schedule(h)
+            assert len(grid) == 1 and grid[0] == -(-37 // sch.block_n) * -(-300 // sch.block_v)
+        ref = ref_lin(h.detach().double(), W.detach().double(), y)
+        assert (lp.double() - ref).abs().max() < (1e-5 if want == "ieee" else 5e-2)
+    assert T.schedule(h.bfloat16()).block_v == (256 if device.type == "cuda" else 128)
+    assert T.precision(h.bfloat16()) == ("native" if device.type == "cuda" else "ieee")
+
+
+def test_autotune_key_buckets_the_token_count(monkeypatch, device):
+    # the tuner's key is (M rounded up to a power of two, V, H): batches of 21 and 30 labelled
+    # tokens share one tuning, 40 gets its own (keyed on M itself, each batch would re-tune)
+    from alignkit.kernels import linear_logprobs as K
+    from alignkit.ops.triton_path import m_bucket
+    assert [m_bucket(n) for n in (1, 2, 21, 32, 33, 4096)] == [1, 2, 32, 32, 64, 4096]
+    monkeypatch.setenv("ALIGNKIT_TRITON_AUTOTUNE", "1")
+    configs = K.AUTOTUNE_CONFIGS[-2:]
+    monkeypatch.setattr(K.fwd_partials_tuned, "configs", configs)
+    monkeypatch.setattr(K.fwd_partials_tuned, "cache", {})
+    if INTERPRET:   # the interpreter cannot time a config (no driver): a fixed ranking instead
+        monkeypatch.setattr(K.fwd_partials_tuned, "_bench",
+                            lambda *a, config, **kw: [float(configs.index(config))] * 3)
+    h, W, _, y = make_inputs((40,), 64, 300, seed=53, ignore_frac=0.0)
+    h, W, y = on(device, h, W, y)
+    sizes = []
+    for n in (21, 30, 40):
+        with torch.no_grad():
+            lp = alignkit.linear_token_logprobs(h[:n], W, y[:n], backend="triton")
+        ref = ref_lin(h[:n].double(), W.double(), y[:n])
+        assert (lp.double() - ref).abs().max() < 1e-5
+        sizes.append(len(K.fwd_partials_tuned.cache))
+    assert sizes == [1, 1, 2]
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="counts host syncs on "
+                    "a card")
+def test_one_host_read_per_pass():
+    # the forward reads the bad-label and labelled counts together (one .tolist()) and compacts
+    # with nonzero_static; the backward's one read is its nonzero (validate.labelled_rows)
+    import warnings
+    h, W, _, y = make_inputs((4, 33), 64, 1000, seed=55)
+    h, W, y = on(torch.device("cuda"), h, W, y)
+    lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")    # compiled, warm
+    lp.sum().backward()
+    torch.cuda.synchronize()
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for step in ("forward", "backward"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if step == "forward":
+                    lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")
+                else:
+                    lp.sum().backward()
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert counts == [1, 1], counts
 
 
 def test_auto_does_not_pick_triton_on_cpu():

@@ -45,6 +45,7 @@ from alignkit.losses.single_pass import (
     tile_rows,
     unscaled_group,
 )
+from alignkit.ops.backends import autocast_head
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
@@ -81,6 +82,7 @@ def _num_sequences(hidden, labels, segment_ids, num_segments):
     return check_segment_range(seg, num_segments)
 
 
+@autocast_head
 def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str = "dpo",
                     ref_logprobs: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
                     ref_weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

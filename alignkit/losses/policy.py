@@ -45,6 +45,7 @@ from alignkit.losses.single_pass import (
     tile_rows,
     token_pass_loss,
 )
+from alignkit.ops.backends import autocast_head
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import (
     check_linear_inputs,
@@ -57,6 +58,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "ppo")
 
 
+@autocast_head
 def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: Tensor,
                 old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
                 segment_ids: Optional[Tensor] = None, loss_type: str = "dapo",

@@ -88,6 +88,12 @@ class VocabTiles:
         self.kept = None if not keep else (work[:keep] if shared else
                                            torch.empty(keep, V, dtype=self.gdt, device=dev))
         self.kept_in_place = shared
+        # triton with bf16 G: _logits_bwd writes G in bf16 straight from the fp32 tile into this
+        # buffer (or into the kept rows), not over the tile and then cast: per element 4 bytes
+        # read and 2 written, against 4 + 4 then 4 + 2 (on a card the elementwise passes are
+        # what the single pass adds to its three GEMMs: bench/paper.py)
+        self.gbuf = torch.empty(n_rows, V, dtype=self.gdt, device=dev) \
+            if self.backend == "triton" and self.gdt != torch.float32 else None
         self.vb = vb = min(vocab_block, V)
         self.gblk = torch.empty(n_rows, vb, **f32) if self.cpu_lowp else None
         self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
@@ -122,9 +128,10 @@ class VocabTiles:
         if ghc is not None:
             self.gh.index_copy_(0, ic, ghc)
 
-    def _score(self, t, hc, yc, ic, coef, i0, keep=False):
+    def _score(self, t, hc, yc, ic, coef, i0, keep=False, g_out=None):
         """Log-probs (and entropies) of the tile's rows; with coef, their gradient too (with
-        keep, G only, left in t for finish_kept on CPU bf16)."""
+        keep, G only, left in t for finish_kept on CPU bf16). g_out: where triton writes G
+        (default: over t)."""
         o, V = self.o, self.V
         if self.backend == "triton":
             # one vendor GEMM for the fp32 tile, then the logits kernels: the row statistics,
@@ -137,7 +144,7 @@ class VocabTiles:
             ent = ent if self.entropy else None
             g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
             if g_lp is not None:
-                triton_path.logits_backward(t, t, yc, m, logs, g_lp,
+                triton_path.logits_backward(t, t if g_out is None else g_out, yc, m, logs, g_lp,
                                             ent if g_ent is not None else None, g_ent,
                                             o.inv_temp, o.cap)
             return lp, ent, g_lp is not None
@@ -196,23 +203,25 @@ class VocabTiles:
             hc = self.h2.index_select(0, ic).to(self.tdt)
             yc = self.y.index_select(0, ic)
             t = self.kept[i0:i0 + n] if keep and self.kept_in_place else self.tile[:n]
-            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0, keep)
+            g_out = None if self.gbuf is None else (
+                self.kept[i0:i0 + n] if keep else self.gbuf[:n])
+            lp, ent, formed = self._score(t, hc, yc, ic, coef, i0, keep, g_out)
             out[i0:i0 + n] = lp
             if ents is not None:
                 ents[i0:i0 + n] = ent
             if not formed or self.cpu_lowp:
                 continue
             if keep:
-                if not self.kept_in_place:
+                if not self.kept_in_place and g_out is None:
                     self.kept[i0:i0 + n].copy_(t)
                 continue
-            g_t = t if self.gdt == torch.float32 else t.to(self.gdt)
+            g_t = t if g_out is None else g_out
             if self.gh is not None:
                 self.gh.index_copy_(0, ic, _mm32(g_t, self._w_g()))
             if self.gw is not None:
                 _addmm32(self.gw, g_t.t(), hc.to(self.gdt))
             if self.gb is not None:
-                self.gb.add_(t.sum(0))
+                self.gb.add_(g_t.sum(0, dtype=torch.float32))
         return out, ents
 
     def finish_kept(self, sel, scale):

@@ -6,6 +6,7 @@ tensors runs under the Triton interpreter when TRITON_INTERPRET=1 is set.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -47,6 +48,37 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+# the tensors of a head call that autocast would cast (a matmul's operands): weight, hidden and
+# these keyword arguments
+_HEAD_KWARGS = ("bias", "ref_hidden", "ref_weight")
+
+
+def autocast_head(fn):
+    """Runs a head front door (fn(hidden, weight, ...)) as torch.autocast would run the matmul
+    inside it, the way torch.amp.custom_fwd(cast_inputs=dtype) runs an autograd.Function, with
+    the dtype read at call time: under autocast for hidden's device, the floating fp32/bf16/fp16
+    inputs are cast to the autocast dtype (F.linear's rule; float64 is left alone) and fn runs
+    with autocast off, so its GEMMs run in that dtype with fp32 statistics, and no inner matmul
+    is cast again. The casts are differentiable: an fp32 master weight gets an fp32 gradient.
+    Without the cast, fp32 weights under bf16 autocast ran the whole head in fp32 (on a GPU, fp32
+    dots on the CUDA cores), and bf16 hidden against an fp32 head was promoted to fp32."""
+    @functools.wraps(fn)
+    def run(hidden, weight, *args, **kwargs):
+        dev = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+            return fn(hidden, weight, *args, **kwargs)
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            ok = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16,
+                                                              torch.float16)
+            return t.to(dt) if ok and t.dtype != dt else t
+        kwargs = {k: cast(v) if k in _HEAD_KWARGS else v for k, v in kwargs.items()}
+        with torch.autocast(dev, enabled=False):
+            return fn(cast(hidden), cast(weight), *args, **kwargs)
+    return run
 
 
 def triton_available() -> bool:

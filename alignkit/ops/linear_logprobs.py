@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from alignkit.ops import tiling, triton_path
-from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.backends import autocast_head, gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
-from alignkit.ops.validate import check_label_range, check_linear_inputs
+from alignkit.ops.validate import check_linear_inputs, labelled_rows
 
 _EMPTY = (0,)
 
@@ -83,12 +83,11 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
     h2 = hidden.reshape(-1, H)
     y = labels.reshape(-1).long()
     N = y.numel()
-    check_label_range(y, V, opts.ignore_index)
+    idx = labelled_rows(y, V, opts.ignore_index)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lp = torch.zeros(N, **f32)
     lse_out = torch.zeros(N, 2, **f32)
     ent_out = torch.zeros(N if opts.return_entropy else 0, **f32)
-    idx = (y != opts.ignore_index).nonzero().squeeze(1)
     M = idx.numel()
     if M == 0:
         return lp, ent_out, lse_out
@@ -271,6 +270,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     return lp, ent
 
 
+@autocast_head
 def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           bias: Optional[Tensor], opts: LogprobOptions):
     """As linear_logprobs, plus the per-token row statistics [..., 2] = (max logit m,

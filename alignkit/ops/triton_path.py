@@ -2,7 +2,8 @@
 
 Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
-Block sizes are fixed defaults (BLOCKS). Backward modes (TileOptions.triton_bwd): "chunked"
+The schedule (tiles, grouping, warps, stages) is fixed per device and dtype (Schedule; opt-in
+autotuning over AUTOTUNE_CONFIGS). Backward modes (TileOptions.triton_bwd): "chunked"
 (default: G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see
 alignkit.kernels). The G chunk holds TileOptions.gpu_chunk_bytes (1 GiB default) of rows on CUDA,
 and the CPU tile budget (tile_bytes, 16 MiB) under the interpreter. Inputs here are already
@@ -11,15 +12,73 @@ validated and restricted to the labelled tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
 import torch
 
-# (BLOCK_N, BLOCK_V, BLOCK_K): H100-oriented defaults; the interpreter is happy with any powers
-# of two >= 16. Override with ALIGNKIT_TRITON_BLOCKS="n,v,k".
-DEFAULT_BLOCKS = (64, 128, 64)
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the fused kernels tile the work: a BLOCK_N x BLOCK_V logits tile per program, H walked
+    in BLOCK_K steps, programs grouped GROUP_V vocab blocks at a time (kernels._tile_index), and
+    the launch's warps and software-pipeline stages."""
+    block_n: int
+    block_v: int
+    block_k: int
+    group_v: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# On a card, bf16/fp16: 128 x 256 x 64 tiles, 8 warps, 3 stages, W grouped 8 vocab blocks at a
+# time. CCE's tuned H100 tile is 256 x 128 x 32 at 8 warps; the accumulator is the same 32k fp32
+# either way, and BLOCK_V = 256 halves the forward's partials (4 x 4 bytes x M x V/BLOCK_V: 66 MB
+# at 8192 tokens, V=128256) against 128. Shared memory: (128 + 256) x 64 x 2 bytes = 48 KiB a
+# stage, 144 KiB for 3 (an H100 has 228). These are assumptions until a card measures them
+# (ALIGNKIT_TRITON_AUTOTUNE=1 sweeps them and CCE's among others).
+CUDA_LOWP = Schedule(128, 256, 64, group_v=8, num_warps=8, num_stages=3)
+# fp32 operands (ieee products run on the CUDA cores; tf32 on tensor cores): half the tile.
+CUDA_FP32 = Schedule(64, 128, 32, group_v=8, num_warps=4, num_stages=3)
+# the interpreter (numpy, one program at a time): the blocks that kept the CPU test run short.
+INTERPRETER = Schedule(64, 128, 64, group_v=8)
+# the merge reads [MERGE_B, MERGE_N] partials per statistic and step
+MERGE_N, MERGE_B = 64, 32
 LOGITS_BLOCK_V = 1024
+
+
+def schedule(h) -> Schedule:
+    """The launch schedule for hidden rows `h` (its device and dtype). ALIGNKIT_TRITON_BLOCKS=
+    "n,v,k" or "n,v,k,group" overrides the blocks (the tests use small ones)."""
+    base = (INTERPRETER if h.device.type != "cuda" else
+            CUDA_FP32 if h.dtype == torch.float32 else CUDA_LOWP)
+    env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
+    if not env:
+        return base
+    v = [int(x) for x in env.split(",")]
+    return dataclasses.replace(base, block_n=v[0], block_v=v[1], block_k=v[2],
+                               group_v=v[3] if len(v) > 3 else base.group_v)
+
+
+def precision(h) -> str:
+    """The kernels' dot input precision (their PRECISION): bf16/fp16 on a card multiply on the
+    tensor cores as they are ("native"); fp32 follows torch.get_float32_matmul_precision(), as
+    torch's own matmuls do: "highest" (torch's default) gives exact "ieee" products, "high" and
+    "medium" allow "tf32". Under the interpreter low-precision operands are upcast (numpy has no
+    bf16 dot), exactly."""
+    if h.dtype != torch.float32:
+        return "native" if h.device.type == "cuda" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def m_bucket(M: int) -> int:
+    """M rounded up to a power of two: the autotuner's key (kernels.AUTOTUNE_CONFIGS)."""
+    return 1 << max(0, (M - 1).bit_length())
+
+
+def _launch(sch: Schedule) -> dict:
+    return dict(BLOCK_N=sch.block_n, BLOCK_V=sch.block_v, BLOCK_K=sch.block_k,
+                GROUP_V=sch.group_v, num_warps=sch.num_warps, num_stages=sch.num_stages)
 
 
 def on_device(fn):
@@ -37,11 +96,6 @@ def on_device(fn):
 
 def autotune() -> bool:
     return os.environ.get("ALIGNKIT_TRITON_AUTOTUNE") == "1"
-
-
-def blocks():
-    env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
-    return tuple(int(x) for x in env.split(",")) if env else DEFAULT_BLOCKS
 
 
 def _contig(b):
@@ -66,11 +120,6 @@ def g_chunk_rows(M: int, V: int, h, tiles) -> int:
     return max(1, min(M, tiles.gpu_chunk_bytes // (elem * V)))
 
 
-def _dot_f32(h) -> bool:
-    # numpy (the interpreter) has no bf16/fp16 dot: upcast there; on a GPU only fp32 upcasts
-    return h.dtype == torch.float32 or h.device.type != "cuda"
-
-
 @on_device
 def linear_forward(h, w, y, b, inv_temp, cap):
     """h [M, H] labelled rows, y [M] → (logprob, m, log s, entropy), each [M] fp32."""
@@ -79,27 +128,28 @@ def linear_forward(h, w, y, b, inv_temp, cap):
     b = _contig(b)
     M, H = h.shape
     V = w.shape[0]
-    BN, BV, BK = blocks()
+    sch = schedule(h)
     f32 = dict(dtype=torch.float32, device=h.device)
     args = (h, w, b if b is not None else h, y)
-    tail = (M, V, H, h.stride(0), w.stride(0), inv_temp, cap if cap > 0 else 1.0)
-    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, DOT_F32=_dot_f32(h))
+    tail = (M, V, H, m_bucket(M), h.stride(0), w.stride(0), inv_temp, cap if cap > 0 else 1.0)
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, PRECISION=precision(h))
     if autotune():
         # the partials' width depends on the BLOCK_V the tuner picks: size them for the
         # smallest configured BLOCK_V and let the merge read the first cdiv(V, BLOCK_V) rows
         bv_min = min(c.kwargs["BLOCK_V"] for c in K.AUTOTUNE_CONFIGS)
         parts = [torch.empty(triton_cdiv(V, bv_min), M, **f32) for _ in range(4)]
-        K.fwd_partials_tuned[lambda meta: (triton_cdiv(M, meta["BLOCK_N"]),
-                                           triton_cdiv(V, meta["BLOCK_V"]))](
+        K.fwd_partials_tuned[lambda meta: (triton_cdiv(M, meta["BLOCK_N"]) *
+                                           triton_cdiv(V, meta["BLOCK_V"]),)](
             *args, *parts, *tail, **flags)
         nvb = triton_cdiv(V, K.fwd_partials_tuned.best_config.kwargs["BLOCK_V"])
     else:
-        nvb = triton_cdiv(V, BV)
+        nvb = triton_cdiv(V, sch.block_v)
         parts = [torch.empty(nvb, M, **f32) for _ in range(4)]
-        K._fwd_partials[(triton_cdiv(M, BN), nvb)](*args, *parts, *tail, **flags,
-                                                   BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK)
+        K._fwd_partials[(triton_cdiv(M, sch.block_n) * nvb,)](
+            *args, *parts, *tail, **flags, EVEN_K=H % sch.block_k == 0, **_launch(sch))
     outs = [torch.empty(M, **f32) for _ in range(4)]
-    K._fwd_merge[(triton_cdiv(M, BN),)](*parts, *outs, M, nvb, BLOCK_N=BN)
+    K._fwd_merge[(triton_cdiv(M, MERGE_N),)](*parts, *outs, M, nvb, BLOCK_N=MERGE_N,
+                                             BLOCK_B=MERGE_B)
     return outs
 
 
@@ -113,7 +163,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     b = _contig(b)
     M, H = h.shape
     V = w.shape[0]
-    BN, BV, BK = blocks()
+    sch = schedule(h)
     f32 = dict(dtype=torch.float32, device=h.device)
     dh = torch.zeros(M, H, **f32) if need_h else None
     dw = torch.zeros(V, H, **f32) if need_w else None
@@ -121,7 +171,10 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     has_ent = ge is not None
     common = (h, w, b if b is not None else h, y, m, logs, g, ent if has_ent else g,
               ge if has_ent else g)
-    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent)
+    flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent,
+                 PRECISION=precision(h))
+    blk = dict(BLOCK_N=sch.block_n, BLOCK_V=sch.block_v, BLOCK_K=sch.block_k,
+               EVEN_K=H % sch.block_k == 0, num_warps=sch.num_warps, num_stages=sch.num_stages)
     scal = (inv_temp, cap if cap > 0 else 1.0)
     mode = tiles.triton_bwd
     if mode == "chunked":
@@ -142,15 +195,15 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
             sl = lambda t: t[r0:r1] if t is not None else None  # noqa: E731
             args = (h[r0:r1], w, b if b is not None else h, y[r0:r1], m[r0:r1], logs[r0:r1],
                     g[r0:r1], sl(ent) if has_ent else g[r0:r1], sl(ge) if has_ent else g[r0:r1])
-            tail = (G, r1 - r0, V, H, h.stride(0), w.stride(0), G.stride(0), *scal)
+            n = r1 - r0
+            tail = (G, n, V, H, m_bucket(n), h.stride(0), w.stride(0), G.stride(0), *scal)
             if autotune():
-                bwd_g_chunk_tuned[lambda meta, n=r1 - r0: (triton_cdiv(n, meta["BLOCK_N"]),
-                                                           triton_cdiv(V, meta["BLOCK_V"]))](
-                    *args, *tail, **flags, DOT_F32=_dot_f32(h))
+                bwd_g_chunk_tuned[lambda meta, n=n: (triton_cdiv(n, meta["BLOCK_N"]) *
+                                                     triton_cdiv(V, meta["BLOCK_V"]),)](
+                    *args, *tail, **flags)
             else:
-                _bwd_g_chunk[(triton_cdiv(r1 - r0, BN), triton_cdiv(V, BV))](
-                    *args, *tail, **flags, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK,
-                    DOT_F32=_dot_f32(h))
+                _bwd_g_chunk[(triton_cdiv(n, sch.block_n) * triton_cdiv(V, sch.block_v),)](
+                    *args, *tail, **flags, **blk, GROUP_V=sch.group_v)
             hc = h[r0:r1] if lowp or h.dtype == torch.float32 else h[r0:r1].float()
             if lowp:
                 if need_h:
@@ -167,21 +220,19 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
         return dh, dw, db
     if mode == "atomic":
         dummy = torch.empty(1, **f32)
-        _bwd_atomic[(triton_cdiv(M, BN), triton_cdiv(V, BV))](
+        _bwd_atomic[(triton_cdiv(M, sch.block_n) * triton_cdiv(V, sch.block_v),)](
             *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
             M, V, H, h.stride(0), w.stride(0), *scal, **flags,
-            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **blk, GROUP_V=sch.group_v)
         return dh, dw, db
     if need_h:
-        _bwd_dh[(triton_cdiv(M, BN), triton_cdiv(H, BK))](
-            *common, dh, M, V, H, h.stride(0), w.stride(0), *scal, **flags,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+        _bwd_dh[(triton_cdiv(M, sch.block_n), triton_cdiv(H, sch.block_k))](
+            *common, dh, M, V, H, h.stride(0), w.stride(0), *scal, **flags, **blk)
     if need_w or need_b:
         dummy = torch.empty(1, **f32)
-        _bwd_dw[(triton_cdiv(V, BV), triton_cdiv(H, BK))](
+        _bwd_dw[(triton_cdiv(V, sch.block_v), triton_cdiv(H, sch.block_k))](
             *common, dw if need_w else torch.empty(V, H, **f32), db if need_b else dummy,
-            M, V, H, h.stride(0), w.stride(0), *scal, **flags, NEED_B=need_b,
-            BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, DOT_F32=_dot_f32(h))
+            M, V, H, h.stride(0), w.stride(0), *scal, **flags, NEED_B=need_b, **blk)
     return dh, dw, db
 
 

@@ -61,6 +61,26 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int):
                          f"got {int(labels.flatten()[i])} at flat position {i}")
 
 
+def labelled_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Flat indices of the labelled tokens of flat int64 labels, after check_label_range.
+
+    On CUDA with one host read: the bad-label count and the labelled count come back together
+    (one .tolist()), and the count sizes nonzero_static, where check_label_range's bool() and
+    nonzero() would stall the queue twice. The count is the one read the op cannot drop: it sizes
+    the GEMMs, which would otherwise run over the ignored rows too (prompts, padding). On CPU a
+    read costs nothing to the queue and nonzero() is the faster compaction (nonzero_static ran
+    6x slower on 100k labels here)."""
+    keep = labels != ignore_index
+    if labels.device.type != "cuda":
+        check_label_range(labels, vocab, ignore_index)
+        return keep.nonzero().squeeze(1)
+    bad = keep & ((labels < 0) | (labels >= vocab))
+    n_bad, n = torch.stack([bad.sum(), keep.sum()]).tolist()
+    if n_bad:
+        check_label_range(labels, vocab, ignore_index)   # raises, naming the first bad label
+    return torch.nonzero_static(keep, size=n).squeeze(1)
+
+
 def check_segment_ids(segment_ids, labels: torch.Tensor, num_segments):
     """Layout checks of packed segment ids (shape, dtype, num_segments); returns the flat int64
     ids. The data-dependent range check is check_segment_range."""
