@@ -74,10 +74,11 @@ def _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_byte
 
 def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
                  opts: LogprobOptions, backend: str):
-    """Returns (logprobs[N], entropy[N] or [0], lse2[N, 2]) for flattened inputs.
+    """Returns (logprobs[N], entropy[N] or [0], lse2[N, 2], M) for flattened inputs.
 
     lse2 holds (running max m, log Σexp(z − m)) per token: lse = m + log s, kept in two parts
-    for an exact backward at large logits (tile_kernels).
+    for an exact backward at large logits (tile_kernels). M: the labelled-token count (a host
+    int, from the forward's one host read), which the backward reuses.
     """
     V, H = weight.shape
     h2 = hidden.reshape(-1, H)
@@ -90,7 +91,7 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
     ent_out = torch.zeros(N if opts.return_entropy else 0, **f32)
     M = idx.numel()
     if M == 0:
-        return lp, ent_out, lse_out
+        return lp, ent_out, lse_out, M
     if backend == "triton":
         lp_s, m_s, logs_s, ent_s = triton_path.linear_forward(
             h2.index_select(0, idx), weight, y.index_select(0, idx), bias, opts.inv_temp, opts.cap)
@@ -98,7 +99,7 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
         lse_out.index_copy_(0, idx, torch.stack([m_s, logs_s], 1))
         if opts.return_entropy:
             ent_out.index_copy_(0, idx, ent_s)
-        return lp, ent_out, lse_out
+        return lp, ent_out, lse_out, M
     fold, _ = KERNELS[backend]
     dt = gemm_dtype(weight.dtype, weight.device)
     p = _plan(M, H, V, backend, dt, opts.tiles)
@@ -112,18 +113,22 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
         lse_out.index_copy_(0, ic, st.lse2())
         if opts.return_entropy:
             ent_out.index_copy_(0, ic, st.entropy())
-    return lp, ent_out, lse_out
+    return lp, ent_out, lse_out, M
 
 
 def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
                   labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
-                  opts: LogprobOptions, backend: str, need_h: bool, need_w: bool, need_b: bool):
+                  opts: LogprobOptions, backend: str, need_h: bool, need_w: bool, need_b: bool,
+                  M: int):
     V, H = weight.shape
     h2 = hidden.reshape(-1, H)
     y = labels.reshape(-1).long()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.zeros(h2.shape, **f32) if need_h else None
-    idx = (y != opts.ignore_index).nonzero().squeeze(1)
+    keep = y != opts.ignore_index
+    # the forward's count M sizes the compaction on a card: no host read in backward
+    idx = torch.nonzero_static(keep, size=M).squeeze(1) if y.is_cuda else \
+        keep.nonzero().squeeze(1)
     g_lp_all = grad_lp.reshape(-1).float()
     g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
     if backend == "triton" and idx.numel():
@@ -198,13 +203,14 @@ def _cast_grads(gh, gw, gb, hidden, weight, bias):
 def _fwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
             ignore_index: int, temperature: float, softcap: float, return_entropy: bool,
             backend: str, tile_bytes: int, vocab_block: int, gpu_chunk_bytes: int,
-            triton_bwd: str) -> tuple[Tensor, Tensor, Tensor]:
+            triton_bwd: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     opts = _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_bytes,
                  vocab_block, gpu_chunk_bytes, triton_bwd)
-    lp, ent, lse = forward_impl(hidden, weight, labels, bias, opts, backend)
+    lp, ent, lse, M = forward_impl(hidden, weight, labels, bias, opts, backend)
     shape = labels.shape
+    # M as a CPU scalar: the backward reads it without a device sync
     return (lp.view(shape), (ent.view(shape) if return_entropy else ent),
-            lse.view(*shape, 2))
+            lse.view(*shape, 2), torch.tensor(M, dtype=torch.int64))
 
 
 @_fwd_op.register_fake
@@ -212,7 +218,8 @@ def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, return_e
       tile_bytes, vocab_block, gpu_chunk_bytes, triton_bwd):
     out = labels.new_empty(labels.shape, dtype=torch.float32)
     ent = labels.new_empty(labels.shape if return_entropy else _EMPTY, dtype=torch.float32)
-    return out, ent, labels.new_empty((*labels.shape, 2), dtype=torch.float32)
+    return (out, ent, labels.new_empty((*labels.shape, 2), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"))
 
 
 @torch.library.custom_op("alignkit::linear_logprobs_bwd", mutates_args=())
@@ -220,11 +227,12 @@ def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight:
             labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
             ignore_index: int, temperature: float, softcap: float, backend: str,
             need_h: bool, need_w: bool, need_b: bool, tile_bytes: int, vocab_block: int,
-            gpu_chunk_bytes: int, triton_bwd: str) -> tuple[Tensor, Tensor, Tensor]:
+            gpu_chunk_bytes: int, triton_bwd: str, n_labelled: Tensor) -> tuple[Tensor, Tensor,
+                                                                                Tensor]:
     opts = _opts(ignore_index, temperature, softcap, entropy is not None, backend, tile_bytes,
                  vocab_block, gpu_chunk_bytes, triton_bwd)
     gh, gw, gb = backward_impl(grad_lp, grad_ent, hidden, weight, labels, bias, lse.reshape(-1, 2),
-                               entropy, opts, backend, need_h, need_w, need_b)
+                               entropy, opts, backend, need_h, need_w, need_b, int(n_labelled))
     # outputs may not alias each other: a fresh empty tensor for each gradient not asked for
     return tuple(g if g is not None else hidden.new_empty(_EMPTY) for g in (gh, gw, gb))
 
@@ -232,7 +240,7 @@ def _bwd_op(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight:
 @_bwd_op.register_fake
 def _(grad_lp, grad_ent, hidden, weight, labels, bias, lse, entropy, ignore_index, temperature,
       softcap, backend, need_h, need_w, need_b, tile_bytes, vocab_block, gpu_chunk_bytes,
-      triton_bwd):
+      triton_bwd, n_labelled):
     gh = hidden.new_empty(hidden.shape if need_h else _EMPTY)
     gw = weight.new_empty(weight.shape if need_w else _EMPTY)
     gb = (bias if bias is not None else weight).new_empty(bias.shape if need_b else _EMPTY)
@@ -242,20 +250,22 @@ def _(grad_lp, grad_ent, hidden, weight, labels, bias, lse, entropy, ignore_inde
 def _setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, ignore_index, temperature, softcap, return_entropy, backend = \
         inputs[:9]
-    _, ent, lse = output
+    _, ent, lse, n_labelled = output
     ctx.save_for_backward(hidden, weight, labels, bias, lse, ent if return_entropy else None)
+    ctx.n_labelled = n_labelled
     ctx.args = (ignore_index, temperature, softcap, backend)
     ctx.tiles = inputs[9:]                # tile_bytes, vocab_block, gpu_chunk_bytes, triton_bwd
 
 
-def _backward(ctx, grad_lp, grad_ent, _grad_lse):
+def _backward(ctx, grad_lp, grad_ent, _grad_lse, _grad_n):
     hidden, weight, labels, bias, lse, ent = ctx.saved_tensors
     ignore_index, temperature, softcap, backend = ctx.args
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[3]
     grad_lp, grad_ent = materialize_grads(grad_lp, grad_ent, lse, ent)
     gh, gw, gb = _bwd_op(grad_lp, grad_ent, hidden, weight, labels, bias, lse, ent, ignore_index,
-                         temperature, softcap, backend, need_h, need_w, need_b, *ctx.tiles)
+                         temperature, softcap, backend, need_h, need_w, need_b, *ctx.tiles,
+                         ctx.n_labelled)
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
             *([None] * 9))
 
@@ -279,7 +289,7 @@ def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     check_linear_inputs(hidden, weight, labels, bias)
     backend = resolve(opts.backend, hidden.device)
     t = opts.tiles.resolved(head=tuple(weight.shape))
-    lp, ent, lse = _fwd_op(hidden, weight, labels, bias, opts.ignore_index,
+    lp, ent, lse, _ = _fwd_op(hidden, weight, labels, bias, opts.ignore_index,
                            float(opts.temperature), opts.cap, opts.return_entropy, backend,
                            t.tile_bytes, t.vocab_block, t.gpu_chunk_bytes, t.triton_bwd)
     return lp, (ent if opts.return_entropy else None), lse.detach()
