@@ -116,7 +116,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, H, stride_hm, st
 
 
 @triton.jit
-def _fwd_partials(h_ptr, w_ptr, b_ptr, y_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
+def _fwd_partials(h_ptr, w_ptr, y_ptr, b_ptr, pm_ptr, ps_ptr, pa_ptr, pt_ptr,
                   M, V, H, M_BUCKET,
                   stride_hm, stride_wv,
                   inv_temp, softcap,
@@ -185,7 +185,7 @@ def _fwd_merge(pm_ptr, ps_ptr, pa_ptr, pt_ptr, lp_ptr, m_ptr, logs_ptr, ent_ptr,
 
 
 @triton.jit
-def _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
+def _grad_tile(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
                rows, cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap,
                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -210,7 +210,7 @@ def _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_p
 
 
 @triton.jit
-def _bwd_g_chunk(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, out_ptr,
+def _bwd_g_chunk(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, out_ptr,
                  M, V, H, M_BUCKET,
                  stride_hm, stride_wv, stride_om,
                  inv_temp, softcap,
@@ -219,7 +219,7 @@ def _bwd_g_chunk(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge
                  EVEN_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_V: tl.constexpr):
     """Writes G = dL/dx for rows [0, M) of a chunk into out [M, V] (out's dtype)."""
     rows, cols, rmask, cmask, _ = _tile_index(M, V, BLOCK_N, BLOCK_V, GROUP_V)
-    d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+    d = _grad_tile(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                    cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                    HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
@@ -227,7 +227,7 @@ def _bwd_g_chunk(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge
 
 
 @triton.jit
-def _bwd_atomic(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
+def _bwd_atomic(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
                 dh_ptr, dw_ptr, db_ptr,
                 M, V, H,
                 stride_hm, stride_wv,
@@ -237,7 +237,7 @@ def _bwd_atomic(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, GROUP_V: tl.constexpr):
     rows, cols, rmask, cmask, _ = _tile_index(M, V, BLOCK_N, BLOCK_V, GROUP_V)
-    d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+    d = _grad_tile(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                    cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                    HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
     if NEED_B:
@@ -259,7 +259,7 @@ def _bwd_atomic(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_
 
 
 @triton.jit
-def _bwd_dh(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr,
+def _bwd_dh(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dh_ptr,
             M, V, H,
             stride_hm, stride_wv,
             inv_temp, softcap,
@@ -275,7 +275,7 @@ def _bwd_dh(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cmask = cols < V
-        d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+        d = _grad_tile(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                        cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                        HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         wb = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
@@ -285,7 +285,7 @@ def _bwd_dh(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
 
 
 @triton.jit
-def _bwd_dw(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dw_ptr, db_ptr,
+def _bwd_dw(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, dw_ptr, db_ptr,
             M, V, H,
             stride_hm, stride_wv,
             inv_temp, softcap,
@@ -304,7 +304,7 @@ def _bwd_dw(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr,
     for n0 in range(0, M, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         rmask = rows < M
-        d = _grad_tile(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
+        d = _grad_tile(h_ptr, w_ptr, y_ptr, b_ptr, m_ptr, logs_ptr, g_ptr, ent_ptr, ge_ptr, rows,
                        cols, rmask, cmask, H, stride_hm, stride_wv, inv_temp, softcap, HAS_BIAS,
                        HAS_SOFTCAP, HAS_ENT, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         hb = tl.load(h_ptr + rows[:, None] * stride_hm + ks[None, :],

@@ -244,6 +244,30 @@ def test_single_pass_bf16(loss, opts, shape, backend):
     check_single_pass(loss, opts, shape, backend, dtype=torch.bfloat16)
 
 
+def test_single_pass_tile_default_scales_with_a_big_vocabulary(monkeypatch):
+    """single_pass_bytes' default: 64 MiB, or 512 fp32 rows where that is larger and within half
+    of grad_W. At the RL bench's R1 head (V=151936, H=1024) 64 MiB held 110 rows, below the 256
+    where auto takes the token pass, which then ran 1.28x the GEMM floor when forced; 512 rows
+    let auto take it (441 rows measured 0.97x, bench/RESULTS.md)."""
+    from alignkit.losses.policy import _token_pass
+    from alignkit.losses.single_pass import long_tiles, tile_rows
+    from alignkit.ops.options import LogprobOptions, TileOptions
+    monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
+    assert tile_rows(151936, H=1024) == 512
+    assert tile_rows(151936, H=384) == 192                  # half of grad_W caps it
+    assert tile_rows(32000, H=1024) == (64 << 20) // (4 * 32000)   # 64 MiB already holds more
+    assert tile_rows(151936) == 110                         # no head given: the fixed default
+    assert tile_rows(151936, H=1024, tiles=TileOptions(single_pass_bytes=4 * 151936 * 9)) == 9
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(4 * 151936 * 7))
+    assert tile_rows(151936, H=1024) == 7                   # the variable wins over the default
+    monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES")
+    W = torch.empty(151936, 1024, device="meta", requires_grad=True)
+    assert long_tiles(W)
+    h = torch.empty(8, 1024, device="meta", requires_grad=True)
+    assert _token_pass("auto", dict(level="token", entropy_coef=0.0), h, W, None,
+                       LogprobOptions(tiles=TileOptions()), None, 0)
+
+
 def test_tile_knobs_have_one_meaning_each(monkeypatch):
     """ALIGNKIT_TILE_BYTES is the recompute's tile budget only; the single pass has its own
     (ALIGNKIT_SINGLE_PASS_BYTES); a TileOptions field given in the call wins over both."""

@@ -166,7 +166,8 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     # (issue #14).
     # - every token formed once (one tied pair; or every deferred token's G within the keep
     #   budget): 3 GEMMs against 4, at or below the recompute on both from 256-row tiles
-    #   (V <= 65536); on the Xeon 17% above it with 110-row tiles (V=152k). Kept, 2 pairs
+    #   (V <= 65536); on the Xeon 17% above it with 110-row tiles (V=152k, the old 64 MiB
+    #   default; TileOptions.single_pass_bytes now gives such a head 512 rows). Kept, 2 pairs
     #   ran 5-10% below the recompute at H = 256, 512 and 1024.
     # - deferred tokens formed again (past the budget): 3-20% above the recompute on the Xeon
     #   at H <= 512 (B1 without a budget; the trainer's head at 2x512, 2x1024); with part of
@@ -178,7 +179,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     # for every tile; the recompute converts it per vocab block: the recompute.
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
     if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
-        rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles)
+        rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles, H=weight.shape[1])
         return S <= 4 and rows >= (64 if tied else 256)
     if not long_tiles(weight, tiles):
         return False
@@ -211,7 +212,8 @@ def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, se
     t = lp_opts.tiles.resolved()
     V, H = weight.shape
     o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
-                          tile_rows(V, weight.device, weight.dtype, t), t.vocab_block,
+                          tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H),
+                          t.vocab_block,
                           keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles,
                                     lp_opts.backend))
     value, sums, counts = single_pass_loss(hidden, weight, labels, bias, seg, o)

@@ -49,14 +49,16 @@ from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import check_label_range
 
 
-def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None) -> int:
+def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None,
+              H: int | None = None) -> int:
     """Token rows per [rows, V] tile, from the bytes an element costs: CUDA, the fp32 tile plus
     G's copy in the inputs' dtype for the two GEMMs (4 + itemsize for bf16/fp16); CPU, the fp32
     tile (4), or the bf16 logits where the GEMMs run in bf16 (2: G is formed a vocab block at a
     time beside it). The budget: TileOptions.single_pass_bytes on CPU (64 MiB), .gpu_chunk_bytes
     on CUDA (1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element), where the GEMMs that
-    read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W)."""
-    t = (tiles or TileOptions()).resolved()
+    read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W).
+    H: the head's hidden size, for single_pass_bytes' default (TileOptions.resolved)."""
+    t = (tiles or TileOptions()).resolved(head=(V, H) if H is not None else None)
     device = torch.device(device) if device is not None else torch.device("cpu")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
@@ -121,7 +123,8 @@ def long_tiles(weight, tiles=None) -> bool:
     the kept bf16 logits made it 5-13% slower than the recompute even with long tiles)."""
     if weight.device.type != "cuda" and weight.dtype != torch.float32:
         return False
-    return tile_rows(weight.shape[0], weight.device, weight.dtype, tiles) >= 256
+    return tile_rows(weight.shape[0], weight.device, weight.dtype, tiles,
+                     H=weight.shape[1]) >= 256
 
 
 @dataclass(frozen=True)

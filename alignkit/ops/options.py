@@ -33,7 +33,11 @@ class TileOptions:
                       1.46x -> 1.13x in fp32, for a working set 6% of grad_W).
     vocab_block       vocabulary columns per logits GEMM. ALIGNKIT_VOCAB_BLOCK, 2048.
     single_pass_bytes the single pass's full-vocabulary [rows, V] tile on CPU.
-                      ALIGNKIT_SINGLE_PASS_BYTES, 64 MiB.
+                      ALIGNKIT_SINGLE_PASS_BYTES; default 64 MiB, or 512 fp32 rows (512·V·4)
+                      where that is larger and within half of grad_W: the pass's GEMMs want
+                      long tiles, and a big vocabulary left 64 MiB short of them (110 rows at
+                      V=151936, where dapo at 8 x 512, H=1024 ran 1.28x the GEMM floor on the
+                      AMX Xeon; 441 rows ran 0.97x, the recompute 1.09x).
     keep_bytes        the single pass's memory beyond its tile for the G tiles of sequences
                       whose scalar is not known yet (several pairs, untied losses): kept, they
                       cost 3 GEMMs per token instead of 4 (formed again). One buffer holds the
@@ -73,8 +77,8 @@ class TileOptions:
 
     def resolved(self, head: tuple | None = None) -> "TileOptions":
         """Every field set: the given value, else its environment variable, else the default.
-        head: the weight's (V, H), for the defaults that scale with grad_W (tile_bytes,
-        keep_bytes; without it keep_bytes defaults to 0)."""
+        head: the weight's (V, H), for the defaults that scale with the head (tile_bytes,
+        single_pass_bytes, keep_bytes; without it keep_bytes defaults to 0)."""
         vals = {}
         for name, env, default in self._ENV:
             v = getattr(self, name)
@@ -84,8 +88,12 @@ class TileOptions:
                     v = int(raw) if raw is not None else default
                 except ValueError:
                     raise ValueError(f"{env} must be an integer, got {raw!r}") from None
-                if name == "tile_bytes" and raw is None and head is not None:
-                    v = max(v, int(head[0]) * int(head[1]) * 4 // 16)
+                if raw is None and head is not None:
+                    grad_w = int(head[0]) * int(head[1]) * 4
+                    if name == "tile_bytes":
+                        v = max(v, grad_w // 16)
+                    elif name == "single_pass_bytes":
+                        v = max(v, min(512 * int(head[0]) * 4, grad_w // 2))
             vals[name] = v
         mode = self.triton_bwd or os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
         keep = self.keep_bytes

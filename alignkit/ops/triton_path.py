@@ -130,7 +130,7 @@ def linear_forward(h, w, y, b, inv_temp, cap):
     V = w.shape[0]
     sch = schedule(h)
     f32 = dict(dtype=torch.float32, device=h.device)
-    args = (h, w, b if b is not None else h, y)
+    args = (h, w, y, b if b is not None else h)
     tail = (M, V, H, m_bucket(M), h.stride(0), w.stride(0), inv_temp, cap if cap > 0 else 1.0)
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, PRECISION=precision(h))
     if autotune():
@@ -169,7 +169,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     dw = torch.zeros(V, H, **f32) if need_w else None
     db = torch.zeros(V, **f32) if need_b else None
     has_ent = ge is not None
-    common = (h, w, b if b is not None else h, y, m, logs, g, ent if has_ent else g,
+    common = (h, w, y, b if b is not None else h, m, logs, g, ent if has_ent else g,
               ge if has_ent else g)
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent,
                  PRECISION=precision(h))
@@ -193,7 +193,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
             r1 = min(M, r0 + R)
             G = G_all[: (r1 - r0) * V].view(r1 - r0, V)
             sl = lambda t: t[r0:r1] if t is not None else None  # noqa: E731
-            args = (h[r0:r1], w, b if b is not None else h, y[r0:r1], m[r0:r1], logs[r0:r1],
+            args = (h[r0:r1], w, y[r0:r1], b if b is not None else h, m[r0:r1], logs[r0:r1],
                     g[r0:r1], sl(ent) if has_ent else g[r0:r1], sl(ge) if has_ent else g[r0:r1])
             n = r1 - r0
             tail = (G, n, V, H, m_bucket(n), h.stride(0), w.stride(0), G.stride(0), *scal)
