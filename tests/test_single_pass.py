@@ -192,6 +192,53 @@ def test_default_mode_traces_under_torch_compile_fullgraph():
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss,opts,shape,grad_mode,runs", [
+    # auto, one tied pair of padded rows: the pass needs no data to be chosen, so it is traced
+    ("simpo", dict(beta=2.0, gamma=0.5), dict(bias=True), "auto", 1),
+    ("dpo", dict(beta=0.2, loss_type=("sigmoid", "hinge")), {}, "single_pass", 1),
+    # untied, two pairs: asked for, the op runs its own schedule (kept rows included)
+    ("orpo", dict(beta=0.5), dict(pairs=2, bias=True), "single_pass", 1),
+    ("dpo", dict(beta=0.2), dict(pairs=2), "auto", 0),          # auto: the recompute
+])
+def test_single_pass_traces_under_torch_compile(monkeypatch, loss, opts, shape, grad_mode, runs):
+    # the pair pass as the custom op alignkit::pair_pass (alignkit/losses/pass_op.py): the
+    # compiled graph's loss and every gradient match the eager single pass, and a counter on
+    # the pass proves it ran inside the graph (the recompute would match the values as well)
+    import alignkit.losses.single_pass as sp
+    calls = []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: calls.append(1) or real(*a))
+    h, W, b, y, seg = pair_inputs(seed=25, **shape)
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+    b = b.float().requires_grad_() if b is not None else None
+    S = 2 * shape.get("pairs", 1)
+    kw = dict(opts, grad_mode=grad_mode, bias=b)
+    if loss == "dpo":
+        kw["ref_logprobs"] = torch.linspace(-30, -20, S)
+    if seg is not None:
+        kw.update(segment_ids=seg, num_segments=S)
+
+    def f(h, W, b, mode=grad_mode):
+        L, m = alignkit.preference_loss(h * 1.0, W, y, loss=loss, **dict(kw, bias=b,
+                                                                         grad_mode=mode))
+        return L, m["rewards/margins"]
+
+    def run(fn, *args):
+        L, margin = fn(h, W, b, *args)
+        L.backward()
+        return L, margin
+    ts = [t for t in (h, W, b) if t is not None]
+    torch._dynamo.reset()
+    (Lc, mc), gc = _grads_of(lambda: run(torch.compile(f, backend="aot_eager",
+                                                         fullgraph=True)), *ts)
+    assert len(calls) == runs
+    (Le, me), ge = _grads_of(lambda: run(f, "single_pass" if runs else "recompute"), *ts)
+    torch.testing.assert_close(Lc, Le, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mc, me, rtol=1e-6, atol=1e-6)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad_mode", ["auto", "single_pass", "recompute"])
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
 def test_nan_follows_ieee_arithmetic(grad_mode, loss):

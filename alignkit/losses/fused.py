@@ -33,10 +33,10 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
+from alignkit.losses.pass_op import compiled_pair_pass, pass_options
 from alignkit.losses.registry import PAIRED, paired_loss_on_logps
 from alignkit.losses.single_pass import (
     GRAD_MODES,
-    SinglePassOptions,
     keep_pays,
     keep_rows,
     long_tiles,
@@ -140,11 +140,20 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                          "ref_weight would be ignored, so they are refused")
     if grad_mode != "recompute":
         why = pass_blocker(hidden, weight, bias, grad_mode)
-        # under torch.compile the default mode takes the recompute, a registered custom op with
-        # a fake (the single pass's loops are data-dependent and would break the graph)
-        if torch.compiler.is_compiling():
-            why = why or "it does not trace under torch.compile (auto takes the recompute there)"
         seg = _sequence_ids(S, labels, segment_ids)
+        if torch.compiler.is_compiling():
+            # the pair pass as one custom op (pass_op): auto takes it where the choice needs no
+            # data, one tied pair of padded rows with long tiles (every token formed once);
+            # elsewhere the recompute, its own custom op
+            tied = REGISTRY[loss].tie(own, S // 2) != "untied"
+            if why is None and (grad_mode == "single_pass" or (
+                    segment_ids is None and S == 2 and tied and
+                    long_tiles(weight, common.get("tiles")))):
+                return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
+                                          bias, seg, ref)
+            if grad_mode == "single_pass":
+                raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+            why = why or "auto takes the recompute under torch.compile here"
         pays = grad_mode == "single_pass" or (why is None and _single_pass_pays(
             loss, own, S, weight, labels, seg, common.get("ignore_index", -100),
             common.get("backend", "auto"), common.get("tiles")))
@@ -202,24 +211,11 @@ def _sequence_ids(S, labels, segment_ids):
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, seg, ref):
-    from alignkit.ops.options import LogprobOptions
-
-    def loss_fn(logps, counts):
-        # the same loss as the recompute path, on the 2B log-probs (differentiable in logps)
-        sums = logps * counts if average else logps
-        return paired_loss_on_logps(loss, logps, sums, counts, ref, own)
-    lp_opts = LogprobOptions(**common)
-    t = lp_opts.tiles.resolved()
-    V, H = weight.shape
-    o = SinglePassOptions(loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
-                          tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H),
-                          t.vocab_block,
-                          keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles,
-                                    lp_opts.backend))
+    o = pass_options(loss, own, common, average, S, weight, ref)
     value, sums, counts = single_pass_loss(hidden, weight, labels, bias, seg, o)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums
-    _, metrics = loss_fn(logps, counts_f)
+    _, metrics = o.loss_fn(logps, counts_f)
     return value, metrics
 
 

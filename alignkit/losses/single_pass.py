@@ -190,8 +190,9 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
         sums64.index_add_(0, sid[k_sel], sweep(k_sel, w[sid].index_select(0, k_sel),
                                                keep=True).double())
     sums = sums64.float()
-    logps = (sums / counts_f.clamp(min=1) if o.average else sums).requires_grad_()
-    with torch.enable_grad():
+    logps = (sums / counts_f.clamp(min=1) if o.average else sums).detach()
+    with _eager_autograd(), torch.enable_grad():
+        logps.requires_grad_()
         loss, _ = o.loss_fn(logps, counts_f)
         g = torch.autograd.grad(loss, logps, allow_unused=True)[0]
     g = torch.zeros(S, device=dev) if g is None else g
@@ -204,6 +205,23 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     if r_sel.numel():
         sweep(r_sel, (g * w)[sid].index_select(0, r_sel))
     return loss.detach(), sums, counts, tiles.gh, tiles.gw, tiles.gb
+
+
+_AUTOCAST_KEYS = [getattr(torch._C.DispatchKey, k) for k in dir(torch._C.DispatchKey)
+                  if k.startswith("Autocast")]
+
+
+def _eager_autograd():
+    """The dispatch state of plain eager code, autocast left as it is, for the loss's gradient
+    in _grads. Inside the custom op alignkit::pair_pass (pass_op.py) the kernel runs below
+    autograd: its autograd keys (and, in a compiled graph, functorch's) are excluded, and
+    autograd.grad would find no graph. Eager calls already run in this state."""
+    ex = torch._C._dispatch_tls_local_exclude_set()
+    keep = ex - ex
+    for k in _AUTOCAST_KEYS:
+        if ex.has(k):
+            keep = keep | torch._C.DispatchKeySet(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), keep)
 
 
 def unscaled_group(counts, tied: bool):
