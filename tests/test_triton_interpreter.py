@@ -171,6 +171,27 @@ def test_autocast_reaches_the_kernels(monkeypatch, device):
     assert torch.equal(lp, lp_b) and torch.equal(W.grad, Wb.grad.float())
 
 
+def test_a_low_precision_head_keeps_its_dtype(monkeypatch, device):
+    # fp32 hidden against a bf16 head: the kernels run in the head's dtype (no fp32 copy of W,
+    # no fp32 dots), as the CPU backends and a transformers lm_head do; h's gradient is fp32
+    from alignkit.kernels import linear_logprobs as K
+    seen = spy_launches(monkeypatch, K, "_fwd_partials")
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    h, W, _, y = make_inputs((21,), 32, 300, seed=56, ignore_frac=0.0)
+    h, W, y = on(device, h, W, y)
+    Wb = W.detach().bfloat16()
+    h = h.detach().requires_grad_()
+    lp = alignkit.linear_token_logprobs(h, Wb, y, backend="triton")
+    lp.sum().backward()
+    assert [dt for _, _, _, dt in seen] == [torch.bfloat16]
+    assert h.grad.dtype == torch.float32
+    hb = h.detach().bfloat16().requires_grad_()
+    lp_b = alignkit.linear_token_logprobs(hb, Wb, y, backend="triton")
+    lp_b.sum().backward()
+    # the same fp32 gradient, rounded to bf16 for the bf16 leaf only
+    assert torch.equal(lp, lp_b) and torch.equal(h.grad.bfloat16(), hb.grad)
+
+
 @pytest.mark.parametrize("group,H", [(1, 48), (3, 64), (64, 48)])
 def test_grouped_grid_covers_every_tile(monkeypatch, group, H, device):
     # the 1-D grouped grid (kernels._tile_index): 5 row blocks x 16 vocab blocks, grouped 1, 3

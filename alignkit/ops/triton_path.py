@@ -104,8 +104,15 @@ def _contig(b):
 
 
 def _common_dtype(h, w):
-    dt = torch.promote_types(h.dtype, w.dtype)
-    dt = torch.float32 if dt == torch.float64 else dt
+    """One dtype for the kernels' operands. A bf16/fp16 head runs in its own dtype, whatever
+    h's (as the CPU backends do, and as a transformers model feeds its lm_head): promoting would
+    copy all of W to fp32 (2.1 GB at Llama-3-8B) and run the dots on the CUDA cores. Otherwise
+    the promoted dtype, float64 as fp32."""
+    if w.dtype in (torch.bfloat16, torch.float16):
+        dt = w.dtype
+    else:
+        dt = torch.promote_types(h.dtype, w.dtype)
+        dt = torch.float32 if dt == torch.float64 else dt
     return h.to(dt).contiguous(), w.to(dt).contiguous()
 
 
