@@ -196,8 +196,11 @@ def test_default_mode_traces_under_torch_compile_fullgraph():
     # auto, one tied pair of padded rows: the pass needs no data to be chosen, so it is traced
     ("simpo", dict(beta=2.0, gamma=0.5), dict(bias=True), "auto", 1),
     ("dpo", dict(beta=0.2, loss_type=("sigmoid", "hinge")), {}, "single_pass", 1),
-    # untied, two pairs: asked for, the op runs its own schedule (kept rows included)
-    ("orpo", dict(beta=0.5), dict(pairs=2, bias=True), "single_pass", 1),
+    # untied, two pairs, 8-row tiles and no keep budget: asked for, the op runs its own
+    # schedule (kept rows and rows formed again), with the TileOptions through the spec string
+    ("orpo", dict(beta=0.5, tiles=alignkit.TileOptions(single_pass_bytes=8 * 1000 * 4,
+                                                       keep_bytes=0)),
+     dict(pairs=2, bias=True), "single_pass", 1),
     ("dpo", dict(beta=0.2), dict(pairs=2), "auto", 0),          # auto: the recompute
 ])
 def test_single_pass_traces_under_torch_compile(monkeypatch, loss, opts, shape, grad_mode, runs):

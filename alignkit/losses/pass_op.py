@@ -57,15 +57,20 @@ def pass_options(loss: str, own: dict, common: dict, average: bool, S: int, weig
     return o
 
 
+_TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileOptions))
+
+
 @torch.compiler.assume_constant_result
-def spec_of(loss: str, own: tuple, common: tuple, average: bool, S: int) -> str:
-    """The op's spec string (a Python literal: ast.literal_eval gives it back). own and common
-    as (name, value) tuples, the TileOptions as its fields; run once at trace time."""
+def spec_of(loss: str, own: tuple, common: tuple, tiles: Optional[tuple], average: bool,
+            S: int) -> str:
+    """The op's spec string (a Python literal: ast.literal_eval gives it back), run once at trace
+    time. own and common as (name, value) tuples, tiles as the TileOptions' field values."""
     com = dict(common)
-    if "tiles" in com:
-        com["tiles"] = dataclasses.asdict(com["tiles"])
-    spec = repr(dict(loss=loss, own=dict(own), common=com, average=average, S=S))
-    if ast.literal_eval(spec) != dict(loss=loss, own=dict(own), common=com, average=average, S=S):
+    if tiles is not None:
+        com["tiles"] = dict(zip(_TILE_FIELDS, tiles))
+    d = dict(loss=loss, own=dict(own), common=com, average=average, S=S)
+    spec = repr(d)
+    if ast.literal_eval(spec) != d:
         raise ValueError(f"the options of loss {loss!r} do not round-trip as Python literals "
                          "under torch.compile; call it eagerly, or with grad_mode='recompute'")
     return spec
@@ -131,7 +136,10 @@ def compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels, bi
     grad = torch.is_grad_enabled()
     need = (grad and hidden.requires_grad, grad and weight.requires_grad,
             grad and bias is not None and bias.requires_grad)
-    spec = spec_of(loss, tuple(sorted(own.items())), tuple(sorted(common.items())), average, S)
+    t = common.get("tiles")
+    spec = spec_of(loss, tuple(own.items()),
+                   tuple((k, v) for k, v in common.items() if k != "tiles"),
+                   None if t is None else tuple(getattr(t, n) for n in _TILE_FIELDS), average, S)
     value, sums, counts, *_ = pair_pass(hidden, weight, labels, bias, seg, ref, spec, *need)
     loss_fn = pair_loss_fn(loss, own, average, ref)
     counts_f = counts.to(sums.dtype)

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How the fused kernels tile the work: a BLOCK_N x BLOCK_V logits tile per program, H walked
