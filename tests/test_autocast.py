@@ -82,15 +82,17 @@ def test_preference_loss_reference_model_is_cast_too():
     assert got.item() == call(*_leaves(h, W, rh, rW, dtype=torch.bfloat16)).item()
 
 
+@pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_policy_loss_under_autocast(level):
+def test_policy_loss_under_autocast(level, grad_mode):
     h, W, b, y, g = policy_inputs(S=4, Tn=11, H=24, V=500)
     adv = torch.randn(4, generator=g)
     old = torch.randn(y.shape, generator=g) * 0.1 - 5
 
     def call(h, W, b):
         return alignkit.policy_loss(h, W, y, bias=b, advantages=adv, old_logprobs=old,
-                                    loss_type="grpo", importance_sampling_level=level)[0]
+                                    loss_type="grpo", importance_sampling_level=level,
+                                    grad_mode=grad_mode)[0]
     _same(call, (h, W, b))
 
 

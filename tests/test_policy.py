@@ -235,10 +235,13 @@ def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
     ran = []
     real = sp._token_grads
     monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(a[-3:]) or real(*a))
-    h64, W64, b64, y, g = _inputs(seed=8)
+    h64, W64, b64, y, g = _inputs(seed=8, H=512)
     h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))
     adv = torch.randn(4, generator=g)
     kw = dict(advantages=adv, loss_type="dapo", entropy_coef=0.01, bias=b)
+    # auto below H=512: the recompute (it ran level or faster there, policy._token_pass)
+    alignkit.policy_loss(h[..., :256], W[:, :256], y, **kw)
+    assert ran == []
     loss, _ = alignkit.policy_loss(h, W, y, **kw)        # auto: the token pass (long tiles)
     assert ran == [(True, True, True)]
     loss.backward(retain_graph=True)
