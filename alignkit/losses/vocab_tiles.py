@@ -211,9 +211,7 @@ class VocabTiles:
                 ents[i0:i0 + n] = ent
             if not formed or self.cpu_lowp:
                 continue
-            if keep:
-                if not self.kept_in_place and g_out is None:
-                    self.kept[i0:i0 + n].copy_(t)
+            if keep:      # G is in the kept rows already: formed in place, or triton's g_out
                 continue
             g_t = t if g_out is None else g_out
             if self.gh is not None:

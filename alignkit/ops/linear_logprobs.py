@@ -27,7 +27,7 @@ from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import autocast_head, gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
-from alignkit.ops.validate import check_linear_inputs, labelled_rows
+from alignkit.ops.validate import check_linear_inputs, compact, labelled_rows
 
 _EMPTY = (0,)
 
@@ -125,10 +125,8 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     y = labels.reshape(-1).long()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     gh = torch.zeros(h2.shape, **f32) if need_h else None
-    keep = y != opts.ignore_index
     # the forward's count M sizes the compaction on a card: no host read in backward
-    idx = torch.nonzero_static(keep, size=M).squeeze(1) if y.is_cuda else \
-        keep.nonzero().squeeze(1)
+    idx = compact(y != opts.ignore_index, M)
     g_lp_all = grad_lp.reshape(-1).float()
     g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
     if backend == "triton" and idx.numel():

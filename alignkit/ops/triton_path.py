@@ -77,9 +77,12 @@ def m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
-def _launch(sch: Schedule) -> dict:
-    return dict(BLOCK_N=sch.block_n, BLOCK_V=sch.block_v, BLOCK_K=sch.block_k,
-                GROUP_V=sch.group_v, num_warps=sch.num_warps, num_stages=sch.num_stages)
+def _launch(sch: Schedule, H: int, grouped: bool = True) -> dict:
+    """A kernel's schedule arguments for hidden size H; grouped: with GROUP_V (the kernels on the
+    grouped 1-D grid, kernels._tile_index; _bwd_dh / _bwd_dw index their own 2-D grids)."""
+    d = dict(BLOCK_N=sch.block_n, BLOCK_V=sch.block_v, BLOCK_K=sch.block_k,
+             EVEN_K=H % sch.block_k == 0, num_warps=sch.num_warps, num_stages=sch.num_stages)
+    return dict(d, GROUP_V=sch.group_v) if grouped else d
 
 
 def on_device(fn):
@@ -154,7 +157,7 @@ def linear_forward(h, w, y, b, inv_temp, cap):
         nvb = triton_cdiv(V, sch.block_v)
         parts = [torch.empty(nvb, M, **f32) for _ in range(4)]
         K._fwd_partials[(triton_cdiv(M, sch.block_n) * nvb,)](
-            *args, *parts, *tail, **flags, EVEN_K=H % sch.block_k == 0, **_launch(sch))
+            *args, *parts, *tail, **flags, **_launch(sch, H))
     outs = [torch.empty(M, **f32) for _ in range(4)]
     K._fwd_merge[(triton_cdiv(M, MERGE_N),)](*parts, *outs, M, nvb, BLOCK_N=MERGE_N,
                                              BLOCK_B=MERGE_B)
@@ -181,8 +184,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
               ge if has_ent else g)
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=cap > 0, HAS_ENT=has_ent,
                  PRECISION=precision(h))
-    blk = dict(BLOCK_N=sch.block_n, BLOCK_V=sch.block_v, BLOCK_K=sch.block_k,
-               EVEN_K=H % sch.block_k == 0, num_warps=sch.num_warps, num_stages=sch.num_stages)
+    grouped, blk = _launch(sch, H), _launch(sch, H, grouped=False)
     scal = (inv_temp, cap if cap > 0 else 1.0)
     mode = tiles.triton_bwd
     if mode == "chunked":
@@ -211,7 +213,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
                     *args, *tail, **flags)
             else:
                 _bwd_g_chunk[(triton_cdiv(n, sch.block_n) * triton_cdiv(V, sch.block_v),)](
-                    *args, *tail, **flags, **blk, GROUP_V=sch.group_v)
+                    *args, *tail, **flags, **grouped)
             hc = h[r0:r1] if lowp or h.dtype == torch.float32 else h[r0:r1].float()
             if lowp:
                 if need_h:
@@ -231,7 +233,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
         _bwd_atomic[(triton_cdiv(M, sch.block_n) * triton_cdiv(V, sch.block_v),)](
             *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
             M, V, H, h.stride(0), w.stride(0), *scal, **flags,
-            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **blk, GROUP_V=sch.group_v)
+            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **grouped)
         return dh, dw, db
     if need_h:
         _bwd_dh[(triton_cdiv(M, sch.block_n), triton_cdiv(H, sch.block_k))](

@@ -73,12 +73,20 @@ def labelled_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.
     keep = labels != ignore_index
     if labels.device.type != "cuda":
         check_label_range(labels, vocab, ignore_index)
-        return keep.nonzero().squeeze(1)
+        return compact(keep)
     bad = keep & ((labels < 0) | (labels >= vocab))
     n_bad, n = torch.stack([bad.sum(), keep.sum()]).tolist()
     if n_bad:
         check_label_range(labels, vocab, ignore_index)   # raises, naming the first bad label
-    return torch.nonzero_static(keep, size=n).squeeze(1)
+    return compact(keep, n)
+
+
+def compact(keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Flat indices of keep's True entries. On CUDA with a known count, nonzero_static: no host
+    read (labelled_rows' forward, and the backward that reuses its count); else nonzero()."""
+    if keep.is_cuda and count is not None:
+        return torch.nonzero_static(keep, size=count).squeeze(1)
+    return keep.nonzero().squeeze(1)
 
 
 def check_segment_ids(segment_ids, labels: torch.Tensor, num_segments):
