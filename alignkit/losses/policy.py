@@ -163,7 +163,7 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
     """Checks the per-token inputs, and returns policy_terms's keyword arguments: old / ref /
     advantages per token in dtype, the label mask, each token's sequence, S, the
     normalisation weights, the options and the per-sequence advantages (or None)."""
-    S, seg = _sequences(labels, segment_ids)
+    S, seg = _sequences(labels, segment_ids, advantages)
     adv = _per_token("advantages", advantages, labels, S, seg, dtype)
     old = _token_tensor("old_logprobs", old_logprobs, labels, dtype)
     ref = _token_tensor("ref_logprobs", ref_logprobs, labels, dtype)
@@ -281,8 +281,10 @@ def _options(loss_type, level, eps_low, eps_high, delta, beta, kl_estimator, ent
                 kl_iw=kl_iw)
 
 
-def _sequences(labels, segment_ids):
-    """(S, the sequence of each token [N]): padded labels [S, T], or packed with segment_ids."""
+def _sequences(labels, segment_ids, advantages=None):
+    """(S, the sequence of each token [N]): padded labels [S, T], or packed with segment_ids
+    (S = max id + 1; under torch.compile, where S must be static, the length of per-sequence
+    advantages [S])."""
     if segment_ids is None:
         if labels.dim() != 2:
             raise ValueError("padded input needs labels [S, T]; for packed input pass "
@@ -290,7 +292,11 @@ def _sequences(labels, segment_ids):
         S, T = labels.shape
         return S, torch.arange(S, device=labels.device).repeat_interleave(T)
     seg = check_segment_ids(segment_ids, labels, None)
-    return check_segment_range(seg, None), seg
+    S = None
+    if torch.compiler.is_compiling() and isinstance(advantages, Tensor) and \
+            advantages.dim() == 1 and tuple(advantages.shape) != tuple(labels.shape):
+        S = advantages.shape[0]
+    return check_segment_range(seg, S), seg
 
 
 def _token_tensor(name, t, labels, dtype):
@@ -404,6 +410,7 @@ def policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv=None):
             lo_s = ((r_s < 1 - o["eps_low"]) & (seq_adv < 0)).to(lp.dtype)
             hi_s = ((r_s > 1 + o["eps_high"]) & (seq_adv > 0)).to(lp.dtype)
             lo_m, hi_m, reg_m = lo_s.mean(), hi_s.mean(), (lo_s + hi_s).clamp(max=1).mean()
+            has = torch.ones_like(lo_s, dtype=torch.bool)
         else:
             low = ((r < 1 - o["eps_low"]) & (adv < 0)).to(lp.dtype) * keep
             high = ((r > 1 + o["eps_high"]) & (adv > 0)).to(lp.dtype) * keep
@@ -411,19 +418,28 @@ def policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv=None):
             has = counts > 0
 
             def seq_mean(x):
-                return torch.zeros(S, **f).index_add_(0, seg, x)[has] / counts[has]
+                return torch.zeros(S, **f).index_add_(0, seg, x) / counts.clamp(min=1)
             lo_s, hi_s = seq_mean(low), seq_mean(high)
             lo_m, hi_m = low.sum() / n, high.sum() / n
             reg_m = (low + high).clamp(max=1).sum() / n
         metrics.update({
             "clip_ratio/low_mean": lo_m, "clip_ratio/high_mean": hi_m,
             "clip_ratio/region_mean": reg_m,
-            "clip_ratio/low_min": lo_s.min() if lo_s.numel() else lo_s.new_zeros(()),
-            "clip_ratio/high_max": hi_s.max() if hi_s.numel() else hi_s.new_zeros(())})
+            "clip_ratio/low_min": _masked_extreme(lo_s, has, "min"),
+            "clip_ratio/high_max": _masked_extreme(hi_s, has, "max")})
     elif o["loss_type"] == "cispo":
         metrics["cispo_clip_ratio"] = (((r > o["eps_high"]) & (adv > 0)).to(lp.dtype) *
                                        keep).sum() / n
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _masked_extreme(x: Tensor, has: Tensor, how: str) -> Tensor:
+    """min (or max) of x over the sequences that have tokens, 0 where none has; with no
+    boolean indexing, whose data-dependent size torch.compile cannot trace."""
+    fill = float("inf") if how == "min" else float("-inf")
+    v = torch.where(has, x, fill)
+    v = v.amin() if how == "min" else v.amax()
+    return torch.where(has.any(), v, torch.zeros_like(v))
 
 
 __all__ = ["policy_loss", "policy_loss_from_logprobs", "POLICY_LOSS_TYPES", "KL_ESTIMATORS"]

@@ -115,6 +115,16 @@ def check_segment_range(seg: torch.Tensor, num_segments):
     buffers would be sized by a stray value: one id of 2**40 would ask for terabytes)."""
     if seg.numel() == 0:
         return 0 if num_segments is None else num_segments
+    if torch.compiler.is_compiling():
+        # a traced graph cannot branch on the ids: the count must be static, and the range is
+        # checked where the graph runs (raises on CPU; a device-side assert on CUDA)
+        if num_segments is None:
+            raise ValueError("under torch.compile, packed segment_ids need the segment count "
+                             "as a static int (num_segments; for policy_loss, advantages [S]): "
+                             "it sizes the per-sequence outputs")
+        torch._assert_async(((seg >= 0) & (seg < num_segments)).all(),
+                            f"segment_ids must be in [0, num_segments={num_segments})")
+        return num_segments
     lo, hi = int(seg.min()), int(seg.max())
     if lo < 0:
         raise ValueError(f"segment_ids must be >= 0 (mark padding with ignore_index labels), "
