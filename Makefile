@@ -40,9 +40,10 @@ bench-trainer: $(STAMP)
 	$(VPY) -m bench.trainer --write
 
 # The pytest-benchmark suite's alignkit cases (~2 min) against the baseline checked in for this
-# machine class: fails when a ratio to the GEMM floor regresses by more than 10%
-# (alignkit.bench.compare). bench-baseline writes a new baseline from the whole suite (~12 min).
-BASELINE ?= bench/baselines/xeon-amx-2core.json
+# machine class (bench/baselines/<class>.json, the class printed by `compare --class`): fails when
+# a ratio to the GEMM floor regresses by more than 10% (alignkit.bench.compare), or when there is
+# no baseline for this class. bench-baseline writes one from the whole suite (~12 min).
+BASELINE ?= bench/baselines/$(shell $(VPY) -m alignkit.bench.compare --class).json
 bench-compare: $(STAMP)
 	mkdir -p bench/out
 	$(VPY) -m pytest -q bench --benchmark-only -k alignkit --benchmark-json=bench/out/suite.json

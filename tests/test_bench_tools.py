@@ -41,6 +41,40 @@ def test_gate_passes_on_the_baseline_and_fails_on_a_faster_copy(tmp_path):
     assert not compare.compare(base, str(tmp_path / "few.json"), log=lambda *a: None)
 
 
+def test_baselines_are_named_for_their_machine_class(tmp_path):
+    # make bench-compare picks bench/baselines/<this machine's class>.json; a file of another
+    # class is refused by the gate, naming both classes, unless --any-machine
+    files = sorted(f for f in os.listdir(BASELINES) if f.endswith(".json"))
+    for f in files:
+        assert compare.file_class(os.path.join(BASELINES, f)) == f[:-5], f
+    from alignkit.bench.harness import machine_class
+    assert machine_class("Intel(R) Xeon(R) Processor", ["avx2", "avx512f", "amx_bf16"], 2) == \
+        "xeon-amx-2core"
+    assert machine_class("AMD EPYC", ["avx", "avx2", "fma"], 2) == "epyc-avx2-2core"
+    assert machine_class("AMD EPYC 9R14", ["avx2", "avx512f", "avx512_bf16"], 2) == \
+        "epyc-avx512bf16-2core"
+    base = os.path.join(BASELINES, files[0])
+    with open(base) as f:
+        data = json.load(f)
+    cpu = data["machine_info"]["cpu"]
+    cpu["flags"] = [x for x in cpu["flags"] if x not in ("amx_bf16", "avx512_bf16")] + \
+        ["avx2", "avx512f"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    lines = []
+    assert not compare.compare(base, str(other), log=lines.append)
+    assert files[0][:-5] in lines[-1] and "avx512-" in lines[-1], lines[-1]
+    assert compare.compare(base, str(other), log=lambda *a: None, any_machine=True)
+    p = subprocess.run([sys.executable, "-m", "alignkit.bench.compare", "--class"],
+                       capture_output=True, text=True, cwd=REPO)
+    from alignkit.bench.harness import this_machine_class
+    assert p.returncode == 0 and p.stdout.strip() == this_machine_class()
+    p = subprocess.run([sys.executable, "-m", "alignkit.bench.compare",
+                        str(tmp_path / "none.json"), base], capture_output=True, text=True,
+                       cwd=REPO)
+    assert p.returncode == 1 and "make bench-baseline" in p.stdout
+
+
 def test_alignkit_bench_cli_on_a_tiny_shape(tmp_path, monkeypatch):
     from alignkit.bench import cli
     out = tmp_path / "b.json"

@@ -246,3 +246,36 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
+
+
+def machine_class(brand: str, flags, cores: int) -> str:
+    """The class a benchmark baseline belongs to: '<family>-<isa>-<cores>core', e.g.
+    xeon-amx-2core (this project's Intel Xeon with AMX) or epyc-avx2-2core (an AMD EPYC with
+    AVX2 only). Ratios to the GEMM floor move with the matrix units: with AMX or avx512_bf16 a
+    bf16 GEMM is 3.5-4x an fp32 one, without them ~20x slower, and the elementwise share of a
+    step grows with the GEMM rate, so a baseline holds only for its class."""
+    flags = set(flags)
+    b = brand.lower()
+    family = next((f for f in ("xeon", "epyc", "core", "ryzen") if f in b), None) or \
+        (b.split()[0].strip("(r)") if b.strip() else "cpu")
+    isa = ("amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else
+           "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else
+           "neon" if ("asimd" in flags or "neon" in flags) else "base")
+    return f"{family}-{isa}-{cores}core"
+
+
+def this_machine_class() -> str:
+    """machine_class of the machine this runs on (/proc/cpuinfo, os.cpu_count())."""
+    brand, flags = "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not brand:
+                    brand = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = val.split()
+    except OSError:
+        pass
+    return machine_class(brand, flags, os.cpu_count() or 1)
