@@ -8,6 +8,7 @@ take the same step. The data position is the step count, saved in every checkpoi
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -97,6 +98,11 @@ def check_vocab(model, tokenizer):
                           "past it; give a model whose vocab_size is at least len(tokenizer)")
 
 
+def _destroy_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class PreferenceTrainer:
     """``PreferenceTrainer(config, model=None, tokenizer=None, train_data=None, eval_data=None)``.
 
@@ -114,6 +120,11 @@ class PreferenceTrainer:
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # the group this trainer made is torn down before the interpreter's own teardown:
+            # left to it, gloo's threads were destroyed still joinable ("terminate called
+            # without an active exception", SIGABRT after a finished run, about one in three
+            # 2-rank runs under load)
+            atexit.register(_destroy_group)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
