@@ -130,21 +130,31 @@ def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
     assert loss.isfinite()
 
 
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-xeon", "other-cpu"])
 @pytest.mark.parametrize("loss,pairs,rows,picked", [
     ("simpo", 1, None, "single_pass"),          # one tied pair, 16777-row tiles
     ("simpo", 2, None, "single_pass"),          # the second pair's G kept (3 GEMMs)
     ("simpo", 2, 300, "recompute"),             # ... past the keep budget: formed twice
-    ("simpo", 1, 200, "recompute"),             # short tiles
+    ("simpo", 3, 200, "recompute"),             # ... over half of the tokens formed twice
+    ("simpo", 1, 150, "recompute"),             # short tiles (< 192 rows)
+    ("simpo", 1, 200, "single_pass"),           # long enough
     ("orpo", 1, None, "single_pass"),           # untied: the rejected sequence's G kept
     ("orpo", 1, 300, "recompute"),              # ... past the keep budget: formed twice
 ])
-def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked,
+def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked, amx,
                                                              monkeypatch):
     # rows: a tile budget of that many rows and no keep budget beyond it (H = 24 < 1024), with
-    # 400 tokens a sequence: 300 kept rows hold under half the deferred tokens
+    # 400 tokens a sequence: 300 kept rows hold under half the deferred tokens. On the AMX Xeon
+    # tokens formed twice made the pass slower than the recompute; on the EPYCs (any CPU
+    # without AMX) it paid while at most half of all tokens were formed twice
+    # (single_pass.cpu_pass_pays, keep_pays): 35% here with 2 pairs, 58% with 3
+    import alignkit.losses.single_pass as sp
+    monkeypatch.setattr(sp, "cpu_has_amx", lambda: amx)
+    if not amx and rows == 300:
+        picked = "single_pass"
     tiles = alignkit.TileOptions(single_pass_bytes=rows * 4 * 1000, keep_bytes=0) \
         if rows else None
-    h64, W64, _, y, _ = pair_inputs(pairs=pairs, T=400 if rows == 300 else 37)
+    h64, W64, _, y, _ = pair_inputs(pairs=pairs, T=400 if rows and rows >= 200 else 37)
     grads = {}
     for mode in ("single_pass", "auto", "recompute"):
         h = h64.float().requires_grad_()

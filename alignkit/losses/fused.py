@@ -20,9 +20,10 @@ How the gradient is computed (the memory arithmetic; measurements in bench/RESUL
   buffer: the 1.3x bound holds) a deferred token's G tile is kept until its scalar is known:
   3 GEMMs. Past it the token is scored first (forward only) and formed again: 4 GEMMs.
 - ``grad_mode="auto"`` (the default) takes the single pass where it measured faster, fp32 with
-  full-vocabulary tiles of >= 256 rows (V <= 65536): one tied pair, or every deferred token
-  within the keep budget (at H >= 1024 also a batch with at most 30% of its tokens formed twice);
-  the recompute otherwise (_single_pass_pays has the measurements).
+  full-vocabulary tiles of >= 192 rows: on CPUs without AMX (the EPYCs) wherever at most half
+  of the tokens are formed twice; on the AMX Xeon one tied pair, or every deferred token within
+  the keep budget (at H >= 1024 also a batch with at most 30% of its tokens formed twice); the
+  recompute otherwise (_single_pass_pays and single_pass.keep_pays have the measurements).
 """
 from __future__ import annotations
 
@@ -181,6 +182,8 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     # - deferred tokens formed again (past the budget): 3-20% above the recompute on the Xeon
     #   at H <= 512 (B1 without a budget; the trainer's head at 2x512, 2x1024); with part of
     #   them kept, level at H = 512 and 5% below at H = 1024 (B1's default budget, 3.3 GEMMs).
+    #   On the AVX2 EPYC 7-25% below the recompute at every shape (H = 256-1024, up to 58% of
+    #   the tokens formed twice), and 192-row tiles (B2, V=151936) 15% below it.
     # bf16 on a CPU with bf16 units (the Xeon): 5-13% above the recompute even for one tied
     # pair of 1048-row tiles (B3, the long pair; bench.losses --bf16), more with short tiles:
     # the elementwise passes over the kept bf16 logits, not the GEMMs, bound it. The recompute.
@@ -200,7 +203,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     n = int(counts.sum())
     deferred = n - unscaled_group(counts, tied)[1]
     kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles, backend))
-    return keep_pays(deferred, kept, n, H)
+    return keep_pays(deferred, kept, n, H, weight.device)
 
 
 def _sequence_ids(S, labels, segment_ids):

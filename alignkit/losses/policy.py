@@ -38,6 +38,7 @@ from alignkit.losses.options import check_number
 from alignkit.losses.single_pass import (
     GRAD_MODES,
     TokenPassOptions,
+    cpu_pass_pays,
     keep_pays,
     keep_rows,
     long_tiles,
@@ -211,15 +212,17 @@ def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts, mask, keep) -> bool
         return True
     if why or torch.compiler.is_compiling() or not long_tiles(weight, lp_opts.tiles):
         return False
-    if weight.device.type != "cuda" and weight.shape[1] < 512:
+    if weight.device.type != "cuda" and weight.shape[1] < 512 and \
+            not cpu_pass_pays(weight.device):
         # measured on the AMX Xeon at R3 (2 x 8192 tokens, H=256, V=32000), four runs: the
         # recompute ran level with the token pass or up to 17% faster (1.06x against 1.24x the
         # floor in the last). At H=256 the GEMM the pass saves is cheap beside the traffic of its
-        # full-vocabulary tiles; at H=512 (R2) the pass ran 1.07-1.12x against 1.19-1.30x.
+        # full-vocabulary tiles; at H=512 (R2) the pass ran 1.07-1.12x against 1.19-1.30x. On
+        # the AVX2 EPYC the pass ran 0.86x the floor at R3 against the recompute's 1.07x.
         return False
     if o["level"] == "sequence":
         n = int(mask.sum())
-        return keep_pays(n, min(n, keep), n, weight.shape[1])
+        return keep_pays(n, min(n, keep), n, weight.shape[1], weight.device)
     return True
 
 

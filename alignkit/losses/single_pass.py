@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.losses.vocab_tiles import VocabTiles
-from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.backends import cpu_has_amx, gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.validate import check_label_range
 
@@ -88,12 +88,32 @@ def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
     return (budget + t.keep_bytes) // (per * V)
 
 
-def keep_pays(deferred: int, kept: int, n: int, H: int) -> bool:
+def cpu_pass_pays(device) -> bool:
+    """Whether this is a CPU where the fp32 pass measured faster than the recompute even with
+    many tokens formed twice and at H=256: any CPU without AMX. Measured (bench/RESULTS.md):
+    - AMD EPYC, AVX2 (Zen 3, this project's machine since 2026-12): 10-25% faster at every
+      preference bench shape (B1-B3, the long pair, the trainer's head; H = 256-1024; DPO and
+      ORPO) with no keep budget, up to 46-58% of the tokens formed twice, and for the token
+      pass at H=256 and 512 (R2, R3);
+    - AMD EPYC, AVX-512 (earlier sessions): faster for two pairs, as above;
+    - the AMX Xeon: level or slower once part of the deferred tokens are formed twice at
+      H <= 512, and for the token pass at H=256.
+    The AMX Xeon keeps its own measured rules (keep_pays, policy._token_pass); so does CUDA,
+    not measured yet."""
+    return torch.device(device).type == "cpu" and not cpu_has_amx()
+
+
+def keep_pays(deferred: int, kept: int, n: int, H: int, device="cpu") -> bool:
     """auto's rule for a pass with deferred tokens (n labelled tokens, `deferred` of them with a
-    scalar known only at the end, `kept` of those within the keep budget), measured on the AMX
-    Xeon in fp32 (bench/RESULTS.md, "The keep budget"): every deferred token kept, or at
-    H >= 1024 at most 30% of the tokens formed twice. Past that the recompute ran level or
-    faster (H <= 512: the elementwise passes weigh more than the GEMM they save)."""
+    scalar known only at the end, `kept` of those within the keep budget; the rest formed
+    twice). Where cpu_pass_pays: at most half of the tokens formed twice (on the AVX2 EPYC
+    46% ran 1.14x the floor against the recompute's 1.25x; GSPO's 79% and 95%, nearly every
+    token deferred, ran 1.34x and 1.17x against 1.29x and 1.04x). On the AMX Xeon in fp32
+    ("The keep budget"): every deferred token kept, or at H >= 1024 at most 30% of the tokens
+    formed twice; past that the recompute ran level or faster (H <= 512: the elementwise
+    passes weigh more than the GEMM they save)."""
+    if cpu_pass_pays(device):
+        return deferred - kept <= 0.5 * n
     return kept >= deferred or (H >= 1024 and deferred - kept <= 0.3 * n)
 
 
@@ -117,14 +137,19 @@ def pass_blocker(hidden, weight, bias, grad_mode: str):
     return None
 
 
+LONG_TILE_ROWS = 192
+
+
 def long_tiles(weight, tiles=None) -> bool:
-    """Whether full-vocabulary tiles hold the >= 256 rows where the single pass's GEMMs ran at
-    speed (bench/RESULTS.md, "auto re-measured"); on CPU only in fp32 (in bf16 the passes over
-    the kept bf16 logits made it 5-13% slower than the recompute even with long tiles)."""
+    """Whether full-vocabulary tiles hold the >= 192 rows where the single pass's GEMMs ran at
+    speed: at B2 (V=151936, H=384) 192-row tiles ran 1.06x the floor against the recompute's
+    1.24x on the AVX2 EPYC; 110-row tiles ran 17% slower than the recompute on the AMX Xeon
+    (bench/RESULTS.md). On CPU only in fp32 (in bf16 the passes over the kept bf16 logits made
+    it 5-13% slower than the recompute even with long tiles)."""
     if weight.device.type != "cuda" and weight.dtype != torch.float32:
         return False
     return tile_rows(weight.shape[0], weight.device, weight.dtype, tiles,
-                     H=weight.shape[1]) >= 256
+                     H=weight.shape[1]) >= LONG_TILE_ROWS
 
 
 @dataclass(frozen=True)
