@@ -385,9 +385,13 @@ def test_keep_budget_knob(monkeypatch):
     from alignkit.ops.options import TileOptions
     monkeypatch.delenv("ALIGNKIT_KEEP_BYTES", raising=False)
     monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
-    assert TileOptions().resolved(head=(1000, 64)).keep_bytes == 1000 * 64 * 4 * 3 // 10
+    # the default: 3/10 of grad_W less the tile's two [rows, H] fp32 temporaries
+    rows = (64 << 20) // (4 * 32000)
+    assert TileOptions().resolved(head=(32000, 1024)).keep_bytes == \
+        32000 * 1024 * 4 * 3 // 10 - 2 * rows * 1024 * 4
+    assert TileOptions().resolved(head=(1000, 64)).keep_bytes == 0    # the tile holds them all
     assert TileOptions().resolved().keep_bytes == 0
-    assert keep_rows(1000, 64) == ((64 << 20) + 76800) // 4000
+    assert keep_rows(1000, 64) == (64 << 20) // 4000
     t = TileOptions(single_pass_bytes=4000 * 5, keep_bytes=4000 * 2)
     assert keep_rows(1000, 64, tiles=t) == 7
     monkeypatch.setenv("TRITON_INTERPRET", "1")          # backend="triton" on CPU tensors
@@ -400,3 +404,29 @@ def test_keep_budget_knob(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_KEEP_BYTES", "much")
     with pytest.raises(ValueError, match="ALIGNKIT_KEEP_BYTES must be an integer"):
         TileOptions().resolved()
+
+
+@pytest.mark.parametrize("loss,pairs", [("orpo", 1), ("simpo", 2)])
+def test_peak_within_the_bound_with_few_tokens_for_the_vocabulary(loss, pairs):
+    """With the default keep budget the pass peaks within 1.3 x (grad_W + grad_h) + the tile
+    budget even where the batch's grad_h is small beside the tile's two [rows, H] temporaries
+    (B2's case: 1024 tokens, V=151936, 0.03 MiB over before the keep default made room for
+    them). Here: 64-row tiles, and more deferred tokens than the keep budget holds."""
+    from alignkit.ops.options import TileOptions
+    from alignkit.profiling import peak_memory_bytes
+    g = torch.Generator().manual_seed(31)
+    S, T, H, V = 2 * pairs, 160, 256, 8000
+    h = torch.randn(S, T, H, generator=g).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    y = torch.randint(0, V, (S, T), generator=g)
+    y[:, :10] = -100
+    tiles = TileOptions(single_pass_bytes=64 * V * 4)
+
+    def step():
+        h.grad = W.grad = None
+        alignkit.preference_loss(h, W, y, loss=loss, grad_mode="single_pass",
+                                 tiles=tiles)[0].backward()
+    step()
+    peak = peak_memory_bytes(step)
+    bound = 1.3 * (V * H * 4 + S * T * H * 4) + 64 * V * 4
+    assert peak <= bound, (peak, bound)

@@ -43,8 +43,9 @@ class TileOptions:
                       cost 3 GEMMs per token instead of 4 (formed again). One buffer holds the
                       tile and the kept tiles, so the pass's peak is at most grad_W + grad_h +
                       single_pass_bytes + keep_bytes. ALIGNKIT_KEEP_BYTES; default 3/10 of
-                      grad_W (V·H·4·0.3), which keeps the peak within 1.3 x (grad_W + grad_h)
-                      + the tile budget; 0 keeps only what the tile's own memory holds.
+                      grad_W (V·H·4·0.3) less the tile's two [rows, H] fp32 temporaries,
+                      which keeps the peak within 1.3 x (grad_W + grad_h) + the tile budget;
+                      0 keeps only what the tile's own memory holds.
     gpu_chunk_bytes   on CUDA, the triton backward's G chunk and the single pass's tile: the GEMMs
                       that read it want thousands of rows. ALIGNKIT_TRITON_G_BYTES, 1 GiB.
     triton_bwd        the triton backward: chunked (G chunks + two vendor GEMMs, deterministic),
@@ -103,8 +104,16 @@ class TileOptions:
                 keep = int(raw) if raw is not None else None
             except ValueError:
                 raise ValueError(f"ALIGNKIT_KEEP_BYTES must be an integer, got {raw!r}") from None
-            if keep is None:
-                keep = int(head[0]) * int(head[1]) * 4 * 3 // 10 if head is not None else 0
+            if keep is None and head is not None:
+                # 0.3 of grad_W, less the two [rows, H] fp32 temporaries each tile's gradient
+                # GEMMs allocate (its hidden rows, and G·W before it is scattered into grad_h):
+                # the bound's other 0.3 x grad_h does not hold them when the batch has few
+                # tokens for its vocabulary (B2: 1024 tokens, V=151936, peaked 0.03 MiB over)
+                V, H = int(head[0]), int(head[1])
+                rows = vals["single_pass_bytes"] // (4 * V)
+                keep = max(0, V * H * 4 * 3 // 10 - 2 * rows * H * 4)
+            elif keep is None:
+                keep = 0
             elif keep < 0:
                 raise ValueError(f"ALIGNKIT_KEEP_BYTES must be >= 0, got {keep}")
         return TileOptions(**vals, triton_bwd=mode, keep_bytes=keep)
