@@ -62,6 +62,11 @@ def case_as(case: Case, dtype) -> Case:
 
 
 def make_case(name, S, T, H, V, seed=0, prompt_fraction: float = 0.25) -> Case:
+    # each shape's compiled peers (CCE torch_compile, Liger compiled) compile afresh, as for a
+    # user who runs one shape: carried over, the second shape recompiled them with dynamic
+    # shapes, and Liger's compiled GRPO loss failed in dynamo at R3 after R2
+    # ("sources must not be empty for symbol"), on the AVX2 EPYC
+    torch._dynamo.reset()
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(S, T, H, generator=g).requires_grad_()
     W = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()
