@@ -153,3 +153,20 @@ def test_grpo_step_bench_runs_both_trainers(tmp_path):
     assert out["patched"][3] > 0 and set(out) == {"unpatched", "patched"}
     assert all(peak > 0 and loss == loss for peak, _, loss, _ in out.values())
     assert "MiB lower" in table(out, 8, 2, 204)
+
+
+def test_a_failing_method_is_one_table_row():
+    # a peer that raises (Liger's compiled loss failed in dynamo with a multi-line message) is
+    # reported in its row's note, on one line, so the markdown table stays whole
+    from alignkit.bench import harness
+
+    def bad():
+        raise AssertionError("sources must not be empty for symbol s37\n  more detail\n")
+    steps = {harness.FLOOR: lambda: None, "peer": bad, "ok": lambda: None}
+    _, rows = harness.measure("tiny", steps, reset=lambda: None, reps=1, grads_mib=1.0,
+                              skip_memory=True, log=lambda *a: None)
+    table = harness.markdown(rows).splitlines()
+    assert len(table) == 2 + 3
+    peer = next(line for line in table if "| peer |" in line)
+    assert "failed: AssertionError: sources must not be empty for symbol s37 more detail" in peer
+    assert all(line.startswith("|") and line.endswith("|") for line in table)

@@ -104,7 +104,8 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
             else:
                 mem[k] = peak_bytes(steps[k]) / 2**20
         except Exception as exc:
-            notes[k] = f"failed: {type(exc).__name__}: {exc}"[:120]
+            # one line: the note is a markdown table cell (a multi-line message broke the table)
+            notes[k] = " ".join(f"failed: {type(exc).__name__}: {exc}".split())[:120]
             log(f"  {k:40s} FAILED {notes[k]}")
             del steps[k]
         tick(k)
