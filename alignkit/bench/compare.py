@@ -48,7 +48,7 @@ def compare(baseline: str, new: str, max_regression: float = 0.10, log=print,
         raise ValueError(f"{baseline}: no alignkit case with an x_floor (not a suite JSON?)")
     cb, cn = file_class(baseline), file_class(new)
     if not any_machine and cb != cn:
-        log(f"FAILED: {baseline} is from a {cb} machine and {new} from a {cn} one; ratios to the "
+        log(f"FAILED: {baseline} is from machine class {cb} and {new} from {cn}; ratios to the "
             f"floor differ between classes. Write a baseline on this class (make bench-baseline) "
             f"or pass --any-machine")
         return False
