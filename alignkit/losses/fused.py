@@ -182,7 +182,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     # - deferred tokens formed again (past the budget): 3-20% above the recompute on the Xeon
     #   at H <= 512 (B1 without a budget; the trainer's head at 2x512, 2x1024); with part of
     #   them kept, level at H = 512 and 5% below at H = 1024 (B1's default budget, 3.3 GEMMs).
-    #   On the AVX2 EPYC 7-25% below the recompute at every shape (H = 256-1024, up to 58% of
+    #   On the AVX2 EPYC 3-24% below the recompute at every shape (H = 256-1024, up to 58% of
     #   the tokens formed twice), and 192-row tiles (B2, V=151936) 15% below it.
     # bf16 on a CPU with bf16 units (the Xeon): 5-13% above the recompute even for one tied
     # pair of 1048-row tiles (B3, the long pair; bench.losses --bf16), more with short tiles:

@@ -91,7 +91,7 @@ def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
 def cpu_pass_pays(device) -> bool:
     """Whether this is a CPU where the fp32 pass measured faster than the recompute even with
     many tokens formed twice and at H=256: any CPU without AMX. Measured (bench/RESULTS.md):
-    - AMD EPYC, AVX2 (Zen 3, this project's machine since 2026-12): 10-25% faster at every
+    - AMD EPYC, AVX2 (Zen 3, this project's machine since 2026-12): 3-24% faster at every
       preference bench shape (B1-B3, the long pair, the trainer's head; H = 256-1024; DPO and
       ORPO) with no keep budget, up to 46-58% of the tokens formed twice, and for the token
       pass at H=256 and 512 (R2, R3);
