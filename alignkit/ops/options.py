@@ -108,7 +108,7 @@ class TileOptions:
                 # 0.3 of grad_W, less the two [rows, H] fp32 temporaries each tile's gradient
                 # GEMMs allocate (its hidden rows, and G·W before it is scattered into grad_h):
                 # the bound's other 0.3 x grad_h does not hold them when the batch has few
-                # tokens for its vocabulary (B2: 1024 tokens, V=151936, peaked 0.03 MiB over)
+                # tokens for its vocabulary (B2: 1024 tokens, V=151936, peaked 0.08 MiB over)
                 V, H = int(head[0]), int(head[1])
                 rows = vals["single_pass_bytes"] // (4 * V)
                 keep = max(0, V * H * 4 * 3 // 10 - 2 * rows * H * 4)

@@ -122,8 +122,8 @@ class PreferenceTrainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
             # the group this trainer made is torn down before the interpreter's own teardown:
             # left to it, gloo's threads were destroyed still joinable ("terminate called
-            # without an active exception", SIGABRT after a finished run, about one in three
-            # 2-rank runs under load)
+            # without an active exception": a finished 2-rank run aborted with SIGABRT in a CI
+            # run on the AVX2 EPYC)
             atexit.register(_destroy_group)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
