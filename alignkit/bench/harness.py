@@ -234,18 +234,21 @@ def write_out(name: str, module: str, text: str) -> str:
     return path
 
 
-def machine() -> str:
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name (platform's processor or machine where there is none)."""
     import platform
-    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return (f"{_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
 
@@ -266,17 +269,7 @@ def machine_class(brand: str, flags, cores: int) -> str:
 
 
 def this_machine_class() -> str:
-    """machine_class of the machine this runs on (/proc/cpuinfo, os.cpu_count())."""
-    brand, flags = "", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not brand:
-                    brand = val.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = val.split()
-    except OSError:
-        pass
-    return machine_class(brand, flags, os.cpu_count() or 1)
+    """machine_class of the machine this runs on (its model name, the flags that the backends'
+    dispatch reads, os.cpu_count())."""
+    from alignkit.ops.backends import cpu_flags
+    return machine_class(_cpu_model(), cpu_flags(), os.cpu_count() or 1)

@@ -23,7 +23,7 @@ _warned = False
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset:
+def cpu_flags() -> frozenset:
     """The CPU's feature flags (/proc/cpuinfo's first flags line; empty where unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,14 +39,14 @@ def cpu_has_bf16() -> bool:
     """The CPU has bf16 matrix units (avx512_bf16 or AMX): there a bf16 GEMM with fp32
     accumulation ran 3.5x an fp32 one (738 against 214 GFLOP/s at [2048, 512] x [512, 32000] on
     this project's Xeon); without them bf16 matmul runs ~20x slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_has_amx() -> bool:
     """An Intel CPU with AMX tiles (Sapphire Rapids and later): the one CPU class where the fp32
     single pass measured slower than the recompute at some shapes (alignkit/losses/
     single_pass.py, cpu_pass_pays)."""
-    return "amx_tile" in _cpu_flags() or "amx_bf16" in _cpu_flags()
+    return bool({"amx_tile", "amx_bf16"} & cpu_flags())
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
