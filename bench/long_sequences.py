@@ -167,7 +167,7 @@ def shares(a, work, out):
     from alignkit.train.data import Example
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
-    from alignkit.train.trainer import model_from_config
+    from alignkit.train.loading import model_from_config
     from alignkit.train.config import TrainConfig
     import alignkit.attention as attention
     causal = attention._causal

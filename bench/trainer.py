@@ -208,7 +208,7 @@ def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=Non
     from trl import DPOConfig, DPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     profile_step = profile_step or min(3, steps)
-    from alignkit.train.trainer import model_from_config
+    from alignkit.train.loading import model_from_config
     model = model_from_config(MODEL, "sdpa", seed=0)     # alignkit's own init, same seed
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.chat_template = None

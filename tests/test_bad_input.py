@@ -212,7 +212,7 @@ def _tiny_setup(tmp_path):
 
 def test_vocab_size_below_the_tokenizer_is_refused_before_the_model_is_built(tmp_path,
                                                                              monkeypatch):
-    import alignkit.train.trainer as tr
+    import alignkit.train.loading as tr
     from alignkit.train import PreferenceTrainer
     built = []
     monkeypatch.setattr(tr, "model_from_config", lambda *a, **k: built.append(1))
@@ -224,7 +224,7 @@ def test_vocab_size_below_the_tokenizer_is_refused_before_the_model_is_built(tmp
     assert built == []
     monkeypatch.undo()
     # a model object with a too-small embedding is refused before any data is read
-    from alignkit.train.trainer import model_from_config
+    from alignkit.train.loading import model_from_config
     small = model_from_config(dict(cfg["model_config"], vocab_size=10))
     with pytest.raises(ConfigError, match=r"embedding has 10 rows \(vocab_size\) but the "
                                           r"tokenizer has 19 tokens"):
@@ -235,7 +235,7 @@ def test_objects_given_need_no_model_or_tokenizer_keys(tmp_path):
     from transformers import AutoTokenizer
 
     from alignkit.train import PreferenceTrainer
-    from alignkit.train.trainer import model_from_config
+    from alignkit.train.loading import model_from_config
     cfg = _tiny_setup(tmp_path)
     tok = AutoTokenizer.from_pretrained(cfg.pop("tokenizer"))
     model = model_from_config(cfg.pop("model_config"))
@@ -248,7 +248,7 @@ def test_objects_given_need_no_model_or_tokenizer_keys(tmp_path):
 
 
 def test_a_saved_model_is_loaded_with_dtype_not_torch_dtype(tmp_path, monkeypatch):
-    import alignkit.train.trainer as tr
+    import alignkit.train.loading as tr
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",

@@ -139,7 +139,7 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
     peft = pytest.importorskip("peft")
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
-    from alignkit.train.trainer import model_from_config
+    from alignkit.train.loading import model_from_config
     base = model_from_config(MODEL, seed=0)
     # non-zero B so that the adapter changes the model from the first step
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],

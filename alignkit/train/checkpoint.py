@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from alignkit.train.reference import is_peft
+
 KEEP = 2
 
 
@@ -148,3 +150,20 @@ def load_newest(output_dir, model, optimizer, scheduler, warn):
         raise CheckpointError(f"no intact checkpoint under {os.path.join(output_dir, 'checkpoints')}"
                               ": " + "; ".join(errors))
     return None, None
+
+
+def save_final(output_dir, model, tokenizer, module):
+    """OUTPUT_DIR/final: the model as ``from_pretrained`` reads it (a peft model: its adapter)
+    and the tokenizer. Collective: the full state dict is gathered from every rank (FSDP2), and
+    rank 0 writes it."""
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=True))
+    if _rank() == 0:
+        out = os.path.join(output_dir, "final")
+        if is_peft(model):                             # a peft model saves its adapter
+            model.save_pretrained(out)
+        else:
+            sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+            model.save_pretrained(out, state_dict=sd)
+        tokenizer.save_pretrained(out)
+    _barrier()

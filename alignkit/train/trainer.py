@@ -8,7 +8,6 @@ take the same step. The data position is the step count, saved in every checkpoi
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import math
 import os
@@ -19,20 +18,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from alignkit.attention import uses_varlen
 from alignkit.ops.backends import cpu_has_bf16
 from alignkit.tiled_mlp import tile_mlp
-from alignkit.reward_model import (
-    SequenceScores,
-    as_reward_model,
-    load_reward_model,
-    reward_model_from_config,
-)
+from alignkit.reward_model import SequenceScores, as_reward_model
 from alignkit.train import checkpoint as ckpt
+from alignkit.train import distributed
 from alignkit.train.config import ConfigError, TrainConfig
 from alignkit.train.data import Tokenise, load_rows, tokenise_rows
+from alignkit.train.loading import check_vocab, load_model, load_tokenizer, model_from_config
 from alignkit.train.metrics import MetricsLog
 from alignkit.train.model import SequenceLogprobs, forward_batch, head_of
 from alignkit.train.objective import (
@@ -43,64 +38,10 @@ from alignkit.train.objective import (
     reward_objective,
 )
 from alignkit.train.packing import collate, pad_id_of
-from alignkit.train.reference import LiveReference, is_peft, precompute
+from alignkit.train.reference import LiveReference, precompute
 
-
-def model_from_config(model_config: dict, attn_implementation: str = "sdpa", seed: int = 0,
-                      reward: bool = False):
-    """A transformers CausalLM (reward: a reward model, num_labels=1) with random init from a
-    config mapping with ``model_type``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    mc = dict(model_config)
-    model_type = mc.pop("model_type", None)
-    if model_type is None:
-        raise ConfigError("model_config needs model_type (e.g. llama, qwen2, gemma)")
-    try:
-        conf = AutoConfig.for_model(model_type, **mc)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"model_config: {e}") from None
-    if reward:
-        return reward_model_from_config(conf, seed, attn_implementation)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-
-
-def load_model(cfg: TrainConfig, tokenizer=None):
-    """The config's model (paths already checked by ``cfg.check_paths``). With model_config and
-    a tokenizer, a vocab_size below the tokenizer's is refused before the model is built."""
-    from transformers import AutoModelForCausalLM
-    if cfg.model is not None and cfg.loss == "reward":
-        return load_reward_model(cfg.model, cfg.attention(), cfg.seed)
-    if cfg.model is not None:
-        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
-                                                    attn_implementation=cfg.attention())
-    v = cfg.model_config.get("vocab_size")
-    if tokenizer is not None and v is not None and not (isinstance(v, int) and v >= len(tokenizer)):
-        raise ConfigError(f"model_config.vocab_size ({v!r}) must be an integer >= the tokenizer's "
-                          f"{len(tokenizer)} tokens (len(tokenizer)), or every id past it has no "
-                          "embedding")
-    return model_from_config(cfg.model_config, cfg.attention(), cfg.seed,
-                             reward=cfg.loss == "reward")
-
-
-def check_vocab(model, tokenizer):
-    """Every token id of the tokenizer has a row in the model's input embedding and LM head."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    n = getattr(emb, "num_embeddings", None)
-    if n is not None and n < len(tokenizer):
-        raise ConfigError(f"the model's embedding has {n} rows (vocab_size) but the tokenizer has "
-                          f"{len(tokenizer)} tokens: ids {n}..{len(tokenizer) - 1} would index "
-                          "past it; give a model whose vocab_size is at least len(tokenizer)")
-
-
-def _destroy_group():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+# model_from_config: built here before it moved to loading.py; scripts import it from here
+__all__ = ["PreferenceTrainer", "model_from_config"]
 
 
 class PreferenceTrainer:
@@ -117,18 +58,9 @@ class PreferenceTrainer:
     def __init__(self, config, model=None, tokenizer=None, train_data=None, eval_data=None,
                  log=None, callbacks=()):
         self.cfg = cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            # the group this trainer made is torn down before the interpreter's own teardown:
-            # left to it, gloo's threads were destroyed still joinable ("terminate called
-            # without an active exception": a finished 2-rank run aborted with SIGABRT in a CI
-            # run on the AVX2 EPYC)
-            atexit.register(_destroy_group)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                       if torch.cuda.is_available() else torch.device("cpu"))
+        self.ranks = distributed.join()
+        self.distributed, self.rank, self.world, self.device = (
+            self.ranks.distributed, self.ranks.rank, self.ranks.world, self.ranks.device)
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
         self.callbacks = list(callbacks)
         cfg.check_paths(need_data=train_data is None, need_model=model is None,
@@ -289,27 +221,6 @@ class PreferenceTrainer:
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
-    def _wrap(self):
-        if not self.distributed:
-            return self.module
-        if self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-            body = self.model.get_decoder()
-            for layer in getattr(body, "layers", []):
-                fully_shard(layer)
-            return fully_shard(self.module)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda"
-                   else None)
-
-    def _reduce(self, metrics: dict) -> dict:
-        keys = sorted(metrics)
-        vals = torch.stack([metrics[k].detach().float().to(self.device) for k in keys])
-        if self.distributed:
-            dist.all_reduce(vals)
-            vals /= self.world
-        return dict(zip(keys, vals.tolist()))
-
     def evaluate(self, module=None, step: int = 0) -> Optional[dict]:
         if not self.eval_ex:
             return None
@@ -330,8 +241,7 @@ class PreferenceTrainer:
         self.model.train(was)
         keys = sorted(sums)
         vals = torch.stack([sums[k] for k in keys] + [torch.tensor(float(n), device=self.device)])
-        if self.distributed:
-            dist.all_reduce(vals)
+        distributed.sum_over_ranks(vals, self.ranks)
         rec = {k: (vals[i] / vals[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
         return dict(step=step, split="eval", **rec)
 
@@ -341,7 +251,7 @@ class PreferenceTrainer:
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
         self._prepare_reference()
-        module = self._wrap()
+        module = distributed.wrap(self.module, self.model, self.cfg.fsdp, self.ranks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -402,7 +312,7 @@ class PreferenceTrainer:
             optimizer.zero_grad(set_to_none=True)
             done, rec = step + 1, None
             if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-                rec = self._reduce(acc)
+                rec = distributed.mean_metrics(acc, self.ranks)
                 dt = time.perf_counter() - t0
                 rec = dict(step=done, **rec, lr=scheduler.get_last_lr()[0],
                            tokens_per_second=tokens * self.world / dt, step_seconds=dt)
@@ -439,18 +349,4 @@ class PreferenceTrainer:
         return rec
 
     def save_final(self, module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                   cpu_offload=True))
-        if self.rank == 0:
-            out = os.path.join(self.cfg.output_dir, "final")
-            if is_peft(self.model):                        # a peft model saves its adapter
-                self.model.save_pretrained(out)
-            else:
-                sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
-                self.model.save_pretrained(out, state_dict=sd)
-            self.tokenizer.save_pretrained(out)
-        if dist.is_initialized():
-            dist.barrier()
-
-
+        ckpt.save_final(self.cfg.output_dir, self.model, self.tokenizer, module)
