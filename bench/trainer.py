@@ -61,12 +61,19 @@ class StepClock:
     (parameters, gradients, optimizer state of the policy and of a reference model) plus the peak
     the profiler sees allocated during the step."""
 
-    def __init__(self, profile_step):
-        self.ends, self.window, self.profile_step = [], MemoryWindow(), profile_step
+    def __init__(self, profile_step, steps):
+        # a profile step past the run's last step measures nothing: its window would open after
+        # the last step and never close, and a profiler session left open crashed the process at
+        # exit (SIGSEGV in ~ProfilerStateBase, after `bench.long_sequences real` had written
+        # its table)
+        self.ends, self.window = [], MemoryWindow()
+        self.profile_step = profile_step if profile_step <= steps else None
         self.peak = self.resident = None
 
     def on_end(self, step, modules=(), optimizer=None):
         self.ends.append(time.perf_counter())
+        if self.profile_step is None:
+            return
         if step == self.profile_step - 1:
             self.resident = resident_bytes(modules, optimizer)
             self.window.start()
@@ -76,7 +83,7 @@ class StepClock:
     def step_seconds(self):
         gaps = [b - a for a, b in zip(self.ends, self.ends[1:])]
         # the profiled step is slower: leave it out
-        skip = self.profile_step - 2
+        skip = self.profile_step - 2 if self.profile_step is not None else None
         gaps = [g for i, g in enumerate(gaps) if i != skip] or gaps
         return statistics.median(gaps)
 
@@ -97,7 +104,7 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
                     packing=packing, output_dir=os.path.join(work, f"ak-{packing}-{L}"),
                     batch_size=batch, max_steps=steps, lr=1e-5, precision=precision,
                     progress=False, tensorboard=False, seed=0, save_steps=10**6), **overrides)
-    clock = StepClock(profile_step)
+    clock = StepClock(profile_step, steps)
     clock.records = []
     tr = PreferenceTrainer(cfg, train_data=rows, callbacks=[
         lambda t, s, r: (clock.on_end(s, [t.model], t.optimizer), clock.records.append(r))],
@@ -212,7 +219,7 @@ def run_trl(rows, L, steps, tok_dir, work, precompute, batch=2, profile_step=Non
     model = model_from_config(MODEL, "sdpa", seed=0)     # alignkit's own init, same seed
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.chat_template = None
-    clock = StepClock(profile_step)
+    clock = StepClock(profile_step, steps)
 
     class CB(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):

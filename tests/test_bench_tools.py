@@ -171,3 +171,20 @@ def test_a_failing_method_is_one_table_row():
     peer = next(line for line in table if "| peer |" in line)
     assert "failed: AssertionError: sources must not be empty for symbol s37 more detail" in peer
     assert all(line.startswith("|") and line.endswith("|") for line in table)
+
+
+def test_a_profile_step_past_the_run_opens_no_window():
+    """bench.trainer's StepClock with a profile step past the run's last step (the benches' way
+    of asking for no peak) opens no profiler session: one opened after the last step and never
+    closed crashed `bench.long_sequences real` at exit (SIGSEGV in ~ProfilerStateBase)."""
+    from bench.trainer import StepClock
+    opened = []
+    for profile_step, steps in ((4, 3), (3, 3)):
+        clock = StepClock(profile_step, steps)
+        clock.window.start = lambda opened=opened, p=profile_step: opened.append(p)
+        clock.window.stop = lambda: 0
+        clock.resident = 0
+        for step in range(1, steps + 1):
+            clock.on_end(step)
+        assert len(clock.ends) == steps
+    assert opened == [3]                # only the run whose profile step is one of its steps
