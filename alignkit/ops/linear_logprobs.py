@@ -45,10 +45,19 @@ def _chunks(h2: Tensor, y: Tensor, idx: Tensor, p: tiling.TilePlan, dt: torch.dt
         yield ic, h2.index_select(0, ic).to(dt), y.index_select(0, ic), buf
 
 
-def _plan(M: int, H: int, V: int, backend: str, dt: torch.dtype, tiles: TileOptions):
+def _plan(M: int, H: int, V: int, backend: str, dt: torch.dtype, tiles: TileOptions,
+          backward: bool = False):
     # a bf16 tile plus the fp32 G of backward: 1.5 fp32 tiles
     live = LIVE_TILES.get(backend, 1) * (1.5 if dt != torch.float32 else 1)
-    return tiling.plan(M, H, V, tiles.tile_bytes, tiles.vocab_block, live_tiles=live)
+    p = tiling.plan(M, H, V, tiles.tile_bytes, tiles.vocab_block, live_tiles=live)
+    if backward and dt != torch.float32 and p.rows < M:
+        # several chunks: the low-precision backward's fp32 [vocab_block, H] block of grad_W
+        # (_backward_low_precision) comes out of the same budget, up to half of it (2 MiB of
+        # 16 at H=256: without it the long pair's bf16 peak was 0.8 MiB over its bound)
+        acc = p.vocab_block * H * 4
+        p = tiling.plan(M, H, V, max(tiles.tile_bytes - acc, tiles.tile_bytes // 2),
+                        tiles.vocab_block, live_tiles=live)
+    return p
 
 
 def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int):
@@ -124,11 +133,24 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
     h2 = hidden.reshape(-1, H)
     y = labels.reshape(-1).long()
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    gh = torch.zeros(h2.shape, **f32) if need_h else None
     # the forward's count M sizes the compaction on a card: no host read in backward
     idx = compact(y != opts.ignore_index, M)
     g_lp_all = grad_lp.reshape(-1).float()
     g_ent_all = grad_ent.reshape(-1).float() if grad_ent is not None else None
+    dt = gemm_dtype(weight.dtype, weight.device)
+    if dt != torch.float32 and backend != "triton":
+        _, grad = KERNELS[backend]
+        p = _plan(idx.numel(), H, V, backend, dt, opts.tiles, backward=True)
+        gh_lab, gw, gb = _backward_low_precision(
+            h2, weight, bias, (idx, y, lse, g_lp_all, g_ent_all, entropy), opts, grad, p, dt,
+            need_h, need_w, need_b)
+        gh = None
+        if need_h:         # the labelled rows' fp32 sums -> a gradient in hidden's dtype, a
+            gh = torch.zeros(h2.shape, dtype=hidden.dtype, device=hidden.device)   # chunk at a
+            for c0 in range(0, idx.numel(), p.rows):                                # time
+                gh.index_copy_(0, idx[c0:c0 + p.rows], gh_lab[c0:c0 + p.rows].to(hidden.dtype))
+        return _cast_grads(gh, gw, gb, hidden, weight, bias)
+    gh = torch.zeros(h2.shape, **f32) if need_h else None
     if backend == "triton" and idx.numel():
         lse_s = lse.index_select(0, idx)
         dh, gw, gb = triton_path.linear_backward(
@@ -141,13 +163,7 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
             gh.index_copy_(0, idx, dh)
         return _cast_grads(gh, gw, gb, hidden, weight, bias)
     _, grad = KERNELS.get(backend, (None, None))
-    dt = gemm_dtype(weight.dtype, weight.device)
     p = _plan(idx.numel(), H, V, backend, dt, opts.tiles)
-    rows = (idx, y, lse, g_lp_all, g_ent_all, entropy)
-    if dt != torch.float32:
-        gw, gb = _backward_low_precision(gh, h2, weight, bias, rows, opts, grad, p, dt,
-                                         need_w, need_b)
-        return _cast_grads(gh, gw, gb, hidden, weight, bias)
     gw = torch.zeros(V, H, **f32) if need_w else None
     gb = torch.zeros(V, **f32) if need_b else None
     for ic, hc, yc, buf in _chunks(h2, y, idx, p, dt):
@@ -175,7 +191,7 @@ def _row_values(ic, lse, g_lp_all, g_ent_all, entropy):
     return lse.index_select(0, ic), g_lp_all.index_select(0, ic), ent_c, ge_c
 
 
-def _backward_low_precision(gh, h2, weight, bias, rows, opts, grad, p, dt, need_w, need_b):
+def _backward_low_precision(h2, weight, bias, rows, opts, grad, p, dt, need_h, need_w, need_b):
     """The recompute's backward with bf16/fp16 GEMMs (fp32 accumulation inside each GEMM; G
     formed in fp32 from the low-precision logits, then rounded to dt for its two GEMMs).
 
@@ -187,17 +203,20 @@ def _backward_low_precision(gh, h2, weight, bias, rows, opts, grad, p, dt, need_
     (grad_W + grad_h) at B1 (4 x 1024 tokens, H=1024, 3 chunks) against 1.3x in fp32. Every
     tile is still formed once: the same GEMMs in another order; a chunk's hidden rows are
     gathered once per vocab block (a [rows, H] copy beside a [rows, vocab_block, H] GEMM).
-    Adds grad_h into gh (fp32, or None); returns grad_W in dt and fp32 grad_b."""
+    grad_h is summed in fp32 over the labelled rows only ([M, H], in idx's order: the prompt's
+    rows get no fp32 copy), and the tile buffers are freed on return, before the caller rounds
+    it into hidden's dtype. Returns (grad_h of the labelled rows, grad_W in dt, fp32 grad_b)."""
     idx, y, lse, g_lp_all, g_ent_all, entropy = rows
     V, H = weight.shape
     dev = h2.device
     chunks = [idx[c0:c0 + p.rows] for c0 in range(0, idx.numel(), p.rows)]
     per_row = [(ic, y.index_select(0, ic), *_row_values(ic, lse, g_lp_all, g_ent_all, entropy))
                for ic in chunks]
+    gh = torch.zeros(idx.numel(), H, dtype=torch.float32, device=dev) if need_h else None
     gw = torch.empty(V, H, dtype=dt, device=dev) if need_w else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     if not chunks:
-        return (gw.zero_() if need_w else None), gb
+        return gh, (gw.zero_() if need_w else None), gb
     buf = torch.empty(min(p.rows, idx.numel()) * p.vocab_block, dtype=dt, device=dev)
     gbuf = torch.empty(buf.numel(), dtype=torch.float32, device=dev)
     acc = torch.empty(min(p.vocab_block, V), H, dtype=torch.float32, device=dev) \
@@ -206,7 +225,8 @@ def _backward_low_precision(gh, h2, weight, bias, rows, opts, grad, p, dt, need_
         v1 = min(V, v0 + p.vocab_block)
         if acc is not None:
             acc[: v1 - v0].zero_()
-        for ic, yc, lse_c, g_c, ent_c, ge_c in per_row:
+        for c0, (ic, yc, lse_c, g_c, ent_c, ge_c) in zip(range(0, idx.numel(), p.rows),
+                                                          per_row):
             hc = h2.index_select(0, ic).to(dt)
             tile, wb = _logits_tile(buf, hc, weight, bias, v0, v1)
             g = gbuf[: tile.numel()].view(tile.shape)
@@ -215,14 +235,14 @@ def _backward_low_precision(gh, h2, weight, bias, rows, opts, grad, p, dt, need_
                 gb[v0:v1] += g.sum(0)
             tile.copy_(g)                     # G in the GEMM dtype, over the spent logits
             if gh is not None:
-                gh.index_add_(0, ic, (tile @ wb).float())
+                gh[c0:c0 + ic.numel()].add_(tile @ wb)
             if acc is not None:
                 acc[: v1 - v0].add_(tile.t() @ hc)
             elif need_w:
                 torch.mm(tile.t(), hc, out=gw[v0:v1])
         if acc is not None:
             gw[v0:v1].copy_(acc[: v1 - v0])
-    return gw, gb
+    return gh, gw, gb
 
 
 def _cast_grads(gh, gw, gb, hidden, weight, bias):
