@@ -152,6 +152,41 @@ def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash)
             assert chunks and max(chunks) <= 5 and len(chunks) > 2 * runs * layers
 
 
+@pytest.mark.parametrize("mask_bytes", [attention.MASK_BYTES, 1])
+def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
+    """varlen shared_prompt: the rejected response's queries alone attend over [prompt, rejected]
+    (bottom-right causal), so no prompt query runs twice; with a tiny mask budget they run in
+    blocks of one query row, each over the keys up to it. Either way the log-probs and gradients
+    are the unpacked ones."""
+    monkeypatch.setattr(attention, "MASK_BYTES", mask_bytes)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *a, **kw):
+        calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None))
+        return real(q, k, v, *a, **kw)
+    ref = tiny_model("llama")
+    exs = examples(n=3)
+    want_lp, want_g = alone(ref, exs)
+    model = tiny_model("llama", attn="sdpa")
+    model.set_attn_implementation(VARLEN)
+    model.train()
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    lp, g = packed(model, exs, "shared_prompt", "varlen")
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=2e-5)
+    close(g, want_g)
+    layers = len(model.model.layers)
+    P = [len(e.prompt) for e in exs]
+    R = [len(e.responses[1]) for e in exs]
+    masked = [c for c in calls if c[2]]
+    if mask_bytes > 1:             # one call per rejected response and layer: R queries, P+R keys
+        assert sorted(masked) == sorted([(r, p + r, True) for p, r in zip(P, R)] * layers)
+    else:                          # one query row a call, over the keys up to it
+        assert sorted(masked) == sorted([(1, p + i + 1, True) for p, r in zip(P, R)
+                                         for i in range(r)] * layers)
+    assert all(q == k for q, k, m in calls if not m)   # the chosen pieces: plain causal
+
+
 def test_flash_gets_the_sequences_cu_seqlens(fake_flash):
     """padding_free: one flash call per layer over the whole row, cu_seqlens = the sequences'
     cumulative lengths, max_seqlen the longest; shared_prompt: [prompt, chosen] and [prompt,
