@@ -120,7 +120,7 @@ def synthetic(a, work, out):
             "| L | packing | sdpa step s | varlen step s | varlen speed-up |", "|---|---|---|---|---|"]
     for L in a.synthetic_lengths:
         rows = make_rows(2 * a.steps + 4, L)
-        for packing in ("padded", "padding_free", "shared_prompt"):
+        for packing in a.synthetic_packings:
             t = {"sdpa": [], "auto": []}
             for _ in range(a.rounds):
                 for attn in t:
@@ -223,6 +223,7 @@ def main(argv=None):
     p.add_argument("--cap-lengths", default="8192,16384,32768")
     p.add_argument("--share-lengths", default="1024,8192")
     p.add_argument("--synthetic-lengths", default="512,1024")
+    p.add_argument("--synthetic-packings", default="padded,padding_free,shared_prompt")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--share-rounds", type=int, default=3)
@@ -232,6 +233,7 @@ def main(argv=None):
     a.cap_lengths = [int(x) for x in a.cap_lengths.split(",")]
     a.share_lengths = [int(x) for x in a.share_lengths.split(",")]
     a.synthetic_lengths = [int(x) for x in a.synthetic_lengths.split(",")]
+    a.synthetic_packings = a.synthetic_packings.split(",")
     torch.set_num_threads(os.cpu_count())
     work = tempfile.mkdtemp(prefix="ak-bench-long-")
     out = [f"machine: {machine()}"]
