@@ -185,7 +185,8 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
 
 
 def _row_values(ic, lse, g_lp_all, g_ent_all, entropy):
-    """The backward's per-row inputs of the labelled rows ic: (lse2, dL/dlogp, entropy, dL/dH)."""
+    """The backward's per-row inputs of the labelled rows ic: (lse2, dL/dlogp, entropy,
+    dL/dentropy; the last two None without an entropy gradient)."""
     ge_c = g_ent_all.index_select(0, ic) if g_ent_all is not None else None
     ent_c = entropy.reshape(-1).index_select(0, ic) if ge_c is not None else None
     return lse.index_select(0, ic), g_lp_all.index_select(0, ic), ent_c, ge_c
