@@ -19,9 +19,11 @@ shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, po
 [0 .. P+C-1, P .. P+R-1]. Its attention runs two causal sequences, [prompt, chosen] and
 [prompt, rejected]: the rejected response's queries over the prompt's keys and values (copied
 in front of its own) with the causal mask aligned at the bottom right. So both responses see
-the prompt and not each other, and the prompt's MLP, norms, projections and attention run once
-per pair. (The prompt's queries ran a second time before, their outputs dropped: P² more of
-Σ L_s², and 1.4-1.9x the rejected piece's attention time at P = R = 256-512 on the Zen 5 EPYC.)
+the prompt and not each other, and the prompt's MLP, norms and projections run once per pair,
+and so does its attention while the mask fits MASK_BYTES. Past it the prompt's queries run a
+second time with their outputs dropped (P² more of Σ L_s²: at P = R = 256-512 that made the
+rejected piece's attention 1.4-1.9x slower on the Zen 5 EPYC), where a mask would cost more
+memory than the queries' compute.
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# the boolean masks of a response's queries over [prompt, response] (shared_prompt's rejected
-# responses): 4 MiB, one block of queries for P + R up to 2048, blocks of 64 rows at 65536
+# shared_prompt's rejected response: its R queries alone over [prompt, response] take a bool
+# [R, P + R] bottom-right causal mask, which SDPA saves for backward in every layer. Up to
+# 4 MiB of mask (P = R = 1448) they do; past it (long rows, where the mask would grow as
+# R·(P + R): 200 MB a layer at P = 16384, R = 8192) the prompt's queries run again instead,
+# with no mask, and their outputs are dropped.
 MASK_BYTES = 4 << 20
 VARLEN = "alignkit_varlen"
 FLASH_VARLEN = "alignkit_fa_varlen"     # no "flash" in it: transformers would treat it as its own
@@ -132,18 +137,10 @@ def _causal(q, k, v, scaling, softcap, window, dropout):
     if Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
                                               scale=scaling, enable_gqa=gqa)
-    # Bottom-right causal takes an explicit mask (SDPA's is_causal aligns top-left), a block of
-    # queries at a time so that the masks stay within MASK_BYTES at any length; each block sees
-    # the keys up to its last query only, so the masked corner past it is skipped too.
-    off, outs = Lk - Lq, []
-    rows = max(1, MASK_BYTES // Lk)
-    for q0 in range(0, Lq, rows):
-        q1 = min(Lq, q0 + rows)
-        mask = torch.ones(q1 - q0, off + q1, dtype=torch.bool, device=q.device).tril(off + q0)
-        outs.append(F.scaled_dot_product_attention(
-            q[:, :, q0:q1], k[:, :, :off + q1], v[:, :, :off + q1], attn_mask=mask,
-            dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    # bottom-right causal takes an explicit mask: SDPA's is_causal aligns top-left
+    mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=gqa)
 
 
 def _flash(q, k, v, layout, scaling, softcap, window, dropout):
@@ -195,8 +192,14 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         if pe > ps:       # [prompt, response]: the response's queries over the prompt's keys and
             k, v = (torch.cat([t[:, :, ps:pe], t[:, :, s:e]], 2)          # values and its own
                     for t in (key, value))
-            outs.append(_causal(query[:, :, s:e], k, v, scaling, softcap, sliding_window,
-                                dropout))
+            if (e - s) * k.shape[2] <= MASK_BYTES:
+                outs.append(_causal(query[:, :, s:e], k, v, scaling, softcap, sliding_window,
+                                    dropout))
+                continue
+            # past the mask budget the prompt's queries run too (plain causal, no mask) and
+            # their outputs are dropped
+            q = torch.cat([query[:, :, ps:pe], query[:, :, s:e]], 2)
+            outs.append(_causal(q, k, v, scaling, softcap, sliding_window, dropout)[:, :, pe - ps:])
         else:
             outs.append(_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
                                 softcap, sliding_window, dropout))

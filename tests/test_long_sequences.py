@@ -110,14 +110,20 @@ GRID = [(a, c, t) for a in ("sdpa", "eager", VARLEN, FLASH_VARLEN) for c in (Fal
         for t in (False, True)]
 
 
-@pytest.mark.parametrize("attn,ckpt,tiled", GRID)
-def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash):
-    ref = tiny_model("llama")
-    exs = examples(n=4)
-    want_lp, want_g = alone(ref, exs)
+def oracle_and_model(attn, n):
+    """n examples, their unpacked oracle (alone's log-probs and gradients), and a fresh Llama of
+    the same init on attention attn, in training mode."""
+    exs = examples(n=n)
+    want_lp, want_g = alone(tiny_model("llama"), exs)
     model = tiny_model("llama", attn="sdpa")
     model.set_attn_implementation(attn)
     model.train()
+    return exs, want_lp, want_g, model
+
+
+@pytest.mark.parametrize("attn,ckpt,tiled", GRID)
+def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash):
+    exs, want_lp, want_g, model = oracle_and_model(attn, 4)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     chunks = []
@@ -154,10 +160,10 @@ def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash)
 
 @pytest.mark.parametrize("mask_bytes", [attention.MASK_BYTES, 1])
 def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
-    """varlen shared_prompt: the rejected response's queries alone attend over [prompt, rejected]
-    (bottom-right causal), so no prompt query runs twice; with a tiny mask budget they run in
-    blocks of one query row, each over the keys up to it. Either way the log-probs and gradients
-    are the unpacked ones."""
+    """varlen shared_prompt: within the mask budget the rejected response's queries alone attend
+    over [prompt, rejected] (a bottom-right causal mask), so no prompt query runs twice; past it
+    (a budget of 1 byte here) the prompt's queries run again with no mask. Either way the
+    log-probs and gradients are the unpacked ones."""
     monkeypatch.setattr(attention, "MASK_BYTES", mask_bytes)
     calls = []
     real = F.scaled_dot_product_attention
@@ -165,12 +171,7 @@ def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
     def sdpa(q, k, v, *a, **kw):
         calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None))
         return real(q, k, v, *a, **kw)
-    ref = tiny_model("llama")
-    exs = examples(n=3)
-    want_lp, want_g = alone(ref, exs)
-    model = tiny_model("llama", attn="sdpa")
-    model.set_attn_implementation(VARLEN)
-    model.train()
+    exs, want_lp, want_g, model = oracle_and_model(VARLEN, 3)
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
     lp, g = packed(model, exs, "shared_prompt", "varlen")
     torch.testing.assert_close(lp, want_lp, rtol=0, atol=2e-5)
@@ -178,13 +179,11 @@ def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
     layers = len(model.model.layers)
     P = [len(e.prompt) for e in exs]
     R = [len(e.responses[1]) for e in exs]
-    masked = [c for c in calls if c[2]]
-    if mask_bytes > 1:             # one call per rejected response and layer: R queries, P+R keys
-        assert sorted(masked) == sorted([(r, p + r, True) for p, r in zip(P, R)] * layers)
-    else:                          # one query row a call, over the keys up to it
-        assert sorted(masked) == sorted([(1, p + i + 1, True) for p, r in zip(P, R)
-                                         for i in range(r)] * layers)
-    assert all(q == k for q, k, m in calls if not m)   # the chosen pieces: plain causal
+    C = [len(e.responses[0]) for e in exs]
+    rejected = [(r, p + r, True) if mask_bytes > 1 else (p + r, p + r, False)
+                for p, r in zip(P, R)]
+    chosen = [(p + c, p + c, False) for p, c in zip(P, C)]
+    assert sorted(calls) == sorted((rejected + chosen) * layers)
 
 
 def test_flash_gets_the_sequences_cu_seqlens(fake_flash):
