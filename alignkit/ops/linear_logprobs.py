@@ -210,24 +210,25 @@ def _backward_low_precision(h2, weight, bias, rows, opts, grad, p, dt, need_h, n
     idx, y, lse, g_lp_all, g_ent_all, entropy = rows
     V, H = weight.shape
     dev = h2.device
-    chunks = [idx[c0:c0 + p.rows] for c0 in range(0, idx.numel(), p.rows)]
-    per_row = [(ic, y.index_select(0, ic), *_row_values(ic, lse, g_lp_all, g_ent_all, entropy))
-               for ic in chunks]
+    per_row = []                      # each chunk's start, rows, labels and row values
+    for c0 in range(0, idx.numel(), p.rows):
+        ic = idx[c0:c0 + p.rows]
+        per_row.append((c0, ic, y.index_select(0, ic),
+                        *_row_values(ic, lse, g_lp_all, g_ent_all, entropy)))
     gh = torch.zeros(idx.numel(), H, dtype=torch.float32, device=dev) if need_h else None
     gw = torch.empty(V, H, dtype=dt, device=dev) if need_w else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
-    if not chunks:
+    if not per_row:
         return gh, (gw.zero_() if need_w else None), gb
     buf = torch.empty(min(p.rows, idx.numel()) * p.vocab_block, dtype=dt, device=dev)
     gbuf = torch.empty(buf.numel(), dtype=torch.float32, device=dev)
     acc = torch.empty(min(p.vocab_block, V), H, dtype=torch.float32, device=dev) \
-        if need_w and len(chunks) > 1 else None
+        if need_w and len(per_row) > 1 else None
     for v0 in range(0, V, p.vocab_block):
         v1 = min(V, v0 + p.vocab_block)
         if acc is not None:
             acc[: v1 - v0].zero_()
-        for c0, (ic, yc, lse_c, g_c, ent_c, ge_c) in zip(range(0, idx.numel(), p.rows),
-                                                          per_row):
+        for c0, ic, yc, lse_c, g_c, ent_c, ge_c in per_row:
             hc = h2.index_select(0, ic).to(dt)
             tile, wb = _logits_tile(buf, hc, weight, bias, v0, v1)
             g = gbuf[: tile.numel()].view(tile.shape)

@@ -59,8 +59,6 @@ class PreferenceTrainer:
                  log=None, callbacks=()):
         self.cfg = cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         self.ranks = distributed.join()
-        self.distributed, self.rank, self.world, self.device = (
-            self.ranks.distributed, self.ranks.rank, self.ranks.world, self.ranks.device)
         self._log = log or (print if self.rank == 0 else (lambda *a, **k: None))
         self.callbacks = list(callbacks)
         cfg.check_paths(need_data=train_data is None, need_model=model is None,
@@ -122,6 +120,12 @@ class PreferenceTrainer:
         self._ref_ready = False
         self._perms = {}
         self.last_eval = None
+
+    # this process's place in the group (distributed.Ranks), under the trainer's old names
+    distributed = property(lambda self: self.ranks.distributed)
+    rank = property(lambda self: self.ranks.rank)
+    world = property(lambda self: self.ranks.world)
+    device = property(lambda self: self.ranks.device)
 
     # ---------------------------------------------------------------- data order
     def _kl_partner(self, examples):
