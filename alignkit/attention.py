@@ -8,7 +8,10 @@ Two implementations, one function:
   block-causal mask at N=2048 in 4 sequences (fwd+bwd), and no 4·N² bytes of mask.
 - ``alignkit_fa_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
   ``flash_attn_varlen_func`` over the whole row with cumulative sequence lengths (``cu_seqlens``,
-  int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows.
+  int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows. The queries are the row
+  itself; shared_prompt's keys and values are gathered [prompt, response] per sequence, with
+  their own cumulative lengths (flash-attn aligns the causal mask at the bottom right where a
+  sequence has fewer queries than keys), so no prompt query runs twice.
 
 The layout (``VarlenLayout``) reaches the attention as a keyword argument of the body's call
 (``alignkit_layout=``), which transformers passes down to every attention call. Without it (the
@@ -23,7 +26,9 @@ the prompt and not each other, and the prompt's MLP, norms and projections run o
 and so does its attention while the mask fits MASK_BYTES. Past it the prompt's queries run a
 second time with their outputs dropped (P² more of Σ L_s²: at P = R = 256-512 that made the
 rejected piece's attention 1.4-1.9x slower on the Zen 5 EPYC), where a mask would cost more
-memory than the queries' compute.
+memory than the queries' compute. flash-attn (CUDA) takes separate query and key lengths and
+keeps no mask, so there the prompt's queries always run once (flash-attn >= 2.1 aligns causal
+at the bottom right).
 """
 from __future__ import annotations
 
@@ -51,36 +56,35 @@ class VarlenLayout:
     """Which positions of a row attend to which.
 
     pieces: host ints, one (ps, pe, s, e) per attention sequence, in row order of [s, e): the
-    sequence is row positions [ps, pe) (a shared prompt, its outputs dropped; empty when ps ==
-    pe) then [s, e), whose outputs are the row's; the [s, e) tile the row. Empty: each row of
-    the batch is one causal sequence (right padding is never attended to by a real token, so it
-    needs no mask).
-    cu_seqlens [S+1] (int32, the batch's device), max_seqlen: the sequences' cumulative lengths
-    for flash-attn, over index [N'] (the row positions of the sequences laid end to end; None:
-    the row itself); keep [N]: where each row position's output lies among them (None: same).
+    sequence's keys are row positions [ps, pe) (a shared prompt; empty when ps == pe) then
+    [s, e), its queries [s, e) alone; the [s, e) tile the row. Empty: each row of the batch is
+    one causal sequence (right padding is never attended to by a real token, so it needs no
+    mask).
+    For flash-attn (int32 on the batch's device): cu_seqlens [S+1] and max_seqlen, the
+    sequences' cumulative key lengths over index [N'] (the row positions of their keys laid end
+    to end; None: the row itself); cu_seqlens_q and max_seqlen_q, those of the queries, which
+    are the row itself (None: the same as the keys').
     """
     pieces: tuple = ()
     cu_seqlens: Optional[Tensor] = None
     max_seqlen: int = 0
     index: Optional[Tensor] = None
-    keep: Optional[Tensor] = None
+    cu_seqlens_q: Optional[Tensor] = None
+    max_seqlen_q: int = 0
 
     @staticmethod
     def of(pieces: Sequence[tuple]) -> "VarlenLayout":
         pieces = tuple((int(ps), int(pe), int(s), int(e)) for ps, pe, s, e in pieces)
         lengths = [pe - ps + e - s for ps, pe, s, e in pieces]
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
-        index = keep = None
+        index = cu_q = None
+        max_q = 0
         if any(pe > ps for ps, pe, _, _ in pieces):
-            index, keep = [], []
-            for (ps, pe, s, e), b in zip(pieces, bounds):
-                index.extend(list(range(ps, pe)) + list(range(s, e)))
-                keep.extend(range(b + pe - ps, b + pe - ps + e - s))
-            index, keep = (torch.tensor(t, dtype=torch.long) for t in (index, keep))
-        return VarlenLayout(pieces, torch.tensor(bounds, dtype=torch.int32),
-                            max(lengths, default=0), index, keep)
+            index = torch.tensor([i for ps, pe, s, e in pieces
+                                  for i in (*range(ps, pe), *range(s, e))], dtype=torch.long)
+            q_lengths = [e - s for _, _, s, e in pieces]
+            cu_q, max_q = _cumulative(q_lengths), max(q_lengths)
+        return VarlenLayout(pieces, _cumulative(lengths), max(lengths, default=0), index, cu_q,
+                            max_q)
 
     @staticmethod
     def of_lengths(lengths: Sequence[int]) -> "VarlenLayout":
@@ -94,8 +98,16 @@ class VarlenLayout:
     def to(self, device, non_blocking: bool = False) -> "VarlenLayout":
         """A copy with its tensors on ``device`` (as Tensor.to)."""
         move = {k: getattr(self, k).to(device, non_blocking=non_blocking)
-                for k in ("cu_seqlens", "index", "keep") if getattr(self, k) is not None}
+                for k in ("cu_seqlens", "index", "cu_seqlens_q") if getattr(self, k) is not None}
         return replace(self, **move)
+
+
+def _cumulative(lengths: Sequence[int]) -> Tensor:
+    """[0, l0, l0 + l1, ...] as int32 (flash-attn's cu_seqlens)."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32)
 
 
 def _math(q, k, v, scaling, softcap, window, dropout, mask=None):
@@ -153,12 +165,12 @@ def _flash(q, k, v, layout, scaling, softcap, window, dropout):
     if not layout.pieces:
         return flash_attn_func(q, k, v, **kw)
     q, k, v = (t[0] for t in (q, k, v))                        # [N, H, D]
-    if layout.index is not None:
-        q, k, v = (t.index_select(0, layout.index) for t in (q, k, v))
-    out = flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens,
-                                 layout.max_seqlen, layout.max_seqlen, **kw)
-    if layout.keep is not None:
-        out = out.index_select(0, layout.keep)
+    cu_q, max_q = layout.cu_seqlens, layout.max_seqlen
+    if layout.index is not None:      # shared prompts: each sequence's keys [prompt, response];
+        k, v = (t.index_select(0, layout.index) for t in (k, v))   # its queries the response's
+        cu_q, max_q = layout.cu_seqlens_q, layout.max_seqlen_q     # (causal at the bottom right)
+    out = flash_attn_varlen_func(q, k, v, cu_q, layout.cu_seqlens, max_q, layout.max_seqlen,
+                                 **kw)
     return out[None]
 
 
@@ -203,7 +215,9 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         else:
             outs.append(_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
                                 softcap, sliding_window, dropout))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    # one copy: the pieces' [1, Hq, L, D] outputs, each viewed [1, L, Hq, D], laid end to end
+    # (a cat along the sequence then .transpose().contiguous() copied the row twice)
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None
 
 
 def _flash_varlen_attention(*args, **kwargs):

@@ -6,7 +6,9 @@ and the 3-GEMM floor. The naive and TRL rows run the same loss math on their log
 (alignkit.losses.policy.policy_terms), so only the head differs.
 
     python -m bench.rl [--preset small|full] [--reps 3] [--runs gspo ...] [--shapes R1 ...]
-                       [--write]
+                       [--no-peers] [--write]
+
+--no-peers: the floor and alignkit's rows only (R1's peers take most of its ~45 minutes a run).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ RUNS = [("dapo", dict(loss_type="dapo")),
 alignkit_policy, liger = methods.alignkit_policy, methods.liger_grpo
 
 
-def run(preset, reps, skip_memory, log=print, runs=None, shapes=None):
+def run(preset, reps, skip_memory, log=print, runs=None, shapes=None, peers=True):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
         if shapes and not any(x in name for x in shapes):
@@ -42,11 +44,12 @@ def run(preset, reps, skip_memory, log=print, runs=None, shapes=None):
                 continue
             steps = {harness.FLOOR: methods.floor(case),
                      "alignkit policy_loss (auto)": alignkit_policy(kw, "auto")(case),
-                     "alignkit policy_loss (recompute)": alignkit_policy(kw, "recompute")(case),
-                     "naive full logits + loss": methods.peer_step(
-                         "naive full logits", kw["loss_type"], kw)(case),
-                     "TRL chunked log-probs + loss": methods.peer_step(
-                         "TRL ChunkedLogProbFunction", kw["loss_type"], kw)(case)}
+                     "alignkit policy_loss (recompute)": alignkit_policy(kw, "recompute")(case)}
+            if peers:
+                steps["naive full logits + loss"] = methods.peer_step(
+                    "naive full logits", kw["loss_type"], kw)(case)
+                steps["TRL chunked log-probs + loss"] = methods.peer_step(
+                    "TRL ChunkedLogProbFunction", kw["loss_type"], kw)(case)
             if kw.get("importance_sampling_level") == "sequence":
                 from alignkit import TileOptions
                 every = TileOptions(keep_bytes=case.S * case.T * case.V * 4)
@@ -54,7 +57,7 @@ def run(preset, reps, skip_memory, log=print, runs=None, shapes=None):
                     alignkit_policy(kw, "single_pass")(case)
                 steps["alignkit single_pass, keep every token"] = \
                     alignkit_policy(dict(kw, tiles=every), "single_pass")(case)
-            for compiled in (False, True):
+            for compiled in ((False, True) if peers else ()):
                 try:
                     steps[f"Liger GRPO ({'compiled' if compiled else 'eager'})"] = \
                         liger(kw, compiled)(case)
@@ -74,10 +77,13 @@ def main(argv=None):
     p.add_argument("--runs", nargs="*", choices=[r[0] for r in RUNS],
                    help="the losses to run (default: all)")
     p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="the floor and alignkit only (no naive, TRL or Liger rows)")
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
     t0 = time.time()
-    rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs, shapes=a.shapes)
+    rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs, shapes=a.shapes,
+               peers=not a.no_peers)
     table = harness.markdown(rows)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:

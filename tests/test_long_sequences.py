@@ -79,19 +79,29 @@ def causal_calls(monkeypatch):
 @pytest.fixture
 def fake_flash(monkeypatch):
     """A stand-in ``flash_attn`` (the kernel cannot build without CUDA): the same contract as
-    flash_attn_varlen_func / flash_attn_func ([tokens, heads, D] with int32 cu_seqlens; [B, L,
-    heads, D]), computed with SDPA per sequence, and every call's arguments recorded."""
+    flash_attn_varlen_func / flash_attn_func ([tokens, heads, D] with int32 cu_seqlens, separate
+    for queries and keys, causal aligned at the bottom right where a sequence has fewer queries
+    than keys, as flash-attn >= 2.1 does; [B, L, heads, D]), computed with SDPA per sequence,
+    and every call's arguments recorded."""
     calls = []
     mod = types.ModuleType("flash_attn")
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
                causal=False, window_size=(-1, -1), softcap=0.0):
         calls.append(dict(cu=cu_q.tolist(), cu_k=cu_k.tolist(), dtype=cu_q.dtype, max=max_q,
-                          causal=causal, window=window_size, tokens=q.shape[0]))
-        b = cu_q.tolist()
-        return torch.cat([F.scaled_dot_product_attention(
-            *(t[s:e].transpose(0, 1)[None] for t in (q, k, v)), is_causal=causal,
-            scale=softmax_scale, enable_gqa=True)[0].transpose(0, 1) for s, e in zip(b, b[1:])])
+                          max_k=max_k, causal=causal, window=window_size, tokens=q.shape[0],
+                          keys=k.shape[0]))
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        assert (q.shape[0], k.shape[0]) == (bq[-1], bk[-1]), "cu_seqlens do not cover q / k"
+        outs = []
+        for sq, eq, sk, ek in zip(bq, bq[1:], bk, bk[1:]):
+            lq, lk = eq - sq, ek - sk
+            mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if causal else None
+            outs.append(F.scaled_dot_product_attention(
+                *(t[a:z].transpose(0, 1)[None] for t, a, z in ((q, sq, eq), (k, sk, ek),
+                                                              (v, sk, ek))),
+                attn_mask=mask, scale=softmax_scale, enable_gqa=True)[0].transpose(0, 1))
+        return torch.cat(outs)
 
     def dense(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
               softcap=0.0):
@@ -151,7 +161,9 @@ def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash)
             assert len(fake_flash) == runs * layers and not causal_calls, mode
             if mode != "padded":
                 assert fake_flash[0]["dtype"] == torch.int32 and fake_flash[0]["causal"]
-                assert fake_flash[0]["cu"] == fake_flash[0]["cu_k"]
+                # shared_prompt: the queries are the row, the keys hold each prompt twice
+                same = fake_flash[0]["cu"] == fake_flash[0]["cu_k"]
+                assert same == (mode == "padding_free"), mode
         else:
             assert not causal_calls and not fake_flash
         if tiled:                       # chunks of at most 5 tokens, in forward and backward
@@ -188,8 +200,9 @@ def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
 
 def test_flash_gets_the_sequences_cu_seqlens(fake_flash):
     """padding_free: one flash call per layer over the whole row, cu_seqlens = the sequences'
-    cumulative lengths, max_seqlen the longest; shared_prompt: [prompt, chosen] and [prompt,
-    rejected] per pair, the prompt repeated."""
+    cumulative lengths, max_seqlen the longest; shared_prompt: the row's own queries (each
+    prompt's once) over keys [prompt, chosen] and [prompt, rejected] per pair (the numerics:
+    test_packed_matches_alone_llama, through the stand-in's bottom-right causal)."""
     exs = examples(n=3)
     model = tiny_model("llama", attn=FLASH_VARLEN)
     lens = [len(e.prompt) + len(e.responses[k]) for k in (0, 1) for e in exs]
@@ -204,12 +217,18 @@ def test_flash_gets_the_sequences_cu_seqlens(fake_flash):
     b = collate(exs, [0, 1, 2], "shared_prompt", 0, attention="varlen")
     with torch.no_grad():
         forward_batch(SequenceLogprobs(model), b)
-    pair = [n for e in exs for n in (len(e.prompt) + len(e.responses[0]),
+    keys = [n for e in exs for n in (len(e.prompt) + len(e.responses[0]),
                                      len(e.prompt) + len(e.responses[1]))]
-    assert fake_flash[0]["cu"] == [0] + torch.tensor(pair).cumsum(0).tolist()
-    assert fake_flash[0]["tokens"] == sum(pair)                 # prompts twice
-    assert b.input_ids.shape[1] == sum(len(e.prompt) + len(e.responses[0]) + len(e.responses[1])
-                                       for e in exs)           # ... but once in the row
+    queries = [n for e in exs for n in (len(e.prompt) + len(e.responses[0]),
+                                        len(e.responses[1]))]
+    row = sum(len(e.prompt) + len(e.responses[0]) + len(e.responses[1]) for e in exs)
+    assert len(fake_flash) == 2                                 # one call a layer
+    for c in fake_flash:
+        assert c["cu_k"] == [0] + torch.tensor(keys).cumsum(0).tolist()
+        assert c["cu"] == [0] + torch.tensor(queries).cumsum(0).tolist()
+        assert (c["max_k"], c["max"]) == (max(keys), max(queries)) and c["causal"]
+        assert c["tokens"] == row == b.input_ids.shape[1]       # the prompts' queries once
+        assert c["keys"] == sum(keys)                           # their keys for both responses
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "gemma2"])
