@@ -32,6 +32,7 @@ at the bottom right).
 """
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import math
 from dataclasses import dataclass, replace
@@ -75,6 +76,12 @@ class VarlenLayout:
     @staticmethod
     def of(pieces: Sequence[tuple]) -> "VarlenLayout":
         pieces = tuple((int(ps), int(pe), int(s), int(e)) for ps, pe, s, e in pieces)
+        ends = [0] + [e for _, _, _, e in pieces]
+        for (ps, pe, s, e), end in zip(pieces, ends):
+            if s != end or e < s or not 0 <= ps <= pe <= s:
+                raise ValueError(f"VarlenLayout pieces must tile the row in order, each (ps, pe, "
+                                 f"s, e) with its prompt [ps, pe) before [s, e); got "
+                                 f"{(ps, pe, s, e)} after position {end}")
         lengths = [pe - ps + e - s for ps, pe, s, e in pieces]
         index = cu_q = None
         max_q = 0
@@ -199,22 +206,31 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
     if not layout.pieces:
         out = _causal(query, key, value, scaling, softcap, sliding_window, dropout)
         return out.transpose(1, 2).contiguous(), None
+    # the pieces' queries, keys and values as one split of the row each: split's backward lays
+    # the pieces' gradients end to end in one copy, where a slice per piece zero-filled a whole
+    # row per piece and summed them (7% of the attention's fwd+bwd at L=1024, P=512, 2 pairs,
+    # on the Zen 5 EPYC; O(S·N) for padding_free's S sequences)
+    starts = [s for _, _, s, _ in layout.pieces]
+    sizes = [e - s for _, _, s, e in layout.pieces]
+    qs, ks, vs = (t.split(sizes, 2) for t in (query, key, value))
     outs = []
-    for ps, pe, s, e in layout.pieces:
+    for i, (ps, pe, s, e) in enumerate(layout.pieces):
         if pe > ps:       # [prompt, response]: the response's queries over the prompt's keys and
-            k, v = (torch.cat([t[:, :, ps:pe], t[:, :, s:e]], 2)          # values and its own
-                    for t in (key, value))
+            j = bisect.bisect_right(starts, ps) - 1      # values (within an earlier piece: its
+            if j >= 0 and pe <= starts[j] + sizes[j]:    # [prompt, chosen]) and its own
+                prompt = [t[j].narrow(2, ps - starts[j], pe - ps) for t in (qs, ks, vs)]
+            else:
+                prompt = [t[:, :, ps:pe] for t in (query, key, value)]
+            k, v = (torch.cat([pt, t[i]], 2) for pt, t in zip(prompt[1:], (ks, vs)))
             if (e - s) * k.shape[2] <= MASK_BYTES:
-                outs.append(_causal(query[:, :, s:e], k, v, scaling, softcap, sliding_window,
-                                    dropout))
+                outs.append(_causal(qs[i], k, v, scaling, softcap, sliding_window, dropout))
                 continue
             # past the mask budget the prompt's queries run too (plain causal, no mask) and
             # their outputs are dropped
-            q = torch.cat([query[:, :, ps:pe], query[:, :, s:e]], 2)
+            q = torch.cat([prompt[0], qs[i]], 2)
             outs.append(_causal(q, k, v, scaling, softcap, sliding_window, dropout)[:, :, pe - ps:])
         else:
-            outs.append(_causal(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scaling,
-                                softcap, sliding_window, dropout))
+            outs.append(_causal(qs[i], ks[i], vs[i], scaling, softcap, sliding_window, dropout))
     # one copy: the pieces' [1, Hq, L, D] outputs, each viewed [1, L, Hq, D], laid end to end
     # (a cat along the sequence then .transpose().contiguous() copied the row twice)
     return torch.cat([o.transpose(1, 2) for o in outs], dim=1), None

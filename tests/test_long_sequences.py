@@ -13,7 +13,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import alignkit.attention as attention  # noqa: E402
-from alignkit.attention import FLASH_VARLEN, VARLEN, register  # noqa: E402
+from alignkit.attention import FLASH_VARLEN, VARLEN, VarlenLayout, register  # noqa: E402
 from alignkit.body import body_hidden  # noqa: E402
 from alignkit.profiling import MemoryWindow  # noqa: E402
 from alignkit.tiled_mlp import TiledMLP, chunk_tokens_for, tile_mlp, untile_mlp  # noqa: E402
@@ -381,3 +381,12 @@ def test_trainer_runs_every_packing_long_path_and_saves_plain_weights(tmp_path, 
         state = tr.model.state_dict()
         for k, v in loaded.state_dict().items():
             torch.testing.assert_close(v, state[k], msg=k)
+
+
+def test_a_layout_whose_pieces_do_not_tile_the_row_is_refused():
+    """The varlen attention splits the row at the pieces' bounds: a gap, an overlap or a prompt
+    after its response is named at construction, not attended wrongly."""
+    VarlenLayout.of([(0, 0, 0, 3), (0, 2, 3, 5)])                       # a valid shared prompt
+    for bad in ([(0, 0, 1, 3)], [(0, 0, 0, 3), (0, 0, 4, 6)], [(0, 0, 0, 3), (4, 5, 3, 6)]):
+        with pytest.raises(ValueError, match="VarlenLayout pieces must tile the row"):
+            VarlenLayout.of(bad)
