@@ -116,6 +116,27 @@ def test_fully_masked_response_is_finite(loss, pairs):
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad_mode", ["single_pass", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("front", ["simpo", "dapo"])
+def test_grad_w_with_no_labelled_token_is_zero(front, dtype, grad_mode):
+    """grad_W's accumulator is not zero-filled up front (its first GEMM writes it), in the
+    single pass and in the recompute's backward: with no labelled token nothing writes it, and it must still come back exactly zero. A freed [V, H]
+    block of NaN right before the call is what an unzeroed accumulator would return here."""
+    V, H = 40, 16
+    h = torch.randn(2, 6, H, dtype=dtype, requires_grad=True)
+    W = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    y = torch.full((2, 6), -100)
+    junk = torch.full((V, H), float("nan"))
+    del junk
+    if front == "simpo":
+        loss, _ = alignkit.preference_loss(h, W, y, loss="simpo", grad_mode=grad_mode)
+    else:
+        loss, _ = alignkit.policy_loss(h, W, y, advantages=torch.ones(2), grad_mode=grad_mode)
+    loss.backward()
+    assert torch.equal(W.grad, torch.zeros_like(W)) and torch.equal(h.grad, torch.zeros_like(h))
+
+
 def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
     g = torch.Generator().manual_seed(1)
     h, W = torch.randn(4, 9, 16, generator=g), torch.randn(50, 16, generator=g)

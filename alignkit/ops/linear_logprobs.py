@@ -164,8 +164,11 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
         return _cast_grads(gh, gw, gb, hidden, weight, bias)
     _, grad = KERNELS.get(backend, (None, None))
     p = _plan(idx.numel(), H, V, backend, dt, opts.tiles)
-    gw = torch.zeros(V, H, **f32) if need_w else None
+    # grad_W is written by the first chunk's GEMMs and added to by the others: no [V, H] zero
+    # fill up front (a pass over the largest gradient, for nothing), only where no row is labelled
+    gw = torch.empty(V, H, **f32) if need_w else None
     gb = torch.zeros(V, **f32) if need_b else None
+    first = True
     for ic, hc, yc, buf in _chunks(h2, y, idx, p, dt):
         lse_c, g_c, ent_c, ge_c = _row_values(ic, lse, g_lp_all, g_ent_all, entropy)
         ghc = torch.zeros(ic.numel(), H, **f32) if need_h else None
@@ -175,12 +178,17 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
             grad(tile, tile, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
             if need_h:
                 ghc.addmm_(tile, wb)
-            if need_w:
+            if need_w and first:
+                torch.mm(tile.t(), hc, out=gw[v0:v1])
+            elif need_w:
                 gw[v0:v1].addmm_(tile.t(), hc)
             if need_b:
                 gb[v0:v1] += tile.sum(0)
+        first = False
         if need_h:
             gh.index_copy_(0, ic, ghc)
+    if need_w and first:
+        gw.zero_()
     return _cast_grads(gh, gw, gb, hidden, weight, bias)
 
 
