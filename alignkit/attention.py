@@ -20,15 +20,18 @@ model's own forward, ``generate``), both names behave as ``sdpa``: their mask fu
 
 shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, positions
 [0 .. P+C-1, P .. P+R-1]. Its attention runs two causal sequences, [prompt, chosen] and
-[prompt, rejected]: the rejected response's queries over the prompt's keys and values (copied
-in front of its own) with the causal mask aligned at the bottom right. So both responses see
-the prompt and not each other, and the prompt's MLP, norms and projections run once per pair,
-and so does its attention while the mask fits MASK_BYTES. Past it the prompt's queries run a
-second time with their outputs dropped (P² more of Σ L_s²: at P = R = 256-512 that made the
-rejected piece's attention 1.4-1.9x slower on the Zen 5 EPYC), where a mask would cost more
-memory than the queries' compute. flash-attn (CUDA) takes separate query and key lengths and
-keeps no mask, so there the prompt's queries always run once (flash-attn >= 2.1 aligns causal
-at the bottom right).
+[prompt, rejected], so both responses see the prompt and not each other, and the prompt's MLP,
+norms, projections and attention run once per pair. The rejected response's queries alone attend
+over the prompt's keys and values and their own:
+- CPU (no dropout, softcap or short sliding window): ``alignkit.prefix_attention``, the prompt
+  block (no mask) and the response's own causal block as two flash calls merged by their
+  log-sum-exp. R·P + R²/2 scores, no mask, at any length.
+- otherwise, the prompt's keys and values copied in front of the response's, with the causal mask
+  aligned at the bottom right while it fits MASK_BYTES (R·(P + R) scores); past it the prompt's
+  queries run a second time with their outputs dropped ((P + R)²/2), where a mask would cost
+  more memory than the queries' compute.
+flash-attn (CUDA) takes separate query and key lengths and keeps no mask, so there the prompt's
+queries always run once (flash-attn >= 2.1 aligns causal at the bottom right).
 """
 from __future__ import annotations
 
@@ -42,8 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# shared_prompt's rejected response: its R queries alone over [prompt, response] take a bool
-# [R, P + R] bottom-right causal mask, which SDPA saves for backward in every layer. Up to
+from alignkit import prefix_attention
+
+# shared_prompt's rejected response off the CPU merge (prefix_attention.applies): its R queries
+# alone over [prompt, response] take a bool [R, P + R] bottom-right causal mask, which SDPA saves for backward in every layer. Up to
 # 4 MiB of mask (P = R = 1448) they do; past it (long rows, where the mask would grow as
 # R·(P + R): 200 MB a layer at P = 16384, R = 8192) the prompt's queries run again instead,
 # with no mask, and their outputs are dropped.
@@ -221,6 +226,13 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
                 prompt = [t[j].narrow(2, ps - starts[j], pe - ps) for t in (qs, ks, vs)]
             else:
                 prompt = [t[:, :, ps:pe] for t in (query, key, value)]
+            if prefix_attention.applies(qs[i], dropout, softcap, sliding_window,
+                                        pe - ps + e - s):
+                # CPU: the prompt block and the response's own causal block, merged by their
+                # log-sum-exp (alignkit.prefix_attention): no mask, no prompt query again
+                outs.append(prefix_attention.prefix_causal(qs[i], prompt[1], prompt[2], ks[i],
+                                                           vs[i], scaling))
+                continue
             k, v = (torch.cat([pt, t[i]], 2) for pt, t in zip(prompt[1:], (ks, vs)))
             if (e - s) * k.shape[2] <= MASK_BYTES:
                 outs.append(_causal(qs[i], k, v, scaling, softcap, sliding_window, dropout))

@@ -65,14 +65,21 @@ def close(got, want, rel=2e-5):
 
 @pytest.fixture
 def causal_calls(monkeypatch):
-    """Counts the per-sequence attention calls of the varlen path (alignkit.attention._causal)."""
+    """Counts the per-sequence attention calls of the varlen path (alignkit.attention._causal,
+    and shared_prompt's rejected responses merged over their prompt on CPU,
+    alignkit.prefix_attention.prefix_causal, recorded as ("prefix", queries))."""
     calls = []
-    real = attention._causal
+    real, real_merge = attention._causal, attention.prefix_attention.prefix_causal
 
     def spy(q, *a):
         calls.append(q.shape[2])
         return real(q, *a)
+
+    def merge_spy(q, *a):
+        calls.append(("prefix", q.shape[2]))
+        return real_merge(q, *a)
     monkeypatch.setattr(attention, "_causal", spy)
+    monkeypatch.setattr(attention.prefix_attention, "prefix_causal", merge_spy)
     return calls
 
 
@@ -156,6 +163,9 @@ def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash)
         runs = 2 if ckpt else 1
         if attn == VARLEN:
             assert len(causal_calls) == runs * layers * per_fwd, mode
+            # shared_prompt: the rejected responses (half the sequences) merged over the prompt
+            prefix = [c for c in causal_calls if isinstance(c, tuple)]
+            assert len(prefix) == (runs * layers * S // 2 if mode == "shared_prompt" else 0)
             assert not fake_flash
         elif attn == FLASH_VARLEN:
             assert len(fake_flash) == runs * layers and not causal_calls, mode
@@ -170,21 +180,31 @@ def test_packed_matches_alone_llama(attn, ckpt, tiled, causal_calls, fake_flash)
             assert chunks and max(chunks) <= 5 and len(chunks) > 2 * runs * layers
 
 
-@pytest.mark.parametrize("mask_bytes", [attention.MASK_BYTES, 1])
-def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
-    """varlen shared_prompt: within the mask budget the rejected response's queries alone attend
-    over [prompt, rejected] (a bottom-right causal mask), so no prompt query runs twice; past it
-    (a budget of 1 byte here) the prompt's queries run again with no mask. Either way the
-    log-probs and gradients are the unpacked ones."""
-    monkeypatch.setattr(attention, "MASK_BYTES", mask_bytes)
-    calls = []
-    real = F.scaled_dot_product_attention
+@pytest.mark.parametrize("path", ["merge", "mask", "prompt again"])
+def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, path):
+    """varlen shared_prompt's rejected response. On CPU (merge): its queries alone, as two flash
+    calls (the prompt block, then its own causal block) merged by log-sum-exp, with no mask and no
+    prompt query run twice. Where that does not apply (dropout, softcap, a short window, not a
+    CPU tensor; forced off here): within the mask budget its queries alone over [prompt, rejected]
+    with a bottom-right causal mask; past it (a budget of 1 byte) the prompt's queries run again
+    with no mask. Every way, the log-probs and gradients are the unpacked ones."""
+    if path != "merge":
+        monkeypatch.setattr(attention.prefix_attention, "applies", lambda *a: False)
+    if path == "prompt again":
+        monkeypatch.setattr(attention, "MASK_BYTES", 1)
+    calls, merged = [], []
+    real, real_merge = F.scaled_dot_product_attention, attention.prefix_attention.prefix_causal
 
     def sdpa(q, k, v, *a, **kw):
         calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None))
         return real(q, k, v, *a, **kw)
+
+    def merge(q, kp, vp, k, v, scale):
+        merged.append((q.shape[2], kp.shape[2], k.shape[2]))
+        return real_merge(q, kp, vp, k, v, scale)
     exs, want_lp, want_g, model = oracle_and_model(VARLEN, 3)
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(attention.prefix_attention, "prefix_causal", merge)
     lp, g = packed(model, exs, "shared_prompt", "varlen")
     torch.testing.assert_close(lp, want_lp, rtol=0, atol=2e-5)
     close(g, want_g)
@@ -192,10 +212,12 @@ def test_shared_prompt_runs_the_prompt_queries_once(monkeypatch, mask_bytes):
     P = [len(e.prompt) for e in exs]
     R = [len(e.responses[1]) for e in exs]
     C = [len(e.responses[0]) for e in exs]
-    rejected = [(r, p + r, True) if mask_bytes > 1 else (p + r, p + r, False)
-                for p, r in zip(P, R)]
     chosen = [(p + c, p + c, False) for p, c in zip(P, C)]
+    rejected = {"merge": [], "mask": [(r, p + r, True) for p, r in zip(P, R)],
+                "prompt again": [(p + r, p + r, False) for p, r in zip(P, R)]}[path]
     assert sorted(calls) == sorted((rejected + chosen) * layers)
+    want_merged = [(r, p, r) for p, r in zip(P, R)] * layers if path == "merge" else []
+    assert sorted(merged) == sorted(want_merged)
 
 
 def test_flash_gets_the_sequences_cu_seqlens(fake_flash):
