@@ -15,7 +15,8 @@ Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, r
   ``--bf16`` adds alignkit padding_free in bf16 (``precision: auto`` on a CPU with bf16 units)
   and TRL in bf16 (``bf16=True``), and leaves out the sdpa rows.
 - ``synthetic``: bench.trainer's synthetic rows at L=512 and 1024: each packing under today's
-  sdpa and under varlen (auto), runs alternating (``--rounds``), median step after the first.
+  sdpa and under varlen (auto), each run a fresh process, alternating (``--rounds``): the
+  median step of each run, and the median of the rounds' paired speed-ups.
 - ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each, SimPO: no
   reference), the exact peak of the first optimizer step: the parameters plus the profiler's
   peak from before the step to its end (so gradients and Adam's state, allocated inside it,
@@ -112,27 +113,27 @@ def real(a, work, out):
 
 def synthetic(a, work, out):
     """Today's attention (sdpa) against varlen (auto) per packing, on bench.trainer's synthetic
-    rows (prompt L/2, responses L/2 each), 2 pairs per step: the median step after the first,
-    the two attentions alternating run by run."""
-    tok_dir = os.path.join(work, "tok")
-    make_tokenizer(tok_dir)
+    rows (prompt L/2, responses L/2 each), 2 pairs per step: each run a fresh process
+    (bench.trainer.fresh_run: its median step, the warm-up and the profiled steps left out), the
+    two attentions alternating run by run. Run in one process, the same code's step spread by up
+    to 30% between benches on the Zen 5 EPYC (shared_prompt varlen at L=1024: 1.27, 1.31, 1.72
+    and 1.40 s in four benches of one session)."""
+    from bench.trainer import fresh_run
+    here = str(Path(__file__).resolve().parent.parent)
     out += ["", "### Synthetic rows: varlen (auto) against today's sdpa, per packing", "",
             "| L | packing | sdpa step s | varlen step s | varlen speed-up | median of the rounds' "
             "speed-ups |", "|---|---|---|---|---|---|"]
     for L in a.synthetic_lengths:
-        rows = make_rows(2 * a.steps + 4, L)
         for packing in a.synthetic_packings:
             t = {"sdpa": [], "auto": []}
             for _ in range(a.rounds):
                 for attn in t:
-                    clock = run_alignkit(rows, L, a.steps, packing, tok_dir, work,
-                                         profile_step=a.steps + 1, attn_implementation=attn)
-                    gaps = [y - x for x, y in zip(clock.ends, clock.ends[1:])]
-                    t[attn].append(statistics.median(gaps))
+                    r = fresh_run(f"{L},fp32,{packing},{a.steps},{attn}", here, here)
+                    t[attn].append(r["step_s"])
             sd, vl = statistics.median(t["sdpa"]), statistics.median(t["auto"])
             # each round's two runs are minutes apart at most: their ratio loses most of the
             # machine's drift, which the ratio of the two medians keeps
-            paired = statistics.median(a / b for a, b in zip(t["sdpa"], t["auto"]))
+            paired = statistics.median(x / y for x, y in zip(t["sdpa"], t["auto"]))
             out.append(f"| {L} | {packing} | {sd:.2f} | {vl:.2f} | {sd / vl:.2f}x | "
                        f"{paired:.2f}x |")
             print(out[-1], flush=True)

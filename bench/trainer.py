@@ -122,26 +122,39 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
 def child(spec):
     """One alignkit trainer run in this process, for --head-ab: prints one JSON line."""
     import json
-    L, precision, packing, steps = spec.split(",")
+    L, precision, packing, steps, *attn = spec.split(",")
     L, steps = int(L), int(steps)
     work = tempfile.mkdtemp(prefix="ak-bench-child-")
     tok_dir = os.path.join(work, "tok")
     make_tokenizer(tok_dir)
     c = run_alignkit(make_rows(steps * 2 + 4, L), L, steps, packing, tok_dir, work,
-                     precision=precision)
+                     precision=precision, **({"attn_implementation": attn[0]} if attn else {}))
     last = c.records[-1] or {}
     print("RESULT " + json.dumps(dict(step_s=c.step_seconds(), peak=c.peak, tokens=2 * 2 * L,
                                       metrics={k: v for k, v in last.items()
                                                if k.startswith("rewards/")})), flush=True)
 
 
+def fresh_run(spec: str, pythonpath: str, cwd: str) -> dict:
+    """One alignkit trainer run in a fresh process (``--child spec``, spec
+    "L,precision,packing,steps[,attn_implementation]"): its RESULT dict (step_s, peak, tokens,
+    metrics). A process per run leaves no allocator or thread state from the runs before it."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    p = subprocess.run([sys.executable, "-m", "bench.trainer", "--child", spec], cwd=cwd,
+                       env=env, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"{spec} ({pythonpath}): {p.stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
 def head_ab(old_src, lengths, steps, rounds, precisions, packings):
     """alignkit's trainer at this checkout against the same trainer from another source tree
     (e.g. a worktree of the commit before the fused engine), same model, data and settings, each
     run a fresh process, alternating old/new per round: (L, precision, packing) -> medians."""
-    import json
-    import subprocess
-    import sys
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # the bench package from this checkout, alignkit from each tree: a directory holding only a
     # link to bench/ goes first on the path, then the tree whose alignkit is measured
@@ -154,14 +167,8 @@ def head_ab(old_src, lengths, steps, rounds, precisions, packings):
                 runs = {"previous": [], "engine": []}
                 for _ in range(rounds):
                     for name, src in (("previous", old_src), ("engine", here)):
-                        env = dict(os.environ, PYTHONPATH=f"{shim}:{src}")
-                        p = subprocess.run([sys.executable, "-m", "bench.trainer", "--child",
-                                            f"{L},{prec},{packing},{steps}"], cwd=shim, env=env,
-                                           capture_output=True, text=True)
-                        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                        if p.returncode or not line:
-                            raise RuntimeError(f"{name} {L} {prec} {packing}: {p.stderr[-2000:]}")
-                        runs[name].append(json.loads(line[0][7:]))
+                        runs[name].append(fresh_run(f"{L},{prec},{packing},{steps}",
+                                                    f"{shim}:{src}", shim))
                 out[(L, prec, packing)] = (runs, head_floor(L, prec))
                 med = _medians(runs)
                 print(f"  {L} {prec} {packing}: previous {med['previous']:.3f} s, engine "
