@@ -1,7 +1,7 @@
 """Long sequences on limited memory (issue #16): the packings on real mixed-length rows, the
 longest sequence under a memory cap, and what attention and the MLP take of a step.
 
-    python -m bench.long_sequences [real] [synthetic] [cap] [shares] [--write]
+    python -m bench.long_sequences [real] [synthetic] [direct] [cap] [shares] [--write]
 
 Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, random init), fp32.
 
@@ -17,6 +17,8 @@ Model: bench.trainer's (Llama-style, H=256, 4 layers, 4 heads, I=688, V=32000, r
 - ``synthetic``: bench.trainer's synthetic rows at L=512 and 1024: each packing under today's
   sdpa and under varlen (auto), each run a fresh process, alternating (``--rounds``): the
   median step of each run, and the median of the rounds' paired speed-ups.
+- ``direct``: the model module's forward + backward alone on one synthetic micro-batch, each
+  packing under sdpa and under varlen, interleaved in one process (``--direct-rounds``).
 - ``cap``: one synthetic pair per step (prompt L/2, chosen and rejected L/2 each, SimPO: no
   reference), the exact peak of the first optimizer step: the parameters plus the profiler's
   peak from before the step to its end (so gradients and Adam's state, allocated inside it,
@@ -169,6 +171,50 @@ def cap(a, work, out):
             print(out[-1], flush=True)
 
 
+def direct(a, work, out):
+    """The model module's forward + backward alone (SequenceLogprobs: body and fused head, no
+    optimizer, data or logging) on one micro-batch of bench.trainer's synthetic shape (2 pairs,
+    prompt L/2, responses L/2 each), per packing under today's sdpa and under varlen, one model
+    init for both, interleaved in one process (alignkit.bench.harness.interleaved_times). The
+    trainer-level runs (``synthetic``) carry the whole step's noise: there the same compute
+    (padded, one kernel either way) read 0.94-1.06x."""
+    from alignkit.bench.harness import interleaved_times
+    from alignkit.train.config import TrainConfig
+    from alignkit.train.data import Example
+    from alignkit.train.loading import model_from_config
+    from alignkit.train.model import SequenceLogprobs, forward_batch
+    from alignkit.train.packing import collate
+    varlen = TrainConfig(attn_implementation="auto").attention()
+    out += ["", f"### The model module's fwd+bwd alone: varlen (auto) against today's sdpa "
+            f"(median of {a.direct_rounds} interleaved rounds)", "",
+            "| L | packing | sdpa s | varlen s | varlen speed-up |", "|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    models = {k: SequenceLogprobs(model_from_config(MODEL, attn)) for k, attn in
+              (("sdpa", "sdpa"), ("varlen", varlen))}
+    models["varlen"].model.load_state_dict(models["sdpa"].model.state_dict())
+    for L in a.synthetic_lengths:
+        def ids(k):
+            return tuple(torch.randint(4, 32000, (k,), generator=g).tolist())
+        exs = [Example(ids(L // 2), (ids(L // 2), ids(L // 2))) for _ in range(2)]
+        steps = {}
+        for packing in a.synthetic_packings:
+            for kind, mod in models.items():
+                batch = collate(exs, [0, 1], packing, 0,
+                                attention="varlen" if kind == "varlen" else "dense")
+
+                def step(mod=mod, batch=batch):
+                    s, _ = forward_batch(mod, batch)
+                    s.sum().backward()
+                steps[(packing, kind)] = step
+        t = interleaved_times(steps, warmup=1, reps=a.direct_rounds,
+                              reset=lambda: [m.zero_grad(set_to_none=True)
+                                             for m in models.values()])
+        for packing in a.synthetic_packings:
+            sd, vl = t[(packing, "sdpa")], t[(packing, "varlen")]
+            out.append(f"| {L} | {packing} | {sd:.3f} | {vl:.3f} | {sd / vl:.2f}x |")
+            print(out[-1], flush=True)
+
+
 def shares(a, work, out):
     from alignkit.train.data import Example
     from alignkit.train.model import SequenceLogprobs, forward_batch
@@ -219,7 +265,7 @@ def shares(a, work, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="*", default=["real", "synthetic", "cap", "shares"])
+    p.add_argument("parts", nargs="*", default=["real", "synthetic", "direct", "cap", "shares"])
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--no-trl", action="store_true")
@@ -233,6 +279,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--share-rounds", type=int, default=3)
+    p.add_argument("--direct-rounds", type=int, default=9)
     p.add_argument("--write", action="store_true", help="write bench/out/long_sequences.md")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -244,7 +291,8 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="ak-bench-long-")
     out = [f"machine: {machine()}"]
     for part in a.parts:
-        {"real": real, "synthetic": synthetic, "cap": cap, "shares": shares}[part](a, work, out)
+        {"real": real, "synthetic": synthetic, "direct": direct, "cap": cap,
+         "shares": shares}[part](a, work, out)
     text = "\n".join(out)
     print(text)
     if a.write:

@@ -188,3 +188,23 @@ def test_a_profile_step_past_the_run_opens_no_window():
             clock.on_end(step)
         assert len(clock.ends) == steps
     assert opened == [3]                # only the run whose profile step is one of its steps
+
+
+def test_prefix_attention_bench_runs_three_ways_on_the_same_math(monkeypatch):
+    """bench.prefix_attention on a tiny length: its three ways (merge, mask, prompt again) give
+    the same attention, the merge way through alignkit's prefix_causal, and each step runs."""
+    import torch
+    import bench.prefix_attention as bp
+    calls = []
+    real = bp.prefix_causal
+    monkeypatch.setattr(bp, "prefix_causal", lambda *a: calls.append(1) or real(*a))
+    fns, _, _ = bp.ways(7, 5)
+    with torch.no_grad():
+        outs = {k: fn() for k, fn in fns.items()}
+    assert calls == [1] and outs["merge"].shape == (1, bp.HEADS, 5, bp.D)
+    torch.testing.assert_close(outs["mask"], outs["merge"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs["prompt again"], outs["merge"], rtol=0, atol=1e-5)
+    steps, reset = bp.steps_for(7, 5)
+    for step in steps.values():
+        reset()
+        step()
