@@ -19,9 +19,11 @@ the merged o and l, returns that block's exact share; dq = dq_p + dq_r.
 
 Cost: R·P + R²/2 scores, against R·(P + R) under a bottom-right causal mask (the CPU flash kernel
 computes every masked block whole, and SDPA keeps the [R, P + R] mask for backward) and
-(P + R)²/2 when the prompt's queries run again. Measured fwd+bwd on the Zen 5 EPYC, 4 heads,
-D=64, fp32: P = R = 512, 15.0 ms (mask 15.6, prompt again 22.9); P = R = 1024, 43.3 ms (52.6,
-61.7); P = R = 256, 3.8 ms (4.0, 8.2).
+(P + R)²/2 when the prompt's queries run again. Measured fwd+bwd on the Zen 5 EPYC
+(``bench.prefix_attention``: 4 heads, D=64, fp32, P = R), against the mask and the prompt run
+again: 1.07x / 1.54x at 384, level (0.98x) / 1.40x at 512, 1.15x / 1.38x at 640, 1.23x / 1.37x
+at 1024, 1.46x / 1.36x at 4096. (Level at 512 most likely because the kernel's key blocks are
+512 long there, so the own causal block is computed whole.)
 
 CPU only: torch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) returns
 its log-sum-exp, and takes GQA's fewer key/value heads as they are. Shapes: q [B, Hq, R, D];
