@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.bench.harness import machine, write_out
+from alignkit.bench.harness import emit, machine
 from bench.trainer import MODEL, make_rows, make_tokenizer, run_alignkit, run_trl
 
 DATA = os.environ.get("ALIGNKIT_DATA_DIR",
@@ -293,10 +293,7 @@ def main(argv=None):
     for part in a.parts:
         {"real": real, "synthetic": synthetic, "direct": direct, "cap": cap,
          "shares": shares}[part](a, work, out)
-    text = "\n".join(out)
-    print(text)
-    if a.write:
-        write_out("long_sequences", "bench.long_sequences", text)
+    emit(out, a.write, "long_sequences", "bench.long_sequences")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from alignkit.bench.harness import interleaved_times, machine, write_out
+from alignkit.bench.harness import emit, interleaved_times, machine
 from alignkit.prefix_attention import prefix_causal
 
 HEADS, D = 4, 64
@@ -87,10 +87,7 @@ def main(argv=None):
                      f"{ms['mask'] / ms['merge']:.2f}x | "
                      f"{ms['prompt again'] / ms['merge']:.2f}x |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_out("prefix_attention", "bench.prefix_attention", text)
+    emit(lines, a.write, "prefix_attention", "bench.prefix_attention")
 
 
 if __name__ == "__main__":

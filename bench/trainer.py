@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from alignkit.profiling import MemoryWindow, resident_bytes
-from alignkit.bench.harness import machine, write_out
+from alignkit.bench.harness import emit, machine
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000
 MODEL = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=688,
@@ -278,13 +278,10 @@ def main():
     if a.head_ab:
         out = head_ab(os.path.abspath(a.head_ab), [int(x) for x in a.lengths.split(",")],
                       a.steps, a.rounds, a.precisions.split(","), a.packings.split(","))
-        text = "\n".join([f"machine: {machine()}", "", f"Llama H={H}, {LAYERS} layers, V={V}; "
-                          f"2 pairs per step; step time: median over {a.rounds} fresh processes "
-                          f"each (median of {a.steps - 2} steps), previous and engine "
-                          "alternating", ""] + head_ab_table(out))
-        print(text)
-        if a.write:
-            write_out("trainer_engine", "bench.trainer", text)
+        emit([f"machine: {machine()}", "", f"Llama H={H}, {LAYERS} layers, V={V}; 2 pairs per "
+              f"step; step time: median over {a.rounds} fresh processes each (median of "
+              f"{a.steps - 2} steps), previous and engine alternating", ""] + head_ab_table(out),
+             a.write, "trainer_engine", "bench.trainer")
         return
     work = tempfile.mkdtemp(prefix="ak-bench-trainer-")
     tok_dir = os.path.join(work, "tok")
@@ -333,10 +330,7 @@ def main():
                 best = (L, peak)
             lines.append(f"| {name} | {best[0]} | {best[1] / 2**20:.0f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        write_out("trainer", "bench.trainer", text)
+    emit(lines, a.write, "trainer", "bench.trainer")
 
 
 if __name__ == "__main__":

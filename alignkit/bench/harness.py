@@ -234,6 +234,16 @@ def write_out(name: str, module: str, text: str) -> str:
     return path
 
 
+def emit(lines, write: bool, name: str, module: str) -> str:
+    """A bench's table: printed, and with ``write`` saved as bench/out/<name>.md (write_out).
+    Returns the text."""
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    print(text)
+    if write:
+        write_out(name, module, text)
+    return text
+
+
 def _cpu_model() -> str:
     """/proc/cpuinfo's model name (platform's processor or machine where there is none)."""
     import platform
