@@ -48,10 +48,10 @@ from torch import Tensor
 from alignkit import prefix_attention
 
 # shared_prompt's rejected response off the CPU merge (prefix_attention.applies): its R queries
-# alone over [prompt, response] take a bool [R, P + R] bottom-right causal mask, which SDPA saves for backward in every layer. Up to
-# 4 MiB of mask (P = R = 1448) they do; past it (long rows, where the mask would grow as
-# R·(P + R): 200 MB a layer at P = 16384, R = 8192) the prompt's queries run again instead,
-# with no mask, and their outputs are dropped.
+# alone over [prompt, response] take a bool [R, P + R] bottom-right causal mask, which SDPA saves
+# for backward in every layer. Up to 4 MiB of mask (P = R = 1448) they do; past it (long rows,
+# where the mask would grow as R·(P + R): 200 MB a layer at P = 16384, R = 8192) the prompt's
+# queries run again instead, with no mask, and their outputs are dropped.
 MASK_BYTES = 4 << 20
 VARLEN = "alignkit_varlen"
 FLASH_VARLEN = "alignkit_fa_varlen"     # no "flash" in it: transformers would treat it as its own
