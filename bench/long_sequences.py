@@ -171,6 +171,16 @@ def cap(a, work, out):
             print(out[-1], flush=True)
 
 
+def synthetic_pairs(L: int, g: torch.Generator, n: int = 2):
+    """n pairs of bench.trainer's synthetic shape as trainer Examples: prompt L/2, chosen and
+    rejected L/2 each, random token ids from g."""
+    from alignkit.train.data import Example
+
+    def ids(k):
+        return tuple(torch.randint(4, 32000, (k,), generator=g).tolist())
+    return [Example(ids(L // 2), (ids(L // 2), ids(L // 2))) for _ in range(n)]
+
+
 def direct(a, work, out):
     """The model module's forward + backward alone (SequenceLogprobs: body and fused head, no
     optimizer, data or logging) on one micro-batch of bench.trainer's synthetic shape (2 pairs,
@@ -180,7 +190,6 @@ def direct(a, work, out):
     (padded, one kernel either way) read 0.94-1.06x."""
     from alignkit.bench.harness import interleaved_times
     from alignkit.train.config import TrainConfig
-    from alignkit.train.data import Example
     from alignkit.train.loading import model_from_config
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
@@ -193,9 +202,7 @@ def direct(a, work, out):
               (("sdpa", "sdpa"), ("varlen", varlen))}
     models["varlen"].model.load_state_dict(models["sdpa"].model.state_dict())
     for L in a.synthetic_lengths:
-        def ids(k):
-            return tuple(torch.randint(4, 32000, (k,), generator=g).tolist())
-        exs = [Example(ids(L // 2), (ids(L // 2), ids(L // 2))) for _ in range(2)]
+        exs = synthetic_pairs(L, g)
         steps = {}
         for packing in a.synthetic_packings:
             for kind, mod in models.items():
@@ -216,7 +223,6 @@ def direct(a, work, out):
 
 
 def shares(a, work, out):
-    from alignkit.train.data import Example
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
     from alignkit.train.loading import model_from_config
@@ -229,9 +235,7 @@ def shares(a, work, out):
     attn = TrainConfig(attn_implementation="auto").attention()
     g = torch.Generator().manual_seed(0)
     for L in a.share_lengths:
-        def ids(k):
-            return tuple(torch.randint(4, 32000, (k,), generator=g).tolist())
-        exs = [Example(ids(L // 2), (ids(L // 2), ids(L // 2))) for _ in range(2)]
+        exs = synthetic_pairs(L, g)
         batch = collate(exs, [0, 1], "padding_free", 0, attention="varlen")
         model = model_from_config(MODEL, attn)
         mlps = [layer.mlp for layer in model.model.layers]

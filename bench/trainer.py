@@ -120,7 +120,8 @@ def run_alignkit(rows, L, steps, packing, tok_dir, work, batch=2, profile_step=N
 
 
 def child(spec):
-    """One alignkit trainer run in this process, for --head-ab: prints one JSON line."""
+    """One alignkit trainer run in this process, for fresh_run (--head-ab, and
+    bench.long_sequences synthetic): prints one JSON line."""
     import json
     L, precision, packing, steps, *attn = spec.split(",")
     L, steps = int(L), int(steps)

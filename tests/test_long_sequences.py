@@ -399,6 +399,10 @@ def test_trainer_runs_every_packing_long_path_and_saves_plain_weights(tmp_path, 
         assert all(isinstance(layer.mlp, TiledMLP) for layer in tr.model.model.layers)
         tr.train()
         assert len(causal_calls) >= 2 * 2 * 2 * 4      # steps x layers x (fwd + recompute) x S
+        # shared_prompt: the rejected responses through the CPU prefix merge, in forward and in
+        # checkpointing's recompute (steps x layers x 2 x pairs)
+        merged = [c for c in causal_calls if isinstance(c, tuple)]
+        assert len(merged) == (2 * 2 * 2 * 2 if packing == "shared_prompt" else 0), packing
         loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"))
         state = tr.model.state_dict()
         for k, v in loaded.state_dict().items():

@@ -237,7 +237,7 @@ def write_out(name: str, module: str, text: str) -> str:
 def emit(lines, write: bool, name: str, module: str) -> str:
     """A bench's table: printed, and with ``write`` saved as bench/out/<name>.md (write_out).
     Returns the text."""
-    text = lines if isinstance(lines, str) else "\n".join(lines)
+    text = "\n".join(lines)
     print(text)
     if write:
         write_out(name, module, text)
