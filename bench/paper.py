@@ -35,7 +35,6 @@ SCHEDULES = {  # name: (Triton efficiency, BLOCK_V, GROUP_V or None for the 2-D 
 SHAPES = {"Llama-3-8B": (4096, 128256), "Qwen2.5-7B": (3584, 152064)}
 N = 8192
 CHUNK_BYTES = 2**30   # TileOptions.gpu_chunk_bytes: G of the core op's backward, the single-pass tile
-KEEP = 0.3            # TileOptions.keep_bytes: 3/10 of grad_W (V x H x 4) for kept bf16 G rows
 
 
 class Cost:
@@ -83,17 +82,24 @@ def _chunks(rows, R):
         yield r0, min(R, rows - r0)
 
 
-def single_pass(H, V, deferred=0.0, keep=KEEP):
+def single_pass(H, V, deferred=0.0, keep_bytes=None):
     """preference_loss / policy_loss's single pass on the triton backend. Per chunk a cuBLAS GEMM
     writes the fp32 [rows, V] tile; _logits_fwd reads it (row statistics, log-probs);
     _logits_bwd reads it again and writes G in bf16 beside it; G·W and Gᵀ·h run on cuBLAS.
     deferred: the share of tokens whose scalar is known only once every sequence is scored
     (untied losses: all but the longest sequence; several pairs: all but the longest pair).
-    Those within the keep budget (KEEP x grad_W of bf16 G rows) are formed once with a unit
-    scalar and kept for their two GEMMs; the rest are scored first and formed again."""
-    c, R = Cost(), min(N, CHUNK_BYTES // (4 * V))
+    Those within the keep budget are formed once with a unit scalar and kept for their two
+    GEMMs; the rest are scored first and formed again. The tile rows and the kept rows are the
+    code's own (single_pass.tile_rows, keep_rows: CUDA, bf16, triton), keep_bytes its default
+    unless given."""
+    import torch
+    from alignkit.losses.single_pass import keep_rows, tile_rows
+    from alignkit.ops.options import TileOptions
+    tiles = TileOptions(keep_bytes=keep_bytes)
+    R = min(N, tile_rows(V, "cuda", torch.bfloat16, tiles, H=H, backend="triton"))
+    c = Cost()
     n_def = int(N * deferred)
-    kept = min(n_def, int(keep * V * H * 4 // (2 * V)))
+    kept = min(n_def, keep_rows(V, H, "cuda", torch.bfloat16, tiles, backend="triton"))
     twice = n_def - kept
     gw_passes = 0
 
@@ -123,7 +129,7 @@ DESIGNS = [
     ("single pass, untied pair (ORPO/CPO)", lambda H, V: single_pass(H, V, 0.5)),
     ("single pass, 2 tied pairs", lambda H, V: single_pass(H, V, 0.5)),
     ("single pass, untied or 2 pairs, keep_bytes = grad_W/2",
-     lambda H, V: single_pass(H, V, 0.5, keep=0.5)),
+     lambda H, V: single_pass(H, V, 0.5, keep_bytes=V * H * 4 // 2)),
 ]
 
 
@@ -137,12 +143,13 @@ def main():
         t1 = 2 * N * H * V / CUBLAS
         for label, fn in DESIGNS:
             c, chunks, R, k = fn(H, V)
-            dt = "bf16" if label.startswith("core") else "fp32"
-            buf = "none (fwd), " if label.startswith("core") else ""
+            if label.startswith("core"):
+                buf = f"none (fwd), [{R}, V] bf16 G ({R * V * 2 / 2**30:.2f} GiB)"
+            else:
+                buf = f"[{R}, V] fp32 tile + bf16 G ({R * V * 6 / 2**30:.2f} GiB)"
             print(f"| {name} H={H} V={V} | {label} | {k:.2f} | {c.roof * 1e3:.1f} | "
                   f"{c.roof / (k * t1):.2f}x | {c.roof / (3 * t1):.2f}x | {c.add * 1e3:.1f} | "
-                  f"{c.add / (k * t1):.2f}x | {c.add / (3 * t1):.2f}x | {buf}[{R}, V] {dt} "
-                  f"({R * V * (2 if dt == 'bf16' else 4) / 2**30:.2f} GiB), {chunks} chunks |")
+                  f"{c.add / (k * t1):.2f}x | {c.add / (3 * t1):.2f}x | {buf}, {chunks} chunks |")
 
 
 if __name__ == "__main__":

@@ -208,3 +208,19 @@ def test_prefix_attention_bench_runs_three_ways_on_the_same_math(monkeypatch):
     for step in steps.values():
         reset()
         step()
+
+
+def test_paper_costs_the_single_pass_with_the_codes_rows():
+    # bench.paper's single pass takes its tile rows and kept rows from single_pass (CUDA, bf16,
+    # triton), so the model cannot drift from what VocabTiles allocates: at H=4096, V=128256 the
+    # 1 GiB budget is 1395 rows of fp32 tile + bf16 G, and the kept rows reuse G's buffer
+    import pytest
+    import torch
+    pytest.importorskip("triton")
+    from bench import paper
+    from alignkit.losses.single_pass import keep_rows
+    H, V = paper.SHAPES["Llama-3-8B"]
+    kept = keep_rows(V, H, "cuda", torch.bfloat16, backend="triton")
+    _, chunks, R, gemms = paper.single_pass(H, V, 0.5)
+    assert R == 1395 and chunks == 6
+    assert gemms == 3 + (paper.N // 2 - kept) / paper.N and kept > paper.N // 2 - 320

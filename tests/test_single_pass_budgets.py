@@ -86,7 +86,7 @@ def test_kept_deferred_tokens(loss, opts, shape, budget, dtype, backend, kept_ro
 def test_keep_budget_knob(monkeypatch):
     """keep_bytes: default 3/10 of grad_W; ALIGNKIT_KEEP_BYTES; the call's TileOptions wins;
     the kept rows share the tile's budget (fp32: 4 bytes an element)."""
-    from alignkit.losses.single_pass import keep_rows
+    from alignkit.losses.single_pass import keep_rows, tile_rows
     from alignkit.ops.options import TileOptions
     monkeypatch.delenv("ALIGNKIT_KEEP_BYTES", raising=False)
     monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
@@ -100,7 +100,11 @@ def test_keep_budget_knob(monkeypatch):
     t = TileOptions(single_pass_bytes=4000 * 5, keep_bytes=4000 * 2)
     assert keep_rows(1000, 64, tiles=t) == 7
     monkeypatch.setenv("TRITON_INTERPRET", "1")          # backend="triton" on CPU tensors
-    assert keep_rows(1000, 64, dtype=torch.bfloat16, tiles=t, backend="triton") == 4  # own buffer
+    # triton: a bf16 tile row costs 6 bytes an element (the fp32 tile and G's bf16 row), fp16 4
+    # (G formed over the tile); bf16 keeps G in G's buffer, its tile rows and keep_bytes / 2V
+    assert tile_rows(1000, dtype=torch.bfloat16, tiles=t, backend="triton") == 3
+    assert tile_rows(1000, dtype=torch.float16, tiles=t, backend="triton") == 5
+    assert keep_rows(1000, 64, dtype=torch.bfloat16, tiles=t, backend="triton") == 3 + 4
     monkeypatch.setenv("ALIGNKIT_KEEP_BYTES", str(4000 * 3))
     assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000)) == 4
     assert keep_rows(1000, 64, tiles=TileOptions(single_pass_bytes=4000, keep_bytes=0)) == 1

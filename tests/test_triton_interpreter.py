@@ -349,16 +349,34 @@ def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_single_pass_low_precision_on_triton(monkeypatch, dtype, device, kept_rows):
+    from alignkit.losses.vocab_tiles import VocabTiles
     from test_single_pass import check_single_pass
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",
                       dtype=dtype, device=device)
-    # two pairs: the second pair's G kept, in bf16 its own buffer beside the fp32 tile (8 of
-    # its rows; the rest formed again), in fp16 in the fp32 tile's buffer
+    # two pairs: pair 1's 24 tokens are deferred. A 9000-byte tile budget: 5 rows in bf16 (6
+    # bytes an element: the fp32 tile and G's bf16 rows), 7 in fp16 (4: G formed over the
+    # tile), and 8 rows of keep_bytes. bf16: the kept rows share G's buffer beside the fp32
+    # tile, 5 + 8 = 13 kept and 11 formed again; fp16: kept in place in the fp32 tile's buffer,
+    # (9000 + 4800) // 1200 = 11 kept. The rows scored count the tokens formed twice.
+    monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(5 * 6 * 300))
+    monkeypatch.setenv("ALIGNKIT_TRITON_G_BYTES", str(5 * 6 * 300))
+    shared, scored = [], []
+    finish, score = VocabTiles.finish_kept, VocabTiles._score
+
+    def finish_kept(self, sel, scale):
+        buf = self.gbuf if self.gbuf is not None else self.tile
+        shared.append(self.kept.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr())
+        return finish(self, sel, scale)
+    monkeypatch.setattr(VocabTiles, "finish_kept", finish_kept)
+    monkeypatch.setattr(VocabTiles, "_score", lambda self, t, hc, *a, **k: scored.append(
+        hc.shape[0]) or score(self, t, hc, *a, **k))
     check_single_pass("dpo", dict(beta=0.2), dict(T=19, H=16, V=300, pairs=2), "triton",
                       dtype=dtype, device=device,
                       tiles=alignkit.TileOptions(keep_bytes=8 * 2 * 300))
-    assert kept_rows == ([8] if dtype == torch.bfloat16 else [14 + 10])      # pair 1, all of it
+    kept, rows = (13, 5) if dtype == torch.bfloat16 else (11, 7)
+    assert kept_rows == [kept] and shared == [True]
+    assert sum(scored) == 24 + 24 + (24 - kept) and max(scored) == rows   # 24 tokens a pair
 
 
 def test_linear_strided_bias(mode, device):

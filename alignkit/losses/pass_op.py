@@ -51,7 +51,8 @@ def pass_options(loss: str, own: dict, common: dict, average: bool, S: int, weig
     V, H = weight.shape
     o = single_pass.SinglePassOptions(
         loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
-        single_pass.tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H),
+        single_pass.tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H,
+                              backend=lp_opts.backend),
         lp_opts.tiles.resolved().vocab_block,
         single_pass.keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles, lp_opts.backend))
     return o

@@ -117,7 +117,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
             flat, weight, y, bias, TokenPassOptions(
                 _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
                 tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles,
-                          H=weight.shape[1]),
+                          H=weight.shape[1], backend=backend),
                 lp_opts.tiles.resolved().vocab_block, entropy=True, coupled=coupled,
                 keep=keep))
         return value, policy_terms(lp, ent, **P)[1]

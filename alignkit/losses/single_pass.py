@@ -35,7 +35,8 @@ keep budget costs (3C + 4R) / 3(C + R), about 1.17x the three-GEMM floor.
 
 Memory: A ([V, H] fp32, returned as grad_W), the [N, H] hidden-gradient buffer (returned as
 grad_h) and one [rows, V] fp32 buffer, rows = (tile budget + keep budget) / (4V) at most,
-whatever T and B are: the tile and the kept G rows share it.
+whatever T and B are: the tile and the kept G rows share it. The triton backend in bf16: the
+fp32 tile, and one bf16 buffer that holds the tile's G rows and the kept ones (keep_rows).
 """
 from __future__ import annotations
 
@@ -50,21 +51,21 @@ from alignkit.ops.validate import check_label_range
 
 
 def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None,
-              H: int | None = None) -> int:
-    """Token rows per [rows, V] tile, from the bytes an element costs: CUDA, the fp32 tile plus
-    G's copy in the inputs' dtype for the two GEMMs (4 + itemsize for bf16/fp16); CPU, the fp32
-    tile (4), or the bf16 logits where the GEMMs run in bf16 (2: G is formed a vocab block at a
-    time beside it). The budget: TileOptions.single_pass_bytes on CPU (64 MiB), .gpu_chunk_bytes
-    on CUDA (1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element), where the GEMMs that
-    read the tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W).
-    H: the head's hidden size, for single_pass_bytes' default (TileOptions.resolved)."""
+              H: int | None = None, backend: str = "auto") -> int:
+    """Token rows per [rows, V] tile, from the bytes an element costs: the triton backend, the
+    fp32 tile plus, for bf16, G's bf16 copy for the two GEMMs (6; fp16 forms G over the tile, 4);
+    the CPU backends, the fp32 tile (4), or the bf16 logits where the GEMMs run in bf16 (2: G is
+    formed a vocab block at a time beside it). The budget: TileOptions.gpu_chunk_bytes on CUDA
+    (1 GiB: 1395 rows at V=128256 in bf16, 6 bytes an element), where the GEMMs that read the
+    tile want thousands of rows (each tile's Gᵀ·h reads and writes all of grad_W);
+    .single_pass_bytes on CPU (64 MiB; the interpreter's triton tiles too). H: the head's hidden
+    size, for single_pass_bytes' default (TileOptions.resolved)."""
     t = (tiles or TileOptions()).resolved(head=(V, H) if H is not None else None)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        budget, per = t.gpu_chunk_bytes, 4 + (itemsize if itemsize < 4 else 0)
+    budget = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
+    if device.type == "cuda" or resolve(backend, device) == "triton":
+        per = 6 if dtype == torch.bfloat16 else 4      # fp16 keeps G in the fp32 tile
     else:
-        budget = t.single_pass_bytes
         per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return max(1, budget // (per * V))
 
@@ -75,14 +76,19 @@ def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
     Where G has the tile's dtype (fp32; bf16 GEMMs on CPU) the kept rows share one buffer with
     the tile, formed in place: (tile budget + keep_bytes) / (V x itemsize), so keep_bytes is all
     the memory keeping adds, and 0 still keeps what the tile's own memory holds. The triton
-    backend's bf16 G sits beside its fp32 tile, in a buffer of its own: keep_bytes / 2V
-    (VocabTiles allocates them so). (TileOptions.keep_bytes; default 3/10 of grad_W.)"""
+    backend's bf16 G is written beside its fp32 tile, into a [rows, V] buffer that the kept rows
+    share (no tile's G is written while G is kept): tile rows + keep_bytes / 2V (VocabTiles
+    allocates it so). On CUDA at H=4096, V=128256 that keeps 3787 rows where a buffer of their
+    own kept 2392: an untied pair of 4096 + 4096 tokens forms 309 tokens twice instead of 1704
+    (bench.paper: 1.12x the 3-GEMM floor instead of 1.18x), in the same memory.
+    (TileOptions.keep_bytes; default 3/10 of grad_W.)"""
     t = (tiles or TileOptions()).resolved(head=(V, H))
     device = torch.device(device) if device is not None else torch.device("cpu")
     budget = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
     if resolve(backend, device) == "triton":
         if dtype == torch.bfloat16:
-            return t.keep_bytes // (2 * V)
+            return tile_rows(V, device, dtype, tiles, H=H, backend=backend) + \
+                t.keep_bytes // (2 * V)
         return (budget + t.keep_bytes) // (4 * V)
     per = 2 if gemm_dtype(dtype, device) != torch.float32 else 4
     return (budget + t.keep_bytes) // (per * V)

@@ -95,15 +95,19 @@ class VocabTiles:
         shared = self.gdt == tile_dt
         work = torch.empty(max(n_rows, keep if shared else 0), V, dtype=tile_dt, device=dev)
         self.tile = work[:n_rows]
-        self.kept = None if not keep else (work[:keep] if shared else
-                                           torch.empty(keep, V, dtype=self.gdt, device=dev))
         self.kept_in_place = shared
-        # triton with bf16 G: _logits_bwd writes G in bf16 straight from the fp32 tile into this
-        # buffer (or into the kept rows), not over the tile and then cast: per element 4 bytes
+        # triton with bf16 G: _logits_bwd writes G in bf16 straight from the fp32 tile into
+        # gbuf (or into the kept rows), not over the tile and then cast: per element 4 bytes
         # read and 2 written, against 4 + 4 then 4 + 2 (on a card the elementwise passes are
-        # what the single pass adds to its three GEMMs: bench/paper.py)
-        self.gbuf = torch.empty(n_rows, V, dtype=self.gdt, device=dev) \
+        # what the single pass adds to its three GEMMs: bench/paper.py). The kept rows share
+        # gbuf's buffer: a sweep that keeps G writes no tile G, and the kept rows are read
+        # (finish_kept) before the next sweep that does (single_pass._grads, _token_grads), so
+        # the tile's G rows keep G too (keep_rows counts them)
+        gk = torch.empty(max(n_rows, keep), V, dtype=self.gdt, device=dev) \
             if self.backend == "triton" and self.gdt != torch.float32 else None
+        self.gbuf = gk[:n_rows] if gk is not None else None
+        self.kept = None if not keep else (work[:keep] if shared else gk[:keep])
+        self._kept_live = False           # kept rows swept, not yet finished (see sweep)
         self.vb = vb = min(vocab_block, V)
         self.gblk = torch.empty(n_rows, vb, **f32) if self.cpu_lowp else None
         self.gblk_lp = torch.empty(n_rows, vb, dtype=self.tdt, device=dev) if self.cpu_lowp \
@@ -227,6 +231,12 @@ class VocabTiles:
         G is formed but left in the kept buffer (row j for sel[j]) for finish_kept, which runs
         its two GEMMs once each row's scale is known."""
         ids = self.idx[sel]
+        if keep:
+            self._kept_live = True
+        elif self._kept_live and ids.numel():
+            # the kept rows share memory with the tile (formed in place) or with gbuf (triton)
+            raise RuntimeError("VocabTiles: a sweep ran before finish_kept read the kept rows "
+                               "it would overwrite")
         f32 = dict(dtype=torch.float32, device=self.dev)
         out = torch.empty(ids.numel(), **f32)
         ents = torch.empty(ids.numel(), **f32) if self.entropy else None
@@ -261,6 +271,7 @@ class VocabTiles:
         The scale goes on the [n, H] side of each GEMM, not on the [n, V] G. A tile's rows at a
         time, so the [rows, H] temporaries stay within the 0.3·grad_h the memory bound leaves
         beside the keep budget (0.3·grad_W)."""
+        self._kept_live = False
         ids_all = self.idx[sel]
         s_all = scale.to(torch.float32)
         for r0 in range(0, ids_all.numel(), self.rows):
