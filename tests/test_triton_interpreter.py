@@ -56,6 +56,24 @@ def test_linear_against_oracle(mode, bias, device):
     check_all(*on(device, h, W, b, y), "triton")
 
 
+def test_grad_w_needs_no_zero_fill(mode, device):
+    # the chunked backward's first chunk writes grad_W and grad_h (no zero fill up front), the
+    # atomic modes add into zeros: a freed block of NaN of their size, just before the call, is
+    # what an accumulator left unwritten or added into unzeroed would return
+    h, W, _, y = make_inputs((37,), 48, 1000, seed=49)
+    y[:5] = -100
+    h, W, y = on(device, h, W, y)
+    h64, W64 = (t.detach().double().requires_grad_() for t in (h, W))
+    ref_lin(h64, W64, y).sum().backward()
+    for _ in range(2):
+        junk = [torch.full(s, float("nan"), device=device) for s in ((1000, 48), (32, 48))]
+        del junk
+        h.grad = W.grad = None
+        alignkit.linear_token_logprobs(h, W, y, backend="triton").sum().backward()
+        assert (W.grad.double() - W64.grad).abs().max() < 1e-5
+        assert (h.grad.double() - h64.grad).abs().max() < 1e-5
+
+
 def test_linear_softcap_temperature_and_odd_vocab(mode, device):
     h, W, b, y = make_inputs((2, 9), 40, 4099, bias=True, seed=42)
     y[1] = -100  # a fully ignored row

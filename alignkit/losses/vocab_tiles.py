@@ -10,43 +10,8 @@ import torch
 
 from alignkit.ops import triton_path
 from alignkit.ops.backends import gemm_dtype, resolve
+from alignkit.ops.gemm32 import addmm32, mm32
 from alignkit.ops.tile_kernels import KERNELS, RowStats
-
-
-def _mm32(a, b):
-    """a·b as fp32. For bf16/fp16 (the triton backend): fp32 accumulation and output on CUDA; on
-    CPU tensors (the interpreter's tests) torch has no fp32-output low-precision mm, so the
-    inputs are upcast (the same fp32 accumulation)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _addmm32(acc, a, b, first=False):
-    """acc (fp32) += a·b, as _mm32; first: acc = a·b (acc's old contents neither read nor
-    needed, so it need not have been zeroed)."""
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
-    elif a.is_cuda:
-        if first:
-            torch.mm(a, b, out_dtype=torch.float32, out=acc)
-        else:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        torch.mm(a.float(), b.float(), out=acc) if first else acc.addmm_(a.float(), b.float())
-
-
-def _mm_tile(t, hc, weight):
-    """t (fp32 [rows, V]) = hc·Wᵀ with fp32 accumulation and output, whatever the inputs' dtype:
-    the log-softmax then runs on fp32 logits (a bf16 tile rounds them before it, ~5e-3 off)."""
-    if hc.dtype == torch.float32:
-        torch.mm(hc, weight.t(), out=t)
-    elif hc.is_cuda:
-        torch.mm(hc, weight.t(), out_dtype=torch.float32, out=t)
-    else:                                 # the interpreter's CPU tensors: no fp32-output bf16 mm
-        torch.mm(hc.float(), weight.t().float(), out=t)
 
 
 class VocabTiles:
@@ -128,7 +93,7 @@ class VocabTiles:
 
     def _gw_addmm(self, a, b):
         """gw += a·b: the first write sets it."""
-        _addmm32(self._gw, a, b, first=self._gw_fresh)
+        addmm32(self._gw, a, b, first=self._gw_fresh)
         self._gw_fresh = False
 
     def _gw_blocks(self):
@@ -171,9 +136,10 @@ class VocabTiles:
         (default: over t)."""
         o, V = self.o, self.V
         if self.backend == "triton":
-            # one vendor GEMM for the fp32 tile, then the logits kernels: the row statistics,
-            # then G (entropy term included) in place
-            _mm_tile(t, hc, self.weight)
+            # one vendor GEMM for the fp32 tile (fp32 logits whatever the inputs' dtype: the
+            # log-softmax then runs on fp32, where a bf16 tile would round them ~5e-3 off), then
+            # the logits kernels: the row statistics, then G (entropy term included) in place
+            mm32(hc, self.weight.t(), out=t)
             if self.bias is not None:
                 t.add_(self.bias)
             lp, m, logs, ent = triton_path.logits_forward(t, yc, o.inv_temp, o.ignore_index,
@@ -258,7 +224,7 @@ class VocabTiles:
                 continue
             g_t = t if g_out is None else g_out
             if self.gh is not None:
-                self.gh.index_copy_(0, ic, _mm32(g_t, self._w_g()))
+                self.gh.index_copy_(0, ic, mm32(g_t, self._w_g()))
             if self._gw is not None:
                 self._gw_addmm(g_t.t(), hc.to(self.gdt))
             if self.gb is not None:
@@ -282,7 +248,7 @@ class VocabTiles:
                 self._finish_lowp(K, ids, s32, hs)
                 continue
             if self.gh is not None:
-                self.gh.index_copy_(0, ids, _mm32(K, self._w_g()).mul_(s32[:, None]))
+                self.gh.index_copy_(0, ids, mm32(K, self._w_g()).mul_(s32[:, None]))
             if self._gw is not None:
                 self._gw_addmm(K.t(), hs)
             if self.gb is not None:

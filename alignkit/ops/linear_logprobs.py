@@ -25,6 +25,7 @@ from torch import Tensor
 
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import autocast_head, gemm_dtype, resolve
+from alignkit.ops.gemm32 import addmm32
 from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_linear_inputs, compact, labelled_rows
@@ -178,10 +179,8 @@ def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, w
             grad(tile, tile, yc, v0, lse_c, g_c, ent_c, ge_c, opts)
             if need_h:
                 ghc.addmm_(tile, wb)
-            if need_w and first:
-                torch.mm(tile.t(), hc, out=gw[v0:v1])
-            elif need_w:
-                gw[v0:v1].addmm_(tile.t(), hc)
+            if need_w:
+                addmm32(gw[v0:v1], tile.t(), hc, first=first)
             if need_b:
                 gb[v0:v1] += tile.sum(0)
         first = False

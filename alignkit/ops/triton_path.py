@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from alignkit.ops.gemm32 import addmm32, mm32
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -176,8 +178,12 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     V = w.shape[0]
     sch = schedule(h)
     f32 = dict(dtype=torch.float32, device=h.device)
-    dh = torch.zeros(M, H, **f32) if need_h else None
-    dw = torch.zeros(V, H, **f32) if need_w else None
+    mode = tiles.triton_bwd
+    # the chunked mode's GEMMs write dh and, from the first chunk on, dw (M >= 1 here: the op
+    # calls no backward without a labelled row): no zero fill; the atomic modes add into zeros
+    alloc = torch.empty if mode == "chunked" else torch.zeros
+    dh = alloc(M, H, **f32) if need_h else None
+    dw = alloc(V, H, **f32) if need_w else None
     db = torch.zeros(V, **f32) if need_b else None
     has_ent = ge is not None
     common = (h, w, y, b if b is not None else h, m, logs, g, ent if has_ent else g,
@@ -186,7 +192,6 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
                  PRECISION=precision(h))
     grouped, blk = _launch(sch, H), _launch(sch, H, grouped=False)
     scal = (inv_temp, cap if cap > 0 else 1.0)
-    mode = tiles.triton_bwd
     if mode == "chunked":
         R = g_chunk_rows(M, V, h, tiles)
         # On a GPU with bf16 inputs G is stored in bf16 and the two GEMMs run on tensor cores with
@@ -215,16 +220,10 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
                 _bwd_g_chunk[(triton_cdiv(n, sch.block_n) * triton_cdiv(V, sch.block_v),)](
                     *args, *tail, **flags, **grouped)
             hc = h[r0:r1] if lowp or h.dtype == torch.float32 else h[r0:r1].float()
-            if lowp:
-                if need_h:
-                    torch.mm(G, wc, out_dtype=torch.float32, out=dh[r0:r1])
-                if need_w:
-                    torch.addmm(dw, G.t(), hc, out_dtype=torch.float32, out=dw)
-            else:
-                if need_h:
-                    torch.mm(G, wc, out=dh[r0:r1])
-                if need_w:
-                    dw.addmm_(G.t(), hc)
+            if need_h:
+                mm32(G, wc, out=dh[r0:r1])
+            if need_w:
+                addmm32(dw, G.t(), hc, first=r0 == 0)
             if need_b:
                 db += G.sum(0, dtype=torch.float32)
         return dh, dw, db
