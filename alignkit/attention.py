@@ -91,8 +91,9 @@ class VarlenLayout:
         index = cu_q = None
         max_q = 0
         if any(pe > ps for ps, pe, _, _ in pieces):
-            index = torch.tensor([i for ps, pe, s, e in pieces
-                                  for i in (*range(ps, pe), *range(s, e))], dtype=torch.long)
+            # an arange per block, not a Python int per position (16k tokens: ~2 ms of a step)
+            index = torch.cat([torch.arange(a, b) for ps, pe, s, e in pieces
+                               for a, b in ((ps, pe), (s, e))])
             q_lengths = [e - s for _, _, s, e in pieces]
             cu_q, max_q = _cumulative(q_lengths), max(q_lengths)
         return VarlenLayout(pieces, _cumulative(lengths), max(lengths, default=0), index, cu_q,
