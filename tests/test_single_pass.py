@@ -325,3 +325,41 @@ def test_single_pass_bf16(loss, opts, shape, backend):
     elsewhere): the single pass against float64 within a few times the recompute's own error in
     bf16 (its logits rounded to bf16 by the same GEMMs: bf16's own error on the same logits)."""
     check_single_pass(loss, opts, shape, backend, dtype=torch.bfloat16)
+
+
+READS = ("tolist", "item", "__int__", "__bool__", "__float__", "__index__", "nonzero")
+
+
+@pytest.mark.parametrize("front", ["dpo", "orpo", "gspo"])
+def test_one_host_read_per_single_pass(front, monkeypatch):
+    """On a card each read of a tensor's value by the host stalls the queue. The single pass
+    reads once per forward (the label check with the per-sequence or total labelled counts:
+    validate.labelled_per_segment, labelled_rows), every compaction sized by that read
+    (nonzero_static), and not at all in backward. Counted on CPU with the card's compaction
+    forced: every read of a tensor into Python, and every nonzero()."""
+    from alignkit.ops import validate
+    monkeypatch.setattr(validate, "_sized", lambda keep: True)
+    h, W, _, y, _ = pair_inputs(pairs=2)
+    h, W = h.float().requires_grad_(), W.float().requires_grad_()
+    reads = []
+
+    def counted(name, real):
+        return lambda self, *a, **k: reads.append(name) or real(self, *a, **k)
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    ref = torch.randn(4, generator=torch.Generator().manual_seed(5)) - 30
+
+    def run(mode):
+        if front == "gspo":            # sequence-level importance sampling: the coupled pass
+            return alignkit.policy_loss(h, W, y, advantages=torch.tensor([1.0, -1.0, 0.5, 0.0]),
+                                        loss_type="grpo", importance_sampling_level="sequence",
+                                        grad_mode=mode)[0]
+        return alignkit.preference_loss(h, W, y, loss=front, grad_mode=mode,
+                                        ref_logprobs=ref if front == "dpo" else None)[0]
+    loss = run("single_pass")
+    forward, reads[:] = list(reads), []
+    loss.backward()
+    assert (forward, reads) == (["tolist"], []), (forward, reads)
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(loss, run("recompute"))

@@ -279,15 +279,26 @@ def test_autotune_key_buckets_the_token_count(monkeypatch, device):
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="counts host syncs on "
                     "a card")
-def test_one_host_read_per_pass():
-    # the forward reads the bad-label and labelled counts together (one .tolist()) and compacts
-    # with nonzero_static (validate.labelled_rows); the backward compacts with the forward's
-    # count, which the op hands it as a CPU scalar: no read at all
+@pytest.mark.parametrize("front", ["op", "single pass"])
+def test_one_host_read_per_pass(front):
+    # the op's forward reads the bad-label and labelled counts together (one .tolist()) and
+    # compacts with nonzero_static (validate.labelled_rows); its backward compacts with the
+    # forward's count, which the op hands it as a CPU scalar: no read at all. The single pass
+    # reads the bad-label count with each sequence's labelled count (one .tolist():
+    # validate.labelled_per_segment), which size its compactions and choose its unscaled group;
+    # its backward only scales. (tests/test_single_pass.py counts the Python-side reads on CPU.)
     import warnings
     h, W, _, y = make_inputs((4, 33), 64, 1000, seed=55)
+    y[:, :9] = -100
     h, W, y = on(torch.device("cuda"), h, W, y)
-    lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")    # compiled, warm
-    lp.sum().backward()
+    h.requires_grad_()
+
+    def forward():
+        if front == "op":
+            return alignkit.linear_token_logprobs(h, W, y, backend="triton").sum()
+        return alignkit.preference_loss(h, W, y, loss="simpo", grad_mode="single_pass",
+                                        backend="triton")[0]
+    forward().backward()                                               # compiled, warm
     torch.cuda.synchronize()
     counts = []
     torch.cuda.set_sync_debug_mode("warn")
@@ -296,9 +307,9 @@ def test_one_host_read_per_pass():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if step == "forward":
-                    lp = alignkit.linear_token_logprobs(h, W, y, backend="triton")
+                    out = forward()
                 else:
-                    lp.sum().backward()
+                    out.backward()
             counts.append(sum("synchroniz" in str(w.message) for w in caught))
     finally:
         torch.cuda.set_sync_debug_mode("default")

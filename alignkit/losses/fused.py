@@ -201,7 +201,7 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     lab = labels.reshape(-1) != ignore_index
     counts = torch.bincount(seg.reshape(-1)[lab], minlength=S)
     n = int(counts.sum())
-    deferred = n - unscaled_group(counts, tied)[1]
+    deferred = n - unscaled_group(counts.tolist(), tied)[1]
     kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles, backend))
     return keep_pays(deferred, kept, n, H, weight.device)
 

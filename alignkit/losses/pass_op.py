@@ -30,7 +30,6 @@ from alignkit.losses import single_pass
 from alignkit.losses.registry import LOSSES as REGISTRY
 from alignkit.losses.registry import paired_loss_on_logps
 from alignkit.ops.options import LogprobOptions, TileOptions
-from alignkit.ops.validate import check_label_range
 
 
 def pair_loss_fn(loss: str, own: dict, average: bool, ref: Optional[Tensor]):
@@ -90,7 +89,7 @@ def pair_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Ten
               need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     d = _unspec(spec)
     o = pass_options(d["loss"], d["own"], d["common"], d["average"], d["S"], weight, ref)
-    check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
+    # _grads checks the label range first, in its one host read
     loss, sums, counts, gh, gw, gb = single_pass._grads(hidden, weight, labels.long(), bias,
                                                         seg.long(), o, need_h, need_w, need_b)
     f32 = dict(dtype=torch.float32, device=hidden.device)

@@ -47,7 +47,7 @@ import torch
 from alignkit.losses.vocab_tiles import VocabTiles
 from alignkit.ops.backends import cpu_has_amx, gemm_dtype, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
-from alignkit.ops.validate import check_label_range
+from alignkit.ops.validate import compact, labelled_per_segment, labelled_rows
 
 
 def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None,
@@ -181,9 +181,11 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     dev = hidden.device
     y = labels.reshape(-1)
     s = seg.reshape(-1)
-    idx = (y != o.logprob.ignore_index).nonzero().squeeze(1)
+    # the label range check, the labelled tokens and each sequence's count: one host read (on a
+    # card, the one sync of the pass; the counts' sums size every compaction below)
+    idx, counts, counts_host = labelled_per_segment(y, s, S, weight.shape[0],
+                                                    o.logprob.ignore_index)
     sid = s.index_select(0, idx)                       # sequence of each labelled token
-    counts = torch.bincount(sid, minlength=S)
     counts_f = counts.to(torch.float32)
     per = counts_f.clamp(min=1).reciprocal()
     # dlogp/dlp_t: 1 for sums, 1/|s| for averages (the loss's log-prob units)
@@ -195,9 +197,9 @@ def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need
     # scalar and their G kept: 3 GEMMs, like U. The others are scored first, forward only, and
     # formed again once their scalars are known: 4 GEMMs.
     tied = o.norm in ("unit", "count")
-    p, _ = unscaled_group(counts, tied)
+    p, n_u = unscaled_group(counts_host, tied)
     in_u = ((sid == p) | (sid == p + B)) if tied else sid == p
-    u_sel, r_sel = in_u.nonzero().squeeze(1), (~in_u).nonzero().squeeze(1)
+    u_sel, r_sel = compact(in_u, n_u), compact(~in_u, idx.numel() - n_u)
     n_keep = min(o.keep, r_sel.numel()) if (need_h or need_w or need_b) else 0
     k_sel, r_sel = r_sel[:n_keep], r_sel[n_keep:]
     tiles = VocabTiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
@@ -259,15 +261,13 @@ def _eager_autograd():
 
 
 def unscaled_group(counts, tied: bool):
-    """(p, labelled tokens of U) from the sequences' labelled-token counts [2B]: U is the pair p
-    with the most labelled tokens (tied; p indexes pairs) or the longest sequence p (untied)."""
-    B = counts.numel() // 2
-    if tied:
-        per_pair = counts[:B] + counts[B:]
-        p = int(per_pair.argmax()) if B > 1 else 0
-        return p, int(per_pair[p])
-    p = int(counts.argmax())
-    return p, int(counts[p])
+    """(p, labelled tokens of U) from the sequences' labelled-token counts (2B host ints): U is
+    the pair p with the most labelled tokens (tied; p indexes pairs) or the longest sequence p
+    (untied); the first such on a tie."""
+    B = len(counts) // 2
+    sizes = [counts[i] + counts[i + B] for i in range(B)] if tied else list(counts)
+    p = max(range(len(sizes)), key=sizes.__getitem__)
+    return p, sizes[p]
 
 
 def _stash(ctx, bufs, form, o, need, hidden, weight, labels, bias, *extra):
@@ -316,9 +316,8 @@ class _SinglePass(torch.autograd.Function):
 def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
     """(loss, sums [2B], counts [2B]) for B pairs (seg: each token's sequence in [0, 2B));
     loss differentiable w.r.t. hidden, weight, bias. The callers (preference_loss) have checked
-    shapes, dtypes, devices and segment ids; the label range is checked here, as the generic
-    op's launcher does, before any tile is formed."""
-    check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
+    shapes, dtypes, devices and segment ids; the label range is checked in _grads, as the
+    generic op's launcher does, before any tile is formed (in the pass's one host read)."""
     return _SinglePass.apply(hidden, weight, labels.long(), bias, seg.long(), o)
 
 
@@ -346,7 +345,8 @@ class TokenPassOptions:
 
 def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
     y = labels.reshape(-1)
-    idx = (y != o.logprob.ignore_index).nonzero().squeeze(1)
+    # the label range check and the labelled tokens: one host read (labelled_rows)
+    idx = labelled_rows(y, weight.shape[0], o.logprob.ignore_index)
     need = need_h or need_w or need_b
     M = idx.numel()
     n_keep = min(o.keep, M) if o.coupled and need else 0
@@ -399,6 +399,6 @@ class _TokenPass(torch.autograd.Function):
 def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
     """(loss, lp [N], ent [N] or None) of a token-level loss, its gradient w.r.t. hidden, weight
     and bias formed in the forward pass (see TokenPassOptions). The caller validated the inputs;
-    the label range is checked here, before any tile is formed."""
-    check_label_range(labels.reshape(-1), weight.shape[0], o.logprob.ignore_index)
+    the label range is checked in _token_grads, before any tile is formed (in the pass's one
+    host read)."""
     return _TokenPass.apply(hidden, weight, labels.long(), bias, o)

@@ -71,7 +71,7 @@ def labelled_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.
     read costs nothing to the queue and nonzero() is the faster compaction (nonzero_static ran
     6x slower on 100k labels here)."""
     keep = labels != ignore_index
-    if labels.device.type != "cuda":
+    if not _sized(keep):
         check_label_range(labels, vocab, ignore_index)
         return compact(keep)
     bad = keep & ((labels < 0) | (labels >= vocab))
@@ -81,12 +81,36 @@ def labelled_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.
     return compact(keep, n)
 
 
+def labelled_per_segment(labels: torch.Tensor, seg: torch.Tensor, S: int, vocab: int,
+                         ignore_index: int):
+    """(idx, counts, counts_host) of flat int64 labels with each token's segment seg [N] in
+    [0, S) (an ignored token's id is not read): the flat indices of the labelled tokens (as
+    labelled_rows), and each segment's labelled-token count, on the device [S] and as host
+    ints. One host read, on CUDA as on CPU: the bad-label count comes back with the S counts
+    (one .tolist()), and their sum sizes the compaction (the single pass's forward, where the
+    counts also choose its unscaled group: single_pass._grads)."""
+    keep = labels != ignore_index
+    bad = keep & ((labels < 0) | (labels >= vocab))
+    counts = torch.zeros(S, dtype=torch.long, device=labels.device).index_add_(
+        0, seg.clamp(0, S - 1), keep.long())
+    *host, n_bad = torch.cat([counts, bad.sum().reshape(1)]).tolist()
+    if n_bad:
+        check_label_range(labels, vocab, ignore_index)   # raises, naming the first bad label
+    return compact(keep, sum(host)), counts, host
+
+
 def compact(keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Flat indices of keep's True entries. On CUDA with a known count, nonzero_static: no host
     read (labelled_rows' forward, and the backward that reuses its count); else nonzero()."""
-    if keep.is_cuda and count is not None:
+    if count is not None and _sized(keep):
         return torch.nonzero_static(keep, size=count).squeeze(1)
     return keep.nonzero().squeeze(1)
+
+
+def _sized(keep: torch.Tensor) -> bool:
+    """Whether compact uses the count it is given: on CUDA (the tests force it on CPU to count
+    the host reads a card would see)."""
+    return keep.is_cuda
 
 
 def check_segment_ids(segment_ids, labels: torch.Tensor, num_segments):
