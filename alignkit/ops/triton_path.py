@@ -179,9 +179,10 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     sch = schedule(h)
     f32 = dict(dtype=torch.float32, device=h.device)
     mode = tiles.triton_bwd
-    # the chunked mode's GEMMs write dh and, from the first chunk on, dw (M >= 1 here: the op
-    # calls no backward without a labelled row): no zero fill; the atomic modes add into zeros
-    alloc = torch.empty if mode == "chunked" else torch.zeros
+    # the chunked mode's GEMMs write dh and, from the first chunk on, dw: no zero fill (the op
+    # calls no backward without a labelled row; zeros all the same if M == 0); the atomic modes
+    # add into zeros
+    alloc = torch.empty if mode == "chunked" and M else torch.zeros
     dh = alloc(M, H, **f32) if need_h else None
     dw = alloc(V, H, **f32) if need_w else None
     db = torch.zeros(V, **f32) if need_b else None
