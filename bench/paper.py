@@ -27,6 +27,8 @@ does not fit L2).
 """
 from __future__ import annotations
 
+from alignkit.ops.options import TileOptions
+
 CUBLAS, BW, L2, STEP = 790e12, 3.0e12, 50e6, 1e-6
 SCHEDULES = {  # name: (Triton efficiency, BLOCK_V, GROUP_V or None for the 2-D grid, merge steps)
     "grouped": (0.75, 256, 8, 32),        # triton_path.CUDA_LOWP, MERGE_B
@@ -34,7 +36,8 @@ SCHEDULES = {  # name: (Triton efficiency, BLOCK_V, GROUP_V or None for the 2-D 
 }
 SHAPES = {"Llama-3-8B": (4096, 128256), "Qwen2.5-7B": (3584, 152064)}
 N = 8192
-CHUNK_BYTES = 2**30   # TileOptions.gpu_chunk_bytes: G of the core op's backward, the single-pass tile
+# G of the core op's backward and the single pass's tile: the code's own budget
+CHUNK_BYTES = TileOptions().resolved().gpu_chunk_bytes
 
 
 class Cost:
@@ -94,7 +97,6 @@ def single_pass(H, V, deferred=0.0, keep_bytes=None):
     unless given."""
     import torch
     from alignkit.losses.single_pass import keep_rows, tile_rows
-    from alignkit.ops.options import TileOptions
     tiles = TileOptions(keep_bytes=keep_bytes)
     R = min(N, tile_rows(V, "cuda", torch.bfloat16, tiles, H=H, backend="triton"))
     c = Cost()

@@ -47,7 +47,8 @@ from alignkit.losses.single_pass import (
     unscaled_group,
 )
 from alignkit.ops.backends import autocast_head
-from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
+from alignkit.ops.validate import (check_linear_inputs, check_segment_ids, check_segment_range,
+                                   segment_counts)
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
@@ -198,10 +199,9 @@ def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
     # the deferred tokens: all labelled tokens but the longest pair's (tied) or sequence's
     # (untied), counted exactly (a pass over the labels; the CPU has no sync to avoid)
     V, H = weight.shape
-    lab = labels.reshape(-1) != ignore_index
-    counts = torch.bincount(seg.reshape(-1)[lab], minlength=S)
-    n = int(counts.sum())
-    deferred = n - unscaled_group(counts.tolist(), tied)[1]
+    counts = segment_counts(labels.reshape(-1) != ignore_index, seg.reshape(-1), S).tolist()
+    n = sum(counts)
+    deferred = n - unscaled_group(counts, tied)[1]
     kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles, backend))
     return keep_pays(deferred, kept, n, H, weight.device)
 

@@ -124,7 +124,7 @@ def _common_dtype(h, w):
 
 def g_chunk_rows(M: int, V: int, h, tiles) -> int:
     """Rows of G per chunk. On a GPU the chunk is sized for the GEMMs that read it
-    (tiles.gpu_chunk_bytes, 1 GiB: 4186 rows at V=128256 in bf16), not for a CPU cache; elsewhere
+    (tiles.gpu_chunk_bytes, 1 GiB: 4185 rows at V=128256 in bf16), not for a CPU cache; elsewhere
     (the interpreter) the CPU tile budget (tiles.tile_bytes) applies."""
     from alignkit.ops import tiling
     if h.device.type != "cuda":

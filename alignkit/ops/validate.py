@@ -74,10 +74,7 @@ def labelled_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.
     if not _sized(keep):
         check_label_range(labels, vocab, ignore_index)
         return compact(keep)
-    bad = keep & ((labels < 0) | (labels >= vocab))
-    n_bad, n = torch.stack([bad.sum(), keep.sum()]).tolist()
-    if n_bad:
-        check_label_range(labels, vocab, ignore_index)   # raises, naming the first bad label
+    n, = _checked_counts(labels, keep, keep.sum().reshape(1), vocab, ignore_index)
     return compact(keep, n)
 
 
@@ -90,13 +87,26 @@ def labelled_per_segment(labels: torch.Tensor, seg: torch.Tensor, S: int, vocab:
     (one .tolist()), and their sum sizes the compaction (the single pass's forward, where the
     counts also choose its unscaled group: single_pass._grads)."""
     keep = labels != ignore_index
-    bad = keep & ((labels < 0) | (labels >= vocab))
-    counts = torch.zeros(S, dtype=torch.long, device=labels.device).index_add_(
+    counts = segment_counts(keep, seg, S)
+    host = _checked_counts(labels, keep, counts, vocab, ignore_index)
+    return compact(keep, sum(host)), counts, host
+
+
+def segment_counts(keep: torch.Tensor, seg: torch.Tensor, S: int) -> torch.Tensor:
+    """The number of True entries of keep [N] in each of the S segments seg [N] (int64 [S], on
+    keep's device, no host read); a False entry's segment id is not read."""
+    return torch.zeros(S, dtype=torch.long, device=keep.device).index_add_(
         0, seg.clamp(0, S - 1), keep.long())
+
+
+def _checked_counts(labels, keep, counts, vocab: int, ignore_index: int) -> list:
+    """counts (int64 [k] on the device) as host ints, read together with the count of labels
+    out of [0, vocab): one .tolist(). Raises, naming the first bad label, where there is one."""
+    bad = keep & ((labels < 0) | (labels >= vocab))
     *host, n_bad = torch.cat([counts, bad.sum().reshape(1)]).tolist()
     if n_bad:
-        check_label_range(labels, vocab, ignore_index)   # raises, naming the first bad label
-    return compact(keep, sum(host)), counts, host
+        check_label_range(labels, vocab, ignore_index)
+    return host
 
 
 def compact(keep: torch.Tensor, count: int | None = None) -> torch.Tensor:
