@@ -22,8 +22,8 @@ venv: $(STAMP)
 # The Triton kernels run under the interpreter (numpy) in a process of their own: TRITON_INTERPRET
 # must be set before triton is imported.
 test: $(STAMP)
-	$(VPY) -m pytest -q tests --ignore=tests/test_triton_interpreter.py
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -W ignore::RuntimeWarning tests/test_triton_interpreter.py
+	$(VPY) -m pytest -q tests --ignore-glob='tests/test_triton_*.py'
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -W ignore::RuntimeWarning tests/test_triton_*.py
 	$(VPY) -m pytest -q bench --benchmark-disable   # the benchmark suite's cases, once each, tiny shapes
 
 demo: $(STAMP)

@@ -7,7 +7,7 @@ pytest-benchmark preinstalled, no network. The Makefile has already built alignk
 (``pip install --no-build-isolation --no-deps -e .``) and installed the peers' wheels from
 ``wheels/`` when they are there (``make gpu-wheels`` downloads them beforehand). This script then:
 
-1. runs the Triton tests on CUDA (tests/test_triton_interpreter.py, no interpreter: the bf16
+1. runs the Triton tests on CUDA (tests/test_triton_*.py, no interpreter: the bf16
    tensor-core dot, the bf16 backward's out_dtype GEMMs, fp16, several G chunks, cuda:1 when
    there is one);
 2. runs bench.gpu on two shapes (Llama-3-8B and Qwen2.5-7B heads, 8192 tokens, bf16);
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-TESTS = "tests/test_triton_interpreter.py"
+TESTS = ("tests/test_triton_interpreter.py", "tests/test_triton_single_pass.py")
 
 
 def _run(args, dry):
@@ -43,7 +43,7 @@ def _run(args, dry):
 
 def _tests(dry):
     rc, out, err, secs = _run(["pytest", "-q", "-W", "ignore::RuntimeWarning", "-p",
-                               "no:cacheprovider", TESTS], dry)
+                               "no:cacheprovider", *TESTS], dry)
     return rc, (out + err).strip().splitlines(), secs
 
 
@@ -80,7 +80,8 @@ def main(argv=None):
         f"- device: {dev}",
         f"- python {platform.python_version()}, torch {torch.__version__} (CUDA "
         f"{torch.version.cuda}), triton {tv}",
-        f"- tests ({TESTS}): {'passed' if rc == 0 else f'FAILED (exit {rc})'} in {t_tests:.0f} s: "
+        f"- tests ({', '.join(TESTS)}): {'passed' if rc == 0 else f'FAILED (exit {rc})'} in "
+        f"{t_tests:.0f} s: "
         f"{test_lines[-1] if test_lines else 'no output'}",
         f"- bench.gpu: exit {brc} in {t_bench:.0f} s; whole check {time.time() - t0:.0f} s", "",
         "## bench.gpu", ""] + bench_lines

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -103,3 +105,24 @@ def kept_rows(monkeypatch):
     monkeypatch.setattr(VocabTiles, "finish_kept",
                         lambda self, sel, scale: kept.append(sel.numel()) or real(self, sel, scale))
     return kept
+
+
+# The Triton tests (test_triton_interpreter.py, test_triton_single_pass.py) run where the tensors
+# are: CPU tensors under the interpreter (TRITON_INTERPRET=1: it would copy CUDA ones to the
+# host), CUDA tensors on a card. Elsewhere they skip (triton_devices).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICES = ["cpu"] if TRITON_INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+triton_devices = pytest.mark.skipif(not TRITON_DEVICES, reason="run with TRITON_INTERPRET=1 "
+                                    "(make test does) or on a CUDA device (make gpu-check)")
+
+
+@pytest.fixture(params=TRITON_DEVICES or ["cpu"])
+def device(request):
+    """Each device the Triton tests run on here (TRITON_DEVICES)."""
+    return torch.device(request.param)
+
+
+def on(device, *ts):
+    """The tensors on `device`; leaves that required grad stay leaves that do."""
+    return tuple(None if t is None else
+                 t.detach().to(device).requires_grad_(t.requires_grad) for t in ts)
