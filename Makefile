@@ -2,22 +2,33 @@
 #   make demo    the main job: alignkit demo (DPO on an embedded task, offline, about a minute)
 #   make test    the test suite
 PY      ?= python3
-VENV    := .venv
+# The venv and its pins: `make test` installs .venv from constraints.txt (the releases the README's
+# two commands were last verified with). `make test VENV=.venv-latest PINS=` installs the newest
+# releases pyproject's ranges allow instead (CI runs both: .ci/run).
+VENV    ?= .venv
+PINS    ?= constraints.txt
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-wheels
+.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-wheels update-constraints
 
-# torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build).
-# Then alignkit itself, editable, which builds the C++ extension alignkit._C from csrc/.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+# torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build;
+# so the latest venv keeps it too). Then alignkit itself, editable, which builds the C++ extension
+# alignkit._C from csrc/.
+$(STAMP): pyproject.toml setup.py $(PINS) $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "torch==2.13.0"
-	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip install -q $(if $(PINS),-c $(PINS)) -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Refresh the pins: a venv of the newest releases the ranges allow, frozen into constraints.txt.
+update-constraints:
+	rm -rf .venv-latest
+	$(MAKE) venv VENV=.venv-latest PINS=
+	.venv-latest/bin/python .ci/pins.py freeze constraints.txt
 
 # The Triton kernels run under the interpreter (numpy) in a process of their own: TRITON_INTERPRET
 # must be set before triton is imported.
@@ -78,7 +89,7 @@ gpu-wheels: $(STAMP)
 	$(VPY) -m pip download -q --no-deps -d wheels "trl==1.16.*" "liger-kernel==0.8.*" cut-cross-entropy
 
 clean:
-	rm -rf $(VENV) build alignkit/_C*.so *.egg-info
+	rm -rf .venv .venv-latest build alignkit/_C*.so *.egg-info
 
 # The C++ kernels' own test binary under AddressSanitizer + UBSan (no Python involved).
 sanitize:

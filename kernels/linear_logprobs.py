@@ -32,6 +32,11 @@ torch.get_float32_matmul_precision()).
 import triton
 import triton.language as tl
 
+if not __name__.startswith("alignkit."):
+    # kernels/ has no __init__.py, so the repo root never shadows the hub package `kernels`
+    # (issue #32); a top-level `kernels.*` import of these files is refused outright too.
+    raise ImportError(f"{__file__} is reached as alignkit.kernels, not as {__name__!r}")
+
 
 @triton.jit
 def _transform(acc, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):

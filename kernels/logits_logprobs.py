@@ -10,6 +10,11 @@ single-pass losses' raw tile logits need it). The single-pass losses run the pai
 import triton
 import triton.language as tl
 
+if not __name__.startswith("alignkit."):
+    # kernels/ has no __init__.py, so the repo root never shadows the hub package `kernels`
+    # (issue #32); a top-level `kernels.*` import of these files is refused outright too.
+    raise ImportError(f"{__file__} is reached as alignkit.kernels, not as {__name__!r}")
+
 from .linear_logprobs import _transform
 
 
