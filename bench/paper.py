@@ -96,7 +96,7 @@ def single_pass(H, V, deferred=0.0, keep_bytes=None):
     code's own (single_pass.tile_rows, keep_rows: CUDA, bf16, triton), keep_bytes its default
     unless given."""
     import torch
-    from alignkit.losses.single_pass import keep_rows, tile_rows
+    from alignkit.ops.pass_budget import keep_rows, tile_rows
     tiles = TileOptions(keep_bytes=keep_bytes)
     R = min(N, tile_rows(V, "cuda", torch.bfloat16, tiles, H=H, backend="triton"))
     c = Cost()

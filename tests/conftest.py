@@ -99,7 +99,7 @@ def kept_rows(monkeypatch):
     """The rows of G each single pass kept for its deferred tokens (one entry per
     VocabTiles.finish_kept call): a keep-budget test asserts them, so it fails if the kept path
     did not run, or kept another number of rows."""
-    from alignkit.losses.vocab_tiles import VocabTiles
+    from alignkit.ops.vocab_tiles import VocabTiles
     kept = []
     real = VocabTiles.finish_kept
     monkeypatch.setattr(VocabTiles, "finish_kept",
@@ -126,3 +126,20 @@ def on(device, *ts):
     """The tensors on `device`; leaves that required grad stay leaves that do."""
     return tuple(None if t is None else
                  t.detach().to(device).requires_grad_(t.requires_grad) for t in ts)
+
+
+# The plan chooser (alignkit/ops/plan.py) in tests: the cost model with fixed machine constants
+# (ALIGNKIT_AUTOTUNE=0, no timing of candidates) and an empty plan cache of the test's own, so every
+# machine picks the same plans. The chooser's own tests (test_plan.py) turn the timing back on.
+TEST_MACHINE = {"gemm": 1e11, "bandwidth": 2e10}
+
+
+@pytest.fixture(autouse=True)
+def plan_chooser(monkeypatch, tmp_path_factory):
+    from alignkit.ops import plan
+    monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))
+    monkeypatch.setenv("ALIGNKIT_AUTOTUNE", "0")
+    monkeypatch.setattr(plan, "machine_constants", lambda device, dtype: TEST_MACHINE)
+    plan.forget()
+    yield plan
+    plan.forget()

@@ -218,7 +218,7 @@ def test_paper_costs_the_single_pass_with_the_codes_rows():
     import torch
     pytest.importorskip("triton")
     from bench import paper
-    from alignkit.losses.single_pass import keep_rows
+    from alignkit.ops.pass_budget import keep_rows
     H, V = paper.SHAPES["Llama-3-8B"]
     kept = keep_rows(V, H, "cuda", torch.bfloat16, backend="triton")
     _, chunks, R, gemms = paper.single_pass(H, V, 0.5)

@@ -144,7 +144,7 @@ def test_fused_preference_loss_reaches_the_single_pass(monkeypatch, op_calls, ke
     """A tied loss: the default grad_mode takes the single pass inside the model's call (with
     two pairs, the second pair's G kept within the keep budget); the loss, metrics and
     gradients equal the recompute's."""
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.pair_pass as sp
     ran = []
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))

@@ -139,7 +139,7 @@ def test_from_hidden_states_against_the_float64_oracle(kw, packed, backend, grad
     seq_ent = kw.get("importance_sampling_level") == "sequence" and kw.get("entropy_coef")
     if grad_mode == "single_pass" and seq_ent:
         pytest.skip("sequence level with an entropy bonus runs the recompute (refused below)")
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.token_pass as sp
     ran = []
     real = sp._token_grads
     monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(1) or real(*a))
@@ -231,24 +231,16 @@ def test_bad_input_is_refused_naming_the_argument(kw, match):
 
 
 def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.token_pass as sp
     ran = []
     real = sp._token_grads
     monkeypatch.setattr(sp, "_token_grads", lambda *a: ran.append(a[-3:]) or real(*a))
     h64, W64, b64, y, g = _inputs(seed=8, H=512)
     h, W, b = (t.float().requires_grad_() for t in (h64, W64, b64))
     adv = torch.randn(4, generator=g)
-    kw = dict(advantages=adv, loss_type="dapo", entropy_coef=0.01, bias=b)
-    # auto below H=512 on the AMX Xeon: the recompute (it ran level or faster there,
-    # policy._token_pass); on other CPUs the token pass (0.86x the floor at R3 on the AVX2 EPYC)
-    monkeypatch.setattr(sp, "cpu_has_amx", lambda: True)
-    alignkit.policy_loss(h[..., :256], W[:, :256], y, **kw)
-    assert ran == []
-    monkeypatch.setattr(sp, "cpu_has_amx", lambda: False)
-    alignkit.policy_loss(h[..., :256], W[:, :256], y, **kw)
-    assert ran == [(True, True, True)]
-    ran.clear()
-    loss, _ = alignkit.policy_loss(h, W, y, **kw)        # auto: the token pass (long tiles)
+    kw = dict(advantages=adv, loss_type="dapo", entropy_coef=0.01, bias=b,
+              tiles=alignkit.TileOptions(plan="single_pass"))
+    loss, _ = alignkit.policy_loss(h, W, y, **kw)        # the token pass, pinned
     assert ran == [(True, True, True)]
     loss.backward(retain_graph=True)
     once = [t.grad.clone() for t in (h, W, b)]
@@ -256,6 +248,7 @@ def test_the_token_pass_a_second_backward_and_no_grad(monkeypatch):
     for g1, t in zip(once, (h, W, b)):
         torch.testing.assert_close(t.grad, 3.0 * g1, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
+        kw["tiles"] = None
         l0, _ = alignkit.policy_loss(h, W, y, **kw)       # forward only: the generic op
     assert len(ran) == 2 and l0.item() == pytest.approx(loss.item(), rel=1e-5)
     with pytest.raises(ValueError, match="sequence-level importance sampling with an entropy"):

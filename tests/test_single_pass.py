@@ -153,43 +153,6 @@ def test_single_pass_refuses_mixed_dtypes_and_unknown_modes():
     assert loss.isfinite()
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx-xeon", "other-cpu"])
-@pytest.mark.parametrize("loss,pairs,rows,picked", [
-    ("simpo", 1, None, "single_pass"),          # one tied pair, 16777-row tiles
-    ("simpo", 2, None, "single_pass"),          # the second pair's G kept (3 GEMMs)
-    ("simpo", 2, 300, "recompute"),             # ... past the keep budget: formed twice
-    ("simpo", 3, 200, "recompute"),             # ... over half of the tokens formed twice
-    ("simpo", 1, 150, "recompute"),             # short tiles (< 192 rows)
-    ("simpo", 1, 200, "single_pass"),           # long enough
-    ("orpo", 1, None, "single_pass"),           # untied: the rejected sequence's G kept
-    ("orpo", 1, 300, "recompute"),              # ... past the keep budget: formed twice
-])
-def test_auto_takes_the_single_pass_where_it_measured_faster(loss, pairs, rows, picked, amx,
-                                                             monkeypatch):
-    # rows: a tile budget of that many rows and no keep budget beyond it (H = 24 < 1024), with
-    # 400 tokens a sequence: 300 kept rows hold under half the deferred tokens. On the AMX Xeon
-    # tokens formed twice made the pass slower than the recompute; on the EPYCs (any CPU
-    # without AMX) it paid while at most half of all tokens were formed twice
-    # (single_pass.cpu_pass_pays, keep_pays): 35% here with 2 pairs, 58% with 3
-    import alignkit.losses.single_pass as sp
-    monkeypatch.setattr(sp, "cpu_has_amx", lambda: amx)
-    if not amx and rows == 300:
-        picked = "single_pass"
-    tiles = alignkit.TileOptions(single_pass_bytes=rows * 4 * 1000, keep_bytes=0) \
-        if rows else None
-    h64, W64, _, y, _ = pair_inputs(pairs=pairs, T=400 if rows and rows >= 200 else 37)
-    grads = {}
-    for mode in ("single_pass", "auto", "recompute"):
-        h = h64.float().requires_grad_()
-        out, _ = alignkit.preference_loss(h, W64.float(), y, loss=loss, grad_mode=mode,
-                                          tiles=tiles)
-        out.backward()
-        grads[mode] = h.grad
-    other = "recompute" if picked == "single_pass" else "single_pass"
-    assert torch.equal(grads["auto"], grads[picked])      # the same path, bit for bit
-    assert not torch.equal(grads["auto"], grads[other])
-
-
 def _grads_of(fn, *ts):
     for t in ts:
         t.grad = None
@@ -240,7 +203,7 @@ def test_single_pass_traces_under_torch_compile(monkeypatch, loss, opts, shape, 
     # the pair pass as the custom op alignkit::pair_pass (alignkit/losses/pass_op.py): the
     # compiled graph's loss and every gradient match the eager single pass, and a counter on
     # the pass proves it ran inside the graph (the recompute would match the values as well)
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.pair_pass as sp
     calls = []
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: calls.append(1) or real(*a))
@@ -294,7 +257,7 @@ def test_nan_follows_ieee_arithmetic(grad_mode, loss):
 
 
 def test_no_grad_and_frozen_head_skip_the_accumulator(monkeypatch):
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.pair_pass as sp
     calls = []
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: calls.append(a[-3:]) or real(*a))

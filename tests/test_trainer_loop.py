@@ -168,7 +168,7 @@ def test_lora_reference_is_the_model_with_its_adapter_disabled(setup, tmp_path):
 def test_the_trainer_reaches_the_single_pass(setup, tmp_path, monkeypatch):
     """One pair per micro-batch in fp32: the default grad_mode takes the single pass in every
     training micro-batch, and the run matches the recompute's to fp32 round-off."""
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.pair_pass as sp
     ran = []
     real = sp._grads
     monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))

@@ -126,7 +126,7 @@ def test_the_trainers_module_runs_the_fused_engine(loss, options, grad_mode, mon
     """The trainer's paired losses run as preference_loss inside the model module; every packing
     gives the loss and every parameter's gradient of the sums path (compute_loss on the module's
     per-sequence sums), and the single pass is what ran where it is asked for or chosen."""
-    import alignkit.losses.single_pass as sp
+    import alignkit.ops.pair_pass as sp
     from alignkit.train.objective import Paired, ref_logprobs_of
     ran = []
     real = sp._grads

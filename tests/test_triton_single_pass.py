@@ -68,7 +68,7 @@ def test_single_pass_losses_on_triton(loss, opts, shape, monkeypatch, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_single_pass_low_precision_on_triton(monkeypatch, dtype, device, kept_rows):
-    from alignkit.losses.vocab_tiles import VocabTiles
+    from alignkit.ops.vocab_tiles import VocabTiles
     from test_single_pass import check_single_pass
     monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
     check_single_pass("simpo", dict(beta=2.0, gamma=0.5), dict(T=19, H=16, V=300), "triton",

@@ -34,21 +34,15 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
-from alignkit.losses.pass_op import compiled_pair_pass, pass_options
 from alignkit.losses.registry import PAIRED, paired_loss_on_logps
-from alignkit.losses.single_pass import (
-    GRAD_MODES,
-    keep_pays,
-    keep_rows,
-    long_tiles,
-    pass_blocker,
-    single_pass_loss,
-    tile_rows,
-    unscaled_group,
-)
-from alignkit.ops.backends import autocast_head
-from alignkit.ops.validate import (check_linear_inputs, check_segment_ids, check_segment_range,
-                                   segment_counts)
+from alignkit.ops.backends import autocast_head, resolve
+from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
+from alignkit.ops.pass_budget import (GRAD_MODES, effective_mode, keep_rows, long_tiles,
+                                      pass_blocker, pinned_plan, tile_rows)
+from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
+from alignkit.ops.plan import candidates, choose_and_run, plan_key
+from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
@@ -140,70 +134,45 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
-    if grad_mode != "recompute":
-        why = pass_blocker(hidden, weight, bias, grad_mode)
-        seg = _sequence_ids(S, labels, segment_ids)
-        if torch.compiler.is_compiling():
-            # the pair pass as one custom op (pass_op): auto takes it where the choice needs no
-            # data, one tied pair of padded rows with long tiles (every token formed once);
-            # elsewhere the recompute, its own custom op
-            tied = REGISTRY[loss].tie(own, S // 2) != "untied"
-            if why is None and (grad_mode == "single_pass" or (
-                    segment_ids is None and S == 2 and tied and
-                    long_tiles(weight, common.get("tiles")))):
-                return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
-                                          bias, seg, ref)
-            if grad_mode == "single_pass":
-                raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
-            why = why or "auto takes the recompute under torch.compile here"
-        pays = grad_mode == "single_pass" or (why is None and _single_pass_pays(
-            loss, own, S, weight, labels, seg, common.get("ignore_index", -100),
-            common.get("backend", "auto"), common.get("tiles")))
-        if why is None and pays:
-            return _single_pass(loss, own, common, average, S, hidden, weight, labels, bias,
-                                seg, ref)
-        if grad_mode == "single_pass":
-            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
-    sums, counts = sequence_logprobs(hidden, weight, labels, **seq_kw)
-    counts_f = counts.to(sums.dtype)
-    logps = sums / counts_f.clamp(min=1) if average else sums
-    return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
-
-
-def _single_pass_pays(loss, own, S, weight, labels, seg, ignore_index, backend,
-                      tiles=None) -> bool:
-    # Measured (bench/RESULTS.md, "Single pass or recompute", "The keep budget"), 64 MiB
-    # full-vocabulary tiles, fp32, on two 2-core machines: an EPYC (issue #3) and an AMX Xeon
-    # (issue #14).
-    # - every token formed once (one tied pair; or every deferred token's G within the keep
-    #   budget): 3 GEMMs against 4, at or below the recompute on both from 256-row tiles
-    #   (V <= 65536); on the Xeon 17% above it with 110-row tiles (V=152k, the old 64 MiB
-    #   default; TileOptions.single_pass_bytes now gives such a head 512 rows). Kept, 2 pairs
-    #   ran 5-10% below the recompute at H = 256, 512 and 1024.
-    # - deferred tokens formed again (past the budget): 3-20% above the recompute on the Xeon
-    #   at H <= 512 (B1 without a budget; the trainer's head at 2x512, 2x1024); with part of
-    #   them kept, level at H = 512 and 5% below at H = 1024 (B1's default budget, 3.3 GEMMs).
-    #   On the AVX2 EPYC 3-24% below the recompute at every shape (H = 256-1024, up to 58% of
-    #   the tokens formed twice), and 192-row tiles (B2, V=151936) 15% below it.
-    # bf16 on a CPU with bf16 units (the Xeon): 5-13% above the recompute even for one tied
-    # pair of 1048-row tiles (B3, the long pair; bench.losses --bf16), more with short tiles:
-    # the elementwise passes over the kept bf16 logits, not the GEMMs, bound it. The recompute.
-    # bf16/fp16 where the device has no fast GEMM in that dtype: the single pass would convert W
-    # for every tile; the recompute converts it per vocab block: the recompute.
+    tiles = common.get("tiles") or TileOptions()
+    mode = effective_mode(grad_mode, tiles)
+    why = pass_blocker(hidden, weight, bias, mode) if mode != "recompute" else mode
+    seg = _sequence_ids(S, labels, segment_ids) if why is None else None
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
-    if weight.device.type == "cuda":          # not measured on a GPU yet: issue #3's rule
-        rows = tile_rows(weight.shape[0], weight.device, weight.dtype, tiles, H=weight.shape[1])
-        return S <= 4 and rows >= (64 if tied else 256)
-    if not long_tiles(weight, tiles):
-        return False
-    # the deferred tokens: all labelled tokens but the longest pair's (tied) or sequence's
-    # (untied), counted exactly (a pass over the labels; the CPU has no sync to avoid)
-    V, H = weight.shape
-    counts = segment_counts(labels.reshape(-1) != ignore_index, seg.reshape(-1), S).tolist()
-    n = sum(counts)
-    deferred = n - unscaled_group(counts, tied)[1]
-    kept = min(deferred, keep_rows(V, H, weight.device, weight.dtype, tiles, backend))
-    return keep_pays(deferred, kept, n, H, weight.device)
+
+    def recompute(h, w, b):
+        sums, counts = sequence_logprobs(h, w, labels, **{**seq_kw, "bias": b})
+        counts_f = counts.to(sums.dtype)
+        logps = sums / counts_f.clamp(min=1) if average else sums
+        return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+    if why is not None and mode == "single_pass":
+        raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+    if torch.compiler.is_compiling():
+        # a compiled graph cannot time candidates: the pair pass as one custom op (pass_op)
+        # where the choice needs no data, one tied pair of padded rows with long tiles (every
+        # token formed once); elsewhere the recompute, its own custom op
+        if why is None and (mode == "single_pass" or (
+                segment_ids is None and S == 2 and tied and long_tiles(weight, tiles))):
+            return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
+                                      bias, seg, ref, pair_loss_fn(loss, own, average, ref))
+        return recompute(hidden, weight, bias)
+    if why is not None:
+        return recompute(hidden, weight, bias)          # no gradient wanted, float64, ...
+    t = tiles.resolved(head=tuple(weight.shape))
+    rows = hidden.numel() // hidden.shape[-1]
+    backend = resolve(common.get("backend", "auto"), weight.device)
+
+    def run_pass(tt):
+        return lambda h, w, b: _single_pass(loss, own, {**common, "tiles": tt}, average, S, h, w,
+                                            labels, b, seg, ref)
+    # the tokens whose scalar is known only at the end: all but the longest pair's (tied) or
+    # sequence's (untied); bounded without reading the labels, as if the lengths were equal
+    deferred = rows - rows * (2 if tied else 1) // S
+    cands = candidates(weight, hidden, rows, backend, t, recompute, run_pass, deferred)
+    key = plan_key("pair:tied" if tied else "pair:untied", weight.device, weight.dtype, backend,
+                   *weight.shape, rows, S, t.memory)
+    return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t))
 
 
 def _sequence_ids(S, labels, segment_ids):
@@ -211,6 +180,33 @@ def _sequence_ids(S, labels, segment_ids):
     if segment_ids is not None:
         return segment_ids
     return torch.arange(S, device=labels.device)[:, None].expand(labels.shape)
+
+
+def pair_loss_fn(loss: str, own: dict, average: bool, ref: Optional[Tensor]):
+    """loss_fn(logps [S], counts [S]) -> (loss, metrics): the recompute path's loss on the S
+    log-probs (differentiable in logps)."""
+    def loss_fn(logps, counts):
+        sums = logps * counts if average else logps
+        return paired_loss_on_logps(loss, logps, sums, counts, ref, own)
+    return loss_fn
+
+
+def pass_options(loss: str, own: dict, common: dict, average: bool, S: int, weight: Tensor,
+                 ref: Optional[Tensor]) -> SinglePassOptions:
+    """The pair pass's options for this loss and head: its loss_fn, the tie, the tile rows and
+    the keep budget (eager and compiled paths alike: the custom op rebuilds them through
+    register_pass_builder)."""
+    lp_opts = LogprobOptions(**common)
+    V, H = weight.shape
+    return SinglePassOptions(
+        pair_loss_fn(loss, own, average, ref), S, average, REGISTRY[loss].tie(own, S // 2),
+        lp_opts, tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H,
+                           backend=lp_opts.backend),
+        lp_opts.tiles.resolved().vocab_block,
+        keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles, lp_opts.backend))
+
+
+register_pass_builder(pass_options)
 
 
 def _single_pass(loss, own, common, average, S, hidden, weight, labels, bias, seg, ref):

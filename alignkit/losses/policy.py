@@ -35,19 +35,12 @@ from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
-from alignkit.losses.single_pass import (
-    GRAD_MODES,
-    TokenPassOptions,
-    cpu_pass_pays,
-    keep_pays,
-    keep_rows,
-    long_tiles,
-    pass_blocker,
-    tile_rows,
-    token_pass_loss,
-)
-from alignkit.ops.backends import autocast_head
+from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.pass_budget import (effective_mode, keep_rows, pass_blocker, pinned_plan,
+                                      tile_rows)
+from alignkit.ops.plan import candidates, choose_and_run, plan_key
+from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
 from alignkit.ops.validate import (
     check_linear_inputs,
     check_segment_ids,
@@ -107,26 +100,46 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     P = _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ignore_index,
                  max_completion_length, num_items, torch.float32)
     flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                             backend=backend, tiles=tiles or TileOptions())
+    tiles = tiles or TileOptions()
+    mode = effective_mode(grad_mode, tiles)
     coupled = o["level"] == "sequence"
-    keep = keep_rows(*weight.shape, weight.device, weight.dtype, lp_opts.tiles,
-                     backend) if coupled else 0
-    if _token_pass(grad_mode, o, flat, weight, bias, lp_opts, P["mask"], keep):
-        value, lp, ent = token_pass_loss(
-            flat, weight, y, bias, TokenPassOptions(
-                _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
-                tile_rows(weight.shape[0], weight.device, weight.dtype, lp_opts.tiles,
-                          H=weight.shape[1], backend=backend),
-                lp_opts.tiles.resolved().vocab_block, entropy=True, coupled=coupled,
-                keep=keep))
-        return value, policy_terms(lp, ent, **P)[1]
-    lp, ent = linear_token_logprobs(flat, weight, y, bias=bias, ignore_index=ignore_index,
-                                    temperature=temperature, softcap=softcap,
-                                    return_entropy=True, backend=backend, tiles=tiles)
-    if o["entropy_coef"] == 0:
-        ent = ent.detach()
-    return policy_terms(lp, ent, **P)
+    why = _pass_blocker(mode, o, flat, weight, bias)
+
+    def recompute(h, w, b):
+        lp, ent = linear_token_logprobs(h, w, y, bias=b, ignore_index=ignore_index,
+                                        temperature=temperature, softcap=softcap,
+                                        return_entropy=True, backend=backend, tiles=tiles)
+        return policy_terms(lp, ent if o["entropy_coef"] != 0 else ent.detach(), **P)
+
+    def run_pass(tt):
+        lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+                                 softcap=softcap, backend=backend, tiles=tt)
+        V, H = weight.shape
+        po = TokenPassOptions(
+            _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
+            tile_rows(V, weight.device, weight.dtype, tt, H=H, backend=backend),
+            tt.resolved().vocab_block, entropy=True, coupled=coupled,
+            keep=keep_rows(V, H, weight.device, weight.dtype, tt, backend) if coupled else 0)
+
+        def run(h, w, b):
+            value, lp, ent = token_pass_loss(h, w, y, b, po)
+            return value, policy_terms(lp, ent, **P)[1]
+        return run
+
+    if why is not None and mode == "single_pass":
+        raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+    if why is not None or torch.compiler.is_compiling():
+        # no gradient wanted, float64, ...; and torch.compile, which cannot time candidates
+        return recompute(flat, weight, bias)
+    t = tiles.resolved(head=tuple(weight.shape))
+    rows = flat.shape[0]
+    be = resolve(backend, weight.device)
+    # sequence-level importance sampling defers every token (its coefficient needs its
+    # sequence's mean ratio); token level none
+    cands = candidates(weight, flat, rows, be, t, recompute, run_pass, rows if coupled else 0)
+    key = plan_key("token:coupled" if coupled else "token", weight.device, weight.dtype, be,
+                   *weight.shape, rows, P["S"], t.memory)
+    return choose_and_run(key, cands, t, flat, weight, bias, rows, pinned_plan(mode, t))
 
 
 def policy_loss_from_logprobs(logprobs: Tensor, entropy: Optional[Tensor], labels: Tensor, *,
@@ -190,40 +203,18 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
                 seq_adv=seq_adv)
 
 
-def _token_pass(grad_mode, o, hidden, weight, bias, lp_opts, mask, keep) -> bool:
-    """Whether the single pass serves this call (grad_mode="single_pass" raises where it
-    cannot); the gate is the pair pass's (single_pass.pass_blocker, long_tiles, keep_pays),
-    since the token pass runs the same schedule on the same tiles. Sequence-level importance
-    sampling defers every token (its coefficient needs its sequence's mean ratio): auto takes it
-    where the keep budget (keep rows) holds enough of them."""
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
-    if grad_mode == "recompute":
-        return False
-    why = pass_blocker(hidden, weight, bias, grad_mode)
-    if o["level"] == "sequence" and o["entropy_coef"] != 0:
+def _pass_blocker(mode, o, hidden, weight, bias):
+    """Why the token pass cannot serve this call (None where it can); the pair pass's reasons
+    (pass_budget.pass_blocker) and one of its own."""
+    if mode == "recompute":
+        return "recompute"
+    why = pass_blocker(hidden, weight, bias, mode)
+    if why is None and o["level"] == "sequence" and o["entropy_coef"] != 0:
         # a kept G carries one unknown scale per row; the entropy term's gradient is a second
         # matrix beside it (−p·(log p + H)), which would need its own buffer or GEMMs
-        why = why or ("sequence-level importance sampling with an entropy bonus (its kept G "
-                      "tiles take one scale per token; the entropy term would be a second one)")
-    if grad_mode == "single_pass":
-        if why:
-            raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
-        return True
-    if why or torch.compiler.is_compiling() or not long_tiles(weight, lp_opts.tiles):
-        return False
-    if weight.device.type != "cuda" and weight.shape[1] < 512 and \
-            not cpu_pass_pays(weight.device):
-        # measured on the AMX Xeon at R3 (2 x 8192 tokens, H=256, V=32000), four runs: the
-        # recompute ran level with the token pass or up to 17% faster (1.06x against 1.24x the
-        # floor in the last). At H=256 the GEMM the pass saves is cheap beside the traffic of its
-        # full-vocabulary tiles; at H=512 (R2) the pass ran 1.07-1.12x against 1.19-1.30x. On
-        # the AVX2 EPYC the pass ran 0.86x the floor at R3 against the recompute's 1.07x.
-        return False
-    if o["level"] == "sequence":
-        n = int(mask.sum())
-        return keep_pays(n, min(n, keep), n, weight.shape[1], weight.device)
-    return True
+        why = ("sequence-level importance sampling with an entropy bonus (its kept G tiles take "
+               "one scale per token; the entropy term would be a second one)")
+    return why
 
 
 def _coefficients(P):

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from alignkit.ops.env import env_flag
+
 try:  # built from csrc/ by setup.py; optional so that a machine without a compiler still works
     from alignkit import _C as _cpp
     _CPP_ERROR = None
@@ -36,17 +38,10 @@ def cpu_flags() -> frozenset:
 
 
 def cpu_has_bf16() -> bool:
-    """The CPU has bf16 matrix units (avx512_bf16 or AMX): there a bf16 GEMM with fp32
-    accumulation ran 3.5x an fp32 one (738 against 214 GFLOP/s at [2048, 512] x [512, 32000] on
-    this project's Xeon); without them bf16 matmul runs ~20x slower than fp32."""
+    """The CPU has bf16 matrix units (avx512_bf16 or AMX): only there is a bf16 GEMM with fp32
+    accumulation a candidate at all; without them bf16 matmul runs ~20x slower than fp32
+    (bench/RESULTS.md, "bf16 on CPU")."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def cpu_has_amx() -> bool:
-    """An Intel CPU with AMX tiles (Sapphire Rapids and later): the one CPU class where the fp32
-    single pass measured slower than the recompute at some shapes (alignkit/losses/
-    single_pass.py, cpu_pass_pays)."""
-    return bool({"amx_tile", "amx_bf16"} & cpu_flags())
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -142,7 +137,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     # auto
-    if device.type == "cpu" and os.environ.get("ALIGNKIT_DISABLE_CPP") != "1":
+    if device.type == "cpu" and env_flag("ALIGNKIT_DISABLE_CPP") is not True:
         if _cpp is not None:
             return "cpp"
         _warn_no_cpp()

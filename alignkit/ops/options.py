@@ -1,11 +1,13 @@
-"""Non-tensor options of the log-prob ops, carried in one frozen dataclass."""
+"""The engine's options: TileOptions (alias EngineOptions), the one public options object, and
+LogprobOptions, the per-call record of a log-prob op's own arguments."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+
+from alignkit.ops.env import env, env_flag, env_int
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
@@ -17,27 +19,45 @@ def is_real(v) -> bool:
 
 
 TRITON_BWD_MODES = ("chunked", "atomic", "blocked")
+MEMORY_OPTIONS = ("min", "bound", "fast")
+# the plans the chooser (alignkit/ops/plan.py) picks among; grad_mode's "recompute" and
+# "single_pass" pin the first two
+PLANS = ("recompute", "single_pass", "single_pass_fast")
 
 
 @dataclass(frozen=True)
 class TileOptions:
-    """The head ops' memory and schedule knobs, each with one meaning. A field left None takes
-    its environment variable when the op is called, else the built-in default (resolved()).
+    """The engine's options, one frozen object accepted by every front door (preference_loss,
+    policy_loss, sequence_logprobs, linear_token_logprobs, the trainer's ``engine:`` section,
+    PPOConfig, patch_trainer / patch_model, ``alignkit bench``). A field left None takes its
+    environment variable when the op is called (alignkit/ops/env.py), else the built-in default
+    (resolved()). ``alignkit.EngineOptions`` is the same class.
 
+    memory            what the engine may hold beyond the inputs, grad_W and grad_h, and so which
+                      plans it may choose among (alignkit/ops/plan.py):
+                      "min"   the recompute's footprint: one tile_bytes tile;
+                      "bound" (default) 1.3 x (grad_W + grad_h) + the tile: the recompute, or the
+                              single pass within its keep budget;
+                      "fast"  up to what full [N, V] fp32 logits would take: also the single pass
+                              that keeps every deferred token (3 GEMMs for every token);
+                      an int  a byte cap on the engine's peak: the plans whose peak fits it.
+                      ALIGNKIT_MEMORY.
+    plan              pins one plan of PLANS (ALIGNKIT_PLAN); None: chosen by measuring.
+    autotune          True (default): the first call of a new plan key times the candidates on
+                      its own inputs and caches the winner on disk; False: a cost model with
+                      this machine's measured GEMM rate and bandwidth picks, with no timing of
+                      candidates. ALIGNKIT_AUTOTUNE.
     tile_bytes        the recompute's working set: one [rows, vocab_block] logits tile plus the
                       chunk's hidden rows and their gradient (alignkit/ops/tiling.py).
                       ALIGNKIT_TILE_BYTES; default 16 MiB, or 1/16 of the weight gradient
                       (V·H·4 bytes) when that is larger: every chunk of rows reads and writes
-                      all of grad_W once, so a big head wants fewer, longer chunks (measured on
-                      the AMX Xeon at H=4096, V=128256: 2.6x -> 1.4-1.7x the GEMM floor in bf16,
-                      1.46x -> 1.13x in fp32, for a working set 6% of grad_W).
+                      all of grad_W once, so a big head wants fewer, longer chunks
+                      (bench/RESULTS.md, "Tile budget").
     vocab_block       vocabulary columns per logits GEMM. ALIGNKIT_VOCAB_BLOCK, 2048.
     single_pass_bytes the single pass's full-vocabulary [rows, V] tile on CPU.
                       ALIGNKIT_SINGLE_PASS_BYTES; default 64 MiB, or 512 fp32 rows (512·V·4)
                       where that is larger and within half of grad_W: the pass's GEMMs want
-                      long tiles, and a big vocabulary left 64 MiB short of them (110 rows at
-                      V=151936, where dapo at 8 x 512, H=1024 ran 1.28x the GEMM floor on the
-                      AMX Xeon; 441 rows ran 0.97x, the recompute 1.09x).
+                      long tiles (bench/RESULTS.md, "Single pass or recompute").
     keep_bytes        the single pass's memory beyond its tile for the G tiles of sequences
                       whose scalar is not known yet (several pairs, untied losses): kept, they
                       cost 3 GEMMs per token instead of 4 (formed again). One buffer holds the
@@ -58,6 +78,9 @@ class TileOptions:
     gpu_chunk_bytes: int | None = None
     triton_bwd: str | None = None
     keep_bytes: int | None = None
+    memory: str | int | None = None
+    plan: str | None = None
+    autotune: bool | None = None
 
     _ENV = (("tile_bytes", "ALIGNKIT_TILE_BYTES", 16 << 20),
             ("vocab_block", "ALIGNKIT_VOCAB_BLOCK", 2048),
@@ -75,20 +98,22 @@ class TileOptions:
         if self.triton_bwd is not None and self.triton_bwd not in TRITON_BWD_MODES:
             raise ValueError(f"triton_bwd must be None or one of {TRITON_BWD_MODES}, got "
                              f"{self.triton_bwd!r}")
+        check_memory("memory", self.memory, allow_none=True)
+        if self.plan is not None and self.plan not in PLANS:
+            raise ValueError(f"plan must be None or one of {PLANS}, got {self.plan!r}")
+        if self.autotune is not None and not isinstance(self.autotune, bool):
+            raise TypeError(f"autotune must be None or a bool, got {self.autotune!r}")
 
     def resolved(self, head: tuple | None = None) -> "TileOptions":
         """Every field set: the given value, else its environment variable, else the default.
         head: the weight's (V, H), for the defaults that scale with the head (tile_bytes,
         single_pass_bytes, keep_bytes; without it keep_bytes defaults to 0)."""
         vals = {}
-        for name, env, default in self._ENV:
+        for name, var, default in self._ENV:
             v = getattr(self, name)
             if v is None:
-                raw = os.environ.get(env)
-                try:
-                    v = int(raw) if raw is not None else default
-                except ValueError:
-                    raise ValueError(f"{env} must be an integer, got {raw!r}") from None
+                raw = env_int(var)
+                v = raw if raw is not None else default
                 if raw is None and head is not None:
                     grad_w = int(head[0]) * int(head[1]) * 4
                     if name == "tile_bytes":
@@ -96,14 +121,10 @@ class TileOptions:
                     elif name == "single_pass_bytes":
                         v = max(v, min(512 * int(head[0]) * 4, grad_w // 2))
             vals[name] = v
-        mode = self.triton_bwd or os.environ.get("ALIGNKIT_TRITON_BWD", "chunked")
+        mode = self.triton_bwd or env("ALIGNKIT_TRITON_BWD", "chunked")
         keep = self.keep_bytes
         if keep is None:
-            raw = os.environ.get("ALIGNKIT_KEEP_BYTES")
-            try:
-                keep = int(raw) if raw is not None else None
-            except ValueError:
-                raise ValueError(f"ALIGNKIT_KEEP_BYTES must be an integer, got {raw!r}") from None
+            keep = env_int("ALIGNKIT_KEEP_BYTES")
             if keep is None and head is not None:
                 # 0.3 of grad_W, less the two [rows, H] fp32 temporaries each tile's gradient
                 # GEMMs allocate (its hidden rows, and G·W before it is scattered into grad_h):
@@ -116,7 +137,35 @@ class TileOptions:
                 keep = 0
             elif keep < 0:
                 raise ValueError(f"ALIGNKIT_KEEP_BYTES must be >= 0, got {keep}")
-        return TileOptions(**vals, triton_bwd=mode, keep_bytes=keep)
+        memory = self.memory
+        if memory is None:
+            raw = env("ALIGNKIT_MEMORY", "bound")
+            memory = int(raw) if raw.isdigit() else raw
+            check_memory("ALIGNKIT_MEMORY", memory)
+        plan = self.plan if self.plan is not None else env("ALIGNKIT_PLAN")
+        if plan is not None and plan not in PLANS:
+            raise ValueError(f"ALIGNKIT_PLAN must be one of {PLANS}, got {plan!r}")
+        autotune = self.autotune
+        if autotune is None:
+            flag = env_flag("ALIGNKIT_AUTOTUNE")
+            autotune = True if flag is None else flag
+        return TileOptions(**vals, triton_bwd=mode, keep_bytes=keep, memory=memory, plan=plan,
+                           autotune=autotune)
+
+
+EngineOptions = TileOptions
+
+
+def check_memory(name: str, v, allow_none: bool = False):
+    """memory: one of MEMORY_OPTIONS or a byte cap (an int > 0)."""
+    if v is None and allow_none:
+        return
+    if isinstance(v, str) and v in MEMORY_OPTIONS:
+        return
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return
+    raise ValueError(f"{name} must be one of {MEMORY_OPTIONS} or a byte cap (an int > 0), "
+                     f"got {v!r}")
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def labelled_per_segment(labels: torch.Tensor, seg: torch.Tensor, S: int, vocab:
     labelled_rows), and each segment's labelled-token count, on the device [S] and as host
     ints. One host read, on CUDA as on CPU: the bad-label count comes back with the S counts
     (one .tolist()), and their sum sizes the compaction (the single pass's forward, where the
-    counts also choose its unscaled group: single_pass._grads)."""
+    counts also choose its unscaled group: pair_pass._grads)."""
     keep = labels != ignore_index
     counts = segment_counts(keep, seg, S)
     host = _checked_counts(labels, keep, counts, vocab, ignore_index)

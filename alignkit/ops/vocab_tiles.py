@@ -1,4 +1,4 @@
-"""The single pass's full-vocabulary tiles (alignkit/losses/single_pass.py drives them): each
+"""The single pass's full-vocabulary tiles (alignkit/ops/pair_pass.py and token_pass.py drive them): each
 [rows, V] tile formed once from hidden rows, folded into its rows' log-prob (and entropy)
 statistics, turned in place into G = g_lp·(onehot − p) − g_ent·p·(log p + H) where the rows'
 coefficients are known, and fed to the two gradient GEMMs (G·W, Gᵀ·h); or, for rows whose
@@ -66,7 +66,7 @@ class VocabTiles:
         # read and 2 written, against 4 + 4 then 4 + 2 (on a card the elementwise passes are
         # what the single pass adds to its three GEMMs: bench/paper.py). The kept rows share
         # gbuf's buffer: a sweep that keeps G writes no tile G, and the kept rows are read
-        # (finish_kept) before the next sweep that does (single_pass._grads, _token_grads), so
+        # (finish_kept) before the next sweep that does (pair_pass._grads, token_pass._token_grads), so
         # the tile's G rows keep G too (keep_rows counts them)
         gk = torch.empty(max(n_rows, keep), V, dtype=self.gdt, device=dev) \
             if self.backend == "triton" and self.gdt != torch.float32 else None

@@ -1,6 +1,6 @@
-"""The pair pass (single_pass._grads) as a torch.library custom op, so torch.compile traces it.
+"""The pair pass (pair_pass._grads) as a torch.library custom op, so torch.compile traces it.
 
-Eager calls run single_pass._SinglePass, whose backward scales the gradients formed in forward in
+Eager calls run pair_pass._SinglePass, whose backward scales the gradients formed in forward in
 place (no second [V, H] buffer). torch.compile cannot trace that pass: its loops and its choices
 (the unscaled group, the kept rows) read the data. Under torch.compile, preference_loss calls this
 op instead. It is one opaque node with a fake implementation:
@@ -11,8 +11,9 @@ op instead. It is one opaque node with a fake implementation:
   tracing; the eager path has no such copy.
 A custom op takes tensors and plain values only, so the loss travels by name. The spec string
 holds the loss's registry name, its options as a Python literal, the reduction, the sequence
-count and the LogprobOptions fields. From it the op rebuilds the same SinglePassOptions
-(pass_options) as the eager path.
+count and the LogprobOptions fields. From it the op rebuilds the same SinglePassOptions as the
+eager path, through the builder the losses layer registers (register_pass_builder): ops never
+import losses.
 
 Shapes: hidden [2B, T, H] or [N, H], labels and seg (each token's sequence in [0, S)) the
 tokens' shape, ref [S] or None.
@@ -26,35 +27,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.losses import single_pass
-from alignkit.losses.registry import LOSSES as REGISTRY
-from alignkit.losses.registry import paired_loss_on_logps
-from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops import pair_pass
+from alignkit.ops.options import TileOptions
+
+_BUILDER = []
 
 
-def pair_loss_fn(loss: str, own: dict, average: bool, ref: Optional[Tensor]):
-    """loss_fn(logps [S], counts [S]) -> (loss, metrics): the recompute path's loss on the S
-    log-probs (differentiable in logps)."""
-    def loss_fn(logps, counts):
-        sums = logps * counts if average else logps
-        return paired_loss_on_logps(loss, logps, sums, counts, ref, own)
-    return loss_fn
-
-
-def pass_options(loss: str, own: dict, common: dict, average: bool, S: int, weight: Tensor,
-                 ref: Optional[Tensor]) -> single_pass.SinglePassOptions:
-    """The pair pass's options for this loss and head: its loss_fn, the tie, the tile rows and
-    the keep budget (eager and compiled paths alike)."""
-    loss_fn = pair_loss_fn(loss, own, average, ref)
-    lp_opts = LogprobOptions(**common)
-    V, H = weight.shape
-    o = single_pass.SinglePassOptions(
-        loss_fn, S, average, REGISTRY[loss].tie(own, S // 2), lp_opts,
-        single_pass.tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H,
-                              backend=lp_opts.backend),
-        lp_opts.tiles.resolved().vocab_block,
-        single_pass.keep_rows(V, H, weight.device, weight.dtype, lp_opts.tiles, lp_opts.backend))
-    return o
+def register_pass_builder(build):
+    """build(loss, own, common, average, S, weight, ref) -> pair_pass.SinglePassOptions: the
+    losses layer's loss_fn and tie for a registry name (alignkit/losses/fused.py registers it at
+    import). The custom op rebuilds its options through it from the spec string."""
+    _BUILDER[:] = [build]
 
 
 _TILE_FIELDS = tuple(f.name for f in dataclasses.fields(TileOptions))
@@ -84,20 +67,20 @@ def _unspec(spec: str):
 
 
 @torch.library.custom_op("alignkit::pair_pass", mutates_args=())
-def pair_pass(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], seg: Tensor,
+def pair_pass_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], seg: Tensor,
               ref: Optional[Tensor], spec: str, need_h: bool, need_w: bool,
               need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     d = _unspec(spec)
-    o = pass_options(d["loss"], d["own"], d["common"], d["average"], d["S"], weight, ref)
+    o = _BUILDER[0](d["loss"], d["own"], d["common"], d["average"], d["S"], weight, ref)
     # _grads checks the label range first, in its one host read
-    loss, sums, counts, gh, gw, gb = single_pass._grads(hidden, weight, labels.long(), bias,
+    loss, sums, counts, gh, gw, gb = pair_pass._grads(hidden, weight, labels.long(), bias,
                                                         seg.long(), o, need_h, need_w, need_b)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (loss.reshape(()).clone(), sums, counts,
             *(g if g is not None else torch.empty(0, **f32) for g in (gh, gw, gb)))
 
 
-@pair_pass.register_fake
+@pair_pass_op.register_fake
 def _(hidden, weight, labels, bias, seg, ref, spec, need_h, need_w, need_b):
     S = ast.literal_eval(spec)["S"]
     V, H = weight.shape
@@ -127,12 +110,14 @@ def _backward(ctx, grad_loss, _g_sums, _g_counts, _gh, _gw, _gb):
             (gb * s).to(bdt) if need_b else None) + (None,) * 6
 
 
-pair_pass.register_autograd(_backward, setup_context=_setup_context)
+pair_pass_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels, bias, seg, ref):
+def compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels, bias, seg, ref,
+                       loss_fn):
     """preference_loss's single pass under torch.compile: (loss, metrics), as the eager
-    fused._single_pass returns them."""
+    fused._single_pass returns them. loss_fn(logps, counts) -> (loss, metrics) gives the metrics
+    from the op's sums."""
     grad = torch.is_grad_enabled()
     need = (grad and hidden.requires_grad, grad and weight.requires_grad,
             grad and bias is not None and bias.requires_grad)
@@ -140,8 +125,7 @@ def compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels, bi
     spec = spec_of(loss, tuple(own.items()),
                    tuple((k, v) for k, v in common.items() if k != "tiles"),
                    None if t is None else tuple(getattr(t, n) for n in _TILE_FIELDS), average, S)
-    value, sums, counts, *_ = pair_pass(hidden, weight, labels, bias, seg, ref, spec, *need)
-    loss_fn = pair_loss_fn(loss, own, average, ref)
+    value, sums, counts, *_ = pair_pass_op(hidden, weight, labels, bias, seg, ref, spec, *need)
     counts_f = counts.to(sums.dtype)
     sums = sums.detach()
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -1,0 +1,437 @@
+"""The plan chooser: the one place that decides how a fused loss forms its gradient.
+
+A fused loss (preference_loss, policy_loss) can run under several plans that give the same result:
+    recompute          the generic op; backward recomputes each logits tile: 4 GEMMs per token.
+                       Peak: grad_W + grad_h + tile_bytes.
+    single_pass        G formed in forward from full-vocabulary tiles (alignkit/ops/pair_pass.py,
+                       token_pass.py): 3 GEMMs per token of the unscaled group and of the deferred
+                       tokens within the keep budget, 4 past it.
+                       Peak: grad_W + grad_h + single_pass_bytes + keep_bytes (the 1.3x bound).
+    single_pass_fast   the single pass keeping every deferred token's G (3 GEMMs for every token)
+                       in a buffer of up to N·V fp32, with tiles of up to 4 x single_pass_bytes.
+                       Peak: up to what full [N, V] fp32 logits take.
+Filter: TileOptions.memory ("min", "bound", "fast" or a byte cap) keeps the plans whose peak fits.
+Choice, in order:
+  1. a pinned plan (TileOptions.plan, or the front door's grad_mode);
+  2. the one feasible plan, where only one fits;
+  3. the plan cache: this process's, then the disk's ($XDG_CACHE_HOME/alignkit/plans-v1.json,
+     ALIGNKIT_PLAN_CACHE; JSON only);
+  4. autotune=True (the default): measured on the calls' own inputs. The next calls of a new key
+     each run one candidate, timed forward and backward: a timed candidate forms its gradient in
+     forward (the single passes always do; the recompute does so while it is timed), so the
+     call's own work is the measurement and tuning costs no extra call, only the slower
+     candidates' excess on 2 x (candidates) calls. Rounds interleave the candidates (A B B A),
+     and the winner is the least-memory candidate within MARGIN of the fastest (per token). It
+     is cached in memory and on disk;
+  5. autotune=False: the cost model (GEMM FLOPs at this machine's measured GEMM rate, tile
+     traffic at its measured bandwidth; machine_constants), with the same margin.
+Under torch.distributed the plan key leaves out the token count (ranks see different batches but
+the same calls) and rank 0's cached or measured choice is broadcast, so every rank runs one plan.
+torch.compile and no_grad keep their fixed rules (the front doors: a compiled graph cannot time,
+and without a gradient the recompute's forward is one GEMM per tile).
+
+The plan key: the device and machine (CPU model and flags, or GPU name and capability), the loss
+kind (pair pass tied / untied, token pass, coupled token pass), dtype, backend, H, V (rounded up
+to 1024), the token count (rounded up to a power of 2), the number of sequences, and the memory
+option. Measurements behind the plans: bench/RESULTS.md, "The plan chooser".
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from alignkit.ops.backends import cpu_flags, gemm_dtype, resolve
+from alignkit.ops.env import env
+from alignkit.ops.options import PLANS, TileOptions
+from alignkit.ops.pass_budget import keep_rows, tile_rows
+
+log = logging.getLogger("alignkit.plan")
+
+ROUNDS = 2          # timed runs of each candidate before a new key is decided
+MARGIN = 0.03       # a larger-memory plan must be this much faster (per token) to be chosen
+CACHE_FILE = "plans-v1.json"
+FAST_TILE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan for one call. run(hidden, weight, bias) -> (loss, metrics); forms_grads: its
+    forward forms the gradient (the single passes), so timing its forward times all its work;
+    peak: the engine's bytes beyond the inputs; cost(machine constants) -> the cost model's
+    seconds."""
+    name: str
+    peak: int
+    run: Callable
+    forms_grads: bool
+    cost: Callable
+    tile: int = 0
+
+
+@dataclass
+class Choice:
+    """What the chooser did for the last call (alignkit bench prints it; tests read it)."""
+    key: tuple
+    plan: str
+    how: str            # pinned | only | cache | disk | tuning | measured | model | broadcast
+    feasible: tuple
+
+
+LAST: list[Choice] = []
+_DECIDED: dict = {}
+_TUNING: dict = {}
+_MACHINE: dict = {}
+
+
+# ---- the memory side -------------------------------------------------------------------------
+
+def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptions):
+    """{plan: (peak bytes, its tile's bytes, TileOptions it runs with)} for a head [V, H] over
+    `rows` token rows (no tile is longer than the call). t: the caller's options, resolved."""
+    device = torch.device(device)
+    grad_w, grad_h = grad_w_bytes(V, H, device, dtype), rows * H * 4
+    # the single passes accumulate grad_W in fp32 and hand it back in the weight's dtype
+    acc_w = V * H * 4 + (V * H * dtype.itemsize if dtype != torch.float32 else 0)
+    per = 6 if (device.type == "cuda" or resolve(backend, device) == "triton") and \
+        dtype == torch.bfloat16 else (2 if gemm_dtype(dtype, device) != torch.float32 else 4)
+    r_tile = min(t.tile_bytes, rows * t.vocab_block * 4 + 2 * rows * H * 4)
+    out = {"recompute": (grad_w + grad_h + r_tile, r_tile, t)}
+    sp_rows = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows)
+    sp_buf = min(max(keep_rows(V, H, device, dtype, t, backend), sp_rows), rows) * V * per
+    out["single_pass"] = (acc_w + grad_h + sp_buf + 2 * sp_rows * H * 4, sp_rows * V * per, t)
+    # fast: the tile grows up to FAST_TILE_FACTOR x, and the buffer holds every row's G
+    tile = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
+    fast_tile = max(tile, min(FAST_TILE_FACTOR * tile, rows * V * per))
+    fast_keep = max(0, rows * V * per - fast_tile)
+    ft = TileOptions(**{**_fields(t), "single_pass_bytes": fast_tile,
+                        "gpu_chunk_bytes": fast_tile if device.type == "cuda" else t.gpu_chunk_bytes,
+                        "keep_bytes": fast_keep})
+    f_rows = min(tile_rows(V, device, dtype, ft, H=H, backend=backend), rows)
+    out["single_pass_fast"] = (acc_w + grad_h + rows * V * per + 2 * f_rows * H * 4,
+                               f_rows * V * per, ft)
+    return out
+
+
+def grad_w_bytes(V: int, H: int, device, dtype) -> int:
+    """grad_W as the recompute holds it: fp32 on CUDA (the triton backward's GEMMs write fp32)
+    and for fp32 weights; in the weight's dtype on CPU otherwise (its bf16 backward keeps one
+    fp32 vocab block)."""
+    fp32 = torch.device(device).type == "cuda" or dtype in (torch.float32, torch.float64)
+    return V * H * (4 if fp32 else dtype.itemsize)
+
+
+def limit(memory, V: int, H: int, rows: int, tile: int, device="cpu",
+          dtype=torch.float32) -> float:
+    """The byte cap a memory option sets for a head [V, H] over `rows` token rows; tile: the
+    default plans' tile bytes (the larger of the recompute's and the single pass's)."""
+    grad_w, grad_h = grad_w_bytes(V, H, device, dtype), rows * H * 4
+    if memory == "min":
+        return grad_w + grad_h + tile
+    if memory == "bound":
+        return 1.3 * (grad_w + grad_h) + tile
+    if memory == "fast":
+        # what full [N, V] fp32 logits and their two [N, H] products would take
+        return 2 * grad_w + grad_h + rows * V * 4 + 2 * rows * H * 4 + tile
+    return float(memory)
+
+
+def _fields(t: TileOptions) -> dict:
+    return {f: getattr(t, f) for f in t.__dataclass_fields__}
+
+
+# ---- the key and the cache ---------------------------------------------------------------------
+
+def machine_id(device) -> str:
+    """The machine a measurement holds for: GPU name and capability, or CPU model and flags."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"cuda:{p.name}:sm{p.major}{p.minor}"
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
+    return f"cpu:{model}:{os.cpu_count()}c:{','.join(flags)}"
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def plan_key(kind: str, device, dtype, backend: str, V: int, H: int, rows: int, S: int,
+             memory) -> tuple:
+    tokens = 0 if _distributed() else 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    return (machine_id(device), kind, str(dtype).replace("torch.", ""), backend, H,
+            -(-V // 1024) * 1024, tokens, S, str(memory))
+
+
+def cache_path() -> str:
+    root = env("ALIGNKIT_PLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "alignkit")
+    return os.path.join(root, CACHE_FILE)
+
+
+def _read_disk() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(entries: dict):
+    """Merges entries into the cache file (read, update, atomic replace): another process may
+    have written its own keys meanwhile."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_disk()
+        data.update(entries)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:            # a read-only home: the choice still holds in this process
+        log.debug("plan cache not written (%s): %s", path, e)
+
+
+def _skey(key: tuple) -> str:
+    return "|".join(map(str, key))
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+class _Formed(torch.autograd.Function):
+    """A loss whose gradients were formed in forward: backward scales them by the upstream
+    scalar (a timed recompute call; the single passes have their own)."""
+
+    @staticmethod
+    def forward(ctx, value, grads, hidden, weight, bias):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None) + tuple(x * g.to(x.dtype) if x is not None else None
+                                    for x in ctx.grads)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_candidate(c: Candidate, hidden, weight, bias):
+    """(result, seconds) of one candidate's whole work on the call's inputs: forward and the
+    gradient it forms (a recompute forms it here, by autograd, and returns a loss whose backward
+    only scales it)."""
+    _sync(hidden.device)
+    t0 = time.perf_counter()
+    if c.forms_grads:
+        out = c.run(hidden, weight, bias)
+    else:
+        leaves = tuple(x.detach().requires_grad_(x.requires_grad) if x is not None else None
+                       for x in (hidden, weight, bias))
+        with torch.enable_grad():
+            loss, metrics = c.run(*leaves)
+            want = [x for x in leaves if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(loss, want, allow_unused=True))
+        grads = tuple(next(got) if x is not None and x.requires_grad else None for x in leaves)
+        grads = tuple(torch.zeros_like(x) if g is None and x is not None and x.requires_grad
+                      else g for g, x in zip(grads, leaves))
+        out = (_Formed.apply(loss.detach(), grads, hidden, weight, bias), metrics)
+    _sync(hidden.device)
+    return out, time.perf_counter() - t0
+
+
+# ---- the cost model --------------------------------------------------------------------------
+
+def machine_constants(device, dtype) -> dict:
+    """This machine's GEMM rate (FLOP/s) in the head's GEMM dtype and memory bandwidth (B/s),
+    measured once per machine and cached on disk beside the plans."""
+    device = torch.device(device)
+    gdt = gemm_dtype(dtype, device)
+    mkey = f"machine|{machine_id(device)}|{str(gdt).replace('torch.', '')}"
+    if mkey in _MACHINE:
+        return _MACHINE[mkey]
+    disk = _read_disk().get(mkey)
+    if isinstance(disk, dict) and {"gemm", "bandwidth"} <= disk.keys():
+        _MACHINE[mkey] = disk
+        return disk
+    a = torch.randn(1024, 512, device=device).to(gdt)
+    b = torch.randn(4096, 512, device=device).to(gdt)
+    x = torch.empty(16 << 20, device=device)
+    best_g = best_b = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b.t())
+        _sync(device)
+        t1 = time.perf_counter()
+        x.mul_(1.0)
+        _sync(device)
+        t2 = time.perf_counter()
+        best_g, best_b = min(best_g, t1 - t0), min(best_b, t2 - t1)
+    consts = {"gemm": 2 * 1024 * 512 * 4096 / best_g, "bandwidth": 2 * x.numel() * 4 / best_b}
+    _MACHINE[mkey] = consts
+    _write_disk({mkey: consts})
+    return consts
+
+
+def model_cost(plan: str, V: int, H: int, rows: int, formed_twice: float, tile_rows_: int,
+               consts: dict) -> float:
+    """Seconds by the cost model: GEMM FLOPs at the GEMM rate, plus the elementwise passes over
+    the [rows, V] fp32 logits and each tile's read-modify-write of grad_W at the bandwidth.
+    formed_twice: the fraction of the tokens a single pass forms twice (4 GEMMs)."""
+    gemm = 2.0 * rows * V * H / consts["gemm"]
+    logits = rows * V * 4 / consts["bandwidth"]
+    grad_w = 2 * V * H * 4 / consts["bandwidth"] * max(1, math.ceil(rows / max(tile_rows_, 1)))
+    if plan == "recompute":
+        return 4 * gemm + 6 * logits + grad_w
+    return (3 + formed_twice) * gemm + 5 * (1 + formed_twice) * logits + grad_w
+
+
+def candidates(weight, hidden, rows: int, backend: str, t: TileOptions, run_recompute,
+               run_pass=None, deferred: int = 0) -> list:
+    """The plans a call can take. run_recompute(hidden, weight, bias) -> (loss, metrics);
+    run_pass(tiles) -> such a function for a single pass with those options, or None where no
+    single pass can serve the call; deferred: an upper bound on the tokens whose gradient scale is
+    known only at the end (no data read: it costs no sync). rows: the token rows of hidden."""
+    V, H = weight.shape
+    dev, dt = weight.device, weight.dtype
+    b = budgets(V, H, rows, dev, dt, backend, t)
+    r_rows = max(1, t.tile_bytes // (4 * t.vocab_block))
+    out = [Candidate("recompute", b["recompute"][0], run_recompute, False,
+                     lambda c: model_cost("recompute", V, H, rows, 0.0, r_rows, c),
+                     b["recompute"][1])]
+    if run_pass is None:
+        return out
+    seen = set()
+    for name in ("single_pass", "single_pass_fast"):
+        peak, tile, tt = b[name]
+        tr = tile_rows(V, dev, dt, tt, H=H, backend=backend)
+        kept = min(deferred, keep_rows(V, H, dev, dt, tt, backend))
+        if (tr, kept) in seen:          # fast adds nothing here: same tiles, same kept rows
+            continue
+        seen.add((tr, kept))
+        f2 = (deferred - kept) / max(rows, 1)
+        out.append(Candidate(name, peak, run_pass(tt), True,
+                             lambda c, tr=tr, f2=f2, n=name: model_cost(n, V, H, rows, f2, tr, c),
+                             tile))
+    return out
+
+
+# ---- the choice ------------------------------------------------------------------------------
+
+def _least_memory_within_margin(times: dict, cands: dict) -> str:
+    best = min(times.values())
+    ok = [n for n, t in times.items() if t <= best * (1 + MARGIN)]
+    return min(ok, key=lambda n: (cands[n].peak, PLANS.index(n)))
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight, bias,
+                   rows: int, pinned: Optional[str] = None):
+    """Runs the call under the chosen plan: (loss, metrics). candidates: every plan the call
+    could take, each with its peak; t: the resolved options (memory, plan, autotune)."""
+    cands = {c.name: c for c in candidates}
+    V, H = weight.shape
+    tile = max(c.tile for c in candidates if c.name != "single_pass_fast")
+    cap = limit(t.memory, V, H, rows, tile, weight.device, weight.dtype)
+    feasible = {n: c for n, c in cands.items() if c.peak <= cap}
+    pinned = pinned or t.plan
+    if pinned is not None:
+        if pinned not in cands:
+            raise ValueError(f"plan {pinned!r} cannot serve this call (it can take "
+                             f"{', '.join(cands)})")
+        if pinned not in feasible:
+            raise ValueError(f"plan {pinned!r} needs {cands[pinned].peak / 2**20:.1f} MiB, over "
+                             f"memory={t.memory!r} ({cap / 2**20:.1f} MiB here): raise memory, "
+                             "or leave plan unset")
+        return _ran(Choice(key, pinned, "pinned", tuple(feasible)), cands, hidden, weight, bias)
+    if not feasible:
+        need = min(c.peak for c in cands.values())
+        raise ValueError(f"memory={t.memory!r} allows {cap / 2**20:.1f} MiB here, and the "
+                         f"smallest plan needs {need / 2**20:.1f} MiB")
+    names = tuple(sorted(feasible, key=PLANS.index))
+    if len(names) == 1:
+        return _ran(Choice(key, names[0], "only", names), cands, hidden, weight, bias)
+    if key in _DECIDED and _DECIDED[key] in feasible:
+        return _ran(Choice(key, _DECIDED[key], "cache", names), cands, hidden, weight, bias)
+    dist_ = _distributed()
+    if key not in _TUNING:
+        # a key new to this process: the disk (rank 0's, broadcast under torch.distributed)
+        skey = _skey(key)
+        import torch.distributed as dist
+        found = _read_disk().get(skey) if not dist_ or dist.get_rank() == 0 else None
+        if dist_:
+            found = _broadcast(found)
+        if isinstance(found, str) and found in feasible:
+            _DECIDED[key] = found
+            return _ran(Choice(key, found, "disk", names), cands, hidden, weight, bias)
+        if not t.autotune:
+            consts = machine_constants(weight.device, weight.dtype)
+            costs = {n: feasible[n].cost(consts) for n in names}
+            win = _least_memory_within_margin(costs, feasible)
+            if dist_:
+                win = _broadcast(win)
+            _DECIDED[key] = win
+            return _ran(Choice(key, win, "model", names), cands, hidden, weight, bias)
+        _TUNING[key] = {"order": list(names) + list(reversed(names)) * (ROUNDS - 1),
+                        "times": {n: [] for n in names}}
+    state = _TUNING[key]
+    name = state["order"].pop(0)
+    (value, metrics), dt = time_candidate(feasible[name], hidden, weight, bias)
+    state["times"][name].append(dt / max(rows, 1))
+    how = "tuning"
+    if not state["order"]:
+        del _TUNING[key]
+        times = {n: min(v) for n, v in state["times"].items()}
+        win = _least_memory_within_margin(times, feasible)
+        if dist_:
+            win = _broadcast(win)
+        _DECIDED[key] = win
+        import torch.distributed as dist
+        if not dist_ or dist.get_rank() == 0:
+            _write_disk({_skey(key): win})
+        log.debug("plan %s for %s: measured %s", win, key,
+                  {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()})
+        how = "measured"
+    LAST[:] = [Choice(key, name, how, names)]
+    return value, metrics
+
+
+def _ran(choice: Choice, cands: dict, hidden, weight, bias):
+    LAST[:] = [choice]
+    log.debug("plan %s for %s (%s)", choice.plan, choice.key, choice.how)
+    return cands[choice.plan].run(hidden, weight, bias)
+
+
+def forget():
+    """Drops this process's decided and in-flight plans (tests; a changed machine)."""
+    _DECIDED.clear()
+    _TUNING.clear()
+    _MACHINE.clear()
+    LAST.clear()

@@ -1,0 +1,99 @@
+"""The token pass: a token-level loss L = Σ_t f_t(lp_t, H_t) with its gradient formed in forward
+from full-vocabulary tiles (alignkit/ops/vocab_tiles.py), 3 GEMMs per token; policy_loss's single
+pass (alignkit/losses/policy.py states the per-token terms).
+
+Shapes: hidden [N, H], weight [V, H], labels [N]; lp and ent [N].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.ops.options import LogprobOptions
+from alignkit.ops.pass_autograd import needs, scaled_grads, stash
+from alignkit.ops.validate import labelled_rows
+from alignkit.ops.vocab_tiles import VocabTiles
+
+
+@dataclass(frozen=True)
+class TokenPassOptions:
+    """A token-level loss L = Σ_t f_t(lp_t, H_t): each token's coefficients are known as soon as
+    its row is scored, so every tile is formed once (3 GEMMs for any number of sequences).
+    coef: (token indices, lp, ent) -> (dL/dlp, dL/dH or None) of a tile's rows; finish: (lp [N],
+    ent [N] or None) -> the loss (0-dim); entropy: fold the entropy statistics.
+
+    coupled: a loss whose dL/dlp_t is known only once every token is scored (sequence-level
+    importance sampling: w_s = mean of lp − old over s), with no gradient through the entropy.
+    coef is not read: dL/dlp comes from finish by autograd at the end. The first `keep` tokens
+    (keep_rows) are formed once with a unit coefficient and their G kept until then (3 GEMMs);
+    the others are scored first and formed again (4 GEMMs)."""
+    coef: object
+    finish: object
+    logprob: LogprobOptions
+    rows: int
+    vocab_block: int = 2048
+    entropy: bool = False
+    coupled: bool = False
+    keep: int = 0
+
+
+def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
+    y = labels.reshape(-1)
+    # the label range check and the labelled tokens: one host read (labelled_rows)
+    idx = labelled_rows(y, weight.shape[0], o.logprob.ignore_index)
+    need = need_h or need_w or need_b
+    M = idx.numel()
+    n_keep = min(o.keep, M) if o.coupled and need else 0
+    tiles = VocabTiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
+                   need_w, need_b, entropy=o.entropy, keep=n_keep)
+    sel = torch.arange(M, device=hidden.device)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+
+    def full(x):                                  # labelled-token values -> [N]
+        return torch.zeros(y.numel(), **f32).index_copy_(0, idx, x) if x is not None else None
+    if not o.coupled:
+        lp, ent = tiles.sweep(sel, o.coef if need else None)
+        return o.finish(full(lp), full(ent)), full(lp), full(ent), tiles.gh, tiles.gw, tiles.gb
+    # coupled: the tokens past the keep budget scored first (forward only), the kept ones
+    # formed with a unit coefficient; then dL/dlp of every token from the loss, by autograd
+    k_sel, r_sel = sel[:n_keep], sel[n_keep:]
+    lp_r, ent_r = tiles.sweep(r_sel)
+    lp_k, ent_k = tiles.sweep(k_sel, torch.ones(n_keep, **f32), keep=True)
+    lp_all = full(torch.cat([lp_k, lp_r]))
+    ent_all = full(torch.cat([ent_k, ent_r])) if o.entropy else None
+    with torch.enable_grad():
+        x = lp_all.clone().requires_grad_()
+        loss = o.finish(x, ent_all)
+        g = torch.autograd.grad(loss, x, allow_unused=True)[0] if need else None
+    if g is not None:
+        g = g.index_select(0, idx)
+        if n_keep:
+            tiles.finish_kept(k_sel, g[:n_keep])
+        if r_sel.numel():
+            tiles.sweep(r_sel, g[n_keep:].contiguous())
+    return loss.detach(), lp_all, ent_all, tiles.gh, tiles.gw, tiles.gb
+
+
+class _TokenPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, o: TokenPassOptions):
+        need = needs(ctx, bias)
+        loss, lp, ent, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
+        stash(ctx, (gh, gw, gb), _token_grads, o, need, hidden, weight, labels, bias)
+        ctx.mark_non_differentiable(lp)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return loss.detach(), lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _glp, _gent):
+        return scaled_grads(ctx, grad_loss)
+
+
+def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
+    """(loss, lp [N], ent [N] or None) of a token-level loss, its gradient w.r.t. hidden, weight
+    and bias formed in the forward pass (see TokenPassOptions). The caller validated the inputs;
+    the label range is checked in _token_grads, before any tile is formed (in the pass's one
+    host read)."""
+    return _TokenPass.apply(hidden, weight, labels.long(), bias, o)
