@@ -41,7 +41,7 @@ from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
 from alignkit.ops.pass_budget import (GRAD_MODES, effective_mode, keep_rows, long_tiles,
                                       pass_blocker, pinned_plan, tile_rows)
 from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
-from alignkit.ops.plan import candidates, choose_and_run, plan_key
+from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
 
 # options every loss takes: the reduction and the log-prob op's own options
@@ -156,9 +156,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                 segment_ids is None and S == 2 and tied and long_tiles(weight, tiles))):
             return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
                                       bias, seg, ref, pair_loss_fn(loss, own, average, ref))
+        note("recompute", "torch.compile")
         return recompute(hidden, weight, bias)
     if why is not None:
-        return recompute(hidden, weight, bias)          # no gradient wanted, float64, ...
+        note("recompute", "pinned" if mode == "recompute" else why)  # no gradient wanted, ...
+        return recompute(hidden, weight, bias)
     t = tiles.resolved(head=tuple(weight.shape))
     rows = hidden.numel() // hidden.shape[-1]
     backend = resolve(common.get("backend", "auto"), weight.device)

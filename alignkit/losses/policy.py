@@ -39,7 +39,7 @@ from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pass_budget import (effective_mode, keep_rows, pass_blocker, pinned_plan,
                                       tile_rows)
-from alignkit.ops.plan import candidates, choose_and_run, plan_key
+from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
 from alignkit.ops.validate import (
     check_linear_inputs,
@@ -130,6 +130,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
         raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
     if why is not None or torch.compiler.is_compiling():
         # no gradient wanted, float64, ...; and torch.compile, which cannot time candidates
+        note("recompute", "pinned" if mode == "recompute" else why or "torch.compile")
         return recompute(flat, weight, bias)
     t = tiles.resolved(head=tuple(weight.shape))
     rows = flat.shape[0]

@@ -73,6 +73,7 @@ class Candidate:
     forms_grads: bool
     cost: Callable
     tile: int = 0
+    alias: bool = False     # the same schedule as a plan before it: pinnable, never timed
 
 
 @dataclass
@@ -101,7 +102,7 @@ def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptio
     acc_w = V * H * 4 + (V * H * dtype.itemsize if dtype != torch.float32 else 0)
     per = 6 if (device.type == "cuda" or resolve(backend, device) == "triton") and \
         dtype == torch.bfloat16 else (2 if gemm_dtype(dtype, device) != torch.float32 else 4)
-    r_tile = min(t.tile_bytes, rows * t.vocab_block * 4 + 2 * rows * H * 4)
+    r_tile = min(t.tile_bytes, rows * min(t.vocab_block, V) * 4 + 2 * rows * H * 4)
     out = {"recompute": (grad_w + grad_h + r_tile, r_tile, t)}
     sp_rows = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows)
     sp_buf = min(max(keep_rows(V, H, device, dtype, t, backend), sp_rows), rows) * V * per
@@ -128,12 +129,13 @@ def grad_w_bytes(V: int, H: int, device, dtype) -> int:
 
 
 def limit(memory, V: int, H: int, rows: int, tile: int, device="cpu",
-          dtype=torch.float32) -> float:
+          dtype=torch.float32, recompute_tile: int | None = None) -> float:
     """The byte cap a memory option sets for a head [V, H] over `rows` token rows; tile: the
-    default plans' tile bytes (the larger of the recompute's and the single pass's)."""
+    default plans' tile bytes (the larger of the recompute's and the single pass's);
+    recompute_tile: the recompute's ("min" is its footprint)."""
     grad_w, grad_h = grad_w_bytes(V, H, device, dtype), rows * H * 4
     if memory == "min":
-        return grad_w + grad_h + tile
+        return grad_w + grad_h + (tile if recompute_tile is None else recompute_tile)
     if memory == "bound":
         return 1.3 * (grad_w + grad_h) + tile
     if memory == "fast":
@@ -327,13 +329,12 @@ def candidates(weight, hidden, rows: int, backend: str, t: TileOptions, run_reco
         peak, tile, tt = b[name]
         tr = tile_rows(V, dev, dt, tt, H=H, backend=backend)
         kept = min(deferred, keep_rows(V, H, dev, dt, tt, backend))
-        if (tr, kept) in seen:          # fast adds nothing here: same tiles, same kept rows
-            continue
-        seen.add((tr, kept))
         f2 = (deferred - kept) / max(rows, 1)
+        # fast may add nothing (same tiles, same kept rows): then it is an alias, not a candidate
         out.append(Candidate(name, peak, run_pass(tt), True,
                              lambda c, tr=tr, f2=f2, n=name: model_cost(n, V, H, rows, f2, tr, c),
-                             tile))
+                             tile, alias=(tr, kept) in seen))
+        seen.add((tr, kept))
     return out
 
 
@@ -359,7 +360,7 @@ def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight,
     cands = {c.name: c for c in candidates}
     V, H = weight.shape
     tile = max(c.tile for c in candidates if c.name != "single_pass_fast")
-    cap = limit(t.memory, V, H, rows, tile, weight.device, weight.dtype)
+    cap = limit(t.memory, V, H, rows, tile, weight.device, weight.dtype, cands["recompute"].tile)
     feasible = {n: c for n, c in cands.items() if c.peak <= cap}
     pinned = pinned or t.plan
     if pinned is not None:
@@ -375,7 +376,7 @@ def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight,
         need = min(c.peak for c in cands.values())
         raise ValueError(f"memory={t.memory!r} allows {cap / 2**20:.1f} MiB here, and the "
                          f"smallest plan needs {need / 2**20:.1f} MiB")
-    names = tuple(sorted(feasible, key=PLANS.index))
+    names = tuple(sorted((n for n in feasible if not feasible[n].alias), key=PLANS.index))
     if len(names) == 1:
         return _ran(Choice(key, names[0], "only", names), cands, hidden, weight, bias)
     if key in _DECIDED and _DECIDED[key] in feasible:
@@ -435,3 +436,10 @@ def forget():
     _TUNING.clear()
     _MACHINE.clear()
     LAST.clear()
+
+
+def note(name: str, why: str):
+    """Records a plan the front door fixed without choosing (no gradient wanted, float64, a
+    pinned recompute, torch.compile's rules): the bench and the debug log still name it."""
+    LAST[:] = [Choice((), name, why, (name,))]
+    log.debug("plan %s (%s)", name, why)

@@ -1,0 +1,176 @@
+"""The plan chooser (alignkit/ops/plan.py): measured on the calls' own inputs and cached on disk,
+the cost model without timing, pinned plans, rank 0's choice under torch.distributed, and the
+memory options' bounds (exact peaks)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import alignkit
+from alignkit.ops import plan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _pair(S=4, T=48, H=32, V=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(S, T, H, generator=g).requires_grad_()
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).requires_grad_()
+    y = torch.randint(0, V, (S, T), generator=g)
+    y[:, :5] = -100
+    return h, W, y
+
+
+def _step(h, W, y, **kw):
+    h.grad = W.grad = None
+    loss, _ = alignkit.preference_loss(h, W, y, **kw)
+    loss.backward()
+    return loss.detach(), h.grad.clone(), W.grad.clone()
+
+
+TUNED = alignkit.TileOptions(autotune=True)
+
+
+def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path):
+    h, W, y = _pair()
+    runs = []
+    for _ in range(5):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+        runs.append((plan.LAST[0].plan, plan.LAST[0].how))
+    # two candidates, two interleaved rounds (A B B A), then the cached winner
+    assert [r[0] for r in runs[:4]] == ["recompute", "single_pass", "single_pass", "recompute"]
+    assert [r[1] for r in runs] == ["tuning"] * 3 + ["measured", "cache"]
+    with open(plan.cache_path()) as f:
+        cached = json.load(f)
+    assert list(cached.values()) == [runs[4][0]]
+    code = ("from test_plan import _pair, _step, TUNED; from alignkit.ops import plan\n"
+            "h, W, y = _pair(); _step(h, W, y, loss='simpo', tiles=TUNED); "
+            "print(plan.LAST[0].how, plan.LAST[0].plan)\n"
+            "h, W, y = _pair(T=300); _step(h, W, y, loss='simpo', tiles=TUNED); "
+            "print(plan.LAST[0].how)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first, second = p.stdout.split("\n")[:2]
+    assert first == f"disk {runs[4][0]}"            # the second process reads the winner
+    assert second == "tuning"                       # another token bucket tunes afresh
+
+
+def test_the_chooser_picks_the_faster_candidate(monkeypatch, tmp_path):
+    real = plan.time_candidate
+    for slow, want in (("single_pass", "recompute"), ("recompute", "single_pass")):
+        plan.forget()
+        monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path / slow))
+
+        def patched(c, *a, slow=slow):
+            out, dt = real(c, *a)
+            return out, dt + (0.5 if c.name == slow else 0.0)
+        monkeypatch.setattr(plan, "time_candidate", patched)
+        h, W, y = _pair()
+        for _ in range(5):
+            _step(h, W, y, loss="simpo", tiles=TUNED)
+        assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", want)
+
+
+def test_autotune_off_times_no_candidate(monkeypatch):
+    timed = []
+    monkeypatch.setattr(plan, "time_candidate", lambda *a: timed.append(a) or None)
+    h, W, y = _pair()
+    for _ in range(3):
+        _step(h, W, y, loss="simpo")                # autotune=False here (conftest)
+    assert timed == [] and plan.LAST[0].how in ("model", "cache")
+
+
+def test_tuning_calls_give_the_pinned_plans_results():
+    """A tuning call runs one candidate (the recompute with its gradient formed in forward):
+    loss and gradients are that plan's, bit for bit, as when it is pinned."""
+    h, W, y = _pair(seed=3)
+    tuned = [_step(h, W, y, loss="dpo", ref_logprobs=torch.zeros(4), tiles=TUNED)
+             for _ in range(2)]
+    for got, name in zip(tuned, ("recompute", "single_pass")):
+        want = _step(h, W, y, loss="dpo", ref_logprobs=torch.zeros(4),
+                     tiles=alignkit.TileOptions(plan=name))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["recompute", "single_pass", "single_pass_fast"])
+def test_a_pinned_plan_is_bit_identical_across_runs(name):
+    h, W, y = _pair(seed=4)
+    kw = dict(loss="orpo", tiles=alignkit.TileOptions(plan=name, memory="fast"))
+    a, b = _step(h, W, y, **kw), _step(h, W, y, **kw)
+    assert plan.LAST[0].how == "pinned" and plan.LAST[0].plan == name
+    for x, z in zip(a, b):
+        assert torch.equal(x, z)
+
+
+def test_pinned_plans_and_memory_are_refused_by_name():
+    h, W, y = _pair(4, 160, 256, 8000)
+    with pytest.raises(ValueError, match="plan 'single_pass' needs .* over memory='min'"):
+        _step(h, W, y, loss="simpo", tiles=alignkit.TileOptions(plan="single_pass", memory="min"))
+    with pytest.raises(ValueError, match="memory=1024 allows"):
+        _step(h, W, y, loss="simpo", tiles=alignkit.TileOptions(memory=1024))
+    with pytest.raises(ValueError, match="contradicts plan='recompute'"):
+        _step(h, W, y, loss="simpo", grad_mode="single_pass",
+              tiles=alignkit.TileOptions(plan="recompute"))
+    with pytest.raises(ValueError, match="memory must be one of"):
+        alignkit.TileOptions(memory="huge")
+    with pytest.raises(ValueError, match="plan must be None or one of"):
+        alignkit.TileOptions(plan="fastest")
+
+
+@pytest.mark.parametrize("memory", ["min", "bound", "fast", 40 << 20])
+def test_every_memory_option_holds_its_bound(memory):
+    """Each plan a memory option lets the chooser take, pinned, peaks within the option's cap
+    (exact peak: the profiler's memory events). A 64-row tile: the default keep budget holds
+    part of the 480 deferred tokens, so the fast plan (all of them kept) is a plan of its own."""
+    from alignkit.profiling import peak_memory_bytes
+    S, T, H, V = 4, 160, 256, 8000
+    h, W, y = _pair(S, T, H, V, seed=5)
+    opts = dict(memory=memory, single_pass_bytes=64 * V * 4)
+    _step(h, W, y, loss="cpo", tiles=alignkit.TileOptions(**opts))
+    feasible = plan.LAST[0].feasible
+    assert feasible[0] == "recompute"
+    if memory in ("min", "bound", "fast"):
+        assert ("single_pass_fast" in feasible) == (memory == "fast")
+    t = alignkit.TileOptions(**opts).resolved(head=(V, H))
+    cands = plan.candidates(W, h, S * T, "cpp" if alignkit.cpp_available() else "torch", t,
+                            None, lambda tt: None, S * T)
+    tile = max(c.tile for c in cands if c.name != "single_pass_fast")
+    cap = plan.limit(memory, V, H, S * T, tile, recompute_tile=cands[0].tile)
+    for name in feasible:
+        kw = dict(loss="cpo", tiles=alignkit.TileOptions(**opts, plan=name))
+
+        def step():
+            h.grad = W.grad = None
+            alignkit.preference_loss(h, W, y, **kw)[0].backward()
+        peak = peak_memory_bytes(step)
+        assert peak <= cap, (name, memory, peak, cap)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_take_rank_0s_plan(tmp_path):
+    out = str(tmp_path / "plans")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE="2", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "plan_rank_worker.py"), out],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    seen = [json.load(open(f"{out}.{r}")) for r in range(2)]
+    assert seen[0] == seen[1]                         # the same plan on every call, both ranks
+    assert seen[0][3][1] == "measured"
+    assert seen[0][-1] == ["single_pass", "cache"]    # rank 0 made the recompute slow
