@@ -8,7 +8,7 @@ from alignkit.api import (
 from alignkit.integrations.head import patch_model
 from alignkit.losses import policy_loss, preference_loss
 from alignkit.ops.backends import cpp_available
-from alignkit.ops.options import TileOptions
+from alignkit.ops.options import EngineOptions, TileOptions
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "policy_loss",
     "cpp_available",
     "TileOptions",
+    "EngineOptions",
     "patch_model",
     "PreferenceTrainer",
     "TrainConfig",

@@ -21,6 +21,7 @@ import time
 import torch
 
 from alignkit.bench import harness, methods
+from alignkit.ops.options import PLANS, TileOptions
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -80,6 +81,13 @@ def parser():
                    help="auto: bf16 on CPUs with bf16 units and on CUDA, else fp32")
     p.add_argument("--backend", default="auto")
     p.add_argument("--grad-mode", default="auto")
+    p.add_argument("--memory", default=None,
+                   help="the engine's memory option: min, bound (default), fast, or bytes")
+    p.add_argument("--plan", default=None, choices=PLANS, help="pin one plan")
+    p.add_argument("--autotune", type=int, choices=(0, 1), default=None,
+                   help="1: measure the plans on the first calls (default); 0: the cost model")
+    p.add_argument("--plans", action="store_true",
+                   help="also time every plan of the chooser, pinned, beside auto")
     p.add_argument("--reps", type=int, default=3, help="timing rounds (at most)")
     p.add_argument("--budget", type=float, default=90.0,
                    help="seconds for the timing rounds: fewer rounds (at least one) when "
@@ -112,8 +120,12 @@ def run(argv=None, log=print) -> dict:
     if dtype == "bf16":
         case = methods.case_as(case, torch.bfloat16)
     try:
+        memory = int(a.memory) if a.memory is not None and a.memory.isdigit() else a.memory
+        tiles = TileOptions(memory=memory, plan=a.plan,
+                            autotune=None if a.autotune is None else bool(a.autotune))
         steps, skipped = methods.steps_for(case, a.loss, a.grad_mode, a.backend,
-                                           peers=[] if a.no_peers else a.peers)
+                                           peers=[] if a.no_peers else a.peers, tiles=tiles,
+                                           plans=a.plans)
     except ValueError as e:
         p.error(str(e))
     head = (f"alignkit bench: {name}, {int(case.mask.sum())} labelled tokens"
@@ -121,6 +133,9 @@ def run(argv=None, log=print) -> dict:
     log(head)
     for k, why in skipped.items():
         log(f"  {k}: skipped ({why})")
+    for k, c in methods.CHOSEN.items():
+        if c is not None:
+            log(f"  {k}: plan {c.plan} ({c.how}; feasible: {', '.join(c.feasible)})")
     bar = None
     if not a.no_progress:
         from tqdm.auto import tqdm

@@ -14,6 +14,7 @@ reported with the pip name that adds them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 import alignkit
 from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
 from alignkit.losses.policy import POLICY_LOSS_TYPES, policy_loss_from_logprobs
+from alignkit.ops.options import PLANS
 
 
 @dataclass
@@ -143,12 +145,29 @@ def _loss_from_seq(loss, sums, counts, case):
     return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
 
 
-def alignkit_fused(loss, grad_mode="auto", backend="auto", tiles=None):
+# what the plan chooser took for each alignkit row of the last steps_for (alignkit bench prints it)
+CHOSEN: dict = {}
+
+
+def settled(name, step):
+    """Runs an alignkit step until the plan chooser has decided its plan (the first calls of a
+    new plan key are its tuning calls), so that the bench times the steady state; records the
+    choice in CHOSEN[name]. Returns the step."""
+    from alignkit.ops import plan
+    for _ in range(2 * len(PLANS) * plan.ROUNDS + 1):
+        step()
+        if plan.LAST and plan.LAST[0].how not in ("tuning", "measured"):
+            break
+    CHOSEN[name] = plan.LAST[0] if plan.LAST else None
+    return step
+
+
+def alignkit_fused(loss, grad_mode="auto", backend="auto", tiles=None, name="alignkit"):
     def setup(case):
         kw = dict(ref_logprobs=case.ref) if loss == "dpo" else {}
-        return lambda: alignkit.preference_loss(case.h, case.W, case.y, loss=loss,
-                                                grad_mode=grad_mode, backend=backend,
-                                                tiles=tiles, **kw)[0].backward()
+        return settled(name, lambda: alignkit.preference_loss(
+            case.h, case.W, case.y, loss=loss, grad_mode=grad_mode, backend=backend, tiles=tiles,
+            **kw)[0].backward())
     return setup
 
 
@@ -191,13 +210,13 @@ def policy_terms_step(case, kw, lp_ent):
     return step
 
 
-def alignkit_policy(kw, grad_mode="auto", backend="auto"):
+def alignkit_policy(kw, grad_mode="auto", backend="auto", tiles=None, name="alignkit"):
     def setup(case):
         adv, old, ref = rl_inputs(case)
         extra = dict(ref_logprobs=ref) if kw.get("beta") else {}
-        return lambda: alignkit.policy_loss(case.h, case.W, case.y, advantages=adv,
-                                            old_logprobs=old, grad_mode=grad_mode,
-                                            backend=backend, **extra, **kw)[0].backward()
+        return settled(name, lambda: alignkit.policy_loss(
+            case.h, case.W, case.y, advantages=adv, old_logprobs=old, grad_mode=grad_mode,
+            backend=backend, tiles=tiles, **extra, **kw)[0].backward())
     return setup
 
 
@@ -288,12 +307,15 @@ def peer_step(name, loss, kw=None):
     return setup
 
 
-def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peers=None):
+def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peers=None,
+              tiles=None, plans=False):
     """(steps {name: step}, skipped {name: why}) for one loss kind on a case: the GEMM floor,
     alignkit's entry point, then every peer (a peer that is not installed is skipped, with the pip
     name that would add it; one that cannot serve the loss is skipped with the reason).
     peers: None for all, else the peers whose name holds one of these substrings
-    (case-insensitive; [] for none)."""
+    (case-insensitive; [] for none). tiles: alignkit.TileOptions for alignkit's rows; plans: also
+    one row per plan of the chooser, pinned (a plan the memory option refuses is skipped)."""
+    CHOSEN.clear()
     from alignkit.bench.harness import FLOOR
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
@@ -304,10 +326,20 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
     elif loss in PREFERENCE:
         if case.S % 2:
             raise ValueError(f"loss {loss!r} needs pairs: an even number of sequences")
-        steps[f"alignkit preference_loss ({grad_mode})"] = \
-            alignkit_fused(loss, grad_mode, backend)(case)
+        n = f"alignkit preference_loss ({grad_mode})"
+        steps[n] = alignkit_fused(loss, grad_mode, backend, tiles, n)(case)
     else:
-        steps[f"alignkit policy_loss ({grad_mode})"] = alignkit_policy(kw, grad_mode, backend)(case)
+        n = f"alignkit policy_loss ({grad_mode})"
+        steps[n] = alignkit_policy(kw, grad_mode, backend, tiles, n)(case)
+    if plans and loss != "logprobs":
+        for p in PLANS:
+            n = f"alignkit plan={p}"
+            t = dataclasses.replace(tiles or alignkit.TileOptions(), plan=p)
+            try:
+                steps[n] = (alignkit_fused(loss, "auto", backend, t, n) if kw is None else
+                            alignkit_policy(kw, "auto", backend, t, n))(case)
+            except ValueError as e:
+                skipped[n] = str(e)
     def wanted(name):
         return peers is None or any(x.lower() in name.lower() for x in peers)
     for name, (_, module, pip) in PEERS.items():

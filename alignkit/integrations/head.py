@@ -27,7 +27,7 @@ from torch import Tensor
 from alignkit.heads import head_options, match_head_dtypes
 from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobOptions, TileOptions
 
 try:       # a transformers ModelOutput, so that hooks that walk outputs (ZeRO-3's) see the tensors
     from transformers.utils import ModelOutput as _OutputBase
@@ -91,9 +91,11 @@ def _head_rows(weight, bias, h, idx):
 
 
 def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_logits=False,
-                  is_top1=False, temperature: float = 1.0, backend: str = "auto"):
+                  is_top1=False, temperature: float = 1.0, backend: str = "auto",
+                  tiles: Optional[TileOptions] = None):
     """hidden [B, T, H], labels [B, T] aligned (label t scored from hidden t; -100 ignored) ->
-    dict of per-token [B, T] fields (0 where ignored). Only labelled rows meet the vocabulary."""
+    dict of per-token [B, T] fields (0 where ignored). Only labelled rows meet the vocabulary.
+    tiles: alignkit.TileOptions, the engine's options."""
     head = model.get_output_embeddings()
     opts_kw = head_options(model, temperature)
     if mean_logits and opts_kw["softcap"] is not None:
@@ -101,7 +103,8 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
                                   "soft-capped logits needs the logits, which alignkit never forms")
     mask = labels != -100
     idx, y = _labelled(labels)
-    opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend, **opts_kw)
+    opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend,
+                          tiles=tiles or TileOptions(), **opts_kw)
 
     def op(weight, bias, h):
         rows, weight, bias = _head_rows(weight, bias, h, idx)
@@ -137,7 +140,7 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
 
 def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Tensor,
                          num_sequences: int, preference: dict, *, temperature: float = 1.0,
-                         backend: str = "auto"):
+                         backend: str = "auto", tiles: Optional[TileOptions] = None):
     """hidden [B, T, H], labels [B, T] aligned (-100 ignored), segment_ids [B, T] (the sequence
     of each labelled token, chosen 0..B'-1 then rejected) -> (loss, metrics) of
     ``alignkit.preference_loss`` on the labelled rows, inside the head's call (so sharded heads
@@ -150,14 +153,15 @@ def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Ten
     def op(weight, bias, h):
         rows, weight, bias = _head_rows(weight, bias, h, idx)
         return preference_loss(rows, weight, y, bias=bias, segment_ids=seg,
-                               num_segments=num_sequences, backend=backend, **opts_kw,
-                               **preference)
+                               num_segments=num_sequences, backend=backend, tiles=tiles,
+                               **opts_kw, **preference)
     return _head_call(head, op, hidden)
 
 
 def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_batch=None,
                   outputs=("log_probs",), temperature: float = 1.0, backend: str = "auto",
-                  preference: Optional[dict] = None, **kwargs) -> FusedOutput:
+                  preference: Optional[dict] = None, tiles: Optional[TileOptions] = None,
+                  **kwargs) -> FusedOutput:
     """Body, then the fused head: per-token fields of the next-token labels (see module doc).
     With ``preference`` (dict: sequence_ids [B, T] aligned with the shifted labels,
     num_sequences, and preference_loss's loss=..., ref_logprobs=..., options), the preference
@@ -185,18 +189,20 @@ def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_bat
         pref = dict(preference)
         seq, S = pref.pop("sequence_ids"), pref.pop("num_sequences")
         loss, metrics = head_preference_loss(model, hidden, lab.to(hidden.device), seq, S, pref,
-                                             temperature=temperature, backend=backend)
+                                             temperature=temperature, backend=backend,
+                                             tiles=tiles)
         return FusedOutput(loss=loss, metrics=metrics)
     f = head_logprobs(model, hidden, lab.to(hidden.device), entropy="entropy" in outputs,
                       mean_logits="mean_logits" in outputs, is_top1="is_top1" in outputs,
-                      temperature=temperature, backend=backend)
+                      temperature=temperature, backend=backend, tiles=tiles)
     n = f["label_mask"].sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -f["log_probs"].sum() / n
     return FusedOutput(loss=loss, **f)
 
 
 def install_fused_forward(model, *, outputs=("log_probs",), temperature: float = 1.0,
-                          backend: str = "auto", on: str = "labels"):
+                          backend: str = "auto", on: str = "labels",
+                          tiles: Optional[TileOptions] = None):
     """Makes ``model.forward`` answer with ``fused_forward`` when called with labels
     (``on="labels"``) or with ``fused_lm_head=True`` (``on="fused_lm_head"``, TRL's call); every
     other call goes to the forward the model had. Returns a function that restores that forward.
@@ -216,7 +222,7 @@ def install_fused_forward(model, *, outputs=("log_probs",), temperature: float =
             return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, outputs=outputs,
                                  temperature=temperature, backend=backend,
-                                 preference=alignkit_preference, **kw)
+                                 preference=alignkit_preference, tiles=tiles, **kw)
         for k, v in (("labels", labels), ("shift_labels", shift_labels),
                      ("num_items_in_batch", num_items_in_batch)):
             if v is not None:
@@ -234,11 +240,11 @@ class patch_model:
     Works through DDP / FSDP2 wrappers (the patched forward is what they call)."""
 
     def __init__(self, model, *, entropy: bool = False, temperature: float = 1.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", tiles: Optional[TileOptions] = None):
         self.model = model
         self.unpatch = install_fused_forward(
             model, outputs=("log_probs", "entropy") if entropy else ("log_probs",),
-            temperature=temperature, backend=backend)
+            temperature=temperature, backend=backend, tiles=tiles)
 
     def __enter__(self):
         return self.model

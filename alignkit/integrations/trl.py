@@ -30,12 +30,13 @@ import types
 import torch
 
 from alignkit.integrations.head import install_fused_forward
+from alignkit.ops.options import TileOptions
 
 
-def _install(model, outputs, backend="auto", temperature=1.0):
+def _install(model, outputs, backend="auto", temperature=1.0, tiles=None):
     """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
     install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head",
-                          temperature=temperature)
+                          temperature=temperature, tiles=tiles)
     model._alignkit_forward = model.__dict__["forward"]
 
 
@@ -58,8 +59,12 @@ def _check_common(trainer):
                                   "alignkit's drop-in")
 
 
-def patch_trainer(trainer, *, backend: str = "auto"):
-    """Routes a TRL 1.16 trainer's LM head through alignkit's fused op; returns the trainer."""
+def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
+    """Routes a TRL 1.16 trainer's LM head through alignkit's fused op; returns the trainer.
+    tiles: alignkit.TileOptions, the engine's options (memory, plan, autotune, budgets)."""
+    if tiles is not None and not isinstance(tiles, TileOptions):
+        raise TypeError(f"tiles must be an alignkit.TileOptions, got {tiles!r}")
+    kw = dict(backend=backend, tiles=tiles)
     from trl import DPOTrainer, KTOTrainer
     names = {c.__name__ for c in type(trainer).__mro__}
     rl = names & {"GRPOTrainer", "RLOOTrainer"}
@@ -74,27 +79,27 @@ def patch_trainer(trainer, *, backend: str = "auto"):
         # TRL's own loss code reads log_probs and entropy (with its gradient: the entropy bonus)
         # of the completion tokens; its temperature divides the logits, as TRL's head does
         t = float(getattr(trainer, "temperature", 1.0))
-        _install(_base(trainer.model), ("log_probs", "entropy"), backend=backend, temperature=t)
+        _install(_base(trainer.model), ("log_probs", "entropy"), temperature=t, **kw)
         ref = getattr(trainer, "ref_model", None)
         if ref is not None and not _patched(_base(ref)):
-            _install(_base(ref), ("log_probs",), backend=backend, temperature=t)
+            _install(_base(ref), ("log_probs",), temperature=t, **kw)
         return trainer
     if isinstance(trainer, DPOTrainer):
         if getattr(trainer, "use_weighting", False):
             raise NotImplementedError("DPOConfig.use_weighting=True (WPO) needs log Σ p² per "
                                       "token, which alignkit does not compute")
         _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits", "is_top1"),
-                 backend=backend)
+                 **kw)
     elif isinstance(trainer, KTOTrainer):
-        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits"), backend=backend)
+        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits"), **kw)
     else:
         orpo = "ORPOTrainer" in names
-        _install(_base(trainer.model), ("log_probs", "mean_logits"), backend=backend)
+        _install(_base(trainer.model), ("log_probs", "mean_logits"), **kw)
         trainer.concatenated_forward = types.MethodType(
             _orpo_forward if orpo else _cpo_forward, trainer)
     ref = getattr(trainer, "ref_model", None)
     if ref is not None and not _patched(_base(ref)):
-        _install(_base(ref), ("log_probs",), backend=backend)
+        _install(_base(ref), ("log_probs",), **kw)
     return trainer
 
 

@@ -28,6 +28,7 @@ from alignkit.api import sequence_logprobs
 from alignkit.heads import match_head_dtypes
 from alignkit.losses import policy_loss
 from alignkit.losses.options import check_number
+from alignkit.ops.options import TileOptions
 from alignkit.losses.policy import KL_ESTIMATORS
 from alignkit.reward_model import as_reward_model, is_reward_model
 from alignkit.rl.advantages import gae, kl_penalized_rewards, value_loss
@@ -69,11 +70,17 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = None   # subtracted from the score of a response
     max_prompt_length: int = 512                  # that never reached EOS
     backend: str = "auto"
+    engine: Optional[TileOptions] = None   # the fused head's options (memory, plan, autotune, ...)
     seed: int = 0
 
     def __post_init__(self):
         check_sampling(self, ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                               "ptx_batch_size", "max_prompt_length"))
+        if isinstance(self.engine, dict):
+            object.__setattr__(self, "engine", TileOptions(**self.engine))   # frozen
+        if self.engine is not None and not isinstance(self.engine, TileOptions):
+            raise TypeError(f"engine must be an alignkit.TileOptions (or a dict of its fields), "
+                            f"got {self.engine!r}")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= batch_size "
                              f"({self.batch_size})")
@@ -222,7 +229,8 @@ class PPOLoop:
         body, head, opts = policy_head(self.policy, c.temperature)
         h, w, b = match_head_dtypes(response_hidden(body, r), head.weight, head.bias)
         return policy_loss(h, w, r.labels, advantages=adv, old_logprobs=old_lp, bias=b,
-                           loss_type="ppo", epsilon_low=c.cliprange, backend=c.backend, **opts)
+                           loss_type="ppo", epsilon_low=c.cliprange, backend=c.backend,
+                           tiles=c.engine, **opts)
 
     def _update(self, r: Rollout, old_lp, adv, old_values, returns, stats):
         c = self.cfg
@@ -264,7 +272,8 @@ class PPOLoop:
         body, head, opts = policy_head(self.policy)
         hs = body(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
         h, w, b = match_head_dtypes(hs, head.weight, head.bias)
-        sums, counts = sequence_logprobs(h, w, labels, bias=b, backend=c.backend, **opts)
+        sums, counts = sequence_logprobs(h, w, labels, bias=b, backend=c.backend, tiles=c.engine,
+                                         **opts)
         return -sums.sum() / counts.sum().clamp(min=1)
 
     def train(self, steps: int, callback: Optional[Callable] = None) -> list:

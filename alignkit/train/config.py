@@ -63,6 +63,7 @@ class TrainConfig:
     reference_cache_dir: Optional[str] = None  # default $ALIGNKIT_CACHE or ~/.cache/alignkit
     packing: str = "padding_free"            # 1.19-1.38x padded on real rows (bench/RESULTS.md)
     backend: str = "auto"                    # the log-prob op's backend
+    engine: dict = field(default_factory=dict)  # alignkit.TileOptions' fields: memory, plan, ...
     # loop
     output_dir: str = "alignkit-out"
     seed: int = 0
@@ -158,6 +159,7 @@ class TrainConfig:
             raise ConfigError(f"model_config must be a mapping; got {self.model_config!r}")
         if not isinstance(self.loss_options, dict):
             raise ConfigError(f"loss_options must be a mapping; got {self.loss_options!r}")
+        self.engine_options()
         if self.model is not None and self.model_config is not None:
             raise ConfigError("give model or model_config, not both")
         if not uses_reference(self.loss) and self.reference != "none":
@@ -188,6 +190,21 @@ class TrainConfig:
             check_loss_options(self.loss, self.loss_options)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"loss_options: {e}") from None
+
+    def engine_options(self):
+        """The ``engine:`` section as alignkit.TileOptions (memory, plan, autotune and the tile
+        budgets), reaching every fused call of the run; a bad key or value is a ConfigError."""
+        from alignkit.ops.options import TileOptions
+        if not isinstance(self.engine, dict):
+            raise ConfigError(f"engine must be a mapping of TileOptions fields; got {self.engine!r}")
+        fields = sorted(TileOptions.__dataclass_fields__)
+        bad = sorted(set(self.engine) - set(fields))
+        if bad:
+            raise ConfigError(f"engine: unknown key(s) {bad}; valid: {', '.join(fields)}")
+        try:
+            return TileOptions(**self.engine)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"engine: {e}") from None
 
     def attention(self) -> str:
         """The transformers attn_implementation this config runs: sdpa, eager, or one of

@@ -52,11 +52,12 @@ class SequenceLogprobs(nn.Module):
     ``alignkit.preference_loss`` on the response hidden states -> (loss, metrics), so that the
     fused engine (its single pass included) runs inside this module's call."""
 
-    def __init__(self, model, backend: str = "auto"):
+    def __init__(self, model, backend: str = "auto", tiles=None):
         super().__init__()
         self.model = model
         _, _, self.head_opts = head_of(model)
         self.backend = backend
+        self.tiles = tiles                       # alignkit.TileOptions (the engine: section)
 
     def forward(self, input_ids, position_ids, attention_mask, gather, labels, segment_ids,
                 num_sequences: int, input_ids2=None, position_ids2=None, attention_mask2=None,
@@ -70,10 +71,10 @@ class SequenceLogprobs(nn.Module):
             return preference_loss(h, w, labels, bias=b, segment_ids=segment_ids,
                                    num_segments=num_sequences, loss=objective.loss,
                                    ref_logprobs=ref_logprobs, backend=self.backend,
-                                   **self.head_opts, **objective.options)
+                                   tiles=self.tiles, **self.head_opts, **objective.options)
         return sequence_logprobs(h, w, labels, bias=b, segment_ids=segment_ids,
                                  num_segments=num_sequences, backend=self.backend,
-                                 **self.head_opts)
+                                 tiles=self.tiles, **self.head_opts)
 
 
 def forward_batch(module, batch, objective=None, ref_logprobs=None):

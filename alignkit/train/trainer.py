@@ -114,7 +114,7 @@ class PreferenceTrainer:
         if cfg.tiled_mlp:
             tile_mlp(model)
         self.module = SequenceScores(model) if self.reward else \
-            SequenceLogprobs(model, backend=cfg.backend)
+            SequenceLogprobs(model, backend=cfg.backend, tiles=cfg.engine_options())
         self.ref_tables = {}
         self.live_ref = None
         self._ref_ready = False
