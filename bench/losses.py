@@ -4,6 +4,7 @@
     python -m bench.losses --preset small
     python -m bench.losses --preset full --auto-only --reps 7 --write   # the targets table
     python -m bench.losses --preset full --keep --write    # the single pass's keep budget
+    python -m bench.losses --preset full --plans --write   # auto beside every plan, and CCE
 
 Methods per loss: alignkit.preference_loss; naive full logits + the same loss; Liger's fused loss
 (compiled=False and True); TRL's ChunkedLogProbFunction log-probs + the loss math; the GEMM floor
@@ -50,6 +51,10 @@ def keep_steps(case, loss):
             "CCE torch_compile + loss": methods.peer_step("CCE torch_compile", loss)(case)}
 
 
+# (shape, auto's plan, ...) of each plan measurement this process ran (methods.auto_against_plans)
+SUMMARY: list = []
+
+
 def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit=False,
         auto_only=False, bf16=False, keep=False):
     rows = []
@@ -72,9 +77,10 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                 steps.update(keep_steps(case, loss))
             elif auto_only:                           # the default mode against the floor
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
-            elif only_alignkit:                     # the two gradient modes that auto picks from
-                steps["alignkit grad_mode=recompute"] = alignkit_fused(loss, "recompute")(case)
-                steps["alignkit grad_mode=single_pass"] = alignkit_fused(loss, "single_pass")(case)
+            elif only_alignkit:                     # auto beside every plan it picks from
+                steps.update(methods.plan_steps(case, loss))
+                steps["CCE torch_compile + loss"] = methods.peer_step("CCE torch_compile",
+                                                                      loss)(case)
             else:
                 steps["alignkit preference_loss (auto)"] = alignkit_fused(loss)(case)
                 steps.update({"naive full logits": methods.peer_step("naive full logits",
@@ -83,9 +89,12 @@ def run(preset, losses, reps, skip_memory, shapes=None, log=print, only_alignkit
                                   "TRL ChunkedLogProbFunction", loss)(case),
                               "Liger fused (eager)": liger(loss, False)(case),
                               "Liger fused (compiled)": liger(loss, True)(case)})
-            rows += harness.measure(f"{name} {loss.upper()}", steps, reset=reset, reps=reps,
-                                    grads_mib=case.grads_mib, skip_memory=skip_memory, log=log,
-                                    paired=auto_only)[1]
+            got = harness.measure(f"{name} {loss.upper()}", steps, reset=reset, reps=reps,
+                                  grads_mib=case.grads_mib, skip_memory=skip_memory, log=log,
+                                  paired=auto_only)[1]
+            rows += got
+            if only_alignkit:
+                SUMMARY.extend(methods.auto_against_plans(got))
     return rows
 
 
@@ -97,9 +106,9 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--skip-memory", action="store_true")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--only-alignkit", action="store_true",
-                       help="the floor and alignkit's two gradient modes (recompute, single_pass) "
-                            "only, no peers")
+    which.add_argument("--plans", "--only-alignkit", dest="only_alignkit", action="store_true",
+                       help="the floor, alignkit's auto (and auto at memory=fast) beside every "
+                            "plan of the chooser, pinned, and CCE torch_compile")
     which.add_argument("--bf16", action="store_true",
                        help="alignkit with bf16 inputs (auto, recompute, single_pass) beside fp32 "
                             "auto, against the fp32 and the bf16 GEMM floors")
@@ -116,6 +125,9 @@ def main(argv=None):
     rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit,
                auto_only=a.auto_only, bf16=a.bf16, keep=a.keep)
     table = harness.markdown(rows)
+    if SUMMARY:
+        table += "\n\nThe plan auto chose, against the best plan it could take:\n\n" + \
+            methods.auto_table(SUMMARY)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
         out = OUT / "out"

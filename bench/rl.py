@@ -1,8 +1,8 @@
 """RL policy losses from hidden states (issue #15): one fwd+bwd of a policy loss, alignkit's
-policy_loss (auto: the token pass, 3 GEMMs; and the recompute, 4; for GSPO also the single pass
-with the default keep budget and one that keeps every token) against naive full logits, TRL
+policy_loss against naive full logits, TRL
 1.16's ChunkedLogProbFunction log-probs, Liger's LigerFusedLinearGRPOLoss (eager and compiled),
-and the 3-GEMM floor. The naive and TRL rows run the same loss math on their log-probs
+and the 3-GEMM floor. alignkit's rows: auto (and auto at memory="fast") beside every plan of the
+chooser, pinned (alignkit/ops/plan.py): recompute, single_pass, single_pass_fast. The naive and TRL rows run the same loss math on their log-probs
 (alignkit.losses.policy.policy_terms), so only the head differs.
 
     python -m bench.rl [--preset small|full] [--reps 3] [--runs gspo ...] [--shapes R1 ...]
@@ -33,6 +33,10 @@ RUNS = [("dapo", dict(loss_type="dapo")),
 alignkit_policy, liger = methods.alignkit_policy, methods.liger_grpo
 
 
+# (shape, auto's plan, ...) of each plan measurement this process ran (methods.auto_against_plans)
+SUMMARY: list = []
+
+
 def run(preset, reps, skip_memory, log=print, runs=None, shapes=None, peers=True):
     rows = []
     for name, S, T, H, V in PRESETS[preset]:
@@ -42,29 +46,24 @@ def run(preset, reps, skip_memory, log=print, runs=None, shapes=None, peers=True
         for label, kw in RUNS:
             if runs and label not in runs:
                 continue
+            # auto beside every plan of the chooser (pinned)
             steps = {harness.FLOOR: methods.floor(case),
-                     "alignkit policy_loss (auto)": alignkit_policy(kw, "auto")(case),
-                     "alignkit policy_loss (recompute)": alignkit_policy(kw, "recompute")(case)}
+                     **methods.plan_steps(case, policy_kw=kw)}
             if peers:
                 steps["naive full logits + loss"] = methods.peer_step(
                     "naive full logits", kw["loss_type"], kw)(case)
                 steps["TRL chunked log-probs + loss"] = methods.peer_step(
                     "TRL ChunkedLogProbFunction", kw["loss_type"], kw)(case)
-            if kw.get("importance_sampling_level") == "sequence":
-                from alignkit import TileOptions
-                every = TileOptions(keep_bytes=case.S * case.T * case.V * 4)
-                steps["alignkit single_pass, default keep"] = \
-                    alignkit_policy(kw, "single_pass")(case)
-                steps["alignkit single_pass, keep every token"] = \
-                    alignkit_policy(dict(kw, tiles=every), "single_pass")(case)
             for compiled in ((False, True) if peers else ()):
                 try:
                     steps[f"Liger GRPO ({'compiled' if compiled else 'eager'})"] = \
                         liger(kw, compiled)(case)
                 except NotImplementedError as e:
                     log(f"  Liger: {e}")
-            rows += harness.measure(f"{name} {label}", steps, reset=case.reset, reps=reps,
-                                    grads_mib=case.grads_mib, skip_memory=skip_memory, log=log)[1]
+            got = harness.measure(f"{name} {label}", steps, reset=case.reset, reps=reps,
+                                  grads_mib=case.grads_mib, skip_memory=skip_memory, log=log)[1]
+            rows += got
+            SUMMARY.extend(methods.auto_against_plans(got))
     return rows
 
 
@@ -85,6 +84,9 @@ def main(argv=None):
     rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs, shapes=a.shapes,
                peers=not a.no_peers)
     table = harness.markdown(rows)
+    if SUMMARY:
+        table += "\n\nThe plan auto chose, against the best plan it could take:\n\n" + \
+            methods.auto_table(SUMMARY)
     print(f"\nmachine: {harness.machine()}\n{table}")
     if a.write:
         out = OUT / "out"

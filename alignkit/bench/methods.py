@@ -171,6 +171,48 @@ def alignkit_fused(loss, grad_mode="auto", backend="auto", tiles=None, name="ali
     return setup
 
 
+def plan_steps(case, loss=None, policy_kw=None, memory=None):
+    """alignkit's default (auto, at the memory option given, and at memory="fast") beside every
+    plan of the chooser, pinned (at memory="fast", so that each can run): the rows that show how
+    far auto sits from the best candidate (bench.losses --plans, bench.rl). A plan that adds
+    nothing at this shape (fast = the single pass) runs once, under its own name."""
+    T = alignkit.TileOptions
+
+    def one(name, tiles):
+        if policy_kw is not None:
+            return alignkit_policy(policy_kw, "auto", tiles=tiles, name=name)(case)
+        return alignkit_fused(loss, "auto", tiles=tiles, name=name)(case)
+    steps = {"alignkit auto": one("alignkit auto", T(memory=memory))}
+    if memory != "fast":
+        steps["alignkit auto, memory=fast"] = one("alignkit auto, memory=fast", T(memory="fast"))
+    for p in PLANS:
+        steps[f"alignkit plan={p}"] = one(f"alignkit plan={p}", T(memory="fast", plan=p))
+    return steps
+
+
+def auto_against_plans(rows) -> list:
+    """For the rows of one plan_steps measurement: (shape, plan auto chose, auto's time / floor,
+    the best plan auto could take under its memory option and its time / floor, auto's gap to
+    it): how far auto sits from the best feasible candidate."""
+    c = CHOSEN.get("alignkit auto")
+    by = {r.method: r for r in rows if r.seconds is not None}
+    if c is None or "alignkit auto" not in by:
+        return []
+    feas = {p: by[f"alignkit plan={p}"] for p in c.feasible if f"alignkit plan={p}" in by}
+    best = min(feas, key=lambda p: feas[p].seconds)
+    auto = by["alignkit auto"]
+    return [(auto.shape, c.plan, auto.x_floor, best, feas[best].x_floor,
+             auto.seconds / feas[best].seconds - 1)]
+
+
+def auto_table(summary) -> str:
+    """auto_against_plans' rows as markdown."""
+    head = ("| shape | auto chose | auto / floor | best feasible plan | its / floor | auto's gap |\n"
+            "|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {s} | {p} | {a:.2f}x | {b} | {bx:.2f}x | {g:+.1%} |\n"
+                          for s, p, a, b, bx, g in summary)
+
+
 def liger_pref(loss, compiled):
     def setup(case):
         from liger_kernel.chunked_loss import (
