@@ -174,7 +174,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     cands = candidates(weight, hidden, rows, backend, t, recompute, run_pass, deferred)
     key = plan_key("pair:tied" if tied else "pair:untied", weight.device, weight.dtype, backend,
                    *weight.shape, rows, S, t.memory)
-    return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t))
+    return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t),
+                          tiles.memory_given())
 
 
 def _sequence_ids(S, labels, segment_ids):

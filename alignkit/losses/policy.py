@@ -140,7 +140,8 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     cands = candidates(weight, flat, rows, be, t, recompute, run_pass, rows if coupled else 0)
     key = plan_key("token:coupled" if coupled else "token", weight.device, weight.dtype, be,
                    *weight.shape, rows, P["S"], t.memory)
-    return choose_and_run(key, cands, t, flat, weight, bias, rows, pinned_plan(mode, t))
+    return choose_and_run(key, cands, t, flat, weight, bias, rows, pinned_plan(mode, t),
+                          tiles.memory_given())
 
 
 def policy_loss_from_logprobs(logprobs: Tensor, entropy: Optional[Tensor], labels: Tensor, *,

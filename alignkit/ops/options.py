@@ -104,6 +104,11 @@ class TileOptions:
         if self.autotune is not None and not isinstance(self.autotune, bool):
             raise TypeError(f"autotune must be None or a bool, got {self.autotune!r}")
 
+    def memory_given(self) -> bool:
+        """Whether the caller set the memory option (here or by ALIGNKIT_MEMORY): a pinned plan
+        over it is refused; over the default ("bound") it runs, as grad_mode always has."""
+        return self.memory is not None or env("ALIGNKIT_MEMORY") is not None
+
     def resolved(self, head: tuple | None = None) -> "TileOptions":
         """Every field set: the given value, else its environment variable, else the default.
         head: the weight's (V, H), for the defaults that scale with the head (tile_bytes,

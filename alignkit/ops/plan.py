@@ -354,9 +354,11 @@ def _broadcast(obj):
 
 
 def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight, bias,
-                   rows: int, pinned: Optional[str] = None):
+                   rows: int, pinned: Optional[str] = None, memory_given: bool = True):
     """Runs the call under the chosen plan: (loss, metrics). candidates: every plan the call
-    could take, each with its peak; t: the resolved options (memory, plan, autotune)."""
+    could take, each with its peak; t: the resolved options (memory, plan, autotune);
+    memory_given: the caller set the memory option (TileOptions.memory_given), so a pinned plan
+    over it is refused rather than run."""
     cands = {c.name: c for c in candidates}
     V, H = weight.shape
     tile = max(c.tile for c in candidates if c.name != "single_pass_fast")
@@ -367,7 +369,7 @@ def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight,
         if pinned not in cands:
             raise ValueError(f"plan {pinned!r} cannot serve this call (it can take "
                              f"{', '.join(cands)})")
-        if pinned not in feasible:
+        if pinned not in feasible and memory_given:
             raise ValueError(f"plan {pinned!r} needs {cands[pinned].peak / 2**20:.1f} MiB, over "
                              f"memory={t.memory!r} ({cap / 2**20:.1f} MiB here): raise memory, "
                              "or leave plan unset")
