@@ -106,7 +106,8 @@ DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards
     dict(loss_type=["hinge"], precompute_ref_log_probs=True),
     dict(loss_type=["apo_zero"], label_smoothing=0.0),
     dict(loss_type=["sigmoid"], label_smoothing=0.1),
-], ids=["sigmoid", "sigmoid+sft", "ipo", "hinge-precomputed", "apo_zero", "cdpo"])
+    dict(loss_type=["sigmoid", "ipo"], use_weighting=True),
+], ids=["sigmoid", "sigmoid+sft", "ipo", "hinge-precomputed", "apo_zero", "cdpo", "wpo"])
 def test_dpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, cfg, op_calls):
     ref = not cfg.get("precompute_ref_log_probs", False)
     a = run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, False, ref=ref,
@@ -146,9 +147,6 @@ def test_orpo_trainer_patched_matches_unpatched(tok, pair_rows, tmp_path, op_cal
 
 
 def test_unservable_options_are_refused_by_name(tok, pair_rows, tmp_path):
-    with pytest.raises(NotImplementedError, match="use_weighting"):
-        run(trl.DPOTrainer, trl.DPOConfig, tok, pair_rows, tmp_path, True, ref=True,
-            use_weighting=True)
     with pytest.raises(TypeError, match="serves TRL's DPOTrainer"):
         patch_trainer(object())
 

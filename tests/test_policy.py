@@ -100,6 +100,7 @@ def test_ppo_and_the_kl_estimators_against_their_formulas(kl_estimator):
     surr = -torch.minimum(rho * adv, rho.clamp(0.8, 1.3) * adv)
     d = ref - lp
     k = {"k1": lp - ref, "k2": 0.5 * d ** 2, "k3": torch.exp(d) - d - 1}[kl_estimator]
+    k = k * rho                     # kl_importance_weight defaults to True (TRL's default)
     want = ((surr + 0.1 * k) * mask).sum() / mask.sum()                  # token mean
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     gg, gw = torch.autograd.grad(got, lp)[0].reshape(B, T), torch.autograd.grad(want, lp)[0]
@@ -218,7 +219,7 @@ def test_zero_advantages_and_all_masked_are_defined():
     (dict(beta=0.1), "beta > 0 needs ref_logprobs"),
     (dict(epsilon_low=float("nan")), "epsilon_low must be a finite number >= 0"),
     (dict(delta=0.5), "delta must be a finite number > 1"),
-    (dict(loss_type="grpo", num_items=10), "num_items applies to dapo and cispo"),
+    (dict(loss_type="grpo", num_items=10), "num_items applies to dapo, cispo and vespo"),
     (dict(advantages=torch.zeros(3)), r"advantages must be \[S\] = \(4,\)"),
     (dict(old_logprobs=torch.zeros(4, 10)), "old_logprobs must be per token"),
 ])

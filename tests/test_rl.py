@@ -116,4 +116,38 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="clip must be"):
         value_loss(values, values, values, mask, clip=0.0)
     with pytest.raises(ValueError, match="mask must be bool or 0/1"):
-        value_loss(values, values, values, mask.double())
+        value_loss(values, values, values, mask.double() * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64,
+                                   torch.uint8])
+def test_numeric_0_1_masks_act_as_the_bool_mask(dtype):
+    """TRL and most users build masks as attention_mask.float(): gae, value_loss and
+    masked_whiten take any 0/1 mask and give exactly what the bool mask gives."""
+    lp, ref, scores, values, mask, _ = _batch(5)
+    rewards = kl_penalized_rewards(scores, lp, ref, mask, 0.05)
+    m = mask.to(dtype)
+    for a, b in zip(gae(rewards, values, m, 0.99, 0.9, whiten=True),
+                    gae(rewards, values, mask, 0.99, 0.9, whiten=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    v = values + 0.3
+    assert value_loss(v, values, rewards, m).item() == value_loss(v, values, rewards, mask).item()
+    torch.testing.assert_close(masked_whiten(values, m), masked_whiten(values, mask),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(kl_penalized_rewards(scores, lp, ref, m, 0.05), rewards,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0.5, 2.0, float("nan"), -1.0])
+def test_masks_with_other_values_are_refused_by_name(bad):
+    lp, ref, scores, values, mask, _ = _batch(6)
+    m = mask.double()
+    m[0, 0] = bad
+    for call in (lambda: gae(values, values, m), lambda: value_loss(values, values, values, m),
+                 lambda: masked_whiten(values, m),
+                 lambda: kl_penalized_rewards(scores, lp, ref, m, 0.1)):
+        with pytest.raises(ValueError, match=r"^mask must be bool or 0/1 \(int or float\); got "
+                                             r"the value"):
+            call()
+    with pytest.raises(ValueError, match="mask must be bool or 0/1"):
+        masked_whiten(values, torch.complex(m, m))

@@ -88,30 +88,64 @@ class _GrpoAcc(_Acc):
     def reduce(x, reduction="sum"):
         return x
 
+    @staticmethod
+    def pad_across_processes(x, dim=0, pad_index=0):
+        return x
+
+
+def trl_rollout_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """The importance_sampling_ratio TRL 1.16 forms in _generate_and_score_completions (inline
+    in that method, so restated here line for line: grpo_trainer.py, 'Compute the importance
+    sampling ratio when using vLLM'); [B, T] for token modes, [B, 1] for sequence modes."""
+    import math
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode in ["sequence_mask", "sequence_truncate"]:
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), value=0.0)
+
 
 def trl_grpo(per_token_logps, entropies, completion_mask, advantages, *, loss_type,
              old_per_token_logps=None, ref_per_token_logps=None, beta=0.0,
              importance_sampling_level="token", epsilon=0.2, epsilon_high=None, delta=None,
              entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
-             use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
+             use_bias_correction_kl=True, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+             top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+             sampling_per_token_logps=None, vllm_importance_sampling_mode=None,
+             vllm_importance_sampling_clip_min=None, vllm_importance_sampling_clip_max=3.0,
+             vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     """GRPOTrainer._compute_loss on given per-token log-probs and entropies [B, T] (its
-    _get_per_token_logps_and_entropies answered with them); returns (loss, metrics)."""
+    _get_per_token_logps_and_entropies answered with them); returns (loss, metrics). With
+    vllm_importance_sampling_mode, TRL's vLLM path: use_vllm and the correction on, the ratio
+    from trl_rollout_ratio (old_per_token_logps, or the current log-probs on-policy, as TRL
+    computes them then)."""
     from trl import GRPOTrainer
     B, T = completion_mask.shape
     args = SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=delta,
                            sapo_temperature_pos=sapo_temperature_pos,
-                           sapo_temperature_neg=sapo_temperature_neg)
+                           sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                           vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                           vespo_lambda_neg=vespo_lambda_neg)
+    vllm = vllm_importance_sampling_mode is not None
     me = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_GrpoAcc(), args=args,
         _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        aux_loss_enabled=False, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
         importance_sampling_level=importance_sampling_level, beta=beta, loss_type=loss_type,
         epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
-        use_vllm=False, vllm_importance_sampling_correction=False,
+        use_vllm=vllm, vllm_importance_sampling_correction=vllm,
         current_gradient_accumulation_steps=1, max_completion_length=max_completion_length or T,
         _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef,
         use_adaptive_entropy=False, _metrics=defaultdict(lambda: defaultdict(list)))
     args.steps_per_generation = 1
+    me.get_high_entropy_mask = lambda e, m, t: GRPOTrainer.get_high_entropy_mask(me, e, m, t)
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1),
               "completion_ids": torch.zeros(B, T, dtype=torch.long),
               "completion_mask": completion_mask, "advantages": advantages,
@@ -120,7 +154,33 @@ def trl_grpo(per_token_logps, entropies, completion_mask, advantages, *, loss_ty
               "num_items_in_batch": torch.tensor(float(completion_mask.sum()) if
                                                  num_items_in_batch is None else
                                                  float(num_items_in_batch))}
+    if sampling_per_token_logps is not None:
+        inputs["sampling_per_token_logps"] = sampling_per_token_logps
+    if vllm:
+        old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        inputs["importance_sampling_ratio"] = trl_rollout_ratio(
+            old, sampling_per_token_logps, completion_mask, vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max)
     loss = GRPOTrainer._compute_loss(me, None, inputs)
+    return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
+
+
+def trl_rloo(per_token_logps, entropies, completion_mask, advantages, old_logps, *, epsilon=0.2,
+             epsilon_high=None):
+    """RLOOTrainer._compute_loss (ratio of summed log-probs) on given per-token log-probs [B, T];
+    old_logps [B] (TRL's per-sequence sums); returns (loss, metrics)."""
+    from trl import RLOOTrainer
+    B, T = completion_mask.shape
+    me = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=_GrpoAcc(),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
+        aux_loss_enabled=False, epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        _metrics=defaultdict(lambda: defaultdict(list)))
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long),
+              "completion_mask": completion_mask, "advantages": advantages, "old_logps": old_logps}
+    loss = RLOOTrainer._compute_loss(me, None, inputs)
     return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from alignkit.heads import head_options, match_head_dtypes
+from alignkit.integrations.vocab_stats import vocab_row_stats
 from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
@@ -38,12 +39,14 @@ except ImportError:                            # pragma: no cover - transformers
 @dataclass
 class FusedOutput(_OutputBase):
     """Per-token fields [B, L-1] (0 at ignored labels). mean_logits: mean over the vocabulary of
-    the (temperature-scaled) logits; is_top1: the label is the argmax. loss: mean NLL over the
-    labelled tokens (or over num_items_in_batch)."""
+    the (soft-capped, temperature-scaled) logits; log_sum_sq_probs: log Σ_v p_v² (WPO's weight);
+    is_top1: the label is the argmax. loss: mean NLL over the labelled tokens (or over
+    num_items_in_batch)."""
     loss: Optional[Tensor] = None
     log_probs: Optional[Tensor] = None
     label_mask: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
+    log_sum_sq_probs: Optional[Tensor] = None
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
@@ -91,28 +94,37 @@ def _head_rows(weight, bias, h, idx):
 
 
 def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_logits=False,
-                  is_top1=False, temperature: float = 1.0, backend: str = "auto",
+                  is_top1=False, log_sum_sq_probs=False, temperature: float = 1.0,
+                  backend: str = "auto", head_fp32: bool = False,
                   tiles: Optional[TileOptions] = None):
     """hidden [B, T, H], labels [B, T] aligned (label t scored from hidden t; -100 ignored) ->
     dict of per-token [B, T] fields (0 where ignored). Only labelled rows meet the vocabulary.
-    tiles: alignkit.TileOptions, the engine's options."""
+    mean_logits under a soft cap, and log_sum_sq_probs, cost one more forward GEMM over those
+    rows (alignkit.integrations.vocab_stats). head_fp32: the head's GEMMs in fp32 with autocast
+    off (TRL's cast_lm_head_to_fp32), hidden, weight and bias cast to fp32. tiles:
+    alignkit.TileOptions, the engine's options."""
     head = model.get_output_embeddings()
     opts_kw = head_options(model, temperature)
-    if mean_logits and opts_kw["softcap"] is not None:
-        raise NotImplementedError("mean_logits with final_logit_softcapping: the mean of "
-                                  "soft-capped logits needs the logits, which alignkit never forms")
     mask = labels != -100
     idx, y = _labelled(labels)
     opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend,
                           tiles=tiles or TileOptions(), **opts_kw)
 
     def op(weight, bias, h):
+        if head_fp32:
+            weight, bias = _full(weight).float(), (_full(bias).float() if bias is not None
+                                                   else None)
         rows, weight, bias = _head_rows(weight, bias, h, idx)
         lp, ent, lse = linear_logprobs_stats(rows, weight, y, bias=bias, opts=opts)
         out = {"log_probs": lp, "entropy": ent}
         if is_top1:
             out["is_top1"] = (lp.detach() + lse[:, 1]) >= 0
-        if mean_logits:
+        capped_mean = mean_logits and opts.softcap is not None
+        if capped_mean or log_sum_sq_probs:
+            out.update(vocab_row_stats(rows, weight, bias, temperature=opts.temperature,
+                                       softcap=opts.softcap, lse=lse[:, 0] + lse[:, 1],
+                                       mean=capped_mean, sum_sq=log_sum_sq_probs))
+        if mean_logits and not capped_mean:
             with torch.no_grad():
                 # fp32 means without an fp32 copy of a bf16 weight
                 wbar = weight.mean(0, dtype=torch.float32)
@@ -121,7 +133,12 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
                 out["mean_logits"] = ml * (1.0 / opts.temperature)
         return out
 
-    flat = _head_call(head, op, hidden)
+    if head_fp32:
+        hidden = hidden.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            flat = _head_call(head, op, hidden)
+    else:
+        flat = _head_call(head, op, hidden)
 
     def scatter(x, dtype=torch.float32):
         if x is None:
@@ -135,6 +152,7 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
         return z + 0 * hidden.sum() if dtype.is_floating_point else z
     return dict(log_probs=scatter(flat["log_probs"]), entropy=scatter(flat.get("entropy")),
                 mean_logits=scatter(flat.get("mean_logits")),
+                log_sum_sq_probs=scatter(flat.get("log_sum_sq_probs")),
                 is_top1=scatter(flat.get("is_top1"), torch.bool), label_mask=mask)
 
 
@@ -158,18 +176,26 @@ def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Ten
     return _head_call(head, op, hidden)
 
 
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _check_outputs(outputs):
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise NotImplementedError(f"per-token output(s) {sorted(unknown)} are not computed by "
+                                  f"alignkit (it serves {', '.join(OUTPUTS)})")
+
+
 def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_batch=None,
                   outputs=("log_probs",), temperature: float = 1.0, backend: str = "auto",
-                  preference: Optional[dict] = None, tiles: Optional[TileOptions] = None,
+                  preference: Optional[dict] = None, head_fp32: bool = False,
+                  tiles: Optional[TileOptions] = None,
                   **kwargs) -> FusedOutput:
     """Body, then the fused head: per-token fields of the next-token labels (see module doc).
     With ``preference`` (dict: sequence_ids [B, T] aligned with the shifted labels,
     num_sequences, and preference_loss's loss=..., ref_logprobs=..., options), the preference
     loss through alignkit's fused engine instead: FusedOutput(loss=..., metrics=...)."""
-    unknown = set(outputs) - {"log_probs", "entropy", "mean_logits", "is_top1"}
-    if unknown:
-        raise NotImplementedError(f"per-token output(s) {sorted(unknown)} are not computed by "
-                                  "alignkit (it serves log_probs, entropy, mean_logits, is_top1)")
+    _check_outputs(outputs)
     if kwargs.get("output_router_logits"):
         raise NotImplementedError("output_router_logits (MoE load-balancing loss) is not served by "
                                   "alignkit's fused forward")
@@ -194,20 +220,25 @@ def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_bat
         return FusedOutput(loss=loss, metrics=metrics)
     f = head_logprobs(model, hidden, lab.to(hidden.device), entropy="entropy" in outputs,
                       mean_logits="mean_logits" in outputs, is_top1="is_top1" in outputs,
-                      temperature=temperature, backend=backend, tiles=tiles)
+                      log_sum_sq_probs="log_sum_sq_probs" in outputs,
+                      temperature=temperature, backend=backend, head_fp32=head_fp32,
+                      tiles=tiles)
     n = f["label_mask"].sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -f["log_probs"].sum() / n
     return FusedOutput(loss=loss, **f)
 
 
 def install_fused_forward(model, *, outputs=("log_probs",), temperature: float = 1.0,
-                          backend: str = "auto", on: str = "labels",
+                          backend: str = "auto", on: str = "labels", head_fp32: bool = False,
                           tiles: Optional[TileOptions] = None):
     """Makes ``model.forward`` answer with ``fused_forward`` when called with labels
     (``on="labels"``) or with ``fused_lm_head=True`` (``on="fused_lm_head"``, TRL's call); every
     other call goes to the forward the model had. Returns a function that restores that forward.
-    The patched forward is what DDP / FSDP2 wrappers call, so they keep working."""
+    The patched forward is what DDP / FSDP2 wrappers call, so they keep working. head_fp32: the
+    head in fp32 outside autocast (TRL's cast_lm_head_to_fp32). Unsupported heads and outputs
+    are refused here, before the first forward."""
     head_options(model, temperature)                      # refuse unsupported heads now
+    _check_outputs(outputs)
     original = model.forward
 
     def forward(self, *args, fused_lm_head=None, labels=None, shift_labels=None,
@@ -222,7 +253,8 @@ def install_fused_forward(model, *, outputs=("log_probs",), temperature: float =
             return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, outputs=outputs,
                                  temperature=temperature, backend=backend,
-                                 preference=alignkit_preference, tiles=tiles, **kw)
+                                 preference=alignkit_preference, head_fp32=head_fp32,
+                                 tiles=tiles, **kw)
         for k, v in (("labels", labels), ("shift_labels", shift_labels),
                      ("num_items_in_batch", num_items_in_batch)):
             if v is not None:

@@ -16,9 +16,15 @@ What changes, per trainer, and why no option can be dropped:
   CPO's the response), and ``logits/chosen|rejected`` -- means over positions and vocabulary --
   come from hidden · mean(W) + mean(b), which needs no logits. ``get_batch_loss_metrics`` and
   ``cpo_loss`` / ``odds_ratio_loss`` stay TRL's.
-What is refused, naming the option: ``use_weighting`` (WPO needs log Σp², not computed here),
-MoE router logits (``output_router_logits``), encoder-decoder models, soft-capped heads where a
-metric needs the mean logit, logit multipliers alignkit does not reproduce.
+- ``GRPOConfig.cast_lm_head_to_fp32=True``: the head's GEMMs run in fp32 with autocast off, as
+  TRL's own head does (policy and reference).
+- ``DPOConfig.use_weighting=True`` (WPO): the fused output carries ``log_sum_sq_probs``
+  (log Σ_v p_v², no gradient) and TRL's loss code weights the pairs. Under
+  ``final_logit_softcapping`` (Gemma-2/3) the ``mean_logits`` TRL logs are the mean of the capped
+  logits. Both cost one extra forward GEMM over the labelled rows
+  (alignkit.integrations.vocab_stats says which engine change removes it).
+What is refused when patching, naming the option: MoE router logits (``output_router_logits``),
+encoder-decoder models, logit multipliers alignkit does not reproduce.
 The call goes through ``model(...)``, i.e. through accelerate's DDP / FSDP wrapper, so gradient
 sync and parameter gathering are the wrapper's; the head op runs inside the head module's call
 (alignkit.integrations.head), so a separately sharded head is gathered too.
@@ -33,10 +39,10 @@ from alignkit.integrations.head import install_fused_forward
 from alignkit.ops.options import TileOptions
 
 
-def _install(model, outputs, backend="auto", temperature=1.0, tiles=None):
+def _install(model, outputs, backend="auto", temperature=1.0, head_fp32=False, tiles=None):
     """model(..., fused_lm_head=True) -> alignkit; other calls -> the forward it had."""
     install_fused_forward(model, outputs=outputs, backend=backend, on="fused_lm_head",
-                          temperature=temperature, tiles=tiles)
+                          temperature=temperature, head_fp32=head_fp32, tiles=tiles)
     model._alignkit_forward = model.__dict__["forward"]
 
 
@@ -79,16 +85,19 @@ def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
         # TRL's own loss code reads log_probs and entropy (with its gradient: the entropy bonus)
         # of the completion tokens; its temperature divides the logits, as TRL's head does
         t = float(getattr(trainer, "temperature", 1.0))
-        _install(_base(trainer.model), ("log_probs", "entropy"), temperature=t, **kw)
+        # GRPOConfig.cast_lm_head_to_fp32: TRL casts the head module to fp32 and runs its GEMMs
+        # outside autocast, for the policy and the reference
+        fp32 = bool(getattr(getattr(trainer, "args", None), "cast_lm_head_to_fp32", False))
+        _install(_base(trainer.model), ("log_probs", "entropy"), temperature=t, head_fp32=fp32,
+                 **kw)
         ref = getattr(trainer, "ref_model", None)
         if ref is not None and not _patched(_base(ref)):
-            _install(_base(ref), ("log_probs",), temperature=t, **kw)
+            _install(_base(ref), ("log_probs",), temperature=t, head_fp32=fp32, **kw)
         return trainer
     if isinstance(trainer, DPOTrainer):
-        if getattr(trainer, "use_weighting", False):
-            raise NotImplementedError("DPOConfig.use_weighting=True (WPO) needs log Σ p² per "
-                                      "token, which alignkit does not compute")
-        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits", "is_top1"),
+        # WPO (use_weighting) reads log_sum_sq_probs, as TRL's own head gives it
+        wpo = ("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ()
+        _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits", "is_top1") + wpo,
                  **kw)
     elif isinstance(trainer, KTOTrainer):
         _install(_base(trainer.model), ("log_probs", "entropy", "mean_logits"), **kw)

@@ -8,20 +8,25 @@ A the advantage of s or of t, ε_l = epsilon_low, ε_h = epsilon_high):
     grpo, bnpo, dr_grpo, dapo, luspo, ppo:  ℓ = −min(ρ'·A, clip(ρ, 1−ε_l, 1+ε_h)·A)
           (ρ' = min(ρ, delta) with delta, two-sided clipping; PPO: Schulman et al. 2017,
           arXiv:1707.06347; GRPO: Shao et al. 2024, arXiv:2402.03300)
+    (importance_sampling_level="sequence_sum": w_s = Σ_{t∈s}(lp − old), TRL's RLOOTrainer;
+          RLOO = loss_type="grpo" with it, Ahmadian et al. 2024, arXiv:2402.14740)
     cispo: ℓ = −sg(min(ρ, ε_h))·A·lp          (MiniMax-M1, arXiv:2506.13585; ε_h caps ρ)
+    vespo: ℓ = −sg(φ_s)·A·lp, φ the gamma weight of s's summed ratio (policy_corrections)
     sapo:  ℓ = −σ(τ(ρ − 1))·4/τ·A, τ = τ₊ if A > 0 else τ₋
           (Soft Adaptive Policy Optimization, arXiv:2511.20347)
     KL (beta > 0), with d = ref − lp:  k1 = −d,  k2 = d²/2,  k3 = eᵈ − d − 1   (Schulman 2020,
           "Approximating KL divergence"); ℓ += β·k (·ρ with kl_importance_weight, TRL's
-          use_bias_correction_kl)
+          use_bias_correction_kl, on by default as in TRL)
+Before the KL term is added, the policy term is multiplied by the rollout correction, the
+off-policy sequence mask and the entropy-quantile mask (alignkit.losses.policy_corrections).
 The per-token terms are then normalised (|s| labelled tokens of s, S sequences, N = Σ|s|):
     grpo, sapo   (1/S)·Σ_s (1/|s|)·Σ_t ℓ        bnpo, ppo    (1/N)·Σ ℓ
     dr_grpo      Σ ℓ / (S·max_completion_length)   (Liu et al. 2025, arXiv:2503.20783)
-    dapo, cispo  Σ ℓ / num_items (default N; pass the count of the whole accumulation window)
+    dapo, cispo, vespo  Σ ℓ / num_items (default N; pass the count of the accumulation window)
                  (DAPO, Yu et al. 2025, arXiv:2503.14476)
     luspo        (1/S)·Σ_s Σ_t ℓ                (LUSPO, arXiv:2602.05261)
 and the entropy bonus is −entropy_coef·(1/N)·Σ H_t, with H the entropy of the full distribution
-and its true gradient through the softmax.
+and its true gradient through the softmax (over the kept tokens under top_entropy_quantile).
 
 These are TRL 1.16 GRPOTrainer._compute_loss's terms and normalisations (tests/test_policy.py
 checks them against it); ppo and the k1/k2 estimators are alignkit's additions.
@@ -35,6 +40,8 @@ from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
 from alignkit.losses.options import check_number
+from alignkit.losses.policy_corrections import correction_options, coupling_reason, rollout_ratio
+from alignkit.losses.policy_terms import KL_ESTIMATORS, kl_estimate, policy_terms, token_terms
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pass_budget import (effective_mode, keep_rows, pass_blocker, pinned_plan,
@@ -47,8 +54,8 @@ from alignkit.ops.validate import (
     check_segment_range,
 )
 
-POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "ppo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "ppo", "vespo")
+IS_LEVELS = ("token", "sequence", "sequence_sum")
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "ppo")
 
 
@@ -63,8 +70,15 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
                 ignore_index: int = -100, temperature: float = 1.0,
                 softcap: Optional[float] = None, num_items: Optional[Tensor | int] = None,
                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
-                kl_importance_weight: bool = False, backend: str = "auto",
-                grad_mode: str = "auto", tiles=None):
+                kl_importance_weight: bool = True, backend: str = "auto",
+                grad_mode: str = "auto", tiles=None, rollout_logprobs: Optional[Tensor] = None,
+                rollout_correction: Optional[str] = None,
+                rollout_correction_min: Optional[float] = None,
+                rollout_correction_max: Optional[float] = 3.0,
+                off_policy_mask_threshold: Optional[float] = None,
+                top_entropy_quantile: float = 1.0, vespo_k_pos: float = 2.0,
+                vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                vespo_lambda_neg: float = 2.0):
     """A policy-gradient loss of completions, from hidden states (formulas: module docstring).
 
     Shapes: padded hidden [S, T, H] and labels [S, T], or packed hidden [N, H], labels [N] and
@@ -73,7 +87,18 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     old_logprobs / ref_logprobs: per token, the labels' shape (ignored positions are not read);
     old_logprobs=None is on-policy (the detached current log-probs). epsilon_high=None means
     epsilon_low (cispo: the cap on the ratio). num_items: the labelled-token count dapo and cispo
-    divide by (default: this batch's).
+    divide by (default: this batch's). kl_importance_weight: the KL term times ρ (TRL's
+    use_bias_correction_kl; default True, as TRL).
+
+    Corrections (formulas: alignkit.losses.policy_corrections), keyword-only:
+    rollout_logprobs (per token, the labels' shape: the sampler's log-probs, TRL's
+    sampling_per_token_logps) with rollout_correction in "token_truncate", "token_mask",
+    "sequence_truncate", "sequence_mask" (TRL's vllm_importance_sampling_mode) and its bounds
+    rollout_correction_min (default None) / rollout_correction_max (default 3.0) (TRL's
+    vllm_importance_sampling_clip_min / _clip_max); off_policy_mask_threshold (TRL's, None = off;
+    it reads rollout_logprobs if given, else old_logprobs); top_entropy_quantile (TRL's, in
+    [0, 1], 1 = off); vespo_k_pos (2.0), vespo_lambda_pos (3.0), vespo_k_neg (3.0),
+    vespo_lambda_neg (2.0) for loss_type="vespo" (TRL's names and defaults).
 
     Returns (loss, metrics): 0-dim loss; metrics 0-dim detached tensors with TRL's keys:
     ``entropy``, ``kl`` (beta > 0), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
@@ -85,14 +110,23 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     scored, entropy term included: 3 GEMMs for any number of sequences. Sequence-level: a
     token's coefficient needs its sequence's mean ratio, so its G is formed with a unit
     coefficient and kept (tiles.keep_bytes) until every token is scored: 3 GEMMs, 4 for the
-    tokens past the budget; not with an entropy bonus), "recompute" (the generic op: backward
+    tokens past the budget; not with an entropy bonus. The same holds for vespo,
+    off_policy_mask_threshold, top_entropy_quantile < 1 and an on-policy rollout_correction:
+    their coefficients need the whole sequence or batch), "recompute" (the generic op: backward
     recomputes each tile, 4 GEMMs), "auto" (the single pass where it applies and pays, as
     preference_loss decides: long tiles, and at the sequence level the keep budget; the
     recompute under no_grad and torch.compile).
     """
     o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
-                 kl_importance_weight)
+                 kl_importance_weight, dict(
+                     rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
+                     rollout_correction_min=rollout_correction_min,
+                     rollout_correction_max=rollout_correction_max,
+                     off_policy_mask_threshold=off_policy_mask_threshold,
+                     top_entropy_quantile=top_entropy_quantile, vespo_k_pos=vespo_k_pos,
+                     vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                     vespo_lambda_neg=vespo_lambda_neg))
     check_linear_inputs(hidden, weight, labels, bias)
     if segment_ids is None and hidden.dim() != 3:
         raise ValueError("policy_loss needs padded hidden [S, T, H] or packed hidden [N, H] with "
@@ -102,7 +136,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     flat, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     tiles = tiles or TileOptions()
     mode = effective_mode(grad_mode, tiles)
-    coupled = o["level"] == "sequence"
+    coupled = o["coupled"] is not None
     why = _pass_blocker(mode, o, flat, weight, bias)
 
     def recompute(h, w, b):
@@ -135,8 +169,8 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     t = tiles.resolved(head=tuple(weight.shape))
     rows = flat.shape[0]
     be = resolve(backend, weight.device)
-    # sequence-level importance sampling defers every token (its coefficient needs its
-    # sequence's mean ratio); token level none
+    # a coupled loss (sequence-level importance sampling, ...: o["coupled"]) defers every token
+    # (its coefficient needs the whole sequence or batch first); a token-level one none
     cands = candidates(weight, flat, rows, be, t, recompute, run_pass, rows if coupled else 0)
     key = plan_key("token:coupled" if coupled else "token", weight.device, weight.dtype, be,
                    *weight.shape, rows, P["S"], t.memory)
@@ -156,13 +190,28 @@ def policy_loss_from_logprobs(logprobs: Tensor, entropy: Optional[Tensor], label
                               ignore_index: int = -100, num_items: Optional[Tensor | int] = None,
                               sapo_temperature_pos: float = 1.0,
                               sapo_temperature_neg: float = 1.05,
-                              kl_importance_weight: bool = False):
+                              kl_importance_weight: bool = True,
+                              rollout_logprobs: Optional[Tensor] = None,
+                              rollout_correction: Optional[str] = None,
+                              rollout_correction_min: Optional[float] = None,
+                              rollout_correction_max: Optional[float] = 3.0,
+                              off_policy_mask_threshold: Optional[float] = None,
+                              top_entropy_quantile: float = 1.0, vespo_k_pos: float = 2.0,
+                              vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                              vespo_lambda_neg: float = 2.0):
     """The loss half of ``policy_loss``, on per-token log-probs (and entropies) you already have,
     of the labels' shape, in their dtype (float64 for an oracle); the same options, terms and
     metrics. entropy=None: no entropy bonus, and the entropy metric reads 0."""
     o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
-                 kl_importance_weight)
+                 kl_importance_weight, dict(
+                     rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
+                     rollout_correction_min=rollout_correction_min,
+                     rollout_correction_max=rollout_correction_max,
+                     off_policy_mask_threshold=off_policy_mask_threshold,
+                     top_entropy_quantile=top_entropy_quantile, vespo_k_pos=vespo_k_pos,
+                     vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                     vespo_lambda_neg=vespo_lambda_neg))
     if entropy is None:
         if o["entropy_coef"] != 0:
             raise ValueError("entropy_coef != 0 needs the entropy")
@@ -183,6 +232,7 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
     adv = _per_token("advantages", advantages, labels, S, seg, dtype)
     old = _token_tensor("old_logprobs", old_logprobs, labels, dtype)
     ref = _token_tensor("ref_logprobs", ref_logprobs, labels, dtype)
+    rollout = _token_tensor("rollout_logprobs", o.pop("rollout"), labels, dtype)
     if o["beta"] > 0 and ref is None:
         raise ValueError("beta > 0 needs ref_logprobs (per token, the labels' shape)")
     if o["beta"] == 0 and ref is not None:
@@ -195,14 +245,19 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
         max_len = labels.shape[-1]
     if max_len is not None:
         check_number("max_completion_length", max_len, low=1)
-    if num_items is not None and o["loss_type"] not in ("dapo", "cispo"):
-        raise ValueError(f"num_items applies to dapo and cispo, not {o['loss_type']!r}")
+    if num_items is not None and o["loss_type"] not in ("dapo", "cispo", "vespo"):
+        raise ValueError(f"num_items applies to dapo, cispo and vespo, not {o['loss_type']!r}")
     mask = labels.reshape(-1) != ignore_index
+    o["coupled"] = coupling_reason(o, old is not None)
+    is_ratio = None
+    if o["rc"] is not None and old is not None:        # known before the pass
+        keep = mask.to(dtype)
+        is_ratio = rollout_ratio(torch.where(mask, old, 0), rollout, keep, seg, S, o)
     seq_adv = advantages.detach().to(dtype) if tuple(advantages.shape) == (S,) and \
         tuple(advantages.shape) != tuple(labels.shape) else None
     return dict(old=old, ref=ref, adv=adv, mask=mask, seg=seg, S=S,
                 norm=_normaliser(o["loss_type"], mask, seg, S, max_len, num_items, dtype), o=o,
-                seq_adv=seq_adv)
+                seq_adv=seq_adv, rollout=rollout, is_ratio=is_ratio)
 
 
 def _pass_blocker(mode, o, hidden, weight, bias):
@@ -211,11 +266,13 @@ def _pass_blocker(mode, o, hidden, weight, bias):
     if mode == "recompute":
         return "recompute"
     why = pass_blocker(hidden, weight, bias, mode)
-    if why is None and o["level"] == "sequence" and o["entropy_coef"] != 0:
+    coupled = o.get("coupled", "sequence-level importance sampling" if o["level"] != "token"
+                    else None)                 # _prepare sets it; a bare option dict may not
+    if why is None and coupled is not None and o["entropy_coef"] != 0:
         # a kept G carries one unknown scale per row; the entropy term's gradient is a second
         # matrix beside it (−p·(log p + H)), which would need its own buffer or GEMMs
-        why = ("sequence-level importance sampling with an entropy bonus (its kept G tiles take "
-               "one scale per token; the entropy term would be a second one)")
+        why = (f"{coupled} with an entropy bonus (its kept G tiles take one scale per token; "
+               "the entropy term would be a second one)")
     return why
 
 
@@ -224,6 +281,7 @@ def _coefficients(P):
     indices), by autograd on their own terms (a token-level loss is a sum of per-token terms).
     P: _prepare's arguments of policy_terms."""
     old, ref, adv, norm, o = P["old"], P["ref"], P["adv"], P["norm"], P["o"]
+    pw = P["is_ratio"]              # the rollout ratio, known before the pass (or None)
     n = P["mask"].float().sum().clamp(min=1)
 
     def coef(ic, lp, ent):
@@ -231,7 +289,8 @@ def _coefficients(P):
             lp = lp.detach().requires_grad_()
             old_ = old.index_select(0, ic) if old is not None else lp.detach()
             ref_ = ref.index_select(0, ic) if ref is not None else None
-            term, _, _ = token_terms(lp, old_, ref_, adv.index_select(0, ic), o)
+            term, _, _ = token_terms(lp, old_, ref_, adv.index_select(0, ic), o,
+                                     pw=pw.index_select(0, ic) if pw is not None else None)
             total = (term * norm.index_select(0, ic)).sum()
             g_lp = torch.autograd.grad(total, lp)[0]
         g_ent = None
@@ -242,16 +301,17 @@ def _coefficients(P):
 
 
 def _options(loss_type, level, eps_low, eps_high, delta, beta, kl_estimator, entropy_coef,
-             t_pos, t_neg, kl_iw) -> dict:
+             t_pos, t_neg, kl_iw, corrections) -> dict:
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(POLICY_LOSS_TYPES)}")
-    if level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
-    if loss_type == "luspo" and level != "sequence":
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {', '.join(IS_LEVELS)}, got "
+                         f"{level!r}")
+    if loss_type == "luspo" and level == "token":
         raise ValueError("luspo sums each sequence's terms: it needs "
                          "importance_sampling_level='sequence' (as TRL requires)")
-    if level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
-        raise ValueError(f"importance_sampling_level='sequence' with {loss_type!r}: that loss "
+    if level != "token" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        raise ValueError(f"importance_sampling_level={level!r} with {loss_type!r}: that loss "
                          "sums per-token terms, so longer sequences would count more (TRL "
                          "refuses it too); use grpo, sapo, luspo or ppo")
     if kl_estimator not in KL_ESTIMATORS:
@@ -271,10 +331,22 @@ def _options(loss_type, level, eps_low, eps_high, delta, beta, kl_estimator, ent
     check_number("sapo_temperature_neg", t_neg, low=0, low_open=True)
     if not isinstance(kl_iw, bool):
         raise TypeError(f"kl_importance_weight must be a bool, got {kl_iw!r}")
-    return dict(loss_type=loss_type, level=level, eps_low=float(eps_low),
-                eps_high=float(eps_high), delta=delta, beta=float(beta), kl=kl_estimator,
-                entropy_coef=float(entropy_coef), t_pos=float(t_pos), t_neg=float(t_neg),
-                kl_iw=kl_iw)
+    o = dict(loss_type=loss_type, level=level, eps_low=float(eps_low),
+             eps_high=float(eps_high), delta=delta, beta=float(beta), kl=kl_estimator,
+             entropy_coef=float(entropy_coef), t_pos=float(t_pos), t_neg=float(t_neg),
+             kl_iw=kl_iw)
+    c = corrections
+    o.update(correction_options(
+        o, rollout_given=c["rollout_logprobs"] is not None,
+        rollout_correction=c["rollout_correction"], rc_min=c["rollout_correction_min"],
+        rc_max=c["rollout_correction_max"],
+        off_policy_mask_threshold=c["off_policy_mask_threshold"],
+        top_entropy_quantile=c["top_entropy_quantile"],
+        vespo=tuple(c[k] for k in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                                   "vespo_lambda_neg"))))
+    o["rollout"] = c["rollout_logprobs"]            # _prepare checks and takes it
+    return o
+
 
 
 def _sequences(labels, segment_ids, advantages=None):
@@ -325,117 +397,12 @@ def _normaliser(loss_type, mask, seg, S, max_len, num_items, dtype=torch.float32
         return m / m.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return m / (S * max_len)
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         n = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=dtype,
                                                               device=m.device)
         return m / n.clamp(min=1)
     return m / S                                                   # luspo
 
 
-def kl_estimate(lp: Tensor, ref: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(π ‖ π_ref) from the sampled token's log-probs, with d = ref − lp:
-    k1 = −d, k2 = d²/2, k3 = eᵈ − d − 1 (Schulman 2020, "Approximating KL divergence")."""
-    d = ref - lp
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.exp(d) - d - 1
-    raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
-
-
-def token_terms(lp, old, ref, adv, o, w=None):
-    """Per-token ℓ_t (before normalisation) and the ratio ρ; w: the log importance weight
-    (default lp − old, the token level)."""
-    w = (lp - old) if w is None else w
-    rho = torch.exp(w)
-    lt = o["loss_type"]
-    if lt == "cispo":
-        term = -torch.clamp(rho, max=o["eps_high"]).detach() * adv * lp
-    elif lt == "sapo":
-        tau = torch.where(adv > 0, o["t_pos"], o["t_neg"])
-        term = -torch.sigmoid(tau * (rho - 1)) * 4 / tau * adv
-    else:
-        clipped = torch.clamp(rho, 1 - o["eps_low"], 1 + o["eps_high"])
-        r1 = torch.clamp(rho, max=o["delta"]) if o["delta"] is not None else rho
-        term = -torch.minimum(r1 * adv, clipped * adv)
-    kl = None
-    if o["beta"] > 0:
-        kl = kl_estimate(lp, ref, o["kl"])
-        if o["kl_iw"]:
-            kl = kl * rho
-        term = term + o["beta"] * kl
-    return term, rho, kl
-
-
-def policy_terms(lp, ent, old, ref, adv, mask, seg, S, norm, o, seq_adv=None):
-    """(loss, metrics) from per-token log-probs lp [N] and entropies ent [N] (differentiable), the
-    detached old / ref / advantages [N], the label mask and sequence of each token [N], and the
-    normalisation weights [N]; seq_adv: the advantages [S] when given per sequence."""
-    keep = mask.to(lp.dtype)
-    f = dict(device=lp.device, dtype=lp.dtype)
-    old = lp.detach() if old is None else old.to(lp.dtype)
-    adv = adv.to(lp.dtype)
-    ref = ref.to(lp.dtype) if ref is not None else None
-    zero = torch.zeros_like(lp)
-    old, ref_ = torch.where(mask, old, zero), (torch.where(mask, ref, zero) if ref is not None
-                                               else None)
-    w = None
-    if o["level"] == "sequence":
-        counts = torch.zeros(S, **f).index_add_(0, seg, keep)
-        per_seq = torch.zeros(S, **f).index_add(
-            0, seg, (lp - old) * keep) / counts.clamp(min=1)
-        w = per_seq.index_select(0, seg)
-    term, rho, kl = token_terms(lp, old, ref_, adv, o, w)
-    loss = (term * norm).sum()
-    n = keep.sum().clamp(min=1)
-    metrics = {"entropy": (ent.detach() * keep).sum() / n}
-    if o["entropy_coef"] != 0:
-        loss = loss - o["entropy_coef"] * (ent * keep).sum() / n
-    if kl is not None:
-        metrics["kl"] = (kl.detach() * keep).sum() / n
-    r = rho.detach()
-    if o["loss_type"] in _CLIPPED:
-        if seq_adv is not None and o["level"] == "sequence":
-            # sequence level with one advantage per sequence: one ratio and one flag per
-            # sequence, averaged over the S sequences (TRL's (B, 1) metrics)
-            first = torch.full((S,), -1, dtype=torch.long, device=lp.device).scatter_reduce(
-                0, seg, torch.arange(seg.numel(), device=lp.device), "amax")
-            r_s = torch.where(first >= 0, r[first.clamp(min=0)], torch.ones_like(seq_adv))
-            lo_s = ((r_s < 1 - o["eps_low"]) & (seq_adv < 0)).to(lp.dtype)
-            hi_s = ((r_s > 1 + o["eps_high"]) & (seq_adv > 0)).to(lp.dtype)
-            lo_m, hi_m, reg_m = lo_s.mean(), hi_s.mean(), (lo_s + hi_s).clamp(max=1).mean()
-            has = torch.ones_like(lo_s, dtype=torch.bool)
-        else:
-            low = ((r < 1 - o["eps_low"]) & (adv < 0)).to(lp.dtype) * keep
-            high = ((r > 1 + o["eps_high"]) & (adv > 0)).to(lp.dtype) * keep
-            counts = torch.zeros(S, **f).index_add_(0, seg, keep)
-            has = counts > 0
-
-            def seq_mean(x):
-                return torch.zeros(S, **f).index_add_(0, seg, x) / counts.clamp(min=1)
-            lo_s, hi_s = seq_mean(low), seq_mean(high)
-            lo_m, hi_m = low.sum() / n, high.sum() / n
-            reg_m = (low + high).clamp(max=1).sum() / n
-        metrics.update({
-            "clip_ratio/low_mean": lo_m, "clip_ratio/high_mean": hi_m,
-            "clip_ratio/region_mean": reg_m,
-            "clip_ratio/low_min": _masked_extreme(lo_s, has, "min"),
-            "clip_ratio/high_max": _masked_extreme(hi_s, has, "max")})
-    elif o["loss_type"] == "cispo":
-        metrics["cispo_clip_ratio"] = (((r > o["eps_high"]) & (adv > 0)).to(lp.dtype) *
-                                       keep).sum() / n
-    return loss, {k: v.detach() for k, v in metrics.items()}
-
-
-def _masked_extreme(x: Tensor, has: Tensor, how: str) -> Tensor:
-    """min (or max) of x over the sequences that have tokens, 0 where none has; with no
-    boolean indexing, whose data-dependent size torch.compile cannot trace."""
-    fill = float("inf") if how == "min" else float("-inf")
-    v = torch.where(has, x, fill)
-    v = v.amin() if how == "min" else v.amax()
-    return torch.where(has.any(), v, torch.zeros_like(v))
-
-
-__all__ = ["policy_loss", "policy_loss_from_logprobs", "POLICY_LOSS_TYPES", "KL_ESTIMATORS"]
+__all__ = ["policy_loss", "policy_loss_from_logprobs", "POLICY_LOSS_TYPES", "KL_ESTIMATORS",
+           "IS_LEVELS", "kl_estimate", "policy_terms"]

@@ -1,6 +1,7 @@
 """PPO's advantage arithmetic for RLHF (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155), on
 right-padded responses: tensors [B, T] with ``mask`` [B, T] true on each row's response tokens, a
-run of ones then padding.
+run of ones then padding. A mask is bool or numbers that are all 0 or 1 (int or float, as
+``attention_mask.float()``); any other value is refused naming the argument.
 
     kl_penalized_rewards   R_t = −β·KL_t  (+ r(x, y) on the last response token)
     gae                    δ_t = R_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1}
@@ -27,16 +28,30 @@ def _float(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def check_response_mask(mask, like: Tensor, name: str = "mask", need_token: bool = False) -> Tensor:
-    """mask [B, T] (bool or 0/1) of like's shape, each row a run of ones then zeros."""
+def check_binary_mask(mask, like: Tensor, name: str = "mask") -> Tensor:
+    """mask [B, T] of like's shape, bool or numbers that are all 0 or 1 (integer or float, e.g.
+    ``attention_mask.float()``, as TRL builds its masks); returned as bool. Any other value (0.5,
+    2, NaN, a complex number) is refused naming the argument, before any work."""
     if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(like.shape) or mask.dim() != 2:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be [B, T] like the per-token tensors {tuple(like.shape)}; "
                          f"got {shape}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex() or ((mask != 0) & (mask != 1)).any():
-            raise ValueError(f"{name} must be bool or 0/1 integers, got {mask.dtype}")
-        mask = mask.bool()
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or 0/1 (int or float), got dtype {mask.dtype}")
+    bad = (mask != 0) & (mask != 1)                      # NaN is neither
+    if bad.any():
+        v = mask[bad].flatten()[0].item()
+        raise ValueError(f"{name} must be bool or 0/1 (int or float); got the value "
+                         f"{v!r} ({int(bad.sum())} entries are neither 0 nor 1)")
+    return mask != 0
+
+
+def check_response_mask(mask, like: Tensor, name: str = "mask", need_token: bool = False) -> Tensor:
+    """mask [B, T] (bool, or int / float 0/1) of like's shape, each row a run of ones then
+    zeros; returned as bool."""
+    mask = check_binary_mask(mask, like, name)
     if (mask[:, 1:] & ~mask[:, :-1]).any():
         bad = int((mask[:, 1:] & ~mask[:, :-1]).any(1).nonzero()[0])
         raise ValueError(f"{name}: row {bad} has a gap; each row must be its response tokens "
@@ -86,7 +101,9 @@ def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor,
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """(x − mean)/sqrt(var + 1e-8) over the masked entries, var with Bessel's correction (TRL's
-    masked_whiten); shift_mean=False adds the mean back."""
+    masked_whiten); shift_mean=False adds the mean back. x [B, T]; mask [B, T], bool or 0/1 (int
+    or float; any pattern, not only right-padded)."""
+    mask = check_binary_mask(mask, x)
     n = mask.sum()
     if int(n) < 2:
         raise ValueError("whitening needs at least 2 response tokens in the batch")
