@@ -200,7 +200,7 @@ def test_default_mode_traces_under_torch_compile_fullgraph():
     ("dpo", dict(beta=0.2), dict(pairs=2), "auto", 0),          # auto: the recompute
 ])
 def test_single_pass_traces_under_torch_compile(monkeypatch, loss, opts, shape, grad_mode, runs):
-    # the pair pass as the custom op alignkit::pair_pass (alignkit/losses/pass_op.py): the
+    # the pair pass as the custom op alignkit::pair_pass (alignkit/ops/pass_op.py): the
     # compiled graph's loss and every gradient match the eager single pass, and a counter on
     # the pass proves it ran inside the graph (the recompute would match the values as well)
     import alignkit.ops.pair_pass as sp

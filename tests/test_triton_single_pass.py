@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 def test_single_pass_tile_kernel(dtype, device):
     # one [rows, V] tile, V=4099 (the 1024-column blocks do not divide it), softcap + temperature:
     # log-probs, then G = w·(onehot − p)·dz/dx written over the tile in place: the logits kernels
-    # as the single pass runs them (alignkit/losses/vocab_tiles.py, VocabTiles._score)
+    # as the single pass runs them (alignkit/ops/vocab_tiles.py, VocabTiles._score)
     from alignkit.ops.triton_path import logits_backward, logits_forward
 
     def tile_logprob_grad(t, y, w, inv_temp, cap, ignore_index):

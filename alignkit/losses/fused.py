@@ -8,7 +8,7 @@ How the gradient is computed (the memory arithmetic; measurements in bench/RESUL
 - ``grad_mode="recompute"``: the per-sequence log-probs come from the fused op
   (alignkit.ops), whose backward recomputes each logits tile: 4 GEMMs in all (h·Wᵀ twice, G·W,
   Gᵀ·h), peak memory grad_W + grad_h + one 16 MiB tile, for any T and any number of pairs.
-- ``grad_mode="single_pass"`` (alignkit/losses/single_pass.py): the gradient is formed in forward.
+- ``grad_mode="single_pass"`` (alignkit/ops/pair_pass.py): the gradient is formed in forward.
   A token's gradient needs its final log-sum-exp while its tile is alive (so the tile spans the
   whole vocabulary: [rows, V] fp32, rows = 64 MiB / 4V) and its sequence's scalar dL/dlogp,
   known only after the sequence's last token. One group of tokens with one unknown scalar can go
@@ -19,11 +19,10 @@ How the gradient is computed (the memory arithmetic; measurements in bench/RESUL
   the keep budget (TileOptions.keep_bytes, default 0.3 x grad_W beyond the tile, sharing its
   buffer: the 1.3x bound holds) a deferred token's G tile is kept until its scalar is known:
   3 GEMMs. Past it the token is scored first (forward only) and formed again: 4 GEMMs.
-- ``grad_mode="auto"`` (the default) takes the single pass where it measured faster, fp32 with
-  full-vocabulary tiles of >= 192 rows: on CPUs without AMX (the EPYCs) wherever at most half
-  of the tokens are formed twice; on the AMX Xeon one tied pair, or every deferred token within
-  the keep budget (at H >= 1024 also a batch with at most 30% of its tokens formed twice); the
-  recompute otherwise (_single_pass_pays and single_pass.keep_pays have the measurements).
+- ``grad_mode="auto"`` (the default): the plan chooser (alignkit/ops/plan.py) takes the
+  recompute, the single pass, or the single pass that keeps every deferred token, among those
+  within the memory option (TileOptions.memory), by measuring them on the first calls of each
+  plan key (TileOptions.autotune; the cost model without it) and caching the winner on disk.
 """
 from __future__ import annotations
 
@@ -94,9 +93,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     grad_mode: "recompute" (backward recomputes each tile), "single_pass" (the gradient is
     formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest pair (tied
     losses) or sequence (the others) and of the deferred tokens whose G tiles fit the keep
-    budget (tiles.keep_bytes), 4 for the rest; see alignkit/losses/single_pass.py; a call it
-    cannot serve raises, naming why), "auto" (the default: single_pass where it measured
-    faster, see the module docstring; else recompute).
+    budget (tiles.keep_bytes), 4 for the rest; see alignkit/ops/pair_pass.py; a call it
+    cannot serve raises, naming why), "auto" (the default: the plan chooser, alignkit/ops/plan.py,
+    within tiles.memory). tiles: alignkit.TileOptions (memory, plan, autotune, the budgets).
 
     Reference (DPO): ``ref_logprobs`` [2B] in the same reduction as the policy's, or
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed

@@ -113,9 +113,9 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     tokens past the budget; not with an entropy bonus. The same holds for vespo,
     off_policy_mask_threshold, top_entropy_quantile < 1 and an on-policy rollout_correction:
     their coefficients need the whole sequence or batch), "recompute" (the generic op: backward
-    recomputes each tile, 4 GEMMs), "auto" (the single pass where it applies and pays, as
-    preference_loss decides: long tiles, and at the sequence level the keep budget; the
-    recompute under no_grad and torch.compile).
+    recomputes each tile, 4 GEMMs), "auto" (the plan chooser, alignkit/ops/plan.py, within
+    tiles.memory, measured on the first calls of each plan key; the recompute under no_grad and
+    torch.compile). tiles: alignkit.TileOptions (memory, plan, autotune, the budgets).
     """
     o = _options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                  kl_estimator, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,

@@ -23,7 +23,7 @@ vespo (Variational Sequence-level Soft Policy Optimisation, TRL's get_gamma_weig
 sequence_sum importance sampling (TRL's RLOOTrainer): w_s = Σ_s (lp − old), ρ_s = exp(w_s),
     with grpo's per-sequence mean that is RLOO's −(1/S)·Σ_s min(ρ_s·A_s, clip(ρ_s)·A_s).
 
-Cost on the single pass (alignkit.losses.single_pass, coupled=True): a token's coefficient that
+Cost on the single pass (alignkit.ops.token_pass, coupled=True): a token's coefficient that
 needs quantities of the whole sequence or batch under the current policy (vespo's w_s, the
 off-policy mask's mean KL, the entropy quantile, an on-policy rollout ratio, sequence-level
 ratios) is known only once every token is scored; such tokens are formed with a unit

@@ -3,7 +3,7 @@ and objective, the oracle, the bench) reads what a loss is from here.
 
 A paired loss is a function of the 2B per-sequence log-probs (chosen 0..B-1, then rejected) in its
 reduction (sums, or per-token averages), plus, for some, the NLL of the chosen tokens. Its *tie*
-tells the single pass how the per-sequence gradients relate (alignkit/losses/single_pass.py):
+tells the single pass how the per-sequence gradients relate (alignkit/ops/pair_pass.py):
     unit    dL/dr = −dL/dc for each pair (a function of c − r)
     count   dL/dr = −(|c|/|r|)·dL/dc (a function of c/|c| − r/|r|, on sums)
     untied  two unrelated scalars
