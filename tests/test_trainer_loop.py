@@ -180,3 +180,27 @@ def test_the_trainer_reaches_the_single_pass(setup, tmp_path, monkeypatch):
     a, b = final_weights(tmp_path / "sp"), final_weights(tmp_path / "rc")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_the_engine_section_reaches_the_engine(setup, tmp_path, monkeypatch):
+    """The config's engine: section is the TileOptions of every fused call: a pinned plan runs in
+    every training micro-batch (the recompute: no single pass at all), and a bad key or value is
+    a ConfigError naming it, before any model is built."""
+    import alignkit.losses.fused as fused
+    import alignkit.ops.pair_pass as sp
+    from alignkit.train.config import ConfigError, TrainConfig
+    ran, plans = [], []
+    real = sp._grads
+    monkeypatch.setattr(sp, "_grads", lambda *a: ran.append(1) or real(*a))
+    real_note = fused.note
+    monkeypatch.setattr(fused, "note", lambda n, why: plans.append((n, why)) or real_note(n, why))
+    PreferenceTrainer(config(setup, tmp_path / "rc", batch_size=1, grad_accum=2,
+                             engine={"plan": "recompute"})).train()
+    assert ran == [] and plans.count(("recompute", "pinned")) == 3 * 2
+    PreferenceTrainer(config(setup, tmp_path / "sp", batch_size=1, grad_accum=2,
+                             engine={"plan": "single_pass", "memory": "fast"})).train()
+    assert len(ran) == 3 * 2
+    with pytest.raises(ConfigError, match="engine: unknown key"):
+        TrainConfig(engine={"memroy": "min"})
+    with pytest.raises(ConfigError, match="memory must be one of"):
+        TrainConfig(engine={"memory": "lots"})

@@ -7,7 +7,7 @@ accumulation).
 
 first (addmm32): the accumulator is written, not added to (beta = 0). A [V, H] grad_W that its
 first GEMM writes needs no zero fill up front: a pass over the largest gradient for nothing
-(32 MiB, ~6 ms at V=32000, H=256 on the Zen 5 EPYC).
+(32 MiB, ~6 ms at V=32000, H=256; bench/RESULTS.md).
 """
 from __future__ import annotations
 

@@ -80,13 +80,9 @@ LONG_TILE_ROWS = 192
 
 def long_tiles(weight, tiles=None) -> bool:
     """Whether full-vocabulary tiles hold the >= 192 rows where the single pass's GEMMs ran at
-    speed: at B2 (V=151936, H=384) 192-row tiles ran 1.06x the floor against the recompute's
-    1.24x on the AVX2 EPYC; 110-row tiles ran 17% slower than the recompute on the AMX Xeon
-    (bench/RESULTS.md). On CPU only in fp32. In bf16 the pass holds its [V, H] accumulator in
-    fp32, twice the bf16 grad_W, where the recompute's bf16 backward holds one vocab block of it
-    (B1: 265 against 100 MiB; the memory bound at bf16 gradients is 108): faster on the Zen 5
-    EPYC at three of four bench shapes (by 6-21%), but past the bound at all four; on the AMX
-    Xeon it was also 5-13% slower."""
+    speed (bench/RESULTS.md, "Single pass or recompute"); on CPU only in fp32, where the pass's
+    fp32 [V, H] accumulator is not twice a bf16 grad_W. torch.compile's fixed rule (a compiled
+    graph cannot time candidates); eager calls measure (alignkit/ops/plan.py)."""
     if weight.device.type != "cuda" and weight.dtype != torch.float32:
         return False
     return tile_rows(weight.shape[0], weight.device, weight.dtype, tiles,

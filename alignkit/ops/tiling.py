@@ -10,8 +10,8 @@ with live_tiles = 1 for cpp. The torch fallback's elementwise ops make up to 6 t
 temporaries at once (z, z − m, exp, products), so it plans with live_tiles = 6 and stays inside
 the same budget.
 
-The default budget is 16 MiB. Measured on a 2-core AMD EPYC (2 MiB L2/core, 32 MiB L3), fp32, the
-four GEMMs of a fwd+bwd were fastest with vocab blocks of 2048 columns and 512-1024 token rows
+The default budget is 16 MiB. Measured on a 2-core CPU with 2 MiB L2/core (bench/RESULTS.md,
+"Tile budget"), fp32, the four GEMMs of a fwd+bwd were fastest with vocab blocks of 2048 columns and 512-1024 token rows
 (1.14-1.30x the untiled three-GEMM floor, against 1.5x for 256 rows): a 2048-column fp32 row (8 KiB)
 stays in L1 for the kernel's two passes, and the tile stays in L2/L3 between the GEMM that writes
 it and the kernel that reads it. At H=1024 the default gives 1024 rows; at H=256, 1638.
@@ -20,7 +20,7 @@ A big head changes the balance: each chunk of rows also reads and writes all of 
 (V·H·4 bytes; in bf16 with a cast of G and an fp32 add), so at H=4096, V=128256 the 16 MiB
 budget's 372-row chunks made backward 2.6x the GEMM floor in bf16. The default budget therefore
 grows to 1/16 of grad_W where that is larger (TileOptions.resolved): 128 MiB there, ~2,900-row
-chunks, 1.4-1.7x in bf16 and 1.13x in fp32 on the AMX Xeon. An explicit tile_bytes (argument or
+chunks, 1.4-1.7x in bf16 and 1.13x in fp32 (RESULTS, "Tile budget"). An explicit tile_bytes (argument or
 ALIGNKIT_TILE_BYTES) is taken as given.
 
 Set them per call with ``tiles=alignkit.TileOptions(tile_bytes=..., vocab_block=...)``; the

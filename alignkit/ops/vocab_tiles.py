@@ -23,7 +23,7 @@ class VocabTiles:
 
     grad_W is not zeroed up front: its first GEMM writes it (beta = 0) and later ones add. A
     [V, H] fp32 zero fill is a pass over the largest gradient for nothing (32 MiB, ~6 ms at
-    V=32000, H=256: ~1% of the trainer's fp32 step on the Zen 5 EPYC). Read from outside,
+    V=32000, H=256: ~1% of the trainer's fp32 step; bench/RESULTS.md). Read from outside,
     ``gw`` is zeroed first if nothing has written it yet."""
 
     def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
