@@ -93,9 +93,12 @@ _MACHINE: dict = {}
 
 # ---- the memory side -------------------------------------------------------------------------
 
-def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptions):
+def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptions,
+            deferred: int | None = None):
     """{plan: (peak bytes, its tile's bytes, TileOptions it runs with)} for a head [V, H] over
-    `rows` token rows (no tile is longer than the call). t: the caller's options, resolved."""
+    `rows` token rows (no tile is longer than the call, and no pass keeps more rows than the
+    `deferred` upper bound). t: the caller's options, resolved."""
+    deferred = rows if deferred is None else deferred
     device = torch.device(device)
     grad_w, grad_h = grad_w_bytes(V, H, device, dtype), rows * H * 4
     # the single passes accumulate grad_W in fp32 and hand it back in the weight's dtype
@@ -105,7 +108,8 @@ def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptio
     r_tile = min(t.tile_bytes, rows * min(t.vocab_block, V) * 4 + 2 * rows * H * 4)
     out = {"recompute": (grad_w + grad_h + r_tile, r_tile, t)}
     sp_rows = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows)
-    sp_buf = min(max(keep_rows(V, H, device, dtype, t, backend), sp_rows), rows) * V * per
+    sp_buf = min(max(keep_rows(V, H, device, dtype, t, backend), sp_rows), sp_rows + deferred,
+                 rows) * V * per
     out["single_pass"] = (acc_w + grad_h + sp_buf + 2 * sp_rows * H * 4, sp_rows * V * per, t)
     # fast: the tile grows up to FAST_TILE_FACTOR x, and the buffer holds every row's G
     tile = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
@@ -115,8 +119,8 @@ def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptio
                         "gpu_chunk_bytes": fast_tile if device.type == "cuda" else t.gpu_chunk_bytes,
                         "keep_bytes": fast_keep})
     f_rows = min(tile_rows(V, device, dtype, ft, H=H, backend=backend), rows)
-    out["single_pass_fast"] = (acc_w + grad_h + rows * V * per + 2 * f_rows * H * 4,
-                               f_rows * V * per, ft)
+    f_buf = min(f_rows + deferred, rows) * V * per
+    out["single_pass_fast"] = (acc_w + grad_h + f_buf + 2 * f_rows * H * 4, f_rows * V * per, ft)
     return out
 
 
@@ -317,7 +321,7 @@ def candidates(weight, hidden, rows: int, backend: str, t: TileOptions, run_reco
     known only at the end (no data read: it costs no sync). rows: the token rows of hidden."""
     V, H = weight.shape
     dev, dt = weight.device, weight.dtype
-    b = budgets(V, H, rows, dev, dt, backend, t)
+    b = budgets(V, H, rows, dev, dt, backend, t, deferred)
     r_rows = max(1, t.tile_bytes // (4 * t.vocab_block))
     out = [Candidate("recompute", b["recompute"][0], run_recompute, False,
                      lambda c: model_cost("recompute", V, H, rows, 0.0, r_rows, c),
@@ -442,6 +446,9 @@ def forget():
 
 def note(name: str, why: str):
     """Records a plan the front door fixed without choosing (no gradient wanted, float64, a
-    pinned recompute, torch.compile's rules): the bench and the debug log still name it."""
+    pinned recompute, torch.compile's rules): the bench and the debug log still name it. Not
+    inside a compiled graph (no side effects to trace)."""
+    if torch.compiler.is_compiling():
+        return
     LAST[:] = [Choice((), name, why, (name,))]
     log.debug("plan %s (%s)", name, why)
