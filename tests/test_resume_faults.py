@@ -121,7 +121,8 @@ def test_a_truncated_reference_cache_is_recomputed(setup, tmp_path):
     assert len(files) == 2                                # train and eval tables
     _truncate(files[0])
     logs = []
-    with pytest.warns(RuntimeWarning, match=r"reference cache .*ref-.*\.safetensors cannot be read"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"reference cache .*ref-.*\.safetensors cannot be read"):
         again = PreferenceTrainer(dict(cfg, output_dir=str(tmp_path / "b")),
                                   log=logs.append).train()
     assert sum("computed" in m for m in logs) == 1 and sum("cache hit" in m for m in logs) == 1

@@ -2,11 +2,11 @@
 
 ``precompute``: one no-grad pass of the initial model over every example before training (fused,
 no logits), cached on disk as ``<cache_dir>/ref-<key>.safetensors`` (tensors ``sums`` and
-``counts``; safetensors, so a cache file planted in a shared cache directory is data, never code). The key hashes the tokenised examples
-(so the data and the tokenisation settings), the model's config and every parameter's bytes, the
-head options and the packing of KTO's KL partners; a hit skips the pass. Log-probs of a sequence
-do not depend on how it is packed (the packing tests prove it), so the cache is shared by the
-three packing modes. ``live``: a frozen copy of the initial model scores each micro-batch.
+``counts``: safetensors, so a file planted in a shared cache directory is data, never code). The
+key hashes the tokenised examples (so the data and the tokenisation settings), the model's config
+and every parameter's bytes, the head options and the packing of KTO's KL partners; a hit skips
+the pass. Log-probs of a sequence do not depend on how it is packed (the packing tests prove it),
+so the cache is shared by the three packing modes. ``live``: a frozen copy of the initial model scores each micro-batch.
 With a peft model (LoRA), the reference is the same model with its adapter disabled: no copy.
 """
 from __future__ import annotations
