@@ -83,6 +83,13 @@ def killed(setup, tmp_path_factory):
     return out
 
 
+def test_checkpoint_files_are_as_readable_as_any_file_the_run_writes(killed):
+    step = killed / "checkpoints" / "step-00000004"
+    assert sorted(os.listdir(step)) == sorted(FILES)
+    mode = os.stat(step / "state.json").st_mode & 0o777          # written by open(): the umask's
+    assert {n: os.stat(step / n).st_mode & 0o777 for n in FILES} == {n: mode for n in FILES}
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

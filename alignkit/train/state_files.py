@@ -43,10 +43,19 @@ class StateFileError(ValueError):
         self.path, self.reason = path, reason
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path, write):
     """``write(tmp)`` then one rename: a reader never sees half a file under ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
     write(tmp)
+    # safetensors creates its files 0600; a checkpoint is read by whoever could read a
+    # torch.save file (teammates resuming from a shared disk): the umask's mode, as open() gives
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
