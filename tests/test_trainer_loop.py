@@ -110,14 +110,16 @@ def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
 
 
 
-def test_two_ranks_resume_after_sigkill(setup, tmp_path):
-    """DDP (gloo, 2 ranks) killed after step 3 resumes from step 2's checkpoint (one RNG file per
-    rank) and reaches the weights of one uninterrupted rank with twice the accumulation."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_resume_after_sigkill(setup, tmp_path, fsdp):
+    """DDP or FSDP2 (gloo, 2 ranks) killed after step 3 resumes from step 2's checkpoint (the
+    full state dicts, one RNG file per rank) and reaches the weights of one uninterrupted rank
+    with twice the accumulation."""
     import yaml
     one = config(setup, tmp_path / "one", max_steps=4, save_steps=2, eval_steps=0, batch_size=2,
                  grad_accum=2, reference="precompute")
     PreferenceTrainer(one).train()
-    two = dict(one, output_dir=str(tmp_path / "two"), grad_accum=1)
+    two = dict(one, output_dir=str(tmp_path / "two"), grad_accum=1, fsdp=fsdp)
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
     (tmp_path / "killer.py").write_text(KILLER)
