@@ -206,7 +206,8 @@ def test_a_crafted_reference_cache_runs_nothing_and_is_recomputed(setup, tmp_pat
     for f in files:
         plant(f, marker)
     logs = []
-    with pytest.warns(RuntimeWarning, match=r"reference cache .*ref-.*\.safetensors cannot be read"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"reference cache .*ref-.*\.safetensors cannot be read"):
         PreferenceTrainer(dict(cfg, output_dir=str(tmp_path / "b")), log=logs.append).train()
     assert not marker.exists()
     assert sum("computed" in m for m in logs) == 2

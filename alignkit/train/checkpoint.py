@@ -199,7 +199,8 @@ def _all_ranks(ok: bool) -> bool:
 
 
 def load(path, model, optimizer, scheduler) -> dict:
-    """Restores one checkpoint; raises CheckpointError naming a bad file (nothing applied)."""
+    """Restores one checkpoint; raises CheckpointError naming a bad file (nothing applied when
+    a file cannot be read or parsed, on any rank)."""
     err = None
     try:
         blob = _read(path)
