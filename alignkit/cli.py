@@ -1,7 +1,8 @@
 """``alignkit train CONFIG.yaml [--key value ...] [--resume]``, ``alignkit demo``,
 ``alignkit plot OUTPUT_DIR``, ``alignkit sample --policy DIR --reward-model DIR --prompts FILE
 --out FILE`` (best-of-N), ``alignkit bench --hidden H --vocab V --tokens N --loss dpo`` (alignkit
-against the installed peers on your shape)."""
+against the installed peers on your shape), ``alignkit convert-checkpoint DIR --trust`` (old
+pickled checkpoints -> safetensors + JSON)."""
 from __future__ import annotations
 
 import argparse
@@ -108,12 +109,28 @@ def _sample(argv):
     return 0
 
 
+def _convert_checkpoint(argv):
+    from alignkit.train.checkpoint_convert import convert
+    p = argparse.ArgumentParser(prog="alignkit convert-checkpoint",
+                                description="Convert checkpoints of the old pickled format "
+                                            "(model.pt, optimizer.pt, ...) in place to the "
+                                            "safetensors + JSON format that --resume reads.")
+    p.add_argument("dir", help="a checkpoint directory (step-*), OUTPUT_DIR/checkpoints or "
+                   "OUTPUT_DIR")
+    p.add_argument("--trust", action="store_true",
+                   help="required: you trust where these files came from (they are pickles)")
+    a = p.parse_args(argv)
+    convert(a.dir, a.trust)
+    return 0
+
+
 def _bench(argv):
     from alignkit.bench.cli import main
     return main(argv)
 
 
-COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "sample": _sample, "bench": _bench}
+COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "sample": _sample, "bench": _bench,
+            "convert-checkpoint": _convert_checkpoint}
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ def test_demo_learns_the_preference_and_writes_its_outputs(tmp_path, capsys):
     acc = float(re.search(r"held-out reward accuracy after 60 steps: ([0-9.]+)", text).group(1))
     assert acc > 0.8, text[-2000:]
     for f in ("metrics.jsonl", "rewards.png", "final/config.json", "final/model.safetensors",
-              "checkpoints/step-00000060/model.pt"):
+              "checkpoints/step-00000060/model.safetensors"):
         assert os.path.isfile(out / f), f
     assert main(["plot", str(out), "--out", str(tmp_path / "p.png")]) == 0
     assert os.path.getsize(tmp_path / "p.png") > 10_000

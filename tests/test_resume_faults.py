@@ -56,7 +56,8 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "scheduler.pt", "rng-rank0.pt",
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.json", "optimizer.safetensors",
+                                  "scheduler.json", "rng-rank0.json", "rng-rank0.safetensors",
                                   "state.json"])
 def test_a_truncated_checkpoint_file_resumes_from_the_previous_one(setup, uninterrupted,
                                                                    tmp_path, name):
@@ -75,12 +76,13 @@ def test_a_truncated_checkpoint_file_resumes_from_the_previous_one(setup, uninte
 
 def test_no_intact_checkpoint_is_an_error_naming_the_files(setup, tmp_path, capsys):
     newest = _killed_run(setup, tmp_path)
-    _truncate(newest / "model.pt")
+    _truncate(newest / "model.safetensors")
     _truncate(newest.parent / "step-00000002" / "state.json")
     with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError) as e:
         PreferenceTrainer(config(setup, tmp_path, **RUN)).train(resume=True)
     assert "no intact checkpoint" in str(e.value)
-    assert "step-00000004/model.pt" in str(e.value) and "step-00000002/state.json" in str(e.value)
+    assert "step-00000004/model.safetensors" in str(e.value)
+    assert "step-00000002/state.json" in str(e.value)
     # the CLI: exit 2 and one line naming them, no traceback
     cfg = tmp_path / "c.yaml"
     import yaml
@@ -119,7 +121,8 @@ def test_a_truncated_reference_cache_is_recomputed(setup, tmp_path):
     assert len(files) == 2                                # train and eval tables
     _truncate(files[0])
     logs = []
-    with pytest.warns(RuntimeWarning, match=r"reference cache .*ref-.*\.pt cannot be read"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"reference cache .*ref-.*\.safetensors cannot be read"):
         again = PreferenceTrainer(dict(cfg, output_dir=str(tmp_path / "b")),
                                   log=logs.append).train()
     assert sum("computed" in m for m in logs) == 1 and sum("cache hit" in m for m in logs) == 1

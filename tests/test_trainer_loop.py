@@ -110,6 +110,35 @@ def test_resume_after_sigkill_reaches_the_same_weights(setup, tmp_path):
 
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_resume_after_sigkill(setup, tmp_path, fsdp):
+    """DDP or FSDP2 (gloo, 2 ranks) killed after step 3 resumes from step 2's checkpoint (the
+    full state dicts, one RNG file per rank) and reaches the weights of one uninterrupted rank
+    with twice the accumulation."""
+    import yaml
+    one = config(setup, tmp_path / "one", max_steps=4, save_steps=2, eval_steps=0, batch_size=2,
+                 grad_accum=2, reference="precompute")
+    PreferenceTrainer(one).train()
+    two = dict(one, output_dir=str(tmp_path / "two"), grad_accum=1, fsdp=fsdp)
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    p = subprocess.run(run + [str(tmp_path / "killer.py"), str(cfg_path), "3"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    step2 = tmp_path / "two" / "checkpoints" / "step-00000002"
+    assert sorted(os.listdir(step2.parent)) == ["step-00000002"], p.stderr[-3000:]
+    assert {"rng-rank0.json", "rng-rank1.json", "model.safetensors"} <= set(os.listdir(step2))
+    p = subprocess.run(run + ["-m", "alignkit.cli", "train", str(cfg_path), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "resumed from" in p.stdout and "step 2" in p.stdout
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert assert_weights_close(b, a, one["lr"]) == len(b)
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2-tiled-mlp"])
 def test_two_ranks_match_one_rank_with_double_accumulation(setup, tmp_path, fsdp):
     """FSDP2 with the long-sequence settings: the tiled MLP's parameters enter its autograd

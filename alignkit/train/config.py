@@ -263,8 +263,12 @@ class TrainConfig:
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file {path!r} does not exist")
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
+            try:
+                with open(path) as f:
+                    loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:   # safe_load refuses python/* tags: a config is data
+                raise ConfigError(f"config file {path!r} is not plain YAML: "
+                                  f"{' '.join(str(e).split())}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
             values.update(loaded)
@@ -292,6 +296,10 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"--{key} needs a value")
             raw = args[i + 1]
             i += 1
-        out[key.replace("-", "_")] = yaml.safe_load(raw)
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{key}: {raw!r} is not a plain YAML value "
+                              f"({' '.join(str(e).split())})") from None
         i += 1
     return out

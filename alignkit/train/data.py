@@ -64,21 +64,26 @@ def load_rows(source) -> list:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise DataError(f"data file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                rows = []
-                for i, line in enumerate(f):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path}: line {i + 1} is not JSON ({e})") from None
-            else:
-                try:
-                    rows = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} is not JSON ({e}); use .jsonl for one row a line") \
-                        from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                if path.endswith(".jsonl"):
+                    rows = []
+                    for i, line in enumerate(f):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except json.JSONDecodeError as e:
+                                raise DataError(f"{path}: line {i + 1} is not JSON ({e})") \
+                                    from None
+                else:
+                    try:
+                        rows = json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} is not JSON ({e}); use .jsonl for one row a "
+                                        "line") from None
+        except UnicodeDecodeError as e:       # a binary file (a pickle, parquet) given as rows
+            raise DataError(f"{path} is not JSON: not UTF-8 text ({e.reason} at byte "
+                            f"{e.start}); give .json or .jsonl rows") from None
         if not isinstance(rows, list):
             raise DataError(f"{path} must hold a JSON list of rows")
         return rows

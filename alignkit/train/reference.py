@@ -1,11 +1,12 @@
 """The frozen reference's per-sequence log-probs.
 
 ``precompute``: one no-grad pass of the initial model over every example before training (fused,
-no logits), cached on disk as ``<cache_dir>/ref-<key>.pt``. The key hashes the tokenised examples
-(so the data and the tokenisation settings), the model's config and every parameter's bytes, the
-head options and the packing of KTO's KL partners; a hit skips the pass. Log-probs of a sequence
-do not depend on how it is packed (the packing tests prove it), so the cache is shared by the
-three packing modes. ``live``: a frozen copy of the initial model scores each micro-batch.
+no logits), cached on disk as ``<cache_dir>/ref-<key>.safetensors`` (tensors ``sums`` and
+``counts``: safetensors, so a file planted in a shared cache directory is data, never code). The
+key hashes the tokenised examples (so the data and the tokenisation settings), the model's config
+and every parameter's bytes, the head options and the packing of KTO's KL partners; a hit skips
+the pass. Log-probs of a sequence do not depend on how it is packed (the packing tests prove it),
+so the cache is shared by the three packing modes. ``live``: a frozen copy of the initial model scores each micro-batch.
 With a peft model (LoRA), the reference is the same model with its adapter disabled: no copy.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from alignkit.train.data import examples_digest
 from alignkit.train.model import SequenceLogprobs, forward_batch
 from alignkit.train.packing import collate
+from alignkit.train.state_files import read_tensors, write_tensors
 
 
 def default_cache_dir() -> str:
@@ -72,7 +74,7 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
     key = hashlib.sha256(json.dumps(
         dict(data=examples_digest(examples), model=model_digest(model), extra=key_extra),
         sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir or default_cache_dir(), f"ref-{key}.pt")
+    path = os.path.join(cache_dir or default_cache_dir(), f"ref-{key}.safetensors")
     if os.path.isfile(path):
         table = _read_cache(path, len(examples))
         if table is not None:
@@ -96,9 +98,7 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
             counts[idx, :k] = c.cpu().view(k, len(idx)).T
     model.train(was_training)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"sums": sums, "counts": counts}, tmp)
-    os.replace(tmp, path)
+    write_tensors({"sums": sums, "counts": counts}, path)
     log(f"reference log-probs: computed {len(examples)} examples, cached at {path}")
     return ReferenceTable(sums, counts)
 
@@ -106,12 +106,14 @@ def precompute(model, examples, *, packing, pad_id, batch_size, kl_partner, head
 def _read_cache(path, n):
     """The cached table, or None (with a warning) when the file is truncated or malformed."""
     try:
-        blob = torch.load(path, weights_only=True)
+        blob = read_tensors(path)
         sums, counts = blob["sums"], blob["counts"]
         if tuple(sums.shape) != (n, 2) or tuple(counts.shape) != (n, 2):
             raise ValueError(f"tables of shape {tuple(sums.shape)}, {tuple(counts.shape)} for "
                              f"{n} examples")
-    except Exception as e:                # truncated zip, bad pickle, wrong contents
+        if sums.dtype != torch.float32 or counts.dtype != torch.long:
+            raise ValueError(f"tables of dtype {sums.dtype}, {counts.dtype}")
+    except Exception as e:                # truncated, not safetensors, wrong contents
         warnings.warn(f"reference cache {path} cannot be read ({type(e).__name__}: {e}); "
                       "recomputing it", RuntimeWarning)
         return None
