@@ -174,3 +174,25 @@ def test_two_gloo_ranks_take_rank_0s_plan(tmp_path):
     assert seen[0] == seen[1]                         # the same plan on every call, both ranks
     assert seen[0][3][1] == "measured"
     assert seen[0][-1] == ["single_pass", "cache"]    # rank 0 made the recompute slow
+
+
+def test_a_malformed_or_hostile_plan_cache_is_ignored(tmp_path):
+    """The cache is JSON read with json.load: a pickle, a truncated file or an unknown plan name
+    in it runs nothing and is ignored (the key is measured afresh)."""
+    import pickle
+    path = plan.cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    h, W, y = _pair()
+    for blob in (pickle.dumps({"x": 1}), b'{"truncated', json.dumps([1, 2]).encode()):
+        plan.forget()
+        with open(path, "wb") as f:
+            f.write(blob)
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+        assert plan.LAST[0].how == "tuning"
+    plan.forget()
+    key = plan.plan_key("pair:tied", W.device, W.dtype, "cpp" if alignkit.cpp_available() else
+                        "torch", *W.shape, h.shape[0] * h.shape[1], 4, "bound")
+    with open(path, "w") as f:
+        json.dump({plan._skey(key): "os.system('touch x')"}, f)
+    _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert plan.LAST[0].how == "tuning"

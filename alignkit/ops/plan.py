@@ -193,6 +193,8 @@ def cache_path() -> str:
 
 
 def _read_disk() -> dict:
+    """The plan cache: JSON only (nothing in it is executed); a missing, unreadable or malformed
+    file reads as empty, and a value that is not a known plan name is ignored by the caller."""
     try:
         with open(cache_path()) as f:
             data = json.load(f)
@@ -277,7 +279,8 @@ def machine_constants(device, dtype) -> dict:
     if mkey in _MACHINE:
         return _MACHINE[mkey]
     disk = _read_disk().get(mkey)
-    if isinstance(disk, dict) and {"gemm", "bandwidth"} <= disk.keys():
+    if isinstance(disk, dict) and all(isinstance(disk.get(k), (int, float)) and disk[k] > 0
+                                      for k in ("gemm", "bandwidth")):
         _MACHINE[mkey] = disk
         return disk
     a = torch.randn(1024, 512, device=device).to(gdt)
