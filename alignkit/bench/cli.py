@@ -13,6 +13,7 @@ bench), with its exact peak memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -149,6 +150,14 @@ def run(argv=None, log=print) -> dict:
     if bar:
         bar.close()
     table = harness.markdown(rows, shape_column=False)
+    if a.plans:
+        # methods.auto_against_plans reads the auto row by its plan_steps name
+        auto = f"alignkit {'preference' if a.loss in methods.PREFERENCE else 'policy'}_loss " \
+            f"({a.grad_mode})"
+        renamed = [dataclasses.replace(r, method="alignkit auto") if r.method == auto else r
+                   for r in rows]
+        table += "\n\nThe plan auto chose, against the best plan it could take:\n\n" + \
+            methods.auto_table(methods.auto_against_plans(renamed))
     log(table)
     log(f"({time.time() - t_all:.0f} s; time / floor: the three GEMMs over the labelled tokens "
         "in the same dtype, timed in the same rounds; memory floor: grad_W + grad_h)")

@@ -374,14 +374,11 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
         n = f"alignkit policy_loss ({grad_mode})"
         steps[n] = alignkit_policy(kw, grad_mode, backend, tiles, n)(case)
     if plans and loss != "logprobs":
-        for p in PLANS:
-            n = f"alignkit plan={p}"
-            t = dataclasses.replace(tiles or alignkit.TileOptions(), plan=p)
-            try:
-                steps[n] = (alignkit_fused(loss, "auto", backend, t, n) if kw is None else
-                            alignkit_policy(kw, "auto", backend, t, n))(case)
-            except ValueError as e:
-                skipped[n] = str(e)
+        # auto (the rows above) beside auto at memory="fast" and every plan, pinned
+        more = plan_steps(case, loss if kw is None else None, kw,
+                          memory=(tiles or alignkit.TileOptions()).memory)
+        steps.update({k: v for k, v in more.items() if k != "alignkit auto"})
+        CHOSEN["alignkit auto"] = CHOSEN.get(n)
     def wanted(name):
         return peers is None or any(x.lower() in name.lower() for x in peers)
     for name, (_, module, pip) in PEERS.items():

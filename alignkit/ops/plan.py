@@ -37,6 +37,7 @@ option. Measurements behind the plans: bench/RESULTS.md, "The plan chooser".
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -156,6 +157,11 @@ def _fields(t: TileOptions) -> dict:
 
 def machine_id(device) -> str:
     """The machine a measurement holds for: GPU name and capability, or CPU model and flags."""
+    return _machine_id(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_id(device: str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
