@@ -98,19 +98,24 @@ FORWARD = ("_fwd_partials",)
 PRECISIONS = (("bf16", "native"), ("fp16", "native"), ("fp32", "ieee"), ("fp32", "tf32"))
 
 
-def jobs(archs, only=None, everything=False):
+def jobs(archs, only=None, everything=False, kernels=None):
     """The (kernel, arch, dtype, schedule, variant) rows to compile. CI's set (the default): on
     sm_80 and sm_90a (TARGETS) every default-path kernel in bf16, fp16 and fp32 ("ieee"), plain
-    and with every flag (bias, softcap, entropy), "tf32" plain; the atomic backward (the opt-in
-    mode with the most shared memory) in each dtype; every autotune config of the forward in 2-
-    and 4-byte operands. On sm_100a each default kernel plain. everything=True (--all) adds the
-    blocked mode, tf32 with flags, the chunk>0 specialisation, the tuned backward's configs and
-    sm_100a's flags, about twice the compiles (over CI's 3 minutes on 2 cores)."""
+    and with every flag its launcher sets (bias, softcap, entropy), and "tf32" plain; the atomic
+    backward (the opt-in mode with the most shared memory) in bf16; every autotune config of the
+    forward in bf16 (the pruner's estimate in 4-byte operands is checked on the fp32 defaults).
+    On sm_100a each default kernel plain, in bf16 and fp32. everything=True (--all) adds the
+    blocked mode and the other dtypes' opt-in rows, every flag on sm_100a and with tf32, the
+    chunk>0 specialisation, the tuned backward's configs and fp32 configs: about twice the
+    compiles, and the fp32 FFMA ones that spill take ptxas 10-30 s each (over CI's 3 minutes on
+    2 cores)."""
     from alignkit.kernels import linear_logprobs as K
     out = []
     for arch in archs:
         full = arch in TARGETS or everything
         for dt, prec in PRECISIONS:
+            if not full and (dt, prec) not in (("bf16", "native"), ("fp32", "ieee")):
+                continue
             flag_vars = ("plain", "flags") if full and (prec != "tf32" or everything) else \
                 ("plain",)
             for k in ("_fwd_partials", "_bwd_g_chunk"):
@@ -124,7 +129,7 @@ def jobs(archs, only=None, everything=False):
             for k in ("_logits_fwd", "_logits_bwd"):
                 for var in flag_vars:
                     out.append(Job(k, arch, dt, "-", "default", (), var))
-            if full:
+            if full and (everything or dt == "bf16"):
                 # tf32 is fp32's operand size: the same pipeline, the same shared memory
                 for k in OPT_IN if everything else ("_bwd_atomic",):
                     out.append(Job(k, arch, dt, prec, "opt-in", launcher_schedule(k, dt),
@@ -137,11 +142,13 @@ def jobs(archs, only=None, everything=False):
             s = (kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_K"], kw["GROUP_V"], c.num_warps,
                  c.num_stages)
             # the operand size is what the pruner reads: bf16 stands for fp16
-            for dt, prec in (("bf16", "native"), ("fp32", "ieee")):
+            for dt, prec in (("bf16", "native"), ("fp32", "ieee"))[:2 if everything else 1]:
                 for k in ("_fwd_partials", "_bwd_g_chunk") if everything else FORWARD:
                     out.append(Job(k, arch, dt, prec, "autotune", s))
     if only:
         out = [j for j in out if j.role in only]
+    if kernels:
+        out = [j for j in out if j.kernel in kernels]
     # duplicates (an autotune config equal to the default) compile once
     seen, uniq = set(), []
     for j in out:
@@ -341,36 +348,66 @@ def supported_archs(archs):
     return out
 
 
-def table(rows, roles=("default",)) -> list[str]:
-    """The markdown table: one line per kernel x arch x dtype (plain variant when there are
-    several), the measured columns."""
-    lines = ["| kernel | role | arch | dtype | schedule (N×V×K, warps, stages) | regs | stack B | "
+def _sched(s):
+    return f"{s[0]}×{s[1]}×{s[2]}, {s[4]}w, {s[5]}st" if s else "-"
+
+
+def table(rows) -> list[str]:
+    """The default path's markdown table: one line per kernel x arch x dtype; registers and
+    stack plain / with every flag (bias, softcap, entropy) where both were compiled."""
+    lines = ["| kernel | arch | dtype | schedule (N×V×K, warps, stages) | regs | stack B | "
              "shared KiB | blocks/SM (limit) | mma | async loads |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    flags = {(r["kernel"], r["arch"], r["dtype"], r["precision"]): r for r in rows
+             if r["role"] == "default" and r["variant"] == "flags"}
     for r in rows:
-        if r["role"] not in roles or r["variant"] not in ("plain",):
+        if r["role"] != "default" or r["variant"] != "plain":
             continue
         s = r["sched"]
-        sch = f"{s[0]}×{s[1]}×{s[2]}, {s[4]}w, {s[5]}st" if s else "-"
         dt = r["dtype"] + (f"/{r['precision']}" if r["dtype"] == "fp32" and s else "")
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['role']} | {r['arch']} | {dt} | {sch} | "
-                         f"error: {r['error'][:60]} |||||")
+            lines.append(f"| {r['kernel']} | {r['arch']} | {dt} | {_sched(s)} | error: "
+                         f"{r['error'][:60]} ||||||")
             continue
-        lines.append(f"| {r['kernel']} | {r['role']} | {r['arch']} | {dt} | {sch} | {r['regs']} | "
-                     f"{r['stack']} | {r['shared'] / 1024:.0f} | {r['blocks_per_sm']} "
-                     f"({r['occupancy_limit']}) | {r['mma']} | {r['async_loads']} |")
+        f = flags.get((r["kernel"], r["arch"], r["dtype"], r["precision"]))
+        regs, stack = str(r["regs"]), str(r["stack"])
+        if f and "error" not in f:
+            regs, stack = f"{regs} / {f['regs']}", f"{stack} / {f['stack']}"
+        lines.append(f"| {r['kernel']} | {r['arch']} | {dt} | {_sched(s)} | {regs} | {stack} | "
+                     f"{r['shared'] / 1024:.0f} | {r['blocks_per_sm']} ({r['occupancy_limit']}) | "
+                     f"{r['mma']} | {r['async_loads']} |")
+    return lines
+
+
+def choice_table(rows) -> list[str]:
+    """The opt-in modes' and autotune configs' table, with whether the launcher may pick each."""
+    lines = ["| kernel | role | arch | dtype | schedule | regs | stack B | shared KiB | "
+             "blocks/SM | mma | launcher |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["role"] == "default":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['role']} | {r['arch']} | {r['dtype']} | "
+                         f"{_sched(r['sched'])} | error: {r['error'][:60]} ||||||")
+            continue
+        pick = ("refused (over shared memory)" if refused(r) else "may pick")
+        lines.append(f"| {r['kernel']} | {r['role']} | {r['arch']} | {r['dtype']} | "
+                     f"{_sched(r['sched'])} | {r['regs']} | {r['stack']} | "
+                     f"{r['shared'] / 1024:.0f} | {r['blocks_per_sm']} | {r['mma']} | {pick} |")
     return lines
 
 
 def _init_worker(cache):
+    import warnings
     os.environ["TRITON_CACHE_DIR"] = cache
+    # triton 3.9 warns that FP fusion's default will change; a launch today fuses, as here
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
-def run(archs, jobs_n=2, only=None, everything=False, log=print):
+def run(archs, jobs_n=2, only=None, everything=False, kernels=None, log=print):
     """Compiles every job (a pool of jobs_n processes, a fresh Triton cache in a temporary folder:
     nothing is reused across runs) -> the report's rows, in job order."""
-    todo = jobs(archs, only, everything)
+    todo = jobs(archs, only, everything, kernels)
     cache = tempfile.mkdtemp(prefix="alignkit-gpu-compile-")
     rows = {}
     try:
@@ -401,8 +438,9 @@ def write(rows, failures, out_dir, seconds):
         json.dump(dict(meta, rows=rows), f, indent=1)
     md = ["# Triton kernels compiled for sm_80 / sm_90a / sm_100a (no GPU)", "",
           f"triton {triton.__version__}, {len(rows)} compiles in {seconds:.0f} s; "
-          f"{len(failures)} failures.", ""] + table(rows) + ["", "## Opt-in modes and autotune "
-          "configs", ""] + table(rows, ("opt-in", "autotune"))
+          f"{len(failures)} failures. Registers and stack: plain / with bias, softcap and entropy. "
+          "Blocks per SM: gpu_limits.blocks_per_sm (which limit binds).", ""] + table(rows) + [
+          "", "## Opt-in modes and autotune configs", ""] + choice_table(rows)
     if failures:
         md += ["", "## Failures", ""] + [f"- {x}" for x in failures]
     with open(os.path.join(out_dir, "gpu-compile.md"), "w") as f:
@@ -417,13 +455,14 @@ def main(argv=None):
     ap.add_argument("--arch", nargs="*", default=list(ARCHS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="roles: default, opt-in, autotune")
+    ap.add_argument("--kernel", nargs="*", help="only these kernels (e.g. _fwd_merge)")
     ap.add_argument("--all", action="store_true", help="every variant (jobs(everything=True))")
     a = ap.parse_args(argv)
     t = time.time()
     archs = supported_archs(a.arch)
     for x in set(a.arch) - set(archs):
         print(f"skipped {x}: the bundled ptxas does not support it")
-    rows = run(archs, a.jobs, a.only, a.all, log=lambda s: print(s, flush=True))
+    rows = run(archs, a.jobs, a.only, a.all, a.kernel, log=lambda s: print(s, flush=True))
     failures = check(rows)
     md = write(rows, failures, a.out, time.time() - t)
     print("\n".join(md))

@@ -98,6 +98,7 @@ def test_pipeline_estimate_matches_compiled_sizes():
     assert L.pipeline_smem(128, 128, 64, 3, 2, 80) == 65536
     assert L.pipeline_smem(128, 128, 64, 3, 2, 90) == 99328
     assert L.pipeline_smem(128, 128, 64, 4, 4, 80) == 196608
+    assert L.pipeline_smem(128, 128, 64, 3, 2, 100) == 99344
 
 
 def test_pruner_keeps_only_configs_that_fit():
@@ -110,3 +111,29 @@ def test_pruner_keeps_only_configs_that_fit():
     # off a card (the interpreter) nothing is pruned
     import torch
     assert L.prune_configs(cfgs, {"h_ptr": torch.zeros(1)}) == cfgs
+
+
+class _FakeKernel:
+    """A kernel whose compile (warmup) reports `shared` bytes: refuse_unfit's view of one."""
+    __name__ = "_bwd_atomic"
+
+    def __init__(self, shared):
+        self.shared, self.launched = shared, False
+
+    def warmup(self, *args, grid, **kw):
+        import types
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=self.shared))
+
+
+def test_launcher_refuses_an_opt_in_mode_that_does_not_fit(monkeypatch):
+    # triton_path.refuse_unfit compiles the launch and compares its shared memory with the
+    # card's limit before anything runs: 272 KiB (_bwd_atomic at 128 x 256 x 64 in bf16) on an
+    # H100's 227 KiB is refused with the mode and the architecture named; 121 KiB passes
+    import torch
+    from alignkit.ops import triton_path as T
+    monkeypatch.setattr(L, "device_arch", lambda dev: ("sm_90a (H100)", 90, 227 * L.KIB))
+    kw = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, num_stages=3)
+    h = torch.zeros(2, 2, dtype=torch.bfloat16)
+    with pytest.raises(L.DoesNotFit, match=r"ALIGNKIT_TRITON_BWD=atomic \(_bwd_atomic.*sm_90a"):
+        T.refuse_unfit("ALIGNKIT_TRITON_BWD=atomic", _FakeKernel(272 * L.KIB), (1,), (), kw, h)
+    T.refuse_unfit("ALIGNKIT_TRITON_BWD=atomic", _FakeKernel(121 * L.KIB), (1,), (), kw, h)
