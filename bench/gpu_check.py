@@ -105,7 +105,8 @@ def main(argv=None):
         return 2
     out_dir = os.path.join(os.path.dirname(os.path.abspath(a.report)), "gpu-check-compile")
     crc, compile_lines, t_compile = _compile_report(a.dry, out_dir)
-    print("\n".join(["## What the kernels compile to on this card", ""] + compile_lines), flush=True)
+    print("\n".join(["## What the kernels compile to on this card", ""] + compile_lines),
+          flush=True)
     trc, tile_lines, t_tiles = _tiles(a.dry)
     print("\n".join(["", "## Each default kernel against its roofline", ""] + tile_lines),
           flush=True)

@@ -1,21 +1,24 @@
 """The Triton kernels compiled for real GPUs, on a machine without one: ``make gpu-compile``.
 
-    python -m bench.gpu_compile [--out bench/out] [--arch sm_80 ...] [--jobs 2] [--only default]
+    python -m bench.gpu_compile [--out bench/out] [--arch sm_80 ...] [--jobs 2] [--all]
+                                [--only default opt-in autotune] [--kernel _fwd_merge ...]
 
 Every kernel in alignkit/kernels is compiled ahead of time (``triton.compile`` on this CPU, with
 the ptxas bundled in the triton wheel) for each architecture of alignkit.ops.gpu_limits.ARCHS
-that the bundled ptxas supports (sm_80, sm_90a, sm_100a), at every schedule its launcher
-(alignkit/ops/triton_path.py) can pick:
-  default   the CUDA schedules (CUDA_LOWP for bf16 / fp16, CUDA_FP32 for fp32 with "ieee" and
-            "tf32" products), each kernel of the default path (_fwd_partials, _fwd_merge,
-            _bwd_g_chunk, _logits_fwd, _logits_bwd) plain and with every constexpr flag its
-            launcher sets (bias, softcap, entropy);
-  opt-in    the atomic and blocked backward modes (_bwd_atomic, _bwd_dh, _bwd_dw) at the same
-            schedules, all flags on;
-  autotune  every config of kernels.AUTOTUNE_CONFIGS for the two tuned kernels, in each operand
-            size (bf16 stands for fp16: the same bytes, the same pipeline), that the pruner
-            (gpu_limits.prune_configs) keeps for the architecture; the pruned ones are compiled
-            too, to show the pruner only drops configs that do not fit.
+that the bundled ptxas supports (sm_80, sm_90a, sm_100a), at the schedules its launcher
+(alignkit/ops/triton_path.py, whose schedule() is asked) can pick:
+  default   the CUDA schedules (CUDA_LOWP forward / CUDA_LOWP_BWD backward for bf16 and fp16,
+            CUDA_FP32 for fp32 with "ieee" and "tf32" products), each kernel of the default path
+            (_fwd_partials, _fwd_merge, _bwd_g_chunk, _logits_fwd, _logits_bwd) plain and with
+            every constexpr flag its launcher sets (bias, softcap, entropy);
+  opt-in    the atomic and blocked backward modes (_bwd_atomic, _bwd_dh, _bwd_dw) at the
+            backward's schedule, all flags on: listed as refused where their block is over the
+            architecture's shared memory (triton_path.refuse_unfit refuses it there);
+  autotune  the configs of kernels.AUTOTUNE_CONFIGS, pruned ones included: a config over the
+            limit must be one the pruner (gpu_limits.prune_configs) drops.
+Which of these CI compiles (``jobs``; 75 compiles, 110-140 s of CPU) and what ``--all`` adds
+(183) is in jobs' docstring. The compiles run in a pool of --jobs processes (2: CI's cores) with a
+fresh Triton cache in a temporary folder, removed at the end: nothing is reused across runs.
 
 Launch-time specialisation. A launch specialises a kernel on its arguments (Triton's
 native_specialize_impl): a pointer 16-byte aligned, or an integer divisible by 16, gets

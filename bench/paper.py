@@ -19,8 +19,8 @@ Assumptions. Each is an assumption until a card measures it (`python -m bench.gp
   EFF        a Triton tile GEMM's rate as a share of cuBLAS's on the same FLOPs:
                grouped  0.75 for the grouped 1-D grid at triton_path's CUDA_LOWP / CUDA_LOWP_BWD
                         tiles (128 x 128 x 64 forward, 128 x 64 x 64 backward, 8 warps, 3
-                        stages, HGMMA, one block per SM as compiled: the class of CCE's and
-                        Liger's swizzled H100 kernels);
+                        stages; their instruction and occupancy are the measured ones below):
+                        the class of CCE's and Liger's swizzled H100 kernels;
                previous 0.45 for the 2-D row-fastest grid with 64 x 128 x 64 tiles and 4 warps
                         (the middle of the review's 0.4-0.55).
   STEP       1 us per dependent step of a loop of global loads that nothing else hides (a load's

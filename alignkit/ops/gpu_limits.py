@@ -64,8 +64,9 @@ def pipeline_smem(block_n: int, block_v: int, block_k: int, num_stages: int, ele
     buffers of the [BLOCK_N, BLOCK_K] and [BLOCK_V, BLOCK_K] operand blocks, elem bytes each.
     Triton keeps num_stages buffers and 1 KiB of barriers on sm_90 (wgmma pipeline), 16 bytes
     more on sm_100 (tcgen05's), num_stages - 1 buffers on sm_80 (cp.async); the epilogue's
-    reduction scratch reuses them. bench.gpu_compile checks this against every compiled config and fails where it
-    is below the cubin's (the pruner would then keep a config that cannot launch)."""
+    reduction scratch reuses them. bench.gpu_compile checks this against every compiled config
+    and fails where it is below the cubin's (the pruner would then keep a config that cannot
+    launch)."""
     if capability >= 90:
         return num_stages * (block_n + block_v) * block_k * elem + KIB + \
             (16 if capability >= 100 else 0)
