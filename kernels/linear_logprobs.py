@@ -57,7 +57,7 @@ def _tile_index(M, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_V: tl.
 
     A 1-D grid, grouped: programs run GROUP_V vocab blocks at a time, vocab fastest, then the next
     row block, so the programs resident together share GROUP_V blocks of W and a few blocks of h
-    (GROUP_V·BLOCK_V·H·2 bytes of W: 16 MiB at 8 x 256 x 4096 in bf16, within an H100's 50 MB
+    (GROUP_V·BLOCK_V·H·2 bytes of W: 8 MiB at 8 x 128 x 4096 in bf16, within an H100's 50 MB
     L2). W is then read from HBM once and h once per group, against once per vocab block in a
     row-fastest 2-D grid (h re-read ~500 times at V=128256, 32 GB at 8192 tokens, H=4096)."""
     pid = tl.program_id(0)

@@ -2,8 +2,8 @@
 
 Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
-The schedule (tiles, grouping, warps, stages) is fixed per device and dtype (Schedule; opt-in
-autotuning over AUTOTUNE_CONFIGS). Backward modes (TileOptions.triton_bwd): "chunked"
+The schedule (tiles, grouping, warps, stages) is fixed per device, dtype and direction
+(Schedule; opt-in autotuning over AUTOTUNE_CONFIGS, pruned by shared memory). Backward modes (TileOptions.triton_bwd): "chunked"
 (default: G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see
 alignkit.kernels). The G chunk holds TileOptions.gpu_chunk_bytes (1 GiB default) of rows on CUDA,
 and the CPU tile budget (tile_bytes, 16 MiB) under the interpreter. Inputs here are already
@@ -35,9 +35,9 @@ class Schedule:
 
 
 # On a card, bf16/fp16: 128 x 128 x 64 tiles, 8 warps, 3 stages, W grouped 8 vocab blocks at a
-# time. Sized by what the kernels compile to (bench.gpu_compile, issue #34): the epilogue keeps
-# about three tile-sized fp32 temporaries beside the accumulator, so a thread can hold 64 tile
-# elements (BLOCK_N x BLOCK_V / (32 x num_warps)) and stay under the 255-register ceiling;
+# time. Sized by what the kernels compile to (bench.gpu_compile, issue #34): the epilogue's
+# elementwise temporaries are tile-sized fp32 too, so a thread can hold 64 tile elements
+# (BLOCK_N x BLOCK_V / (32 x num_warps)) and stay under the 255-register ceiling;
 # 128 x 256 at 8 warps (128 a thread, the previous default and CCE's H100 tile) spilled up to 1.6
 # KiB a thread on sm_90a and sm_80. Shared memory: (128 + 128) x 64 x 2 bytes = 32 KiB a stage,
 # 96 KiB for 3 (163 KiB a block on an A100, 227 on an H100). BLOCK_V = 128 doubles the forward's
