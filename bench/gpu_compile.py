@@ -296,7 +296,7 @@ def compile_one(job: Job) -> dict:
     if job.kernel in TUNED:
         bn, bv, bk, _, _, st = job.sched
         row["smem_estimate"] = pipeline_smem(bn, bv, bk, st, 4 if job.dtype == "fp32" else 2,
-                                             arch.capability)
+                                             arch.capability, mma=job.precision != "ieee")
     return row
 
 

@@ -54,7 +54,7 @@ def test_missing_tensor_core_instruction_fails():
     assert check([row(dtype="fp16", mma="FFMA")])
     # fp32 with ieee products runs on the CUDA cores by design
     assert check([row(dtype="fp32", precision="ieee", mma="FFMA", shared=50176,
-                      smem_estimate=L.pipeline_smem(64, 128, 32, 3, 4, 90))]) == []
+                      smem_estimate=L.pipeline_smem(64, 128, 32, 3, 4, 90, mma=False))]) == []
 
 
 def test_compile_error_fails():
@@ -99,6 +99,9 @@ def test_pipeline_estimate_matches_compiled_sizes():
     assert L.pipeline_smem(128, 128, 64, 3, 2, 90) == 99328
     assert L.pipeline_smem(128, 128, 64, 4, 4, 80) == 196608
     assert L.pipeline_smem(128, 128, 64, 3, 2, 100) == 99344
+    # fp32 "ieee" products (no tensor-core dot): num_stages - 1 buffers on sm_90a / sm_100a too
+    assert L.pipeline_smem(64, 128, 32, 3, 4, 90, mma=False) == 50176
+    assert L.pipeline_smem(128, 128, 64, 4, 4, 100, mma=False) == 197632
 
 
 def test_pruner_keeps_only_configs_that_fit():

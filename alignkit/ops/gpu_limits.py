@@ -59,18 +59,19 @@ def blocks_per_sm(arch: Arch, regs: int, num_warps: int, shared: int) -> dict:
 
 
 def pipeline_smem(block_n: int, block_v: int, block_k: int, num_stages: int, elem: int,
-                  capability: int) -> int:
+                  capability: int, mma: bool = True) -> int:
     """Shared memory of the tuned kernels' pipelined tile loop (_fwd_partials, _bwd_g_chunk):
     buffers of the [BLOCK_N, BLOCK_K] and [BLOCK_V, BLOCK_K] operand blocks, elem bytes each.
-    Triton keeps num_stages buffers and 1 KiB of barriers on sm_90 (wgmma pipeline), 16 bytes
-    more on sm_100 (tcgen05's), num_stages - 1 buffers on sm_80 (cp.async); the epilogue's
-    reduction scratch reuses them. bench.gpu_compile checks this against every compiled config
-    and fails where it is below the cubin's (the pruner would then keep a config that cannot
-    launch)."""
-    if capability >= 90:
-        return num_stages * (block_n + block_v) * block_k * elem + KIB + \
-            (16 if capability >= 100 else 0)
-    return (num_stages - 1) * (block_n + block_v) * block_k * elem
+    Triton keeps num_stages buffers on sm_90 and later where the dot runs on tensor cores (mma:
+    wgmma / tcgen05 read shared memory), num_stages - 1 where it does not (fp32 "ieee" products)
+    and on sm_80 (cp.async); sm_90 and later add 1 KiB of barriers, and tcgen05 16 bytes. The
+    epilogue's reduction scratch reuses the buffers. bench.gpu_compile checks this against every
+    compiled config and fails where it is below the cubin's (the pruner would then keep a config
+    that cannot launch)."""
+    if capability < 90:
+        return (num_stages - 1) * (block_n + block_v) * block_k * elem
+    return (num_stages if mma else num_stages - 1) * (block_n + block_v) * block_k * elem + KIB \
+        + (16 if capability >= 100 and mma else 0)
 
 
 class DoesNotFit(RuntimeError):
@@ -97,23 +98,26 @@ def check_fits(what: str, arch_name: str, need: int, limit: int) -> None:
             f"(ALIGNKIT_TRITON_BLOCKS); `make gpu-compile` lists what fits where.")
 
 
-def fits_config(kw: dict, num_stages: int, elem: int, capability: int, limit: int) -> bool:
+def fits_config(kw: dict, num_stages: int, elem: int, capability: int, limit: int,
+                mma: bool = True) -> bool:
     """Whether an autotune config's pipelined loop (pipeline_smem) fits `limit` bytes."""
     return pipeline_smem(kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_K"], num_stages, elem,
-                         capability) <= limit
+                         capability, mma) <= limit
 
 
 def prune_configs(configs, named_args, **kwargs):
     """The tuned kernels' `early_config_prune`: drops the configs whose pipelined loop does not
     fit the device's per-block shared memory, so the autotuner never tries one that cannot
-    launch (Triton would compile it and fail it at launch). Operand size from h_ptr."""
+    launch (Triton would compile it and fail it at launch). Operand size from h_ptr, whether the
+    dot runs on tensor cores from the launch's PRECISION ("ieee": the CUDA cores)."""
     import torch
     h = named_args["h_ptr"]
     if not (isinstance(h, torch.Tensor) and h.device.type == "cuda"):
         return configs                          # the interpreter: nothing to fit
     name, cap, limit = device_arch(h.device)
+    mma = kwargs.get("PRECISION", named_args.get("PRECISION")) != "ieee"
     keep = [c for c in configs if fits_config(c.kwargs, c.num_stages, h.element_size(), cap,
-                                              limit)]
+                                              limit, mma)]
     if not keep:
         raise DoesNotFit(f"no autotune config of alignkit.kernels fits {name}'s "
                          f"{limit / KIB:.0f} KiB of shared memory a block")
