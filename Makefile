@@ -10,7 +10,7 @@ PINS    ?= constraints.txt
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-wheels update-constraints
+.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-compile gpu-wheels update-constraints
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build;
 # so the latest venv keeps it too). Then alignkit itself, editable, which builds the C++ extension
@@ -83,6 +83,14 @@ else
 	if ls wheels/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps --no-index wheels/*.whl; fi
 	python3 -m bench.gpu_check $(REPORT)
 endif
+
+# The Triton kernels compiled for sm_80 / sm_90a / sm_100a on this CPU, no GPU needed (issue #34):
+# registers, spills, shared memory, blocks per SM and the matrix instruction, read from the cubins
+# (bench.gpu_compile); writes bench/out/gpu-compile.json and .md. Fails on a compile error, a
+# spill in the default path, a block over an architecture's shared memory that the launcher can
+# pick, a bf16/fp16 GEMM kernel without tensor-core instructions (~2-3 min on 2 cores; CI runs it).
+gpu-compile: $(STAMP)
+	$(VPY) -m bench.gpu_compile --out bench/out
 
 gpu-wheels: $(STAMP)
 	mkdir -p wheels

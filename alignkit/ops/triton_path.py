@@ -2,8 +2,8 @@
 
 Called by alignkit.ops.linear_logprobs / logits_logprobs when the backend is "triton": on CUDA
 tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI checks the kernels' exactness).
-The schedule (tiles, grouping, warps, stages) is fixed per device and dtype (Schedule; opt-in
-autotuning over AUTOTUNE_CONFIGS). Backward modes (TileOptions.triton_bwd): "chunked"
+The schedule (tiles, grouping, warps, stages) is fixed per device, dtype and direction
+(Schedule; opt-in autotuning over AUTOTUNE_CONFIGS, pruned by shared memory). Backward modes (TileOptions.triton_bwd): "chunked"
 (default: G per row chunk + two vendor GEMMs, deterministic), "atomic", "blocked" (see
 alignkit.kernels). The G chunk holds TileOptions.gpu_chunk_bytes (1 GiB default) of rows on CUDA,
 and the CPU tile budget (tile_bytes, 16 MiB) under the interpreter. Inputs here are already
@@ -34,15 +34,24 @@ class Schedule:
     num_stages: int = 3
 
 
-# On a card, bf16/fp16: 128 x 256 x 64 tiles, 8 warps, 3 stages, W grouped 8 vocab blocks at a
-# time. CCE's tuned H100 tile is 256 x 128 x 32 at 8 warps; the accumulator is the same 32k fp32
-# either way, and BLOCK_V = 256 halves the forward's partials (4 x 4 bytes x M x V/BLOCK_V: 66 MB
-# at 8192 tokens, V=128256) against 128. Shared memory: (128 + 256) x 64 x 2 bytes = 48 KiB a
-# stage, 144 KiB for 3 (an H100 has 228). These are assumptions until a card measures them
-# (ALIGNKIT_TRITON_AUTOTUNE=1 sweeps them and CCE's among others).
-CUDA_LOWP = Schedule(128, 256, 64, group_v=8, num_warps=8, num_stages=3)
-# fp32 operands (ieee products run on the CUDA cores; tf32 on tensor cores): half the tile.
-CUDA_FP32 = Schedule(64, 128, 32, group_v=8, num_warps=4, num_stages=3)
+# On a card, bf16/fp16: 128 x 128 x 64 tiles, 8 warps, 3 stages, W grouped 8 vocab blocks at a
+# time. Sized by what the kernels compile to (bench.gpu_compile, issue #34): the epilogue's
+# elementwise temporaries are tile-sized fp32 too, so a thread can hold 64 tile elements
+# (BLOCK_N x BLOCK_V / (32 x num_warps)) and stay under the 255-register ceiling;
+# 128 x 256 at 8 warps (128 a thread, the previous default and CCE's H100 tile) spilled up to 1.6
+# KiB a thread on sm_90a and sm_80. Shared memory: (128 + 128) x 64 x 2 bytes = 32 KiB a stage,
+# 96 KiB for 3 (163 KiB a block on an A100, 227 on an H100). BLOCK_V = 128 doubles the forward's
+# partials against 256 (4 x 4 bytes x M x V/BLOCK_V: 131 MB at 8192 tokens, V=128256).
+CUDA_LOWP = Schedule(128, 128, 64, group_v=8, num_warps=8, num_stages=3)
+# The backward's tile (_bwd_g_chunk and the opt-in modes) also forms p, the one-hot and the
+# entropy term: at 128 x 128 over 8 warps it sat at 255 registers and spilled in fp16 with
+# bias, softcap and entropy (8 B of stack on sm_90a, 64 B on sm_80). 128 x 64 (32 a thread):
+# 128-182 registers, 48 KiB of shared memory (sm_80) / 73 KiB (sm_90a).
+CUDA_LOWP_BWD = Schedule(128, 64, 64, group_v=8, num_warps=8, num_stages=3)
+# fp32 operands (ieee products run on the CUDA cores; tf32 on tensor cores): 64 x 128 x 32 over 8
+# warps (32 tile elements a thread); at 4 warps the ieee backward with bias, softcap and entropy
+# spilled on sm_90a (255 registers, 40 B of stack).
+CUDA_FP32 = Schedule(64, 128, 32, group_v=8, num_warps=8, num_stages=3)
 # the interpreter (numpy, one program at a time): the blocks that kept the CPU test run short.
 INTERPRETER = Schedule(64, 128, 64, group_v=8)
 # the merge reads [MERGE_B, MERGE_N] partials per statistic and step
@@ -50,11 +59,13 @@ MERGE_N, MERGE_B = 64, 32
 LOGITS_BLOCK_V = 1024
 
 
-def schedule(h) -> Schedule:
-    """The launch schedule for hidden rows `h` (its device and dtype). ALIGNKIT_TRITON_BLOCKS=
-    "n,v,k" or "n,v,k,group" overrides the blocks (the tests use small ones)."""
+def schedule(h, backward: bool = False) -> Schedule:
+    """The launch schedule for hidden rows `h` (its device and dtype), of the forward or the
+    backward. ALIGNKIT_TRITON_BLOCKS="n,v,k" or "n,v,k,group" overrides the blocks of both (the
+    tests use small ones)."""
     base = (INTERPRETER if h.device.type != "cuda" else
-            CUDA_FP32 if h.dtype == torch.float32 else CUDA_LOWP)
+            CUDA_FP32 if h.dtype == torch.float32 else
+            CUDA_LOWP_BWD if backward else CUDA_LOWP)
     env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
     if not env:
         return base
@@ -176,7 +187,7 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
     b = _contig(b)
     M, H = h.shape
     V = w.shape[0]
-    sch = schedule(h)
+    sch = schedule(h, backward=True)
     f32 = dict(dtype=torch.float32, device=h.device)
     mode = tiles.triton_bwd
     # the chunked mode's GEMMs write dh and, from the first chunk on, dw: no zero fill (the op
@@ -228,22 +239,41 @@ def linear_backward(h, w, y, b, m, logs, g, ent, ge, inv_temp, cap, need_h, need
             if need_b:
                 db += G.sum(0, dtype=torch.float32)
         return dh, dw, db
+    dummy = torch.empty(1, **f32)
     if mode == "atomic":
-        dummy = torch.empty(1, **f32)
-        _bwd_atomic[(triton_cdiv(M, sch.block_n) * triton_cdiv(V, sch.block_v),)](
-            *common, dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
-            M, V, H, h.stride(0), w.stride(0), *scal, **flags,
-            NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **grouped)
-        return dh, dw, db
-    if need_h:
-        _bwd_dh[(triton_cdiv(M, sch.block_n), triton_cdiv(H, sch.block_k))](
-            *common, dh, M, V, H, h.stride(0), w.stride(0), *scal, **flags, **blk)
-    if need_w or need_b:
-        dummy = torch.empty(1, **f32)
-        _bwd_dw[(triton_cdiv(V, sch.block_v), triton_cdiv(H, sch.block_k))](
-            *common, dw if need_w else torch.empty(V, H, **f32), db if need_b else dummy,
-            M, V, H, h.stride(0), w.stride(0), *scal, **flags, NEED_B=need_b, **blk)
+        launches = [(_bwd_atomic, (triton_cdiv(M, sch.block_n) * triton_cdiv(V, sch.block_v),),
+                     (*common, dh if need_h else dummy, dw if need_w else dummy,
+                      db if need_b else dummy, M, V, H, h.stride(0), w.stride(0), *scal),
+                     dict(flags, NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, **grouped))]
+    else:
+        launches = ([(_bwd_dh, (triton_cdiv(M, sch.block_n), triton_cdiv(H, sch.block_k)),
+                      (*common, dh, M, V, H, h.stride(0), w.stride(0), *scal),
+                      dict(flags, **blk))] if need_h else []) + \
+                   ([(_bwd_dw, (triton_cdiv(V, sch.block_v), triton_cdiv(H, sch.block_k)),
+                      (*common, dw if need_w else torch.empty(V, H, **f32),
+                       db if need_b else dummy, M, V, H, h.stride(0), w.stride(0), *scal),
+                      dict(flags, NEED_B=need_b, **blk))] if need_w or need_b else [])
+    if h.device.type == "cuda":
+        for kernel, grid, args, kw in launches:
+            refuse_unfit(f"ALIGNKIT_TRITON_BWD={mode}", kernel, grid, args, kw, h)
+    for kernel, grid, args, kw in launches:
+        kernel[grid](*args, **kw)
     return dh, dw, db
+
+
+def refuse_unfit(what, kernel, grid, args, kw, h):
+    """Compiles `kernel` for this launch (kernel.warmup: Triton's own specialisation and cache,
+    which the launch then reuses; nothing runs) and raises gpu_limits.DoesNotFit, naming `what`
+    and the card's architecture, when its block needs more shared memory than the card allows
+    one block: the opt-in modes' second loop keeps more tiles in shared memory than the default
+    path (bench.gpu_compile lists where each fits). Without this Triton would fail at launch
+    with an OutOfResources that names neither."""
+    from alignkit.ops.gpu_limits import check_fits, device_arch
+    name, _, limit = device_arch(h.device)
+    compiled = kernel.warmup(*args, grid=grid, **kw)
+    check_fits(f"{what} ({kernel.__name__}, {h.dtype}, blocks {kw['BLOCK_N']}x{kw['BLOCK_V']}"
+               f"x{kw['BLOCK_K']}, {kw['num_stages']} stages)", name, compiled.metadata.shared,
+               limit)
 
 
 @on_device
