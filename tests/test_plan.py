@@ -196,3 +196,23 @@ def test_a_malformed_or_hostile_plan_cache_is_ignored(tmp_path):
         json.dump({plan._skey(key): "os.system('touch x')"}, f)
     _step(h, W, y, loss="simpo", tiles=TUNED)
     assert plan.LAST[0].how == "tuning"
+
+
+def test_environment_variables_are_read_in_one_place():
+    """Every ALIGNKIT_* variable is read through alignkit/ops/env.py, which documents it."""
+    import re
+    from alignkit.ops import env
+    root = os.path.join(os.path.dirname(HERE), "alignkit")
+    named = set()
+    for d, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".py") or f == "env.py":
+                continue
+            text = open(os.path.join(d, f)).read()
+            assert not re.search(r"(os\.environ|getenv)[^\n]*ALIGNKIT_", text), f
+            named |= set(re.findall(r"\benv(?:_int|_flag)?\(\"(ALIGNKIT_[A-Z_]+)\"", text))
+    assert named <= set(env.VARIABLES), named - set(env.VARIABLES)
+    doc = env.__doc__
+    assert all(v in doc for v in env.VARIABLES)
+    with pytest.raises(KeyError, match="not one of alignkit's documented variables"):
+        env.env("ALIGNKIT_NOPE")

@@ -14,7 +14,6 @@ reported with the pip name that adds them.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import warnings
 from dataclasses import dataclass

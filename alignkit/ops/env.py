@@ -19,7 +19,6 @@ keyword) always wins over it. They are read at call time, so a test's monkeypatc
 | ALIGNKIT_TRITON_AUTOTUNE    | 1: Triton's autotuner picks the schedule    | 0                       |
 | ALIGNKIT_DISABLE_CPP        | 1: backend "auto" skips the C++ kernels     | 0                       |
 | ALIGNKIT_CACHE              | the trainer's reference log-prob cache      | ~/.cache/alignkit       |
-| ALIGNKIT_DATA_DIR           | where the trainer finds data files by name  | ../shared/data          |
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ VARIABLES = ("ALIGNKIT_TILE_BYTES", "ALIGNKIT_VOCAB_BLOCK", "ALIGNKIT_SINGLE_PAS
              "ALIGNKIT_TRITON_G_BYTES", "ALIGNKIT_TRITON_BWD", "ALIGNKIT_KEEP_BYTES",
              "ALIGNKIT_MEMORY", "ALIGNKIT_PLAN", "ALIGNKIT_AUTOTUNE", "ALIGNKIT_PLAN_CACHE",
              "ALIGNKIT_TRITON_BLOCKS", "ALIGNKIT_TRITON_AUTOTUNE", "ALIGNKIT_DISABLE_CPP",
-             "ALIGNKIT_CACHE", "ALIGNKIT_DATA_DIR")
+             "ALIGNKIT_CACHE")
 
 
 def env(name: str, default=None):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 
 import torch
 
+from alignkit.ops.env import env as alignkit_env
 from alignkit.ops.gemm32 import addmm32, mm32
 
 
@@ -66,7 +66,7 @@ def schedule(h, backward: bool = False) -> Schedule:
     base = (INTERPRETER if h.device.type != "cuda" else
             CUDA_FP32 if h.dtype == torch.float32 else
             CUDA_LOWP_BWD if backward else CUDA_LOWP)
-    env = os.environ.get("ALIGNKIT_TRITON_BLOCKS")
+    env = alignkit_env("ALIGNKIT_TRITON_BLOCKS")
     if not env:
         return base
     v = [int(x) for x in env.split(",")]
@@ -112,7 +112,7 @@ def on_device(fn):
 
 
 def autotune() -> bool:
-    return os.environ.get("ALIGNKIT_TRITON_AUTOTUNE") == "1"
+    return alignkit_env("ALIGNKIT_TRITON_AUTOTUNE") == "1"
 
 
 def _contig(b):

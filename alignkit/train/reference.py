@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from alignkit.ops.env import env
 from alignkit.train.data import examples_digest
 from alignkit.train.model import SequenceLogprobs, forward_batch
 from alignkit.train.packing import collate
@@ -28,7 +29,7 @@ from alignkit.train.state_files import read_tensors, write_tensors
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("ALIGNKIT_CACHE") or os.path.join(
+    return env("ALIGNKIT_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "alignkit", "reference")
 
 
