@@ -129,17 +129,31 @@ def on(device, *ts):
 
 
 # The plan chooser (alignkit/ops/plan.py) in tests: the cost model with fixed machine constants
-# (ALIGNKIT_AUTOTUNE=0, no timing of candidates) and an empty plan cache of the test's own, so every
-# machine picks the same plans. The chooser's own tests (test_plan.py) turn the timing back on.
+# (ALIGNKIT_AUTOTUNE=0, no timing of candidates) and a plan cache of the session's own, so every
+# machine picks the same plans. Session-wide, so that module-scoped fixtures (a trainer run shared
+# by a module's tests) see it too; the constants are in the cache file as well, for the tests'
+# subprocesses (alignkit train, ranks): one plan per key whichever process decides it, so resumed
+# runs stay bit-identical. The chooser's own tests (test_plan.py) time candidates in a cache of
+# each test's own.
 TEST_MACHINE = {"gemm": 1e11, "bandwidth": 2e10}
 
 
-@pytest.fixture(autouse=True)
-def plan_chooser(monkeypatch, tmp_path_factory):
+@pytest.fixture(scope="session", autouse=True)
+def plan_environment(tmp_path_factory):
     from alignkit.ops import plan
-    monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))
-    monkeypatch.setenv("ALIGNKIT_AUTOTUNE", "0")
-    monkeypatch.setattr(plan, "machine_constants", lambda device, dtype: TEST_MACHINE)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path_factory.mktemp("plans")))
+    mp.setenv("ALIGNKIT_AUTOTUNE", "0")
+    mp.setattr(plan, "machine_constants", lambda device, dtype: TEST_MACHINE)
+    plan._write_disk({f"machine|{plan.machine_id('cpu')}|{dt}": TEST_MACHINE
+                      for dt in ("float32", "bfloat16", "float16")})
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def plan_chooser(plan_environment):
+    from alignkit.ops import plan
     plan.forget()
     yield plan
     plan.forget()

@@ -16,6 +16,13 @@ from alignkit.ops import plan
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path):
+    """Each test measures into a plan cache of its own: a timed decision must not reach the
+    session's cache, which the other tests read."""
+    monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path / "plans"))
+
+
 def _pair(S=4, T=48, H=32, V=1000, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(S, T, H, generator=g).requires_grad_()
