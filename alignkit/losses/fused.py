@@ -37,8 +37,8 @@ from alignkit.losses.registry import PAIRED, paired_loss_on_logps
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
-from alignkit.ops.pass_budget import (GRAD_MODES, effective_mode, keep_rows, long_tiles,
-                                      pass_blocker, pinned_plan, tile_rows)
+from alignkit.ops.pass_budget import (GRAD_MODES, NO_GRAD, effective_mode, keep_rows,
+                                      long_tiles, pass_blocker, pinned_plan, tile_rows)
 from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
@@ -135,7 +135,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                          "ref_weight would be ignored, so they are refused")
     tiles = common.get("tiles") or TileOptions()
     mode = effective_mode(grad_mode, tiles)
-    why = pass_blocker(hidden, weight, bias, mode) if mode != "recompute" else mode
+    # a plan pinned by tiles.plan leaves grad_mode "auto": without a gradient, the recompute
+    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto") \
+        if mode != "recompute" else mode
     seg = _sequence_ids(S, labels, segment_ids) if why is None else None
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
 
@@ -145,8 +147,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         logps = sums / counts_f.clamp(min=1) if average else sums
         return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
 
-    if why is not None and mode == "single_pass":
-        raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+    if why not in (None, NO_GRAD) and mode == "single_pass":
+        raise ValueError(f"grad_mode='single_pass' / plan cannot serve this call: {why}")
     if torch.compiler.is_compiling():
         # a compiled graph cannot time candidates: the pair pass as one custom op (pass_op)
         # where the choice needs no data, one tied pair of padded rows with long tiles (every

@@ -44,8 +44,8 @@ from alignkit.losses.policy_corrections import correction_options, coupling_reas
 from alignkit.losses.policy_terms import KL_ESTIMATORS, kl_estimate, policy_terms, token_terms
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
-from alignkit.ops.pass_budget import (effective_mode, keep_rows, pass_blocker, pinned_plan,
-                                      tile_rows)
+from alignkit.ops.pass_budget import (NO_GRAD, effective_mode, keep_rows, pass_blocker,
+                                      pinned_plan, tile_rows)
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
 from alignkit.ops.validate import (
@@ -137,7 +137,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     tiles = tiles or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     coupled = o["coupled"] is not None
-    why = _pass_blocker(mode, o, flat, weight, bias)
+    why = _pass_blocker(mode, grad_mode, o, flat, weight, bias)
 
     def recompute(h, w, b):
         lp, ent = linear_token_logprobs(h, w, y, bias=b, ignore_index=ignore_index,
@@ -160,8 +160,8 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
             return value, policy_terms(lp, ent, **P)[1]
         return run
 
-    if why is not None and mode == "single_pass":
-        raise ValueError(f"grad_mode='single_pass' cannot serve this call: {why}")
+    if why not in (None, NO_GRAD) and mode == "single_pass":
+        raise ValueError(f"grad_mode='single_pass' / plan cannot serve this call: {why}")
     if why is not None or torch.compiler.is_compiling():
         # no gradient wanted, float64, ...; and torch.compile, which cannot time candidates
         note("recompute", "pinned" if mode == "recompute" else why or "torch.compile")
@@ -260,12 +260,13 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
                 seq_adv=seq_adv, rollout=rollout, is_ratio=is_ratio)
 
 
-def _pass_blocker(mode, o, hidden, weight, bias):
+def _pass_blocker(mode, grad_mode, o, hidden, weight, bias):
     """Why the token pass cannot serve this call (None where it can); the pair pass's reasons
-    (pass_budget.pass_blocker) and one of its own."""
+    (pass_budget.pass_blocker) and one of its own. A plan pinned by tiles.plan leaves grad_mode
+    "auto": without a gradient, the recompute."""
     if mode == "recompute":
         return "recompute"
-    why = pass_blocker(hidden, weight, bias, mode)
+    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto")
     coupled = o.get("coupled", "sequence-level importance sampling" if o["level"] != "token"
                     else None)                 # _prepare sets it; a bare option dict may not
     if why is None and coupled is not None and o["entropy_coef"] != 0:

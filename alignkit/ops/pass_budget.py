@@ -71,8 +71,13 @@ def pass_blocker(hidden, weight, bias, grad_mode: str):
     # one GEMM per tile and no [V, H] accumulator
     if grad_mode == "auto" and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias))):
-        return "no input requires a gradient"
+        return NO_GRAD
     return None
+
+
+# pass_blocker's reason under grad_mode "auto" (a plan pinned by TileOptions.plan included): not an
+# error, the recompute's forward is the whole work
+NO_GRAD = "no input requires a gradient"
 
 
 LONG_TILE_ROWS = 192
