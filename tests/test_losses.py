@@ -44,11 +44,11 @@ def _ref_loss(loss, opts, ref_lp):
     return fn
 
 
-CASES = [("dpo", dict(loss_type=t, **({"label_smoothing": 0.1} if t in ("exo_pair", "robust", "aot", "aot_unpaired") else {})))
+CASES = [("dpo", dict(loss_type=t, **({"label_smoothing": 0.1} if t in ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired") else {})))
          for t in DPO_LOSS_TYPES]
-CASES += [("dpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], label_smoothing=0.05)),
+CASES += [("dpo", dict(loss_type=["cdpo", "sft"], loss_weights=[1.0, 0.3], label_smoothing=0.05)),
           ("simpo", dict(beta=2.0, gamma=0.7)), ("simpo", dict(label_smoothing=0.1)),
-          ("cpo", dict(alpha=0.7)), ("cpo", dict(loss_type="hinge")), ("cpo", dict(loss_type="ipo")),
+          ("cpo", dict(cpo_alpha=0.7)), ("cpo", dict(loss_type="hinge")), ("cpo", dict(loss_type="ipo")),
           ("orpo", dict(beta=0.2))]
 
 

@@ -101,6 +101,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
     inside without gradients and without logits.
 
+    DPO's ``use_weighting=True`` (WPO) weights each pair by exp(mean over labelled tokens of
+    log π(y_t) − log Σ_v π_v²) for chosen times rejected (detached; see dpo_loss). The log Σ p²
+    term costs one extra forward GEMM over the labelled rows before the loss (no backward),
+    whatever the plan; the weight is then a constant per sequence that every plan reads.
+
     A fully masked response has log-prob 0 and 0 tokens: its sum and its average are 0.0 and the
     loss stays finite (ORPO clamps its average just below 0, where the odds are infinite).
 
@@ -133,6 +138,13 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
+    if own.get("use_weighting", False):
+        LogprobOptions(**common)         # bad head options raise before the extra GEMM
+        if "log_sum_sq_probs" in own:
+            raise ValueError("log_sum_sq_probs is computed inside preference_loss from hidden "
+                             "and weight (use_weighting=True); passing it is refused")
+        own = {**own, "log_sum_sq_probs": _wpo_log_sum_sq(hidden, weight, labels, bias,
+                                                           segment_ids, S, common)}
     tiles = common.get("tiles") or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     why = pass_blocker(hidden, weight, bias, mode) if mode != "recompute" else mode
@@ -151,7 +163,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         # a compiled graph cannot time candidates: the pair pass as one custom op (pass_op)
         # where the choice needs no data, one tied pair of padded rows with long tiles (every
         # token formed once); elsewhere the recompute, its own custom op
-        if why is None and (mode == "single_pass" or (
+        # (a WPO call's options carry a tensor, which the custom op's spec cannot)
+        if why is None and "log_sum_sq_probs" not in own and (mode == "single_pass" or (
                 segment_ids is None and S == 2 and tied and long_tiles(weight, tiles))):
             return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
                                       bias, seg, ref, pair_loss_fn(loss, own, average, ref))
@@ -175,6 +188,24 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                    *weight.shape, rows, S, t.memory)
     return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t),
                           tiles.memory_given())
+
+
+def _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids, S, common):
+    """WPO's input, [S]: each sequence's sum over its labelled tokens of log Σ_v p_v² under the
+    policy (temperature and soft cap applied), without gradients. Cost: one extra forward GEMM
+    over the labelled rows (N·V·H multiply-adds), in tiles, no logits kept
+    (alignkit.integrations.vocab_stats, online log-sum-exp)."""
+    from alignkit.integrations.vocab_stats import vocab_row_stats
+    keep = labels != common.get("ignore_index", -100)
+    seq = _sequence_ids(S, labels, segment_ids)[keep].long()
+    rows = hidden.detach()[keep]
+    w = weight.detach()
+    if rows.dtype != w.dtype:        # the head's dtype, as the op meets them under autocast
+        rows = rows.to(w.dtype)
+    stats = vocab_row_stats(rows, w, None if bias is None else bias.detach(),
+                            temperature=common.get("temperature", 1.0),
+                            softcap=common.get("softcap"), sum_sq=True)["log_sum_sq_probs"]
+    return stats.new_zeros(S).index_add_(0, seq, stats)
 
 
 def _sequence_ids(S, labels, segment_ids):

@@ -1,0 +1,308 @@
+"""TRL 1.16's DPO / KTO / CPO options in alignkit's losses, against TRL's own loss code (through
+the stand-ins of trl_oracle.py): loss and the gradient of every per-token log-prob, in float64
+on fresh inputs (odd lengths, prompt tokens unlabelled, large log-ratios); the fused front door
+against the float64 oracle; cDPO's name pinned."""
+import pytest
+import torch
+
+from alignkit.losses import cpo_loss, dpo_loss, kto_loss, preference_loss
+from alignkit.losses.pairwise import _F_DIVERGENCE_TYPES_OK
+from trl_oracle import trl_cpo, trl_dpo, trl_kto
+
+pytest.importorskip("trl")
+
+B, L = 5, 13
+
+
+def _batch(seed, dtype=torch.float64, scale=3.0, noise=4.0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2 * B, L, dtype=torch.long)
+    for i in range(2 * B):
+        start = int(torch.randint(1, 5, (1,), generator=g))
+        end = int(torch.randint(start + 1, L + 1, (1,), generator=g))
+        mask[i, start:end] = 1
+    ptl = (-torch.rand(2 * B, L - 1, generator=g, dtype=torch.float64) * scale
+           * mask[:, 1:]).to(dtype)
+    # reference log-ratios of both signs and of several nats
+    ref = (ptl.detach().sum(1) + torch.randn(2 * B, generator=g, dtype=torch.float64).to(dtype) * noise)
+    # log Σ_v p_v² of a real distribution lies in [log p_max², log p_max]; any value ≤ 0 will do
+    lss = -torch.rand(2 * B, L - 1, generator=g, dtype=torch.float64).to(dtype) * 2 * mask[:, 1:]
+    return ptl, mask, ref, lss
+
+
+def _both(ptl, mask, ref, trl_kw, ours_kw, lss=None):
+    """(TRL's loss, its grad wrt ptl), (ours, ours' grad), on the same log-probs."""
+    p1 = ptl.detach().clone().requires_grad_()
+    t_loss, t_m = trl_dpo(p1, mask, ref[:B], ref[B:], **trl_kw,
+                          log_sum_sq_probs=lss)
+    t_loss.backward()
+    p2 = ptl.detach().clone().requires_grad_()
+    sums = p2.sum(1)
+    counts = mask[:, 1:].sum(1).to(ptl.dtype)
+    kw = {}
+    if lss is not None:
+        from alignkit.losses.pairwise import wpo_aligned_logps
+        al = wpo_aligned_logps(sums, lss.sum(1), counts)
+        kw = dict(use_weighting=True, chosen_aligned_logps=al[:B], rejected_aligned_logps=al[B:])
+    loss, m = dpo_loss(sums[:B], sums[B:], ref[:B], ref[B:], chosen_counts=counts[:B],
+                       rejected_counts=counts[B:], **ours_kw, **kw)
+    loss.backward()
+    keep = mask[:, 1:].to(ptl.dtype)          # the gradient of the labelled tokens
+    return (t_loss.detach(), p1.grad * keep, t_m), (loss.detach(), p2.grad * keep, m)
+
+
+def _close(t, o, rtol=1e-10, atol=1e-12):
+    assert torch.allclose(o[0], t[0].to(o[0].dtype), rtol=rtol, atol=atol), (o[0], t[0])
+    assert o[1].abs().sum() > 0
+    assert torch.allclose(o[1], t[1], rtol=rtol, atol=atol), (o[1] - t[1]).abs().max()
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert abs(o[2][k].item() - t[2][k]) < 1e-6 * max(1.0, abs(t[2][k])), k
+
+
+def _eps(t):
+    return 0.1 if t in ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence"])
+@pytest.mark.parametrize("loss_type", [t for t in _F_DIVERGENCE_TYPES_OK if t != "cdpo"])
+def test_f_divergence_matches_trl(kind, loss_type):
+    ptl, mask, ref, _ = _batch(hash((kind, loss_type)) % 997)
+    eps = _eps(loss_type)
+    t, o = _both(ptl, mask, ref, dict(beta=0.3, loss_types=[loss_type], label_smoothing=eps,
+                                      f_divergence_type=kind),
+                 dict(beta=0.3, loss_type=loss_type, label_smoothing=eps, f_divergence_type=kind))
+    _close(t, o, rtol=1e-6 if loss_type == "exo_pair" else 1e-10)
+
+
+@pytest.mark.parametrize("coef", [0.5, 1.0, 1.7])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "discopop"])
+def test_alpha_divergence_matches_trl(coef, loss_type):
+    # TRL's alpha-divergence clamps per dtype and knows fp16/bf16/fp32 only: compared in fp32
+    ptl, mask, ref, _ = _batch(int(coef * 10) + len(loss_type), dtype=torch.float32, scale=1.0,
+                               noise=1.0)
+    t, o = _both(ptl, mask, ref, dict(beta=0.3, loss_types=[loss_type],
+                                      f_divergence_type="alpha_divergence",
+                                      f_alpha_divergence_coef=coef),
+                 dict(beta=0.3, loss_type=loss_type, f_divergence_type="alpha_divergence",
+                      f_alpha_divergence_coef=coef))
+    _close(t, o, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("types", [["sigmoid"], ["ipo"], ["bco_pair", "sppo_hard"], ["robust"],
+                                   ["apo_zero", "sigmoid_norm"], ["nca_pair"], ["discopop"]])
+def test_wpo_matches_trl(types):
+    ptl, mask, ref, lss = _batch(len("".join(types)))
+    eps = max(_eps(t) for t in types)
+    w = [1.0, 0.4][:len(types)]
+    t, o = _both(ptl, mask, ref, dict(beta=0.2, loss_types=types, loss_weights=w,
+                                      label_smoothing=eps),
+                 dict(beta=0.2, loss_type=types, loss_weights=w, label_smoothing=eps), lss=lss)
+    _close(t, o)
+    # the weights matter here: without them the loss differs
+    plain = dpo_loss(*(x for x in (ptl.sum(1)[:B], ptl.sum(1)[B:], ref[:B], ref[B:])), beta=0.2,
+                     loss_type=types, loss_weights=w, label_smoothing=eps,
+                     chosen_counts=mask[:, 1:].sum(1)[:B].double(),
+                     rejected_counts=mask[:, 1:].sum(1)[B:].double())[0]
+    assert not torch.allclose(plain, o[0], rtol=1e-3)
+
+
+def test_wpo_hinge_matches_trls_forward():
+    """TRL 1.16 forms WPO's hinge loss but cannot differentiate it (its in-place product
+    overwrites the relu output autograd saved): the loss is compared, the gradient is the
+    weighted relu's (checked against autograd on the formula)."""
+    ptl, mask, ref, lss = _batch(29)
+    with torch.no_grad():
+        t_loss, _ = trl_dpo(ptl, mask, ref[:B], ref[B:], beta=0.2, loss_types=["hinge"],
+                            log_sum_sq_probs=lss)
+    from alignkit.losses.pairwise import wpo_aligned_logps
+    s = ptl.sum(1).requires_grad_()
+    counts = mask[:, 1:].sum(1).double()
+    al = wpo_aligned_logps(s, lss.sum(1), counts)
+    loss, _ = dpo_loss(s[:B], s[B:], ref[:B], ref[B:], beta=0.2, loss_type="hinge",
+                       use_weighting=True, chosen_aligned_logps=al[:B],
+                       rejected_aligned_logps=al[B:])
+    assert torch.allclose(loss, t_loss, rtol=1e-12)
+    w = torch.exp(al[:B] + al[B:])
+    want = (w * torch.relu(1 - 0.2 * ((s[:B] - ref[:B]) - (s[B:] - ref[B:])))).mean()
+    g1, = torch.autograd.grad(loss, s, retain_graph=True)
+    g2, = torch.autograd.grad(want, s)
+    assert g1.abs().sum() > 0 and torch.allclose(g1, g2, rtol=1e-12)
+
+
+def test_wpo_with_f_divergence_matches_trl():
+    ptl, mask, ref, lss = _batch(41)
+    t, o = _both(ptl, mask, ref, dict(beta=0.2, loss_types=["sigmoid"],
+                                      f_divergence_type="js_divergence"),
+                 dict(beta=0.2, loss_type="sigmoid", f_divergence_type="js_divergence"), lss=lss)
+    _close(t, o)
+
+
+def test_label_smoothing_with_sigmoid_is_trls_and_cdpo_is_conservative_dpo():
+    """TRL 1.16's sigmoid ignores label_smoothing: ["sigmoid", "robust"] with 0.1 gives TRL's
+    loss (sigmoid unsmoothed, robust smoothed); cDPO is loss_type "cdpo"; sigmoid alone with a
+    smoothing raises and names cdpo."""
+    ptl, mask, ref, _ = _batch(17)
+    types = ["sigmoid", "robust"]
+    t, o = _both(ptl, mask, ref, dict(beta=0.2, loss_types=types, label_smoothing=0.1),
+                 dict(beta=0.2, loss_type=types, label_smoothing=0.1))
+    _close(t, o)
+    s, r = ptl.sum(1), ref
+    z = 0.2 * ((s[:B] - r[:B]) - (s[B:] - r[B:]))
+    cdpo, _ = dpo_loss(s[:B], s[B:], r[:B], r[B:], beta=0.2, loss_type="cdpo",
+                       label_smoothing=0.1)
+    want = (-0.9 * torch.nn.functional.logsigmoid(z)
+            - 0.1 * torch.nn.functional.logsigmoid(-z)).mean()
+    assert torch.allclose(cdpo, want, rtol=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect.*'cdpo'"):
+        dpo_loss(s[:B], s[B:], r[:B], r[B:], loss_type="sigmoid", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(f_divergence_type="kl"), "f_divergence_type must be one of"),
+    (dict(f_divergence_type="js_divergence", loss_type="bco_pair"),
+     r"f_divergence_type='js_divergence' applies to .*\['bco_pair'\]"),
+    (dict(f_alpha_divergence_coef=float("nan")), "f_alpha_divergence_coef must be"),
+    (dict(use_weighting=1), "use_weighting must be True or False"),
+    (dict(use_weighting=True), "use_weighting=True needs chosen_aligned_logps"),
+    (dict(use_weighting=True, loss_type="aot", label_smoothing=0.1,
+          chosen_aligned_logps=torch.zeros(2), rejected_aligned_logps=torch.zeros(2)),
+     r"use_weighting \(WPO\) does not apply to loss_type \['aot'\]"),
+    (dict(chosen_aligned_logps=torch.zeros(2), rejected_aligned_logps=torch.zeros(2)),
+     "apply only with use_weighting=True"),
+])
+def test_dpo_option_errors_name_the_argument(opts, match):
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match=match):
+        dpo_loss(z, z, z, z, **opts)
+
+
+# ---------------------------------------------------------------------------------- CPO
+@pytest.mark.parametrize("loss_type,alpha,eps", [
+    ("simpo", 0.0, 0.0), ("simpo", 0.0, 0.1), ("simpo", 0.3, 0.0), ("alphapo", 0.25, 0.0),
+    ("alphapo", -0.4, 0.1), ("sigmoid", 0.6, 0.1), ("hinge", 0.2, 0.0), ("ipo", 0.2, 0.0)])
+def test_cpo_simpo_alphapo_alpha_match_trl(loss_type, alpha, eps):
+    g = torch.Generator().manual_seed(len(loss_type) + int(alpha * 10))
+    c = (-torch.rand(B, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    r = (-torch.rand(B, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    # CPOConfig turns alphapo into simpo with cpo_alpha = 0
+    trl_type, cpo_alpha = ("simpo", 0.0) if loss_type == "alphapo" else (loss_type, 0.6)
+    losses, cr, rr = trl_cpo(c, r, beta=0.7, loss_type=trl_type, label_smoothing=eps,
+                             simpo_gamma=0.8 if trl_type == "simpo" else 0.5, alpha=alpha)
+    nll = (-c.sum() / 17)                       # any differentiable NLL term
+    want = losses.mean() + cpo_alpha * nll      # TRL's get_batch_loss_metrics
+    gw = torch.autograd.grad(want, (c, r), retain_graph=True)
+    kw = dict(simpo_gamma=0.8) if loss_type in ("simpo", "alphapo") else {}
+    if loss_type != "alphapo":
+        kw["cpo_alpha"] = cpo_alpha
+    loss, m = cpo_loss(c, r, nll=nll, beta=0.7, loss_type=loss_type, label_smoothing=eps,
+                       alpha=alpha, **kw)
+    go = torch.autograd.grad(loss, (c, r))
+    assert torch.allclose(loss, want, rtol=1e-12), (loss, want)
+    for a, b in zip(go, gw):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(m["rewards/chosen"], cr.mean(), rtol=1e-12)
+    assert torch.allclose(m["rewards/rejected"], rr.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("opts,match", [
+    (dict(loss_type="alphapo", cpo_alpha=0.5), "cpo_alpha=0.5 with loss_type 'alphapo'"),
+    (dict(loss_type="sigmoid", simpo_gamma=1.0), "simpo_gamma applies to CPO loss_type simpo"),
+    (dict(loss_type="kto"), "unknown CPO loss_type 'kto'"),
+    (dict(alpha=float("inf")), "alpha must be a finite number"),
+    (dict(cpo_alpha=-1.0), "cpo_alpha must be"),
+    (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies to CPO loss_type"),
+])
+def test_cpo_option_errors_name_the_argument(opts, match):
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match=match):
+        cpo_loss(z, z, nll=z.sum(), **opts)
+
+
+# ---------------------------------------------------------------------------------- KTO
+def test_kto_apo_zero_unpaired_matches_trl():
+    g = torch.Generator().manual_seed(12)
+    N = 9
+    mask = torch.zeros(N, L, dtype=torch.long)
+    mask[:, 2:] = 1
+    mask[4, 9:] = 0
+    ptl = (-torch.rand(N, L - 1, generator=g, dtype=torch.float64) * 2 * mask[:, 1:])
+    labels = torch.tensor([True, False, True, True, False, True, False, False, True])
+    ref = ptl.sum(1) + torch.randn(N, generator=g, dtype=torch.float64) * 5
+    p1 = ptl.clone().requires_grad_()
+    t_loss, t_m = trl_kto(p1, mask, labels, ref, None, None, beta=0.3, desirable_weight=1.3,
+                          undesirable_weight=0.7, loss_type="apo_zero_unpaired")
+    t_loss.backward()
+    p2 = ptl.clone().requires_grad_()
+    loss, m = kto_loss(p2.sum(1), ref, labels, beta=0.3, desirable_weight=1.3,
+                       undesirable_weight=0.7, loss_type="apo_zero_unpaired")
+    loss.backward()
+    assert torch.allclose(loss, t_loss.double(), rtol=1e-12)
+    assert torch.allclose(p2.grad, p1.grad, rtol=1e-10, atol=1e-14)
+    for k in ("rewards/chosen", "rewards/rejected", "kl"):
+        assert abs(m[k].item() - t_m[k]) < 1e-9, k
+
+
+def test_kto_loss_type_errors_name_the_argument():
+    z = torch.zeros(2)
+    d = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="unknown KTO loss_type 'bco'; valid: kto, apo_zero"):
+        kto_loss(z, z, d, loss_type="bco")
+    with pytest.raises(ValueError, match="'apo_zero_unpaired' has no reference point"):
+        kto_loss(z, z, d, loss_type="apo_zero_unpaired", kl=0.5)
+
+
+# ------------------------------------------------------------- the front door, every plan
+@pytest.mark.parametrize("opts,shape", [
+    (dict(use_weighting=True), dict(pairs=2)),
+    (dict(use_weighting=True, loss_type=["ipo", "hinge"], loss_weights=[1.0, 0.5]),
+     dict(pairs=1, packed=True)),
+    (dict(f_divergence_type="js_divergence"), dict(pairs=1)),
+    (dict(f_divergence_type="forward_kl", loss_type="sigmoid_norm"), dict(pairs=2, packed=True)),
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
+          use_weighting=True, softcap=4.0, temperature=0.8), dict(pairs=2, packed=True)),
+])
+def test_preference_loss_options_against_float64_oracle(opts, shape):
+    """preference_loss in fp32 (the recompute and the single pass) against the float64 oracle
+    (full logits; WPO's log Σ p² from them): loss and the gradients of hidden, weight and bias,
+    within a few times the recompute's own fp32 error; the two plans' metrics agree."""
+    from alignkit.oracle import oracle_preference_loss, reference_sequence_logprobs
+    from conftest import assert_oracle
+    from test_single_pass import pair_inputs
+    h64, W64, b64, y, seg = pair_inputs(T=29, H=24, V=700, bias=True, seed=5, **shape)
+    S = 2 * shape["pairs"]
+    head = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
+    sums, _ = reference_sequence_logprobs(h64, W64, y, bias=b64, segment_ids=seg,
+                                          num_segments=S if seg is not None else None, **head)
+    # log-ratios of a few nats, both signs: every f-DPO score has a live gradient there
+    ref = sums + 3 * torch.randn(S, generator=torch.Generator().manual_seed(3), dtype=sums.dtype)
+    kw = dict(segment_ids=seg, num_segments=S if seg is not None else None, beta=0.1, **opts)
+    oracle = {}
+    for dt in (torch.float64, torch.float32):     # float64: the truth; fp32: torch's own error
+        leaves = [t.detach().to(dt).requires_grad_() for t in (h64, W64, b64)]
+        out, _ = oracle_preference_loss(*leaves[:2], y, bias=leaves[2],
+                                        ref_logprobs=ref.to(dt), **kw)
+        out.backward()
+        oracle[dt] = (out.detach(), *(t.grad for t in leaves))
+    want, naive = oracle[torch.float64], oracle[torch.float32]
+    runs = {}
+    for mode in ("recompute", "single_pass"):
+        leaves = [t.detach().float().requires_grad_() for t in (h64, W64, b64)]
+        out, m = preference_loss(*leaves[:2], y, bias=leaves[2], ref_logprobs=ref.float(),
+                                 grad_mode=mode, backend="torch", **kw)
+        out.backward()
+        runs[mode] = (out.detach(), *(t.grad for t in leaves), m)
+    rec, sp = runs["recompute"], runs["single_pass"]
+    for i, name in enumerate(("loss", "hidden", "weight", "bias")):
+        assert sp[i].abs().sum() > 0, name
+        assert_oracle(f"single pass {name}", sp[i], want[i], naive[i])
+        assert_oracle(f"recompute {name}", rec[i], want[i], naive[i])
+    for k in rec[4]:
+        torch.testing.assert_close(sp[4][k], rec[4][k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_preference_loss_wpo_refuses_a_given_log_sum_sq():
+    from test_single_pass import pair_inputs
+    h, W, b, y, _ = pair_inputs()
+    with pytest.raises(ValueError, match="log_sum_sq_probs is computed inside"):
+        preference_loss(h.float(), W.float(), y, ref_logprobs=torch.zeros(2), use_weighting=True,
+                        log_sum_sq_probs=torch.zeros(2))
