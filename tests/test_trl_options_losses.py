@@ -88,6 +88,37 @@ def test_alpha_divergence_matches_trl(coef, loss_type):
     _close(t, o, rtol=2e-5, atol=2e-6)
 
 
+def test_alpha_divergence_clamp_matches_trl():
+    """(α − 1)·ρ past 80: TRL clamps the exponent there (its gradient is 0 past it), and so does
+    alignkit."""
+    ptl, mask, ref, _ = _batch(77, dtype=torch.float32, scale=1.0, noise=1.0)
+    ref = ref - 150 * torch.tensor([1.0, 0, 1.0] + [0.0] * (2 * B - 3))   # ρ ≈ 150: clamped
+    t, o = _both(ptl, mask, ref, dict(beta=0.01, loss_types=["sigmoid"],
+                                      f_divergence_type="alpha_divergence",
+                                      f_alpha_divergence_coef=1.9),
+                 dict(beta=0.01, loss_type="sigmoid", f_divergence_type="alpha_divergence",
+                      f_alpha_divergence_coef=1.9))
+    _close(t, o, rtol=2e-5, atol=2e-6)
+
+
+def test_vocab_row_stats_online_log_sum_sq_matches_float64():
+    """The online log Σ p² (no lse given: running max, both sums rescaled) over many vocabulary
+    tiles and row blocks, soft cap and temperature, large logits, against full float64 logits."""
+    from alignkit.integrations.vocab_stats import vocab_row_stats
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(37, 19, generator=g, dtype=torch.float64) * 4
+    W = torch.randn(997, 19, generator=g, dtype=torch.float64)
+    bias = torch.randn(997, generator=g, dtype=torch.float64) * 3
+    for softcap, temp in ((None, 1.0), (30.0, 0.7)):
+        x = rows @ W.T + bias
+        z = (softcap * torch.tanh(x / softcap) if softcap else x) / temp
+        want = torch.logsumexp(2 * torch.log_softmax(z, -1), -1)
+        got = vocab_row_stats(rows, W, bias, temperature=temp, softcap=softcap, sum_sq=True,
+                              row_block=5, vocab_block=64)["log_sum_sq_probs"]
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("types", [["sigmoid"], ["ipo"], ["bco_pair", "sppo_hard"], ["robust"],
                                    ["apo_zero", "sigmoid_norm"], ["nca_pair"], ["discopop"]])
 def test_wpo_matches_trl(types):
@@ -253,13 +284,15 @@ def test_kto_loss_type_errors_name_the_argument():
 
 # ------------------------------------------------------------- the front door, every plan
 @pytest.mark.parametrize("opts,shape", [
-    (dict(use_weighting=True), dict(pairs=2)),
+    # WPO on a flatter head (scale 0.3): log π(y) − log Σ p² of a few tenths, weights near 1
+    (dict(use_weighting=True), dict(pairs=2, scale=0.3)),
     (dict(use_weighting=True, loss_type=["ipo", "hinge"], loss_weights=[1.0, 0.5]),
-     dict(pairs=1, packed=True)),
+     dict(pairs=1, packed=True, scale=0.3)),
     (dict(f_divergence_type="js_divergence"), dict(pairs=1)),
     (dict(f_divergence_type="forward_kl", loss_type="sigmoid_norm"), dict(pairs=2, packed=True)),
     (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
-          use_weighting=True, softcap=4.0, temperature=0.8), dict(pairs=2, packed=True)),
+          use_weighting=True, softcap=4.0, temperature=0.8), dict(pairs=2, packed=True,
+                                                                  scale=0.5)),
 ])
 def test_preference_loss_options_against_float64_oracle(opts, shape):
     """preference_loss in fp32 (the recompute and the single pass) against the float64 oracle
@@ -292,6 +325,8 @@ def test_preference_loss_options_against_float64_oracle(opts, shape):
         out.backward()
         runs[mode] = (out.detach(), *(t.grad for t in leaves), m)
     rec, sp = runs["recompute"], runs["single_pass"]
+    if opts.get("use_weighting"):                  # the weights are O(1), not a rounding
+        assert want[0] > 1e-3                      # (the floor of assert_oracle is ~1e-6)
     for i, name in enumerate(("loss", "hidden", "weight", "bias")):
         assert sp[i].abs().sum() > 0, name
         assert_oracle(f"single pass {name}", sp[i], want[i], naive[i])
