@@ -341,3 +341,30 @@ def test_preference_loss_wpo_refuses_a_given_log_sum_sq():
     with pytest.raises(ValueError, match="log_sum_sq_probs is computed inside"):
         preference_loss(h.float(), W.float(), y, ref_logprobs=torch.zeros(2), use_weighting=True,
                         log_sum_sq_probs=torch.zeros(2))
+
+
+# ------------------------------------------------------------------ the trainer's option check
+@pytest.mark.parametrize("loss,options,ok", [
+    ("dpo", dict(use_weighting=True, f_divergence_type="js_divergence"), True),
+    ("dpo", dict(loss_type="cdpo", label_smoothing=0.1), True),
+    ("dpo", dict(loss_type="sigmoid", label_smoothing=0.1), "conservative DPO is loss_type 'cdpo'"),
+    ("dpo", dict(log_sum_sq_probs=[0.0, 0.0], use_weighting=True), "computed by the trainer"),
+    ("dpo", dict(f_divergence_type="js_divergence", loss_type="nca_pair"), "f_divergence_type"),
+    ("cpo", dict(loss_type="alphapo", alpha=0.2, simpo_gamma=1.0), True),
+    ("cpo", dict(loss_type="alphapo", cpo_alpha=1.0), "cpo_alpha=1.0 with loss_type 'alphapo'"),
+    ("kto", dict(loss_type="apo_zero_unpaired"), True),
+    ("kto", dict(loss_type="apo_zero_unpaired", kl_estimate="mismatched"), "no reference point"),
+    ("kto", dict(loss_type="bco"), "unknown KTO loss_type 'bco'"),
+])
+def test_trainer_config_checks_the_new_options(loss, options, ok):
+    from alignkit.train.config import ConfigError, TrainConfig
+    from alignkit.train.objective import kto_uses_kl
+    cfg = dict(model_config={"model_type": "llama"}, tokenizer="tok", loss=loss,
+               loss_options=options)
+    if ok is True:
+        c = TrainConfig.from_dict(cfg)
+        if loss == "kto":                     # apo_zero_unpaired scores no mismatched pairs
+            assert not kto_uses_kl(c.loss, c.loss_options)
+    else:
+        with pytest.raises(ConfigError, match=ok):
+            TrainConfig.from_dict(cfg)
