@@ -74,9 +74,8 @@ def oracle_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, lo
     them. Differentiable w.r.t. hidden, weight and bias. Returns (loss, metrics). DPO's
     ``use_weighting=True`` (WPO): log Σ_v p_v² per labelled token from the full logits, summed
     per sequence (``log_sum_sq_probs``), detached."""
-    from alignkit.losses.registry import LOSSES, paired_loss_on_logps
-    s = LOSSES[loss]
-    avg = s.average if average is None else average
+    from alignkit.losses.registry import default_average, paired_loss_on_logps
+    avg = default_average(loss, own) if average is None else average
     S = num_segments if num_segments is not None or segment_ids is None else \
         int(segment_ids.max()) + 1
     sums, counts = reference_sequence_logprobs(hidden, weight, labels, bias=bias,

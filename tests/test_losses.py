@@ -39,6 +39,8 @@ def _ref_loss(loss, opts, ref_lp):
         if loss == "simpo":
             return simpo_loss(avg[:B], avg[B:], **opts)
         nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+        if loss == "cpo" and opts.get("loss_type", "sigmoid") in ("sigmoid", "hinge"):
+            return cpo_loss(sums[:B], sums[B:], nll=nll, **opts)   # TRL's reduction: sums
         f = cpo_loss if loss == "cpo" else orpo_loss
         return f(avg[:B], avg[B:], nll=nll, **opts)
     return fn

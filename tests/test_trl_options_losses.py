@@ -368,3 +368,19 @@ def test_trainer_config_checks_the_new_options(loss, options, ok):
     else:
         with pytest.raises(ConfigError, match=ok):
             TrainConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo", "alphapo"])
+def test_cpo_reduction_follows_trl(loss_type):
+    """TRL 1.16's CPOTrainer: sums for sigmoid and hinge, per-token averages for ipo, simpo and
+    alphapo (average_log_prob=loss_type in ["ipo", "simpo"], alphapo being simpo there)."""
+    from alignkit.oracle import reference_sequence_logprobs
+    from test_single_pass import pair_inputs
+    h, W, _, y, _ = pair_inputs(T=21, H=16, V=300, pairs=2, seed=4)
+    sums, counts = reference_sequence_logprobs(h, W, y)
+    counts = counts.double()
+    x = sums / counts if loss_type in ("ipo", "simpo", "alphapo") else sums
+    nll = -sums[:2].sum() / counts[:2].sum()
+    want, _ = cpo_loss(x[:2], x[2:], nll=nll, beta=0.05, loss_type=loss_type)
+    got, _ = preference_loss(h.float(), W.float(), y, loss="cpo", beta=0.05, loss_type=loss_type)
+    assert torch.allclose(got.double(), want, rtol=1e-4), (got, want)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
-from alignkit.losses.registry import PAIRED, paired_loss_on_logps
+from alignkit.losses.registry import PAIRED, default_average, paired_loss_on_logps
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
@@ -84,8 +84,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                     segment_ids: Optional[Tensor] = None, **loss_options):
     """Preference loss of a packed chosen/rejected batch, from hidden states.
 
-    loss: "dpo" (sums; needs a reference), "simpo", "cpo", "orpo" (per-token averages by default;
-    reference-free). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
+    loss: "dpo" (sums; needs a reference), "simpo", "orpo" (per-token averages by default;
+    reference-free), "cpo" (reference-free; as TRL 1.16: sums for loss_type sigmoid and hinge,
+    per-token averages for ipo, simpo and alphapo). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
     orpo_loss in alignkit.losses) plus ``average`` (override the reduction), ``num_segments``,
     ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
     does not read raises.
@@ -117,7 +118,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     if "tiles" in common and common["tiles"] is None:
         del common["tiles"]
     check_linear_inputs(hidden, weight, labels, bias)
-    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
+    uses_ref, default_avg = REGISTRY[loss].reference, default_average(loss, own)
     average = common.pop("average", None)
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
@@ -270,7 +271,7 @@ def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
         raise ValueError("sums and counts must be 1-D tensors of one even length 2B (chosen, then "
                          f"rejected); got {getattr(sums, 'shape', sums)} and "
                          f"{getattr(counts, 'shape', counts)}")
-    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
+    uses_ref, default_avg = REGISTRY[loss].reference, default_average(loss, own)
     average = default_avg if average is None else bool(average)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -122,6 +122,15 @@ def spec(loss: str) -> LossSpec:
     return LOSSES[loss]
 
 
+def default_average(loss: str, own: dict) -> bool:
+    """A loss's reduction when the call gives no ``average``: its spec's, except CPO, which
+    follows TRL 1.16's CPOTrainer (per-token averages for ipo, simpo and alphapo; sums for
+    sigmoid and hinge)."""
+    if loss == "cpo":
+        return own.get("loss_type", "sigmoid") in ("ipo", "simpo", "alphapo")
+    return LOSSES[loss].average
+
+
 def paired_loss_on_logps(loss: str, logps, sums, counts_f, ref, own):
     """A paired loss on the 2B log-probs in its reduction (logps), their sums and token counts
     (the NLL term is the chosen tokens' token mean, TRL's cross-entropy)."""
