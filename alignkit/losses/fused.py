@@ -34,6 +34,7 @@ from torch import Tensor
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
 from alignkit.losses.registry import PAIRED, default_average, paired_loss_on_logps
+from alignkit.losses.trl_options import refusal
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
@@ -56,6 +57,10 @@ def split_options(loss: str, options: dict):
                          "(KTO is unpaired: use alignkit.losses.kto_loss on sequence_logprobs)")
     own = REGISTRY[loss].options
     bad = [k for k in options if k not in own and k not in _COMMON]
+    for k in bad:
+        why = refusal(loss, k)
+        if why is not None:
+            raise ValueError(f"option {k!r} (TRL's) is refused by loss {loss!r}: {why}")
     if bad:
         raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
                          f"{', '.join(own + _COMMON)}")
