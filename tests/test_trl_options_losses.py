@@ -24,7 +24,8 @@ def _batch(seed, dtype=torch.float64, scale=3.0, noise=4.0):
     ptl = (-torch.rand(2 * B, L - 1, generator=g, dtype=torch.float64) * scale
            * mask[:, 1:]).to(dtype)
     # reference log-ratios of both signs and of several nats
-    ref = (ptl.detach().sum(1) + torch.randn(2 * B, generator=g, dtype=torch.float64).to(dtype) * noise)
+    ref = ptl.detach().sum(1) + noise * torch.randn(2 * B, generator=g,
+                                                    dtype=torch.float64).to(dtype)
     # log Σ_v p_v² of a real distribution lies in [log p_max², log p_max]; any value ≤ 0 will do
     lss = -torch.rand(2 * B, L - 1, generator=g, dtype=torch.float64).to(dtype) * 2 * mask[:, 1:]
     return ptl, mask, ref, lss
@@ -352,6 +353,7 @@ def test_preference_loss_wpo_refuses_a_given_log_sum_sq():
     ("dpo", dict(f_divergence_type="js_divergence", loss_type="nca_pair"), "f_divergence_type"),
     ("cpo", dict(loss_type="alphapo", alpha=0.2, simpo_gamma=1.0), True),
     ("cpo", dict(loss_type="alphapo", cpo_alpha=1.0), "cpo_alpha=1.0 with loss_type 'alphapo'"),
+    ("dpo", dict(ld_alpha=0.5), "ld_alpha is not served by the trainer"),
     ("kto", dict(loss_type="apo_zero_unpaired"), True),
     ("kto", dict(loss_type="apo_zero_unpaired", kl_estimate="mismatched"), "no reference point"),
     ("kto", dict(loss_type="bco"), "unknown KTO loss_type 'bco'"),
@@ -384,3 +386,79 @@ def test_cpo_reduction_follows_trl(loss_type):
     want, _ = cpo_loss(x[:2], x[2:], nll=nll, beta=0.05, loss_type=loss_type)
     got, _ = preference_loss(h.float(), W.float(), y, loss="cpo", beta=0.05, loss_type=loss_type)
     assert torch.allclose(got.double(), want, rtol=1e-4), (got, want)
+
+
+# ------------------------------------------------------------------------------- LD-DPO
+def _ld_case(packed, seed=6, pairs=2):
+    from test_single_pass import pair_inputs
+    h, W, b, y, seg = pair_inputs(T=19, H=12, V=211, pairs=pairs, seed=seed)
+    y[0, 9:11] = -100                      # a hole inside a response
+    y[pairs + 1, 6:] = -100                # lengths differ both ways across the pairs
+    return h, W, y
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("opts", [dict(ld_alpha=0.3),
+                                  dict(ld_alpha=0.0, loss_type=["ipo", "bco_pair"]),
+                                  dict(ld_alpha=0.6, use_weighting=True,
+                                       f_divergence_type="js_divergence")])
+def test_ld_alpha_matches_trl_through_preference_loss(opts, packed):
+    """preference_loss(ld_alpha=...) against TRL 1.16's DPOTrainer on the same per-token
+    log-probs (the oracle's full float64 logits): loss and the gradients of hidden and weight.
+    alignkit's op runs its GEMMs in fp32 even for float64 inputs: fp32 tolerances."""
+    from alignkit.oracle import reference_linear_token_logprobs
+    h, W, y = _ld_case(packed)
+    S, T = y.shape
+    B_ = S // 2
+    ref = -40 + 4 * torch.randn(S, generator=torch.Generator().manual_seed(2),
+                                dtype=torch.float64)
+    mask = torch.zeros(S, T + 1, dtype=torch.long)
+    mask[:, 1:] = (y != -100).long()
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ptl = reference_linear_token_logprobs(h1, W1, y)
+    lss = None
+    if opts.get("use_weighting"):
+        with torch.no_grad():
+            lss = torch.logsumexp(2 * torch.log_softmax(h @ W.T, -1), -1)
+    types = opts.get("loss_type", ["sigmoid"])
+    t_loss, t_m = trl_dpo(ptl, mask, ref[:B_], ref[B_:], beta=0.1, loss_types=types,
+                          ld_alpha=opts["ld_alpha"], log_sum_sq_probs=lss,
+                          f_divergence_type=opts.get("f_divergence_type", "reverse_kl"))
+    t_loss.backward()
+    h2, W2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    kw = dict(opts)
+    if packed:
+        kw.update(segment_ids=torch.arange(S).repeat_interleave(T), num_segments=S)
+        hh, yy = h2.reshape(-1, h.shape[-1]), y.reshape(-1)
+    else:
+        hh, yy = h2, y
+    loss, m = preference_loss(hh, W2, yy, ref_logprobs=ref, beta=0.1, **kw)
+    loss.backward()
+    assert torch.allclose(loss.double(), t_loss, rtol=2e-6), (loss, t_loss)
+    for a, b in ((h2.grad, h1.grad), (W2.grad, W1.grad)):
+        assert a.abs().sum() > 0
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max(), (a.double() - b).abs().max()
+    assert abs(m["logps/chosen"].item() - t_m["logps/chosen"]) < 1e-5 * abs(t_m["logps/chosen"])
+
+
+def test_ld_alpha_reference_from_ref_hidden_and_errors():
+    from alignkit.losses.ld import ld_sequence_logprobs
+    h, W, y = _ld_case(False)
+    g = torch.Generator().manual_seed(1)
+    rh, rW = h + 0.1 * torch.randn(h.shape, generator=g, dtype=h.dtype), W.clone()
+    a, _ = preference_loss(h, W, y, ref_hidden=rh, ref_weight=rW, ld_alpha=0.4)
+    ref = ld_sequence_logprobs(rh, rW, y, 0.4)[0]
+    b, _ = preference_loss(h, W, y, ref_logprobs=ref, ld_alpha=0.4)
+    assert torch.allclose(a, b, rtol=1e-6)
+    c, _ = preference_loss(h, W, y, ref_hidden=rh, ref_weight=rW)          # the plain ones
+    assert not torch.allclose(a, c, rtol=1e-3)
+    z = torch.zeros(4)
+    for kw, match in ((dict(ld_alpha=1.5), r"ld_alpha must be in \[0, 1\]"),
+                      (dict(ld_alpha=0.5, average=True), "average=True is refused"),
+                      (dict(ld_alpha=0.5, grad_mode="single_pass"), "single_pass' is refused"),
+                      (dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]), "'sft' is refused")):
+        with pytest.raises(ValueError, match=match):
+            preference_loss(h, W, y, ref_logprobs=z, **kw)
+    from alignkit.losses import logprob_loss
+    with pytest.raises(ValueError, match="ld_alpha needs each token's log-prob"):
+        logprob_loss(z, torch.ones(4, dtype=torch.long), ref_logprobs=z, ld_alpha=0.5)

@@ -55,7 +55,8 @@ def trl_cpo(chosen, rejected, *, beta, loss_type, label_smoothing=0.0, simpo_gam
             alpha=0.0):
     """CPOTrainer.cpo_loss (loss_type as CPOConfig leaves it: alphapo becomes simpo there)."""
     from trl.experimental.cpo import CPOTrainer
-    me = SimpleNamespace(alpha=alpha, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    me = SimpleNamespace(alpha=alpha, beta=beta, loss_type=loss_type,
+                         label_smoothing=label_smoothing,
                          simpo_gamma=simpo_gamma, accelerator=_Acc())
     losses, cr, rr = CPOTrainer.cpo_loss(me, chosen, rejected)
     return losses, cr, rr

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
+from alignkit.losses.ld import check_ld, ld_loss, ld_reference
 from alignkit.losses.registry import PAIRED, default_average, paired_loss_on_logps
 from alignkit.losses.trl_options import refusal
 from alignkit.ops.backends import autocast_head, resolve
@@ -91,10 +92,15 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
 
     loss: "dpo" (sums; needs a reference), "simpo", "orpo" (per-token averages by default;
     reference-free), "cpo" (reference-free; as TRL 1.16: sums for loss_type sigmoid and hinge,
-    per-token averages for ipo, simpo and alphapo). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
-    orpo_loss in alignkit.losses) plus ``average`` (override the reduction), ``num_segments``,
-    ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
-    does not read raises.
+    per-token averages for ipo, simpo and alphapo). loss_options: that loss's own options (see
+    dpo_loss, simpo_loss, cpo_loss, orpo_loss in alignkit.losses) plus ``average`` (override the
+    reduction), ``num_segments``, ``ignore_index``, ``temperature``, ``softcap``, ``backend``,
+    ``grad_mode``. An option the loss does not read raises; a TRL option alignkit refuses raises
+    with the reason (alignkit/losses/trl_options.py).
+
+    DPO's ``ld_alpha`` (LD-DPO, alignkit/losses/ld.py): the shared part of each pair's responses
+    at weight 1, the tail at ld_alpha; it runs the recompute plan on 2S segments (sums only; a
+    ``ref_logprobs`` must be desensitised already, e.g. by ld_sequence_logprobs).
 
     grad_mode: "recompute" (backward recomputes each tile), "single_pass" (the gradient is
     formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest pair (tied
@@ -137,6 +143,20 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                                                    if segment_ids is not None else " rows"))
     seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
                   bias=bias, **common)
+    ld_alpha = own.pop("ld_alpha", None)
+    if ld_alpha is not None:
+        check_ld(ld_alpha, own, average, grad_mode)
+    if own.get("use_weighting", False):
+        LogprobOptions(**common)         # bad head options raise before the extra GEMM
+        if "log_sum_sq_probs" in own:
+            raise ValueError("log_sum_sq_probs is computed inside preference_loss from hidden "
+                             "and weight (use_weighting=True); passing it is refused")
+    if ld_alpha is not None:
+        # LD-DPO (alignkit/losses/ld.py): 2S segments, the recompute plan
+        ref = ld_reference(hidden, weight, labels, bias, S, seq_kw, ld_alpha, ref_logprobs,
+                           ref_hidden, ref_weight, _reference)
+        return ld_loss(loss, _with_wpo(own, hidden, weight, labels, bias, segment_ids, S,
+                                       common), ld_alpha, hidden, weight, labels, seq_kw, ref)
     ref = None
     if uses_ref:
         ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
@@ -144,13 +164,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
-    if own.get("use_weighting", False):
-        LogprobOptions(**common)         # bad head options raise before the extra GEMM
-        if "log_sum_sq_probs" in own:
-            raise ValueError("log_sum_sq_probs is computed inside preference_loss from hidden "
-                             "and weight (use_weighting=True); passing it is refused")
-        own = {**own, "log_sum_sq_probs": _wpo_log_sum_sq(hidden, weight, labels, bias,
-                                                           segment_ids, S, common)}
+    own = _with_wpo(own, hidden, weight, labels, bias, segment_ids, S, common)
     tiles = common.get("tiles") or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     why = pass_blocker(hidden, weight, bias, mode) if mode != "recompute" else mode
@@ -194,6 +208,14 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                    *weight.shape, rows, S, t.memory)
     return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t),
                           tiles.memory_given())
+
+
+def _with_wpo(own, hidden, weight, labels, bias, segment_ids, S, common):
+    """own, with WPO's log_sum_sq_probs [S] when use_weighting (one extra forward GEMM)."""
+    if not own.get("use_weighting", False):
+        return own
+    return {**own, "log_sum_sq_probs": _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids,
+                                                       S, common)}
 
 
 def _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids, S, common):

@@ -93,7 +93,7 @@ class LossSpec:
 LOSSES = {s.name: s for s in (
     LossSpec("dpo", ("beta", "loss_type", "loss_weights", "label_smoothing", "discopop_tau",
                      "f_divergence_type", "f_alpha_divergence_coef", "use_weighting",
-                     "log_sum_sq_probs"),
+                     "log_sum_sq_probs", "ld_alpha"),
              reference=True, average=False, paired=True, nll=False, tie=_dpo_tie, compute=_dpo,
              fn=dpo_loss),
     LossSpec("simpo", ("beta", "gamma", "label_smoothing"), reference=False, average=True,
@@ -138,5 +138,10 @@ def paired_loss_on_logps(loss: str, logps, sums, counts_f, ref, own):
     B = logps.shape[0] // 2
     nll = -sums[:B].sum() / counts_f[:B].sum().clamp(min=1) if s.nll else None
     if loss == "dpo":
+        if own.get("ld_alpha") is not None:
+            raise ValueError("ld_alpha needs each token's log-prob (its place against the pair's "
+                             "shorter response), not per-sequence sums: use preference_loss, or "
+                             "alignkit.losses.ld.ld_sequence_logprobs and no ld_alpha here")
+        own = {k: v for k, v in own.items() if k != "ld_alpha"}
         own = _wpo_options(own, sums, counts_f)
     return s.compute(logps[:B], logps[B:], ref, counts_f, nll, own)

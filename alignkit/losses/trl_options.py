@@ -96,9 +96,9 @@ OPTIONS = (
            _TRL_CODE, ""),
     Option(("DPO",), "use_weighting", "supported: `use_weighting`", _TRL_CODE,
            "WPO: one extra forward GEMM (log Σp²); not with aot, aot_unpaired, sft"),
-    Option(("DPO",), "ld_alpha", "refused", _TRL_CODE,
-           "needs each token's position against the pair's shorter response; the paired "
-           "losses start from per-sequence sums (use the drop-in)"),
+    Option(("DPO",), "ld_alpha", "supported: `ld_alpha`", _TRL_CODE,
+           "preference_loss, recompute plan (2S segments); refused by logprob_loss (sums), the "
+           "trainer (plain cached reference) and with sft"),
     Option(("DPO", "KTO"), "precompute_ref_log_probs", "caller", _TRL_CODE,
            "pass `ref_logprobs` (or `ref_hidden` + `ref_weight`)"),
     # ------------------------------------------------------------------------ KTO (kto_loss)

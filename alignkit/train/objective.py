@@ -63,6 +63,10 @@ def check_loss_options(loss: str, options: dict) -> None:
     options = {k: v for k, v in options.items() if k != "grad_mode"}
     if "average" in common and not isinstance(common["average"], bool):
         raise ValueError(f"average must be true or false, got {common['average']!r}")
+    if options.get("ld_alpha") is not None:
+        raise ValueError("ld_alpha is not served by the trainer: its reference log-probs are "
+                         "plain per-sequence sums (cached), LD-DPO needs them desensitised; use "
+                         "preference_loss in your loop, or TRL's DPOTrainer with patch_trainer")
     if "log_sum_sq_probs" in options:
         raise ValueError("log_sum_sq_probs is computed by the trainer's loss from the model "
                          "(use_weighting=True), not given in loss_options")
