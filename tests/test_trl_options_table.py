@@ -53,9 +53,14 @@ def test_every_status_is_known():
             assert o.why, o.name                  # a refusal or a caller's note says why
 
 
-def test_refused_options_raise_with_their_reason():
-    from alignkit.losses import logprob_loss
-    for o in OPTIONS:
+def test_refused_options_raise_with_their_reason(monkeypatch):
+    """Every option the list refuses for a paired loss raises with its reason; a planted
+    refusal proves the wiring (today's list refuses none of DPO's, CPO's or ORPO's)."""
+    from alignkit.losses import logprob_loss, trl_options
+    from alignkit.losses.trl_options import Option
+    planted = Option(("DPO",), "planted_option", "refused", "supported", "a planted reason")
+    monkeypatch.setattr(trl_options, "OPTIONS", OPTIONS + (planted,))
+    for o in trl_options.OPTIONS:
         if o.standalone != "refused":
             continue
         for cfg in o.configs:
