@@ -71,10 +71,11 @@ def oracle_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, lo
                            temperature: float = 1.0, softcap: float | None = None, **own):
     """``alignkit.preference_loss`` from full logits, in the inputs' dtype (give float64): the
     per-sequence log-probs above, then the loss of the registry (alignkit/losses/registry.py) on
-    them. Differentiable w.r.t. hidden, weight and bias. Returns (loss, metrics)."""
-    from alignkit.losses.registry import LOSSES, paired_loss_on_logps
-    s = LOSSES[loss]
-    avg = s.average if average is None else average
+    them. Differentiable w.r.t. hidden, weight and bias. Returns (loss, metrics). DPO's
+    ``use_weighting=True`` (WPO): log Σ_v p_v² per labelled token from the full logits, summed
+    per sequence (``log_sum_sq_probs``), detached."""
+    from alignkit.losses.registry import default_average, paired_loss_on_logps
+    avg = default_average(loss, own) if average is None else average
     S = num_segments if num_segments is not None or segment_ids is None else \
         int(segment_ids.max()) + 1
     sums, counts = reference_sequence_logprobs(hidden, weight, labels, bias=bias,
@@ -84,4 +85,13 @@ def oracle_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, lo
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if avg else sums
     ref = ref_logprobs.detach().to(sums.dtype) if ref_logprobs is not None else None
+    if own.get("use_weighting"):
+        with torch.no_grad():
+            logits = hidden @ weight.t() + (bias if bias is not None else 0)
+            z = softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+            lp = torch.log_softmax(z / temperature, dim=-1)
+            lss = torch.where(labels != ignore_index, torch.logsumexp(2 * lp, dim=-1), 0.0)
+            own = {**own, "log_sum_sq_probs": (
+                lss.sum(-1) if segment_ids is None else torch.zeros(S, dtype=lss.dtype).index_add_(
+                    0, segment_ids.reshape(-1).long(), lss.reshape(-1)))}
     return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)

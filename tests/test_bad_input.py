@@ -189,7 +189,7 @@ def test_other_fields_are_type_checked(key, value, match):
 @pytest.mark.parametrize("loss,options,call", [
     ("dpo", {"beta": -0.1}, "dpo"), ("dpo", {"loss_type": "bogus"}, "dpo"),
     ("dpo", {"label_smoothing": 0.7}, "dpo"), ("simpo", {"gamma": float("nan")}, "simpo"),
-    ("cpo", {"alpha": -1.0}, "cpo"), ("kto", {"desirable_weight": "x"}, "kto"),
+    ("cpo", {"cpo_alpha": -1.0}, "cpo"), ("kto", {"desirable_weight": "x"}, "kto"),
     ("kto", {"beta": 0.0}, "kto")])
 def test_loss_options_are_checked_at_load_with_the_losses_messages(loss, options, call):
     from alignkit.losses import kto_loss, logprob_loss

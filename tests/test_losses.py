@@ -39,16 +39,18 @@ def _ref_loss(loss, opts, ref_lp):
         if loss == "simpo":
             return simpo_loss(avg[:B], avg[B:], **opts)
         nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+        if loss == "cpo" and opts.get("loss_type", "sigmoid") in ("sigmoid", "hinge"):
+            return cpo_loss(sums[:B], sums[B:], nll=nll, **opts)   # TRL's reduction: sums
         f = cpo_loss if loss == "cpo" else orpo_loss
         return f(avg[:B], avg[B:], nll=nll, **opts)
     return fn
 
 
-CASES = [("dpo", dict(loss_type=t, **({"label_smoothing": 0.1} if t in ("exo_pair", "robust", "aot", "aot_unpaired") else {})))
+CASES = [("dpo", dict(loss_type=t, **({"label_smoothing": 0.1} if t in ("cdpo", "exo_pair", "robust", "aot", "aot_unpaired") else {})))
          for t in DPO_LOSS_TYPES]
-CASES += [("dpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], label_smoothing=0.05)),
+CASES += [("dpo", dict(loss_type=["cdpo", "sft"], loss_weights=[1.0, 0.3], label_smoothing=0.05)),
           ("simpo", dict(beta=2.0, gamma=0.7)), ("simpo", dict(label_smoothing=0.1)),
-          ("cpo", dict(alpha=0.7)), ("cpo", dict(loss_type="hinge")), ("cpo", dict(loss_type="ipo")),
+          ("cpo", dict(cpo_alpha=0.7)), ("cpo", dict(loss_type="hinge")), ("cpo", dict(loss_type="ipo")),
           ("orpo", dict(beta=0.2))]
 
 

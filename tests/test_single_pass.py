@@ -30,7 +30,7 @@ def pair_inputs(T=37, H=24, V=1000, bias=False, packed=False, seed=0, scale=1.0,
 
 CASES = [
     ("dpo", dict(beta=0.2), {}),
-    ("dpo", dict(beta=0.2, loss_type="sigmoid", label_smoothing=0.1), dict(bias=True)),
+    ("dpo", dict(beta=0.2, loss_type="cdpo", label_smoothing=0.1), dict(bias=True)),
     ("dpo", dict(beta=0.5, loss_type=["hinge", "robust"], loss_weights=[1.0, 0.3],
                  label_smoothing=0.1), dict(packed=True)),
     ("dpo", dict(beta=0.5, loss_type="ipo"), dict(packed=True, bias=True)),
@@ -41,13 +41,13 @@ CASES = [
      dict(bias=True)),
     ("dpo", dict(beta=0.3, loss_type="nca_pair"), dict(packed=True)),
     ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),
-    ("cpo", dict(beta=0.5, alpha=0.7, loss_type="hinge"), {}),
+    ("cpo", dict(beta=0.5, cpo_alpha=0.7, loss_type="hinge"), {}),
     # several pairs: the longest pair (or its chosen) unscaled, every other sequence scored first
     ("dpo", dict(beta=0.2), dict(pairs=3)),
     ("simpo", dict(beta=2.0, gamma=0.5), dict(pairs=2, packed=True, bias=True)),
     ("dpo", dict(beta=0.5, loss_type="ipo"), dict(pairs=3, packed=True)),
     ("orpo", dict(beta=0.5), dict(pairs=3, bias=True)),
-    ("cpo", dict(beta=0.5, alpha=0.7), dict(pairs=2, packed=True)),
+    ("cpo", dict(beta=0.5, cpo_alpha=0.7), dict(pairs=2, packed=True)),
     # tied for one pair, not for two (it sorts chosen and rejected across the batch separately)
     ("dpo", dict(beta=0.3, loss_type="aot_unpaired"), {}),
     ("dpo", dict(beta=0.3, loss_type="aot_unpaired"), dict(pairs=2)),

@@ -57,7 +57,7 @@ def test_tile_knobs_have_one_meaning_each(monkeypatch):
     ("simpo", dict(beta=2.0, gamma=0.5), dict(pairs=2, packed=True, bias=True)),
     ("dpo", dict(beta=0.5, loss_type="ipo"), dict(pairs=2, packed=True)),     # count-tied
     ("orpo", dict(beta=0.5), dict(bias=True, packed=True)),                   # untied, 1 pair
-    ("cpo", dict(beta=0.5, alpha=0.7), dict(pairs=2, bias=True)),             # untied
+    ("cpo", dict(beta=0.5, cpo_alpha=0.7), dict(pairs=2, bias=True)),             # untied
 ])
 def test_kept_deferred_tokens(loss, opts, shape, budget, dtype, backend, kept_rows):
     """The keep budget: the deferred sequences' G formed once and kept until their scalars are

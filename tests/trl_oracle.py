@@ -25,19 +25,24 @@ class _Acc:
 
 
 def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, *, beta, loss_types,
-            loss_weights=None, label_smoothing=0.0, discopop_tau=0.05):
-    """per_token_logps [2B, L-1] aligned with completion_mask[:, 1:]; returns (loss, metrics)."""
+            loss_weights=None, label_smoothing=0.0, discopop_tau=0.05,
+            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
+            log_sum_sq_probs=None):
+    """per_token_logps [2B, L-1] aligned with completion_mask[:, 1:]; returns (loss, metrics).
+    log_sum_sq_probs [2B, L-1] (the head's per-token log Σ p²) turns use_weighting (WPO) on."""
     from trl import DPOTrainer
     S, L = completion_mask.shape
     outputs = SimpleNamespace(log_probs=per_token_logps, entropy=torch.zeros(S, L - 1),
                               mean_logits=torch.zeros(S, L - 1),
-                              is_top1=torch.zeros(S, L - 1, dtype=torch.bool))
+                              is_top1=torch.zeros(S, L - 1, dtype=torch.bool),
+                              log_sum_sq_probs=log_sum_sq_probs)
     me = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Acc(), ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
+        model=SimpleNamespace(training=True), accelerator=_Acc(), ld_alpha=ld_alpha,
+        precompute_ref_logps=True, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=list(loss_types),
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta,
         label_smoothing=label_smoothing, args=SimpleNamespace(discopop_tau=discopop_tau),
-        use_weighting=False, aux_loss_enabled=False,
+        use_weighting=log_sum_sq_probs is not None, aux_loss_enabled=False,
         _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(S, L, dtype=torch.long), "attention_mask": torch.ones(S, L),
               "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen,
@@ -46,9 +51,12 @@ def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, *, beta,
     return loss, {k: v[-1] for k, v in me._metrics["train"].items()}
 
 
-def trl_cpo(chosen, rejected, *, beta, loss_type, label_smoothing=0.0, simpo_gamma=0.5):
+def trl_cpo(chosen, rejected, *, beta, loss_type, label_smoothing=0.0, simpo_gamma=0.5,
+            alpha=0.0):
+    """CPOTrainer.cpo_loss (loss_type as CPOConfig leaves it: alphapo becomes simpo there)."""
     from trl.experimental.cpo import CPOTrainer
-    me = SimpleNamespace(alpha=0.0, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+    me = SimpleNamespace(alpha=alpha, beta=beta, loss_type=loss_type,
+                         label_smoothing=label_smoothing,
                          simpo_gamma=simpo_gamma, accelerator=_Acc())
     losses, cr, rr = CPOTrainer.cpo_loss(me, chosen, rejected)
     return losses, cr, rr
@@ -61,16 +69,18 @@ def trl_orpo(chosen, rejected, *, beta):
 
 
 def trl_kto(per_token_logps, completion_mask, labels, ref_logps, policy_kl, ref_kl, *, beta,
-            desirable_weight=1.0, undesirable_weight=1.0):
-    """KTOTrainer._compute_loss on given per-token log-probs [N, L-1]; returns (loss, metrics)."""
+            desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto"):
+    """KTOTrainer._compute_loss on given per-token log-probs [N, L-1]; returns (loss, metrics).
+    loss_type="apo_zero_unpaired" turns calculate_KL off, as KTOTrainer does."""
     from trl import KTOTrainer
     N, L = completion_mask.shape
     outputs = SimpleNamespace(log_probs=per_token_logps, entropy=torch.zeros(N, L - 1),
                               mean_logits=torch.zeros(N, L - 1))
     me = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Acc(), calculate_KL=True,
+        model=SimpleNamespace(training=True), accelerator=_Acc(),
+        calculate_KL=loss_type != "apo_zero_unpaired",
         _compute_kl_logps=lambda model, batch: policy_kl, precompute_ref_logps=True,
-        loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+        loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight, aux_loss_enabled=False,
         _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
     batch = {"input_ids": torch.zeros(N, L, dtype=torch.long), "attention_mask": torch.ones(N, L),

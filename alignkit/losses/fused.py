@@ -33,7 +33,9 @@ from torch import Tensor
 
 from alignkit.api import sequence_logprobs
 from alignkit.losses.registry import LOSSES as REGISTRY
-from alignkit.losses.registry import PAIRED, paired_loss_on_logps
+from alignkit.losses.ld import check_ld, ld_loss, ld_reference
+from alignkit.losses.registry import PAIRED, default_average, paired_loss_on_logps
+from alignkit.losses.trl_options import refusal
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
@@ -56,6 +58,10 @@ def split_options(loss: str, options: dict):
                          "(KTO is unpaired: use alignkit.losses.kto_loss on sequence_logprobs)")
     own = REGISTRY[loss].options
     bad = [k for k in options if k not in own and k not in _COMMON]
+    for k in bad:
+        why = refusal(loss, k)
+        if why is not None:
+            raise ValueError(f"option {k!r} (TRL's) is refused by loss {loss!r}: {why}")
     if bad:
         raise ValueError(f"option(s) {bad} do not apply to loss {loss!r}; it takes "
                          f"{', '.join(own + _COMMON)}")
@@ -84,11 +90,17 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                     segment_ids: Optional[Tensor] = None, **loss_options):
     """Preference loss of a packed chosen/rejected batch, from hidden states.
 
-    loss: "dpo" (sums; needs a reference), "simpo", "cpo", "orpo" (per-token averages by default;
-    reference-free). loss_options: that loss's own options (see dpo_loss, simpo_loss, cpo_loss,
-    orpo_loss in alignkit.losses) plus ``average`` (override the reduction), ``num_segments``,
-    ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``grad_mode``. An option the loss
-    does not read raises.
+    loss: "dpo" (sums; needs a reference), "simpo", "orpo" (per-token averages by default;
+    reference-free), "cpo" (reference-free; as TRL 1.16: sums for loss_type sigmoid and hinge,
+    per-token averages for ipo, simpo and alphapo). loss_options: that loss's own options (see
+    dpo_loss, simpo_loss, cpo_loss, orpo_loss in alignkit.losses) plus ``average`` (override the
+    reduction), ``num_segments``, ``ignore_index``, ``temperature``, ``softcap``, ``backend``,
+    ``grad_mode``. An option the loss does not read raises; a TRL option alignkit refuses raises
+    with the reason (alignkit/losses/trl_options.py).
+
+    DPO's ``ld_alpha`` (LD-DPO, alignkit/losses/ld.py): the shared part of each pair's responses
+    at weight 1, the tail at ld_alpha; it runs the recompute plan on 2S segments (sums only; a
+    ``ref_logprobs`` must be desensitised already, e.g. by ld_sequence_logprobs).
 
     grad_mode: "recompute" (backward recomputes each tile), "single_pass" (the gradient is
     formed in forward from full-vocabulary tiles: 3 GEMMs per token of the longest pair (tied
@@ -101,6 +113,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     ``ref_hidden`` (shape of hidden) with ``ref_weight`` [V, H] (and the same labels), computed
     inside without gradients and without logits.
 
+    DPO's ``use_weighting=True`` (WPO) weights each pair by exp(mean over labelled tokens of
+    log π(y_t) − log Σ_v π_v²) for chosen times rejected (detached; see dpo_loss). The log Σ p²
+    term costs one extra forward GEMM over the labelled rows before the loss (no backward),
+    whatever the plan; the weight is then a constant per sequence that every plan reads.
+
     A fully masked response has log-prob 0 and 0 tokens: its sum and its average are 0.0 and the
     loss stays finite (ORPO clamps its average just below 0, where the odds are infinite).
 
@@ -112,7 +129,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     if "tiles" in common and common["tiles"] is None:
         del common["tiles"]
     check_linear_inputs(hidden, weight, labels, bias)
-    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
+    uses_ref, default_avg = REGISTRY[loss].reference, default_average(loss, own)
     average = common.pop("average", None)
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
@@ -126,6 +143,20 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                                                    if segment_ids is not None else " rows"))
     seq_kw = dict(segment_ids=segment_ids, num_segments=S if segment_ids is not None else None,
                   bias=bias, **common)
+    ld_alpha = own.pop("ld_alpha", None)
+    if ld_alpha is not None:
+        check_ld(ld_alpha, own, average, grad_mode)
+    if own.get("use_weighting", False):
+        LogprobOptions(**common)         # bad head options raise before the extra GEMM
+        if "log_sum_sq_probs" in own:
+            raise ValueError("log_sum_sq_probs is computed inside preference_loss from hidden "
+                             "and weight (use_weighting=True); passing it is refused")
+    if ld_alpha is not None:
+        # LD-DPO (alignkit/losses/ld.py): 2S segments, the recompute plan
+        ref = ld_reference(hidden, weight, labels, bias, S, seq_kw, ld_alpha, ref_logprobs,
+                           ref_hidden, ref_weight, _reference)
+        return ld_loss(loss, _with_wpo(own, hidden, weight, labels, bias, segment_ids, S,
+                                       common), ld_alpha, hidden, weight, labels, seq_kw, ref)
     ref = None
     if uses_ref:
         ref = _reference(hidden, weight, labels, ref_logprobs, ref_hidden, ref_weight, bias,
@@ -133,6 +164,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     elif ref_logprobs is not None or ref_hidden is not None or ref_weight is not None:
         raise ValueError(f"loss {loss!r} is reference-free: ref_logprobs / ref_hidden / "
                          "ref_weight would be ignored, so they are refused")
+    own = _with_wpo(own, hidden, weight, labels, bias, segment_ids, S, common)
     tiles = common.get("tiles") or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     # a plan pinned by tiles.plan leaves grad_mode "auto": without a gradient, the recompute
@@ -153,7 +185,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         # a compiled graph cannot time candidates: the pair pass as one custom op (pass_op)
         # where the choice needs no data, one tied pair of padded rows with long tiles (every
         # token formed once); elsewhere the recompute, its own custom op
-        if why is None and (mode == "single_pass" or (
+        # (a WPO call's options carry a tensor, which the custom op's spec cannot)
+        if why is None and "log_sum_sq_probs" not in own and (mode == "single_pass" or (
                 segment_ids is None and S == 2 and tied and long_tiles(weight, tiles))):
             return compiled_pair_pass(loss, own, common, average, S, hidden, weight, labels,
                                       bias, seg, ref, pair_loss_fn(loss, own, average, ref))
@@ -177,6 +210,32 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
                    *weight.shape, rows, S, t.memory)
     return choose_and_run(key, cands, t, hidden, weight, bias, rows, pinned_plan(mode, t),
                           tiles.memory_given())
+
+
+def _with_wpo(own, hidden, weight, labels, bias, segment_ids, S, common):
+    """own, with WPO's log_sum_sq_probs [S] when use_weighting (one extra forward GEMM)."""
+    if not own.get("use_weighting", False):
+        return own
+    return {**own, "log_sum_sq_probs": _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids,
+                                                       S, common)}
+
+
+def _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids, S, common):
+    """WPO's input, [S]: each sequence's sum over its labelled tokens of log Σ_v p_v² under the
+    policy (temperature and soft cap applied), without gradients. Cost: one extra forward GEMM
+    over the labelled rows (N·V·H multiply-adds), in tiles, no logits kept
+    (alignkit.integrations.vocab_stats, online log-sum-exp)."""
+    from alignkit.integrations.vocab_stats import vocab_row_stats
+    keep = labels != common.get("ignore_index", -100)
+    seq = _sequence_ids(S, labels, segment_ids)[keep].long()
+    rows = hidden.detach()[keep]
+    w = weight.detach()
+    if rows.dtype != w.dtype:        # the head's dtype, as the op meets them under autocast
+        rows = rows.to(w.dtype)
+    stats = vocab_row_stats(rows, w, None if bias is None else bias.detach(),
+                            temperature=common.get("temperature", 1.0),
+                            softcap=common.get("softcap"), sum_sq=True)["log_sum_sq_probs"]
+    return stats.new_zeros(S).index_add_(0, seq, stats)
 
 
 def _sequence_ids(S, labels, segment_ids):
@@ -241,7 +300,7 @@ def logprob_loss(sums: Tensor, counts: Tensor, *, loss: str = "dpo",
         raise ValueError("sums and counts must be 1-D tensors of one even length 2B (chosen, then "
                          f"rejected); got {getattr(sums, 'shape', sums)} and "
                          f"{getattr(counts, 'shape', counts)}")
-    uses_ref, default_avg = REGISTRY[loss].reference, REGISTRY[loss].average
+    uses_ref, default_avg = REGISTRY[loss].reference, default_average(loss, own)
     average = default_avg if average is None else bool(average)
     counts_f = counts.to(sums.dtype)
     logps = sums / counts_f.clamp(min=1) if average else sums

@@ -8,12 +8,17 @@ from torch import Tensor
 
 from alignkit.losses.options import check_beta, check_number
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta: float = 0.1,
              desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
              kl: Optional[Tensor] = None, policy_kl_logps: Optional[Tensor] = None,
-             ref_kl_logps: Optional[Tensor] = None):
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306).
+             ref_kl_logps: Optional[Tensor] = None, loss_type: str = "kto"):
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306), and TRL 1.16's
+    ``loss_type="apo_zero_unpaired"`` (APO-zero, D'Oosterlinck et al. 2024, arXiv:2408.06266,
+    Eq. 7, unpaired): desirable λ_D·(1 − σ(βρ)), undesirable λ_U·σ(βρ), no reference point (so
+    ``kl`` / ``policy_kl_logps`` are refused with it; metric ``kl`` is 0).
 
     With ρ = logπ(y) − logπ_ref(y) (summed log-probs [N]) and the reference point
     z₀ = max(0, mean(logπ(y') − logπ_ref(y'))) over mismatched pairs y' (detached):
@@ -27,6 +32,12 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta
     empty), ``logps/chosen``, ``logps/rejected``, ``kl``, ``count/chosen``, ``count/rejected``.
     """
     check_beta(beta)
+    if not isinstance(loss_type, str) or loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; valid: {', '.join(KTO_LOSS_TYPES)}")
+    if loss_type == "apo_zero_unpaired" and (kl is not None or policy_kl_logps is not None
+                                             or ref_kl_logps is not None):
+        raise ValueError("loss_type 'apo_zero_unpaired' has no reference point: kl / "
+                         "policy_kl_logps / ref_kl_logps would be ignored, so they are refused")
     for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps),
                     ("desirable", desirable)):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape != policy_logps.shape:
@@ -62,6 +73,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta
         check_number("kl", kl, low=0)
         kl = policy_logps.new_tensor(float(kl))
     rho = policy_logps - ref_logps
+    # apo_zero_unpaired: kl is 0 here, and 1 − σ(−βρ) = σ(βρ)
     losses = torch.where(desirable,
                          desirable_weight * (1 - torch.sigmoid(beta * (rho - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - rho))))

@@ -43,6 +43,11 @@ def check_loss_options(loss: str, options: dict) -> None:
         if options.get("kl_estimate", "mismatched") not in ("mismatched", "zero"):
             raise ValueError("kl_estimate must be mismatched or zero, got "
                              f"{options['kl_estimate']!r}")
+        if options.get("loss_type") == "apo_zero_unpaired" and \
+                options.get("kl_estimate") == "mismatched":
+            raise ValueError("kl_estimate 'mismatched' with loss_type 'apo_zero_unpaired': that "
+                             "loss has no reference point, so the mismatched pairs would be "
+                             "scored for nothing (leave kl_estimate out)")
         z = torch.zeros(1)
         kto_loss(z, z, torch.ones(1, dtype=torch.bool),
                  **{k: v for k, v in options.items() if k != "kl_estimate"})
@@ -58,7 +63,16 @@ def check_loss_options(loss: str, options: dict) -> None:
     options = {k: v for k, v in options.items() if k != "grad_mode"}
     if "average" in common and not isinstance(common["average"], bool):
         raise ValueError(f"average must be true or false, got {common['average']!r}")
+    if options.get("ld_alpha") is not None:
+        raise ValueError("ld_alpha is not served by the trainer: its reference log-probs are "
+                         "plain per-sequence sums (cached), LD-DPO needs them desensitised; use "
+                         "preference_loss in your loop, or TRL's DPOTrainer with patch_trainer")
+    if "log_sum_sq_probs" in options:
+        raise ValueError("log_sum_sq_probs is computed by the trainer's loss from the model "
+                         "(use_weighting=True), not given in loss_options")
     z = torch.zeros(2)
+    if options.get("use_weighting") is True:     # the trainer computes WPO's input
+        options = {**options, "log_sum_sq_probs": z}
     logprob_loss(z, torch.ones(2, dtype=torch.long), loss=loss,
                  ref_logprobs=z if loss == "dpo" else None, **options)
 
@@ -89,7 +103,10 @@ def ref_logprobs_of(loss: str, options: dict, ref: Optional[tuple], like: Tensor
 
 
 def kto_uses_kl(loss: str, options: dict) -> bool:
-    return loss == "kto" and options.get("kl_estimate", "mismatched") == "mismatched"
+    """KTO scores the mismatched pairs for z₀; apo_zero_unpaired has no z₀ (TRL turns its
+    calculate_KL off)."""
+    return (loss == "kto" and options.get("loss_type", "kto") != "apo_zero_unpaired"
+            and options.get("kl_estimate", "mismatched") == "mismatched")
 
 
 def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
