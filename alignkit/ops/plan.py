@@ -96,7 +96,7 @@ _MACHINE: dict = {}
 
 def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptions,
             deferred: int | None = None):
-    """{plan: (peak bytes, its tile's bytes, TileOptions it runs with)} for a head [V, H] over
+    """{plan: (peak bytes, the tile the memory bound counts, TileOptions it runs with)} for a head [V, H] over
     `rows` token rows (no tile is longer than the call, and no pass keeps more rows than the
     `deferred` upper bound). t: the caller's options, resolved."""
     deferred = rows if deferred is None else deferred
@@ -108,19 +108,27 @@ def budgets(V: int, H: int, rows: int, device, dtype, backend: str, t: TileOptio
         dtype == torch.bfloat16 else (2 if gemm_dtype(dtype, device) != torch.float32 else 4)
     r_tile = min(t.tile_bytes, rows * min(t.vocab_block, V) * 4 + 2 * rows * H * 4)
     out = {"recompute": (grad_w + grad_h + r_tile, r_tile, t)}
-    sp_rows = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows)
-    sp_buf = min(max(keep_rows(V, H, device, dtype, t, backend), sp_rows), sp_rows + deferred,
-                 rows) * V * per
-    out["single_pass"] = (acc_w + grad_h + sp_buf + 2 * sp_rows * H * 4, sp_rows * V * per, t)
-    # fast: the tile grows up to FAST_TILE_FACTOR x, and the buffer holds every row's G
     tile = t.gpu_chunk_bytes if device.type == "cuda" else t.single_pass_bytes
-    fast_tile = max(tile, min(FAST_TILE_FACTOR * tile, rows * V * per))
-    fast_keep = max(0, rows * V * per - fast_tile)
+    # the default tile, which the memory bound counts ("the tile")
+    bound_tile = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows) * V * per
+    if deferred == 0:
+        # nothing to keep (one tied pair, a token-level loss): the keep budget lengthens the tile
+        # instead, in the same buffer (the same bound)
+        t = TileOptions(**{**_fields(t), "single_pass_bytes": t.single_pass_bytes + t.keep_bytes,
+                           "gpu_chunk_bytes": t.gpu_chunk_bytes + t.keep_bytes
+                           if device.type == "cuda" else t.gpu_chunk_bytes, "keep_bytes": 0})
+    sp_rows = min(tile_rows(V, device, dtype, t, H=H, backend=backend), rows)
+    # one buffer holds the tile and, in place, the kept rows (VocabTiles): the larger of the two
+    sp_buf = max(sp_rows, min(keep_rows(V, H, device, dtype, t, backend), deferred, rows)) * V * per
+    out["single_pass"] = (acc_w + grad_h + sp_buf + 2 * sp_rows * H * 4, bound_tile, t)
+    # fast: every deferred token kept, and tiles up to FAST_TILE_FACTOR x longer, within half of
+    # what full [rows, V] logits take (so it stays below a peer that holds them all)
+    fast_tile = max(tile, min(FAST_TILE_FACTOR * tile, rows * V * per // 2))
     ft = TileOptions(**{**_fields(t), "single_pass_bytes": fast_tile,
                         "gpu_chunk_bytes": fast_tile if device.type == "cuda" else t.gpu_chunk_bytes,
-                        "keep_bytes": fast_keep})
+                        "keep_bytes": deferred * V * per})
     f_rows = min(tile_rows(V, device, dtype, ft, H=H, backend=backend), rows)
-    f_buf = min(f_rows + deferred, rows) * V * per
+    f_buf = max(f_rows, min(deferred, rows)) * V * per
     out["single_pass_fast"] = (acc_w + grad_h + f_buf + 2 * f_rows * H * 4, f_rows * V * per, ft)
     return out
 
