@@ -28,7 +28,7 @@ def main(out):
     W = torch.randn(1000, 32, generator=g).requires_grad_()
     y = torch.randint(0, 1000, (4, T), generator=g)
     seen = []
-    for _ in range(6):
+    for _ in range(2 * plan.ROUNDS + 2):
         loss, _ = alignkit.preference_loss(h, W, y, loss="simpo",
                                            tiles=alignkit.TileOptions(autotune=True))
         loss.backward()

@@ -45,15 +45,17 @@ TUNED = alignkit.TileOptions(autotune=True)
 def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path):
     h, W, y = _pair()
     runs = []
-    for _ in range(5):
+    n = 2 * plan.ROUNDS
+    for _ in range(n + 1):
         _step(h, W, y, loss="simpo", tiles=TUNED)
         runs.append((plan.LAST[0].plan, plan.LAST[0].how))
-    # two candidates, two interleaved rounds (A B B A), then the cached winner
-    assert [r[0] for r in runs[:4]] == ["recompute", "single_pass", "single_pass", "recompute"]
-    assert [r[1] for r in runs] == ["tuning"] * 3 + ["measured", "cache"]
+    # two candidates in interleaved rounds (A B, B A, ...), then the cached winner
+    order = ["recompute", "single_pass"] + ["single_pass", "recompute"] * (plan.ROUNDS - 1)
+    assert [r[0] for r in runs[:n]] == order
+    assert [r[1] for r in runs] == ["tuning"] * (n - 1) + ["measured", "cache"]
     with open(plan.cache_path()) as f:
         cached = json.load(f)
-    assert list(cached.values()) == [runs[4][0]]
+    assert list(cached.values()) == [runs[-1][0]]
     code = ("from test_plan import _pair, _step, TUNED; from alignkit.ops import plan\n"
             "h, W, y = _pair(); _step(h, W, y, loss='simpo', tiles=TUNED); "
             "print(plan.LAST[0].how, plan.LAST[0].plan)\n"
@@ -64,7 +66,7 @@ def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path
                        env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     first, second = p.stdout.split("\n")[:2]
-    assert first == f"disk {runs[4][0]}"            # the second process reads the winner
+    assert first == f"disk {runs[-1][0]}"            # the second process reads the winner
     assert second == "tuning"                       # another token bucket tunes afresh
 
 
@@ -79,7 +81,7 @@ def test_the_chooser_picks_the_faster_candidate(monkeypatch, tmp_path):
             return out, dt + (0.5 if c.name == slow else 0.0)
         monkeypatch.setattr(plan, "time_candidate", patched)
         h, W, y = _pair()
-        for _ in range(5):
+        for _ in range(2 * plan.ROUNDS + 1):
             _step(h, W, y, loss="simpo", tiles=TUNED)
         assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", want)
 
@@ -179,7 +181,7 @@ def test_two_gloo_ranks_take_rank_0s_plan(tmp_path):
         assert p.returncode == 0, err[-3000:]
     seen = [json.load(open(f"{out}.{r}")) for r in range(2)]
     assert seen[0] == seen[1]                         # the same plan on every call, both ranks
-    assert seen[0][3][1] == "measured"
+    assert seen[0][2 * plan.ROUNDS - 1][1] == "measured"
     assert seen[0][-1] == ["single_pass", "cache"]    # rank 0 made the recompute slow
 
 

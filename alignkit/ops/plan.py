@@ -20,7 +20,7 @@ Choice, in order:
      each run one candidate, timed forward and backward: a timed candidate forms its gradient in
      forward (the single passes always do; the recompute does so while it is timed), so the
      call's own work is the measurement and tuning costs no extra call, only the slower
-     candidates' excess on 2 x (candidates) calls. Rounds interleave the candidates (A B B A),
+     candidates' excess on 3 x (candidates) calls. Rounds interleave the candidates (A B, B A, ...),
      and the winner is the least-memory candidate within MARGIN of the fastest (per token). It
      is cached in memory and on disk;
   5. autotune=False: the cost model (GEMM FLOPs at this machine's measured GEMM rate, tile
@@ -56,7 +56,7 @@ from alignkit.ops.pass_budget import keep_rows, tile_rows
 
 log = logging.getLogger("alignkit.plan")
 
-ROUNDS = 2          # timed runs of each candidate before a new key is decided
+ROUNDS = 3          # timed runs of each candidate before a new key is decided (min of them)
 MARGIN = 0.03       # a larger-memory plan must be this much faster (per token) to be chosen
 CACHE_FILE = "plans-v1.json"
 FAST_TILE_FACTOR = 4
