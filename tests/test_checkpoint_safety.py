@@ -19,7 +19,7 @@ from alignkit.train.checkpoint import CheckpointError  # noqa: E402
 from alignkit.train.config import ConfigError  # noqa: E402
 from alignkit.train.data import DataError  # noqa: E402
 from alignkit.train.state_files import read_tensors, read_tree, rng_from_tree  # noqa: E402
-from tiny_run import MODEL, config, final_weights, make_setup  # noqa: E402
+from tiny_run import Killed, MODEL, config, final_weights, kill_at, make_setup  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(max_steps=6, save_steps=2, eval_steps=0)
@@ -49,17 +49,6 @@ def test_the_payload_is_live(tmp_path):
     assert (tmp_path / "ran").exists()
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_at(step):
-    def cb(trainer, done, rec):
-        if done == step:
-            raise Killed
-    return cb
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("safety"))
@@ -78,7 +67,7 @@ def killed(setup, tmp_path_factory):
     it."""
     out = tmp_path_factory.mktemp("killed")
     with pytest.raises(Killed):
-        PreferenceTrainer(config(setup, out, **RUN), callbacks=[_kill_at(5)]).train()
+        PreferenceTrainer(config(setup, out, **RUN), callbacks=[kill_at(5)]).train()
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002", "step-00000004"]
     return out
 

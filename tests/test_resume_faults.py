@@ -14,20 +14,9 @@ from alignkit.train import PreferenceTrainer  # noqa: E402
 from alignkit.train.checkpoint import CheckpointError  # noqa: E402
 from alignkit.train.config import ConfigError  # noqa: E402
 from alignkit.train.metrics import read_metrics  # noqa: E402
-from tiny_run import config, final_weights, make_setup  # noqa: E402
+from tiny_run import Killed, config, final_weights, kill_at, make_setup  # noqa: E402
 
 RUN = dict(max_steps=6, save_steps=2, eval_steps=0)
-
-
-class Killed(Exception):
-    pass
-
-
-def _kill_at(step):
-    def cb(trainer, done, rec):
-        if done == step:
-            raise Killed
-    return cb
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def uninterrupted(setup, tmp_path_factory):
 def _killed_run(setup, out):
     """Checkpoints at steps 2 and 4 (the two newest kept), killed after step 5."""
     with pytest.raises(Killed):
-        PreferenceTrainer(config(setup, out, **RUN), callbacks=[_kill_at(5)]).train()
+        PreferenceTrainer(config(setup, out, **RUN), callbacks=[kill_at(5)]).train()
     names = sorted(os.listdir(out / "checkpoints"))
     assert names == ["step-00000002", "step-00000004"], names
     return out / "checkpoints" / "step-00000004"

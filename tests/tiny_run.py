@@ -53,3 +53,15 @@ def assert_weights_close(b, a, lr):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=0.01 * lr,
                                    msg=lambda m: f"{k}: {m}")
     return len(a)
+
+
+class Killed(Exception):
+    """Raised by kill_at's callback: a run stopped mid-way, as a SIGKILL would leave it."""
+
+
+def kill_at(step):
+    """A trainer callback that stops the run once `step` optimizer steps are done."""
+    def cb(trainer, done, rec):
+        if done == step:
+            raise Killed
+    return cb
