@@ -224,3 +224,17 @@ def test_paper_costs_the_single_pass_with_the_codes_rows():
     _, chunks, R, gemms = paper.single_pass(H, V, 0.5)
     assert R == 1395 and chunks == 6
     assert gemms == 3 + (paper.N // 2 - kept) / paper.N and kept > paper.N // 2 - 320
+
+
+def test_option_costs_bench_runs_each_option(monkeypatch):
+    """bench.option_costs times WPO and the entropy quantile beside their plain losses: each row
+    ran, and the WPO row's extra forward GEMM (vocab_row_stats) ran in it."""
+    import alignkit.ops.vocab_stats as vs
+    from bench.option_costs import run
+    calls = []
+    real = vs.vocab_row_stats
+    monkeypatch.setattr(vs, "vocab_row_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = run(2, 16, 16, 64, reps=1, log=lambda *a: None)
+    assert {r.method for r in rows if r.seconds is not None} >= {
+        "dpo", "dpo, use_weighting (WPO)", "dapo", "dapo, top_entropy_quantile=0.2"}
+    assert calls

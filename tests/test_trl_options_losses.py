@@ -105,7 +105,7 @@ def test_alpha_divergence_clamp_matches_trl():
 def test_vocab_row_stats_online_log_sum_sq_matches_float64():
     """The online log Σ p² (no lse given: running max, both sums rescaled) over many vocabulary
     tiles and row blocks, soft cap and temperature, large logits, against full float64 logits."""
-    from alignkit.integrations.vocab_stats import vocab_row_stats
+    from alignkit.ops.vocab_stats import vocab_row_stats
     g = torch.Generator().manual_seed(8)
     rows = torch.randn(37, 19, generator=g, dtype=torch.float64) * 4
     W = torch.randn(997, 19, generator=g, dtype=torch.float64)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from alignkit.heads import head_options, match_head_dtypes
-from alignkit.integrations.vocab_stats import vocab_row_stats
+from alignkit.ops.vocab_stats import vocab_row_stats
 from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
@@ -100,7 +100,7 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
     """hidden [B, T, H], labels [B, T] aligned (label t scored from hidden t; -100 ignored) ->
     dict of per-token [B, T] fields (0 where ignored). Only labelled rows meet the vocabulary.
     mean_logits under a soft cap, and log_sum_sq_probs, cost one more forward GEMM over those
-    rows (alignkit.integrations.vocab_stats). head_fp32: the head's GEMMs in fp32 with autocast
+    rows (alignkit.ops.vocab_stats). head_fp32: the head's GEMMs in fp32 with autocast
     off (TRL's cast_lm_head_to_fp32), hidden, weight and bias cast to fp32. tiles:
     alignkit.TileOptions, the engine's options."""
     head = model.get_output_embeddings()

@@ -22,7 +22,7 @@ What changes, per trainer, and why no option can be dropped:
   (log Σ_v p_v², no gradient) and TRL's loss code weights the pairs. Under
   ``final_logit_softcapping`` (Gemma-2/3) the ``mean_logits`` TRL logs are the mean of the capped
   logits. Both cost one extra forward GEMM over the labelled rows
-  (alignkit.integrations.vocab_stats says which engine change removes it).
+  (alignkit.ops.vocab_stats says which engine change removes it).
 What is refused when patching, naming the option: MoE router logits (``output_router_logits``),
 encoder-decoder models, logit multipliers alignkit does not reproduce.
 The call goes through ``model(...)``, i.e. through accelerate's DDP / FSDP wrapper, so gradient

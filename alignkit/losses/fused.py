@@ -224,8 +224,8 @@ def _wpo_log_sum_sq(hidden, weight, labels, bias, segment_ids, S, common):
     """WPO's input, [S]: each sequence's sum over its labelled tokens of log Σ_v p_v² under the
     policy (temperature and soft cap applied), without gradients. Cost: one extra forward GEMM
     over the labelled rows (N·V·H multiply-adds), in tiles, no logits kept
-    (alignkit.integrations.vocab_stats, online log-sum-exp)."""
-    from alignkit.integrations.vocab_stats import vocab_row_stats
+    (alignkit.ops.vocab_stats, online log-sum-exp)."""
+    from alignkit.ops.vocab_stats import vocab_row_stats
     keep = labels != common.get("ignore_index", -100)
     seq = _sequence_ids(S, labels, segment_ids)[keep].long()
     rows = hidden.detach()[keep]
