@@ -1,0 +1,149 @@
+"""The plan chooser's store (alignkit/ops/plan.py): the plan key, the on-disk cache (JSON only)
+and this machine's measured constants for the cost model (GEMM rate, bandwidth)."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from alignkit.ops.backends import cpu_flags, gemm_dtype
+from alignkit.ops.env import env
+
+log = logging.getLogger("alignkit.plan")
+CACHE_FILE = "plans-v1.json"
+_MACHINE: dict = {}
+
+
+# ---- the key and the cache ---------------------------------------------------------------------
+
+def machine_id(device) -> str:
+    """The machine a measurement holds for: GPU name and capability, or CPU model and flags."""
+    return _machine_id(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_id(device: str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"cuda:{p.name}:sm{p.major}{p.minor}"
+    model = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
+    return f"cpu:{model}:{os.cpu_count()}c:{','.join(flags)}"
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def plan_key(kind: str, device, dtype, backend: str, V: int, H: int, rows: int, S: int,
+             memory) -> tuple:
+    tokens = 0 if _distributed() else 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    return (machine_id(device), kind, str(dtype).replace("torch.", ""), backend, H,
+            -(-V // 1024) * 1024, tokens, S, str(memory))
+
+
+def cache_path() -> str:
+    root = env("ALIGNKIT_PLAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "alignkit")
+    return os.path.join(root, CACHE_FILE)
+
+
+def _read_disk() -> dict:
+    """The plan cache: JSON only (nothing in it is executed); a missing, unreadable or malformed
+    file reads as empty, and a value that is not a known plan name is ignored by the caller."""
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(entries: dict):
+    """Merges entries into the cache file (read, update, atomic replace): another process may
+    have written its own keys meanwhile."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_disk()
+        data.update(entries)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:            # a read-only home: the choice still holds in this process
+        log.debug("plan cache not written (%s): %s", path, e)
+
+
+def _skey(key: tuple) -> str:
+    return "|".join(map(str, key))
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the cost model --------------------------------------------------------------------------
+
+def machine_constants(device, dtype) -> dict:
+    """This machine's GEMM rate (FLOP/s) in the head's GEMM dtype and memory bandwidth (B/s),
+    measured once per machine and cached on disk beside the plans."""
+    device = torch.device(device)
+    gdt = gemm_dtype(dtype, device)
+    mkey = f"machine|{machine_id(device)}|{str(gdt).replace('torch.', '')}"
+    if mkey in _MACHINE:
+        return _MACHINE[mkey]
+    disk = _read_disk().get(mkey)
+    if isinstance(disk, dict) and all(isinstance(disk.get(k), (int, float)) and disk[k] > 0
+                                      for k in ("gemm", "bandwidth")):
+        _MACHINE[mkey] = disk
+        return disk
+    a = torch.randn(1024, 512, device=device).to(gdt)
+    b = torch.randn(4096, 512, device=device).to(gdt)
+    x = torch.empty(16 << 20, device=device)
+    best_g = best_b = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b.t())
+        _sync(device)
+        t1 = time.perf_counter()
+        x.mul_(1.0)
+        _sync(device)
+        t2 = time.perf_counter()
+        best_g, best_b = min(best_g, t1 - t0), min(best_b, t2 - t1)
+    consts = {"gemm": 2 * 1024 * 512 * 4096 / best_g, "bandwidth": 2 * x.numel() * 4 / best_b}
+    _MACHINE[mkey] = consts
+    _write_disk({mkey: consts})
+    return consts
+
+
+def model_cost(plan: str, V: int, H: int, rows: int, formed_twice: float, tile_rows_: int,
+               consts: dict) -> float:
+    """Seconds by the cost model: GEMM FLOPs at the GEMM rate, plus the elementwise passes over
+    the [rows, V] fp32 logits and each tile's read-modify-write of grad_W at the bandwidth.
+    formed_twice: the fraction of the tokens a single pass forms twice (4 GEMMs)."""
+    gemm = 2.0 * rows * V * H / consts["gemm"]
+    logits = rows * V * 4 / consts["bandwidth"]
+    grad_w = 2 * V * H * 4 / consts["bandwidth"] * max(1, math.ceil(rows / max(tile_rows_, 1)))
+    if plan == "recompute":
+        return 4 * gemm + 6 * logits + grad_w
+    return (3 + formed_twice) * gemm + 5 * (1 + formed_twice) * logits + grad_w
