@@ -2,6 +2,8 @@
 the stand-ins of trl_oracle.py): loss and the gradient of every per-token log-prob, in float64
 on fresh inputs (odd lengths, prompt tokens unlabelled, large log-ratios); the fused front door
 against the float64 oracle; cDPO's name pinned."""
+import zlib
+
 import pytest
 import torch
 
@@ -67,12 +69,18 @@ def _eps(t):
 @pytest.mark.parametrize("kind", ["forward_kl", "js_divergence"])
 @pytest.mark.parametrize("loss_type", [t for t in _F_DIVERGENCE_TYPES_OK if t != "cdpo"])
 def test_f_divergence_matches_trl(kind, loss_type):
-    ptl, mask, ref, _ = _batch(hash((kind, loss_type)) % 997)
+    # a seed of its own per case, the same in every process (str hash() is salted per process)
+    ptl, mask, ref, _ = _batch(zlib.crc32(f"{kind}/{loss_type}".encode()) % 997)
     eps = _eps(loss_type)
     t, o = _both(ptl, mask, ref, dict(beta=0.3, loss_types=[loss_type], label_smoothing=eps,
                                       f_divergence_type=kind),
                  dict(beta=0.3, loss_type=loss_type, label_smoothing=eps, f_divergence_type=kind))
-    _close(t, o, rtol=1e-6 if loss_type == "exo_pair" else 1e-10)
+    if loss_type == "exo_pair":
+        # exo_pair's two saturating sigmoid terms cancel in the gradient: a salted seed once left
+        # 4.6e-10 on a 1.2e-6 entry, so the tolerance is relative to the gradient's scale
+        _close(t, o, rtol=1e-6, atol=1e-6 * float(t[1].abs().max()))
+    else:
+        _close(t, o, rtol=1e-10)
 
 
 @pytest.mark.parametrize("coef", [0.5, 1.0, 1.7])
