@@ -245,3 +245,20 @@ def trl_value_loss(vpred, old_values, returns, mask, cliprange_value):
     clipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
     return 0.5 * _masked_mean(torch.max((vpred - returns) ** 2, (clipped - returns) ** 2),
                               mask.to(vpred.dtype))
+
+
+def assert_matches_trl(got, got_m, go, want, want_m, gw, mask):
+    """Ours against TRL's own loss (float64): the loss, the gradient of every labelled per-token
+    input (log-probs, entropies; a None on TRL's side is a zero on ours) and every metric both
+    report (TRL averages its fp32 masks, hence the metrics' looser tolerance)."""
+    import pytest
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(go, gw):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a.reshape(mask.shape) * mask, b * mask, rtol=1e-10,
+                                       atol=1e-12)
+    for k, v in want_m.items():
+        if k in got_m:
+            assert got_m[k].item() == pytest.approx(v, rel=1e-6, abs=1e-9), k
