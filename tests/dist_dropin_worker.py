@@ -3,6 +3,8 @@ through DDP, FSDP2, and a head sharded by a ZeRO-3-like stand-in; rank 0 saves t
 full gradients for the test to compare with one process on the whole batch.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_dropin_worker.py MODE OUT
+
+(the test spawns the ranks itself: tests/ranks.py)
 """
 import sys
 
@@ -10,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from alignkit.integrations.hf import fused_preference_loss, pack_pairs
+from ranks import COLLECTIVE_TIMEOUT
 
 
 def tiny():
@@ -100,7 +103,7 @@ class ShardedParam:
 
 
 def main(mode, out):
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny()
     mine = pairs()[rank::world]

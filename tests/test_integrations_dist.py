@@ -1,19 +1,13 @@
 """The drop-in under 2-rank gloo: DDP syncs the gradients, FSDP2 gathers and reduce-scatters the
 head, and a head sharded by a ZeRO-3-like stand-in is gathered through the head's own call. Each
 must give the gradients of one process on the whole batch."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from dist_dropin_worker import one_process_grads  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
+from ranks import run_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +18,7 @@ def single():
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "sharded_head"])
 def test_two_ranks_match_one_process(single, tmp_path, mode):
     out = tmp_path / "grads.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
-               OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--standalone", os.path.join(HERE, "dist_dropin_worker.py"),
-                        mode, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_ranks("dist_dropin_worker.py", [mode, out], world=2)
     got = torch.load(out)
     assert set(got) == set(single)
     for n, g in single.items():

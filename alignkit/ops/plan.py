@@ -25,8 +25,11 @@ Choice, in order:
      is cached in memory and on disk;
   5. autotune=False: the cost model (GEMM FLOPs at this machine's measured GEMM rate, tile
      traffic at its measured bandwidth; machine_constants), with the same margin.
-Under torch.distributed the plan key leaves out the token count (ranks see different batches but
-the same calls) and rank 0's cached or measured choice is broadcast, so every rank runs one plan.
+Under torch.distributed the plan key leaves out what a rank's own batch sets (its token count and
+number of sequences: ranks see different batches but the same calls), a new key is decided
+collectively on its first call (rank 0 proposes, from its disk cache, the cost model or a tuning
+order, and broadcasts), and no collective depends on a rank's own batch, so the ranks cannot
+wait on each other (_choose_across_ranks).
 torch.compile and no_grad keep their fixed rules (the front doors: a compiled graph cannot time,
 and without a gradient the recompute's forward is one GEMM per tile).
 
@@ -272,51 +275,104 @@ def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight,
         raise ValueError(f"memory={t.memory!r} allows {cap / 2**20:.1f} MiB here, and the "
                          f"smallest plan needs {need / 2**20:.1f} MiB")
     names = tuple(sorted((n for n in feasible if not feasible[n].alias), key=PLANS.index))
+    if _distributed():
+        return _choose_across_ranks(key, names, feasible, t, hidden, weight, bias, rows)
     if len(names) == 1:
         return _ran(Choice(key, names[0], "only", names), cands, hidden, weight, bias)
     if key in _DECIDED and _DECIDED[key] in feasible:
         return _ran(Choice(key, _DECIDED[key], "cache", names), cands, hidden, weight, bias)
-    dist_ = _distributed()
     if key not in _TUNING:
-        # a key new to this process: the disk (rank 0's, broadcast under torch.distributed)
-        skey = _skey(key)
-        import torch.distributed as dist
-        found = _read_disk().get(skey) if not dist_ or dist.get_rank() == 0 else None
-        if dist_:
-            found = _broadcast(found)
+        found = _read_disk().get(_skey(key))
         if isinstance(found, str) and found in feasible:
             _DECIDED[key] = found
             return _ran(Choice(key, found, "disk", names), cands, hidden, weight, bias)
         if not t.autotune:
-            consts = machine_constants(weight.device, weight.dtype)
-            costs = {n: feasible[n].cost(consts) for n in names}
-            win = _least_memory_within_margin(costs, feasible)
-            if dist_:
-                win = _broadcast(win)
+            win = _modelled(names, feasible, weight)
             _DECIDED[key] = win
             return _ran(Choice(key, win, "model", names), cands, hidden, weight, bias)
-        _TUNING[key] = {"order": list(names) + list(reversed(names)) * (ROUNDS - 1),
-                        "times": {n: [] for n in names}}
-    state = _TUNING[key]
+        _TUNING[key] = _tuning(names)
+    return _tune_step(key, _TUNING[key], feasible, names, hidden, weight, bias, rows)
+
+
+def _modelled(names, feasible, weight) -> str:
+    consts = machine_constants(weight.device, weight.dtype)
+    return _least_memory_within_margin({n: feasible[n].cost(consts) for n in names}, feasible)
+
+
+def _tuning(names) -> dict:
+    return {"order": list(names) + list(reversed(names)) * (ROUNDS - 1),
+            "times": {n: [] for n in names}}
+
+
+def _tune_step(key, state, feasible, names, hidden, weight, bias, rows, across_ranks=False):
+    """One tuning call: runs (and times) the next candidate in the key's order; after the last,
+    decides (rank 0 decides and broadcasts when across_ranks) and caches the winner."""
     name = state["order"].pop(0)
-    (value, metrics), dt = time_candidate(feasible[name], hidden, weight, bias)
-    state["times"][name].append(dt / max(rows, 1))
+    run = name if name in feasible else _smallest(feasible)
+    (value, metrics), dt = time_candidate(feasible[run], hidden, weight, bias)
+    if run == name:
+        state["times"][name].append(dt / max(rows, 1))
     how = "tuning"
     if not state["order"]:
-        del _TUNING[key]
-        times = {n: min(v) for n, v in state["times"].items()}
-        win = _least_memory_within_margin(times, feasible)
-        if dist_:
+        _TUNING.pop(key, None)
+        times = {n: min(v) for n, v in state["times"].items() if v and n in feasible}
+        win = _least_memory_within_margin(times, feasible) if times else _smallest(feasible)
+        rank0 = not across_ranks or _rank() == 0
+        if across_ranks:
             win = _broadcast(win)
         _DECIDED[key] = win
-        import torch.distributed as dist
-        if not dist_ or dist.get_rank() == 0:
+        if rank0:
             _write_disk({_skey(key): win})
         log.debug("plan %s for %s: measured %s", win, key,
                   {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()})
         how = "measured"
-    LAST[:] = [Choice(key, name, how, names)]
+    LAST[:] = [Choice(key, run, how, names)]
     return value, metrics
+
+
+def _choose_across_ranks(key, names, feasible, t, hidden, weight, bias, rows):
+    """The choice under torch.distributed. Every rank makes the same collectives for a key
+    whatever its own batch: a key (which holds nothing rank-local, plan_store.plan_key) is new on
+    every rank at the same call, and on that call rank 0 alone proposes the plan (the disk's, the
+    cost model's) or the tuning order, and broadcasts it; a tuning order is the same length on
+    every rank, and its last call broadcasts rank 0's measured winner. A rank whose own batch
+    does not fit the agreed plan under the memory option runs its smallest feasible plan (no
+    collective depends on which plan a rank runs)."""
+    cands = feasible
+    if key in _DECIDED:
+        plan = _DECIDED[key]
+        if plan not in feasible:
+            plan = _smallest(feasible)
+        return _ran(Choice(key, plan, "cache", names), cands, hidden, weight, bias)
+    if key not in _TUNING:
+        proposal = None
+        if _rank() == 0:
+            found = _read_disk().get(_skey(key))
+            if isinstance(found, str) and found in PLANS:
+                proposal = ("disk", found)
+            elif len(names) == 1:
+                proposal = ("only", names[0])
+            elif not t.autotune:
+                proposal = ("model", _modelled(names, feasible, weight))
+            else:
+                proposal = ("tune", names)
+        how, what = _broadcast(proposal)
+        if how != "tune":
+            _DECIDED[key] = what
+            plan = what if what in feasible else _smallest(feasible)
+            return _ran(Choice(key, plan, how, names), cands, hidden, weight, bias)
+        _TUNING[key] = _tuning(what)
+    return _tune_step(key, _TUNING[key], feasible, names, hidden, weight, bias, rows,
+                      across_ranks=True)
+
+
+def _smallest(feasible: dict) -> str:
+    return min(feasible, key=lambda n: (feasible[n].peak, PLANS.index(n)))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank()
 
 
 def _ran(choice: Choice, cands: dict, hidden, weight, bias):

@@ -53,7 +53,13 @@ def _distributed() -> bool:
 
 def plan_key(kind: str, device, dtype, backend: str, V: int, H: int, rows: int, S: int,
              memory) -> tuple:
-    tokens = 0 if _distributed() else 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    # under torch.distributed the key holds nothing a rank's own batch sets (its token count, its
+    # number of sequences): every rank must see the same keys in the same order, since a new key
+    # is decided collectively (plan.choose_and_run)
+    if _distributed():
+        tokens = S = 0
+    else:
+        tokens = 1 << max(0, math.ceil(math.log2(max(rows, 1))))
     return (machine_id(device), kind, str(dtype).replace("torch.", ""), backend, H,
             -(-V // 1024) * 1024, tokens, S, str(memory))
 
