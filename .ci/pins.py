@@ -1,7 +1,8 @@
 """The pins in constraints.txt, written and compared (issue #32). Run with the venv's python.
 
     python .ci/pins.py freeze constraints.txt   # pin every installed release (make update-constraints)
-    python .ci/pins.py diff constraints.txt     # one line naming each release that differs from the pins
+    python .ci/pins.py diff constraints.txt     # one line naming each release that differs from the pins;
+                                                # exit 3 when one does
 
 Local version labels are dropped (torch 2.13.0+cpu pins as 2.13.0, which the CPU wheel satisfies).
 alignkit itself, pip and the build tools are not pinned.
@@ -50,13 +51,16 @@ def freeze(path):
 
 
 def diff(path):
+    """Prints the releases that differ from the pins; exit status 0 when none does, 3 otherwise
+    (.ci/run runs the suite again only then: the same releases were tested by the pinned run)."""
     pins, now = read(path), installed()
     changed = [f"{n} {pins[n]} -> {v}" for n, v in sorted(now.items()) if n in pins and pins[n] != v]
     added = [f"{n} {v} (new)" for n, v in sorted(now.items()) if n not in pins]
     rows = changed + added
     print(f"releases that differ from {path}: " + (", ".join(rows) if rows else "none"))
+    return 3 if rows else 0
 
 
 if __name__ == "__main__":
     cmd, path = sys.argv[1:3]
-    {"freeze": freeze, "diff": diff}[cmd](path)
+    sys.exit({"freeze": freeze, "diff": diff}[cmd](path) or 0)
