@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from alignkit.ops.linear_logprobs import linear_logprobs
 from alignkit.ops.logits_logprobs import logits_logprobs
 from alignkit.ops.options import LogprobOptions, TileOptions
-from alignkit.ops.validate import check_segment_ids, check_segment_range
+from alignkit.ops.validate import sequence_layout
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
@@ -67,23 +67,9 @@ def reduce_sequences(token_lp: Tensor, labels: Tensor, *, segment_ids: Optional[
                      num_segments: Optional[int] = None, average: bool = False,
                      ignore_index: int = -100):
     """Sums (or means) per-token log-probs per sequence. See sequence_logprobs for the layouts."""
-    seg, num_segments = _check_layout(labels, segment_ids, num_segments)
+    seg, num_segments = sequence_layout(labels, segment_ids, num_segments,
+                                        who="reduce_sequences")
     return _reduce(token_lp, labels, seg, num_segments, average, ignore_index)
-
-
-def _check_layout(labels: Tensor, segment_ids: Optional[Tensor], num_segments: Optional[int]):
-    """(flat int64 segment ids or None, num_segments) of a padded or packed layout; raises,
-    naming the argument, before any work is done."""
-    if segment_ids is None:
-        if labels.dim() < 2:
-            raise ValueError("padded input needs hidden [S, T, H] and labels [S, T]; for packed "
-                             f"[N, H] input pass segment_ids [N]. Got labels {tuple(labels.shape)}")
-        if num_segments is not None:
-            raise ValueError("num_segments applies to packed input (with segment_ids); padded "
-                             "input has one sequence per row")
-        return None, labels.shape[0]
-    seg = check_segment_ids(segment_ids, labels, num_segments)
-    return seg, check_segment_range(seg, num_segments)
 
 
 def _reduce(token_lp, labels, seg, num_segments, average, ignore_index):
@@ -120,7 +106,8 @@ def sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     """
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    seg, num_segments = _check_layout(labels, segment_ids, num_segments)
+    seg, num_segments = sequence_layout(labels, segment_ids, num_segments,
+                                        who="sequence_logprobs", hidden=hidden)
     lp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                temperature=temperature, softcap=softcap, backend=backend,
                                tiles=tiles)

@@ -43,7 +43,7 @@ from alignkit.ops.pass_budget import (GRAD_MODES, NO_GRAD, effective_mode, keep_
                                       long_tiles, pass_blocker, pinned_plan, tile_rows)
 from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
-from alignkit.ops.validate import check_linear_inputs, check_segment_ids, check_segment_range
+from alignkit.ops.validate import check_linear_inputs, sequence_layout
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
@@ -67,20 +67,6 @@ def split_options(loss: str, options: dict):
                          f"{', '.join(own + _COMMON)}")
     return ({k: v for k, v in options.items() if k in own},
             {k: v for k, v in options.items() if k in _COMMON})
-
-
-def _num_sequences(hidden, labels, segment_ids, num_segments):
-    if segment_ids is None:
-        if hidden.dim() != 3:
-            raise ValueError("preference_loss needs padded hidden [2B, T, H] or packed hidden "
-                             f"[N, H] with segment_ids [N]; got hidden {tuple(hidden.shape)} and "
-                             "no segment_ids")
-        if num_segments is not None:
-            raise ValueError("num_segments applies to packed input (with segment_ids); padded "
-                             "input has one sequence per row")
-        return hidden.shape[0]
-    seg = check_segment_ids(segment_ids, labels, num_segments)
-    return check_segment_range(seg, num_segments)
 
 
 @autocast_head
@@ -136,7 +122,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     grad_mode = common.pop("grad_mode", "auto")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
-    S = _num_sequences(hidden, labels, segment_ids, num_segments)
+    _, S = sequence_layout(labels, segment_ids, num_segments, who="preference_loss",
+                           hidden=hidden)
     if S == 0 or S % 2:
         raise ValueError(f"preference_loss needs an even number of sequences (B chosen, then B "
                          f"rejected); got {S}" + (" segments (max segment id + 1)"

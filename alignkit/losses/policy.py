@@ -48,11 +48,7 @@ from alignkit.ops.pass_budget import (NO_GRAD, effective_mode, keep_rows, pass_b
                                       pinned_plan, tile_rows)
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
-from alignkit.ops.validate import (
-    check_linear_inputs,
-    check_segment_ids,
-    check_segment_range,
-)
+from alignkit.ops.validate import check_linear_inputs, sequence_layout
 
 POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "ppo", "vespo")
 IS_LEVELS = ("token", "sequence", "sequence_sum")
@@ -354,18 +350,15 @@ def _sequences(labels, segment_ids, advantages=None):
     """(S, the sequence of each token [N]): padded labels [S, T], or packed with segment_ids
     (S = max id + 1; under torch.compile, where S must be static, the length of per-sequence
     advantages [S])."""
-    if segment_ids is None:
-        if labels.dim() != 2:
-            raise ValueError("padded input needs labels [S, T]; for packed input pass "
-                             f"segment_ids [N]. Got labels {tuple(labels.shape)}")
-        S, T = labels.shape
-        return S, torch.arange(S, device=labels.device).repeat_interleave(T)
-    seg = check_segment_ids(segment_ids, labels, None)
     S = None
-    if torch.compiler.is_compiling() and isinstance(advantages, Tensor) and \
-            advantages.dim() == 1 and tuple(advantages.shape) != tuple(labels.shape):
+    if segment_ids is not None and torch.compiler.is_compiling() and \
+            isinstance(advantages, Tensor) and advantages.dim() == 1 and \
+            tuple(advantages.shape) != tuple(labels.shape):
         S = advantages.shape[0]
-    return check_segment_range(seg, S), seg
+    seg, S = sequence_layout(labels, segment_ids, S, who="policy_loss")
+    if seg is None:
+        seg = torch.arange(S, device=labels.device).repeat_interleave(labels.shape[1])
+    return S, seg
 
 
 def _token_tensor(name, t, labels, dtype):

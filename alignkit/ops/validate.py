@@ -171,3 +171,25 @@ def check_segment_range(seg: torch.Tensor, num_segments):
     if hi >= num_segments:
         raise ValueError(f"segment_ids must be < num_segments={num_segments}, got {hi}")
     return num_segments
+
+
+def sequence_layout(labels: torch.Tensor, segment_ids, num_segments, *, who: str,
+                    hidden: torch.Tensor | None = None):
+    """The one place a front door's sequences are worked out: (seg, S). Padded input, labels
+    [S, T] (and hidden [S, T, H] where given): seg None, S rows. Packed input, labels [N] with
+    segment_ids [N]: seg the flat int64 ids, S = num_segments or max id + 1 (one sync; under
+    torch.compile num_segments is required). Raises, naming the argument and the caller `who`,
+    before any work is done."""
+    if segment_ids is None:
+        if labels.dim() != 2 or (hidden is not None and hidden.dim() != 3):
+            got = f"labels {tuple(labels.shape)}" + (
+                f" and hidden {tuple(hidden.shape)}" if hidden is not None else "")
+            raise ValueError(f"{who}: padded input needs hidden [S, T, H] and labels [S, T]; for "
+                             f"packed input (hidden [N, H], labels [N]) pass segment_ids [N]. "
+                             f"Got {got} and no segment_ids")
+        if num_segments is not None:
+            raise ValueError(f"{who}: num_segments applies to packed input (with segment_ids); "
+                             "padded input has one sequence per row")
+        return None, labels.shape[0]
+    seg = check_segment_ids(segment_ids, labels, num_segments)
+    return seg, check_segment_range(seg, num_segments)
