@@ -1,0 +1,237 @@
+"""Supervised fine-tuning's token loss from hidden states, on the fused head (no [N, V] logits).
+
+Per labelled token t (label y, z = c·tanh(x/c)/T the transformed logits of x = h·Wᵀ + b, with the
+soft cap c optional, lse = log Σ_v exp z_v, lp = z_y − lse, V the vocabulary size):
+    ce_t = (1 − ε)·(−lp) + ε·(lse − (1/V)·Σ_v z_v)
+           label smoothing ε as torch's F.cross_entropy defines it: the target is (1 − ε)·onehot +
+           ε/V·1, so ε·mean_v(−log p_v) joins the NLL (Szegedy et al. 2016, arXiv:1512.00567)
+    dft:   ce_t ← sg(exp(lp))·ce_t   (Dynamic Fine-Tuning, Wu et al. 2025, arXiv:2508.05629;
+           TRL 1.16 SFTTrainer's loss_type="dft": −lp·sg(p_y))
+    ℓ_t = w_t·(ce_t + z·lse²)        (z-loss, PaLM, Chowdhery et al. 2022, arXiv:2204.02311;
+           Liger's lse_square_scale); w_t = token_weights (1 without)
+    loss = Σ_t ℓ_t / n,  n = the labelled-token count, or num_items (TRL's num_items_in_batch)
+Metrics (TRL's SFTTrainer keys): ``entropy`` = mean over labelled tokens of H_t = −Σ_v p_v log p_v;
+``mean_token_accuracy`` = the fraction of labelled tokens whose label is the argmax of z.
+
+The fused pass (alignkit.ops.token_pass, sums=True): each token's coefficients
+    dL/dlp = −(1 − ε)·s·a,  dL/dlse = (ε·s + 2z·lse)·a,  dL/dΣz = −ε·s·a/V  (a = w_t/n,
+    s = sg(p_y) under dft, else 1)
+are known as soon as its row is scored, so every tile is formed once: 3 GEMMs (logits, G·W, Gᵀ·h)
+with or without smoothing and z-loss; Σ_v z_v is one more per-row sum beside lse (no GEMM;
+alignkit/ops/vocab_tiles.py). float64 inputs and torch.compile take row chunks in plain torch
+under activation checkpointing (4 GEMMs), the recompute plan.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from alignkit.losses.options import check_number
+from alignkit.ops.backends import autocast_head, resolve
+from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.pass_budget import NO_GRAD, effective_mode, pass_blocker, pinned_plan, tile_rows
+from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
+from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
+from alignkit.ops.validate import check_label_range, check_linear_inputs
+
+SFT_LOSS_TYPES = ("nll", "dft")
+
+
+def sft_terms(lp: Tensor, lse: Tensor, zsum: Tensor, *, vocab: int, label_smoothing: float = 0.0,
+              z_loss: float = 0.0, loss_type: str = "nll") -> Tensor:
+    """ℓ_t / w_t per token (module docstring) from its lp, lse and zsum = Σ_v z_v, any shape and
+    dtype; the math of sft_loss in one place (the fused pass, the torch chunks and the oracle)."""
+    ce = -lp
+    if label_smoothing:
+        ce = (1 - label_smoothing) * ce + label_smoothing * (lse - zsum / vocab)
+    if loss_type == "dft":
+        ce = ce * lp.detach().exp()
+    if z_loss:
+        ce = ce + z_loss * lse * lse
+    return ce
+
+
+@autocast_head
+def sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+             ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+             token_weights: Optional[Tensor] = None, loss_type: str = "nll",
+             num_items: Optional[Tensor | int] = None, temperature: float = 1.0,
+             softcap: Optional[float] = None, tiles: Optional[TileOptions] = None,
+             backend: str = "auto"):
+    """Cross-entropy of the labels from hidden states through the LM head (formulas: module
+    docstring), with label smoothing, z-loss, per-token weights and TRL's DFT.
+
+    Shapes: hidden [..., H], weight [V, H], labels [...] (label i scored from hidden i;
+    ignore_index marks prompt and padding), bias [V], token_weights the labels' shape.
+    num_items: the divisor (TRL's num_items_in_batch: the labelled tokens of the accumulation
+    window); default the labelled tokens here. temperature, softcap: z = softcap·tanh(x/softcap)
+    / temperature, as the rest of alignkit. tiles: alignkit.TileOptions (memory, plan, autotune,
+    budgets); backend: "auto", "cpp", "torch" or "triton" (the engine's).
+
+    Returns (loss, metrics): a 0-dim loss, differentiable w.r.t. hidden, weight and bias;
+    metrics {"entropy", "mean_token_accuracy"}, 0-dim detached fp32 tensors."""
+    check_linear_inputs(hidden, weight, labels, bias)
+    check_number("label_smoothing", label_smoothing, low=0, high=1)
+    check_number("z_loss", z_loss, low=0)
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(SFT_LOSS_TYPES)}, got {loss_type!r}")
+    if tiles is not None and not isinstance(tiles, TileOptions):
+        raise TypeError(f"tiles must be an alignkit.TileOptions, got {tiles!r}")
+    lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                             backend=backend, tiles=tiles or TileOptions())
+    V, H = weight.shape
+    flat, y = hidden.reshape(-1, H), labels.reshape(-1).long()
+    mask = y != ignore_index
+    a = _token_scale(token_weights, labels, mask, num_items)
+    terms = dict(vocab=V, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                 loss_type=loss_type)
+    tiles = tiles or TileOptions()
+    mode = effective_mode("auto", tiles)
+    why = pass_blocker(flat, weight, bias, "auto")
+    compiling = torch.compiler.is_compiling()
+
+    def recompute(h, w, b):
+        if not compiling:            # the pass checks the range in its one host read
+            check_label_range(y, V, ignore_index)
+        return _torch_chunks(h, w, b, y, mask, a, lp_opts, terms, tiles)
+
+    def run_pass(tt):
+        po = TokenPassOptions(_coefficients(a, terms), lambda lp, ent, st: _finish(lp, st, a, terms),
+                              LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+                                             softcap=softcap, backend=backend, tiles=tt),
+                              _rows(V, H, weight, tt, backend, softcap, label_smoothing),
+                              tt.resolved().vocab_block, entropy=True, sums=True)
+
+        def run(h, w, b):
+            loss, _, ent, stats = token_pass_loss(h, w, y, b, po)
+            return loss, _metrics(ent, stats[:, 2], mask)
+        return run
+
+    # float64 (the pass's kernels are fp32/bf16) and torch.compile (no timing, no host read in
+    # the graph) take the torch chunks; so does a plan pinned to "recompute"
+    if compiling or mode == "recompute" or (why is not None and why != NO_GRAD):
+        note("recompute", "pinned" if mode == "recompute" else why or "torch.compile")
+        return recompute(flat, weight, bias)
+    if why is not None:             # no gradient wanted: the pass's forward, 1 GEMM a tile
+        note("single_pass", why)
+        return run_pass(tiles)(flat, weight, bias)
+    t = tiles.resolved(head=(V, H))
+    rows = flat.shape[0]
+    be = resolve(backend, weight.device)
+    cands = candidates(weight, flat, rows, be, t, recompute, run_pass, 0)
+    key = plan_key("sft", weight.device, weight.dtype, be, V, H, rows, 1, t.memory)
+    return choose_and_run(key, cands, t, flat, weight, bias, rows, pinned_plan(mode, t),
+                          tiles.memory_given())
+
+
+def _token_scale(token_weights, labels, mask, num_items) -> Tensor:
+    """a_t = w_t·[labelled]/n [N] fp32: the weight of each token's term in the loss."""
+    m = mask.to(torch.float32)
+    if token_weights is not None:
+        if not isinstance(token_weights, Tensor) or \
+                tuple(token_weights.shape) != tuple(labels.shape):
+            shape = tuple(token_weights.shape) if isinstance(token_weights, Tensor) else \
+                type(token_weights).__name__
+            raise ValueError(f"token_weights must be per token, the labels' shape "
+                             f"{tuple(labels.shape)}; got {shape}")
+        if not token_weights.dtype.is_floating_point:
+            raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
+        if token_weights.device != labels.device:
+            raise ValueError(f"token_weights is on {token_weights.device}, labels on "
+                             f"{labels.device}")
+        m = m * token_weights.detach().reshape(-1).to(torch.float32)
+    if num_items is None:
+        n = mask.sum()
+    else:
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be a number or a 1-element tensor, got shape "
+                                 f"{tuple(num_items.shape)}")
+        else:
+            check_number("num_items", num_items, low=0)
+        n = torch.as_tensor(num_items, device=mask.device).reshape(())
+    # clamped so that a batch without labelled tokens gives a finite zero (TRL's rule)
+    return m / n.to(torch.float32).clamp(min=1)
+
+
+def _coefficients(a, terms):
+    """The pass's per-row coefficients (dL/dlp, dL/dH, dL/dlse, dL/dΣz) of the tile's tokens ic
+    (module docstring); None for a term the options leave out, so plain NLL forms G as before."""
+    eps, zl, V = terms["label_smoothing"], terms["z_loss"], terms["vocab"]
+    dft = terms["loss_type"] == "dft"
+
+    def coef(ic, lp, ent, lse, zsum):
+        ai = a.index_select(0, ic)
+        s = ai * lp.exp() if dft else ai
+        g_lse = None
+        if eps or zl:
+            g_lse = s * eps if eps else torch.zeros_like(ai)
+            if zl:
+                g_lse = g_lse + (2 * zl) * lse * ai
+        g_sum = s * (-eps / V) if eps else None
+        return (s * -(1 - eps)).contiguous(), None, g_lse, g_sum
+    return coef
+
+
+def _finish(lp, stats, a, terms):
+    """The loss from the pass's per-token [N] values (0 at ignored tokens, where a is 0)."""
+    return (sft_terms(lp, stats["lse"], stats["zsum"], **terms) * a).sum()
+
+
+def _metrics(ent, top1, mask):
+    n = mask.sum().clamp(min=1).to(torch.float32)
+    return {"entropy": (ent.detach().float() * mask).sum() / n,
+            "mean_token_accuracy": (top1.detach().float() * mask).sum() / n}
+
+
+def _rows(V, H, weight, tt, backend, softcap, eps):
+    """Tile rows of the pass: tile_rows' budget; under a soft cap with smoothing the tile also
+    has tanh(x/c) [rows, V] fp32 beside it (VocabTiles._row_sums), so a third of the rows."""
+    r = tile_rows(V, weight.device, weight.dtype, tt, H=H, backend=backend)
+    return max(1, r // 3) if softcap is not None and eps else r
+
+
+def _torch_chunks(h, w, b, y, mask, a, lp_opts, terms, tiles):
+    """The recompute plan: row chunks of full logits in torch, each under activation
+    checkpointing (its logits are formed again in backward: 4 GEMMs), in the inputs' dtype
+    promoted to fp32 at least (float64 stays float64). Serves float64 and torch.compile."""
+    V = w.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    t = tiles.resolved(head=tuple(w.shape))
+    rows = max(1, t.tile_bytes // (6 * 4 * V))       # ~6 [rows, V] fp32 temporaries a chunk
+    total = h.new_zeros((), dtype=acc)
+    ents, tops = [], []
+    ys = torch.where(mask, y, 0)
+    for r0 in range(0, h.shape[0], rows):
+        sl = slice(r0, r0 + rows)
+        loss_c, ent_c, top_c = checkpoint(_chunk, h[sl], w, b, ys[sl], a[sl], lp_opts, terms,
+                                          acc, use_reentrant=False)
+        total = total + loss_c
+        ents.append(ent_c)
+        tops.append(top_c)
+    ent = torch.cat(ents) if ents else h.new_zeros(0)
+    top = torch.cat(tops) if tops else h.new_zeros(0)
+    return total, _metrics(ent, top, mask)
+
+
+def _chunk(h, w, b, y, a, o, terms, acc):
+    x = (h @ w.t()).to(acc)
+    if b is not None:
+        x = x + b.to(acc)
+    z = o.softcap * torch.tanh(x / o.softcap) if o.softcap is not None else x
+    z = z * o.inv_temp
+    lse = torch.logsumexp(z, -1)
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    lp = zy - lse
+    loss = (sft_terms(lp, lse, z.sum(-1), **terms) * a.to(acc)).sum()
+    with torch.no_grad():
+        logp = z - lse[:, None]
+        ent = -(logp.exp() * logp).sum(-1)
+        top = (zy >= z.max(-1).values).to(acc)
+    return loss, ent, top
+
+
+__all__ = ["sft_loss", "sft_terms", "SFT_LOSS_TYPES"]
