@@ -85,7 +85,8 @@ def sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[T
     V, H = weight.shape
     flat, y = hidden.reshape(-1, H), labels.reshape(-1).long()
     mask = y != ignore_index
-    a = _token_scale(token_weights, labels, mask, num_items)
+    a = _token_scale(token_weights, labels, mask, num_items,
+                     torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     terms = dict(vocab=V, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                  loss_type=loss_type)
     tiles = tiles or TileOptions()
@@ -127,9 +128,9 @@ def sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[T
                           tiles.memory_given())
 
 
-def _token_scale(token_weights, labels, mask, num_items) -> Tensor:
-    """a_t = w_t·[labelled]/n [N] fp32: the weight of each token's term in the loss."""
-    m = mask.to(torch.float32)
+def _token_scale(token_weights, labels, mask, num_items, dtype) -> Tensor:
+    """a_t = w_t·[labelled]/n [N] in dtype: the weight of each token's term in the loss."""
+    m = mask.to(dtype)
     if token_weights is not None:
         if not isinstance(token_weights, Tensor) or \
                 tuple(token_weights.shape) != tuple(labels.shape):
@@ -142,7 +143,7 @@ def _token_scale(token_weights, labels, mask, num_items) -> Tensor:
         if token_weights.device != labels.device:
             raise ValueError(f"token_weights is on {token_weights.device}, labels on "
                              f"{labels.device}")
-        m = m * token_weights.detach().reshape(-1).to(torch.float32)
+        m = m * token_weights.detach().reshape(-1).to(dtype)
     if num_items is None:
         n = mask.sum()
     else:
@@ -154,7 +155,7 @@ def _token_scale(token_weights, labels, mask, num_items) -> Tensor:
             check_number("num_items", num_items, low=0)
         n = torch.as_tensor(num_items, device=mask.device).reshape(())
     # clamped so that a batch without labelled tokens gives a finite zero (TRL's rule)
-    return m / n.to(torch.float32).clamp(min=1)
+    return m / n.to(dtype).clamp(min=1)
 
 
 def _coefficients(a, terms):
@@ -182,9 +183,10 @@ def _finish(lp, stats, a, terms):
 
 
 def _metrics(ent, top1, mask):
-    n = mask.sum().clamp(min=1).to(torch.float32)
-    return {"entropy": (ent.detach().float() * mask).sum() / n,
-            "mean_token_accuracy": (top1.detach().float() * mask).sum() / n}
+    dt = torch.float64 if ent.dtype == torch.float64 else torch.float32
+    n = mask.sum().clamp(min=1).to(dt)
+    return {"entropy": (ent.detach().to(dt) * mask).sum() / n,
+            "mean_token_accuracy": (top1.detach().to(dt) * mask).sum() / n}
 
 
 def _rows(V, H, weight, tt, backend, softcap, eps):
