@@ -54,7 +54,6 @@ def sft_terms(lp: Tensor, lse: Tensor, zsum: Tensor, *, vocab: int, label_smooth
     return ce
 
 
-@autocast_head
 def sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
              ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
              token_weights: Optional[Tensor] = None, loss_type: str = "nll",
@@ -72,7 +71,36 @@ def sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[T
     budgets); backend: "auto", "cpp", "torch" or "triton" (the engine's).
 
     Returns (loss, metrics): a 0-dim loss, differentiable w.r.t. hidden, weight and bias;
-    metrics {"entropy", "mean_token_accuracy"}, 0-dim detached fp32 tensors."""
+    metrics {"entropy", "mean_token_accuracy"}, 0-dim detached tensors (fp32; fp64 for fp64
+    inputs)."""
+    loss, metrics, _, _ = sft_loss_tokens(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, token_weights=token_weights,
+        loss_type=loss_type, num_items=num_items, temperature=temperature, softcap=softcap,
+        tiles=tiles, backend=backend)
+    return loss, metrics
+
+
+@autocast_head
+def sft_loss_tokens(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+             ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+             token_weights: Optional[Tensor] = None, loss_type: str = "nll",
+             num_items: Optional[Tensor | int] = None, temperature: float = 1.0,
+             softcap: Optional[float] = None, tiles: Optional[TileOptions] = None,
+             backend: str = "auto"):
+    """sft_loss, and its per-token metrics for drop-ins that log them per token (TRL's
+    SFTTrainer): (loss, metrics, entropy [N], top1 [N] bool), N = labels.numel(), 0 / False at
+    ignored tokens, detached."""
+    loss, metrics = _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss,
+                         token_weights, loss_type, num_items, temperature, softcap, tiles,
+                         backend)
+    metrics = dict(metrics)
+    ent, top1 = metrics.pop("_tokens")
+    return loss, metrics, ent, top1.bool()
+
+
+def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, token_weights,
+         loss_type, num_items, temperature, softcap, tiles, backend):
     check_linear_inputs(hidden, weight, labels, bias)
     check_number("label_smoothing", label_smoothing, low=0, high=1)
     check_number("z_loss", z_loss, low=0)
@@ -183,10 +211,13 @@ def _finish(lp, stats, a, terms):
 
 
 def _metrics(ent, top1, mask):
+    """The means TRL's SFTTrainer logs, and (under "_tokens", for sft_loss_tokens) the
+    per-token values, 0 at ignored tokens."""
     dt = torch.float64 if ent.dtype == torch.float64 else torch.float32
     n = mask.sum().clamp(min=1).to(dt)
-    return {"entropy": (ent.detach().to(dt) * mask).sum() / n,
-            "mean_token_accuracy": (top1.detach().to(dt) * mask).sum() / n}
+    ent, top1 = ent.detach().to(dt) * mask, top1.detach().to(dt) * mask
+    return {"entropy": ent.sum() / n, "mean_token_accuracy": top1.sum() / n,
+            "_tokens": (ent, top1)}
 
 
 def _rows(V, H, weight, tt, backend, softcap, eps):
@@ -236,4 +267,4 @@ def _chunk(h, w, b, y, a, o, terms, acc):
     return loss, ent, top
 
 
-__all__ = ["sft_loss", "sft_terms", "SFT_LOSS_TYPES"]
+__all__ = ["sft_loss", "sft_loss_tokens", "sft_terms", "SFT_LOSS_TYPES"]
