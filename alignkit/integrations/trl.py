@@ -84,8 +84,8 @@ def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
     rl = names & {"GRPOTrainer", "RLOOTrainer"}
     if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
             names & {"CPOTrainer", "ORPOTrainer", "SFTTrainer"} and not rl:
-        raise TypeError(f"patch_trainer serves TRL's SFTTrainer, DPOTrainer, KTOTrainer, "
-                        f"CPOTrainer, ORPOTrainer, GRPOTrainer and RLOOTrainer; got "
+        raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
+                        f"ORPOTrainer, GRPOTrainer, RLOOTrainer and SFTTrainer; got "
                         f"{type(trainer).__name__}")
     if _patched(_base(trainer.model)):
         return trainer
