@@ -124,3 +124,20 @@ def test_bad_input(kw, match):
     h, W, _, y = make_inputs((2, 5), H, V, seed=9)
     with pytest.raises((ValueError, TypeError), match=match):
         alignkit.sft_loss(h, W, y, **kw)
+
+
+@pytest.mark.parametrize("case", [dict(label_smoothing=0.1, z_loss=1e-3, bias=True),
+                                  dict(label_smoothing=0.2, softcap=5.0, loss_type="dft")],
+                         ids=["smooth-zloss", "smooth-softcap-dft"])
+def test_cpu_bf16_gemm_path(case, backend, monkeypatch):
+    # the CPU bf16 path (bf16 logits kept in the tile, G a vocab block at a time, the sums'
+    # fix-ups per block), forced where this CPU has no bf16 units
+    import alignkit.ops.vocab_tiles as vt
+    monkeypatch.setattr(vt, "gemm_dtype", lambda dt, dev: dt)
+    lowp = []
+    real = vt.VocabTiles._lowp_grads
+    monkeypatch.setattr(vt.VocabTiles, "_lowp_grads",
+                        lambda self, *a, **k: lowp.append(1) or real(self, *a, **k))
+    out = _run(case, seed=11, dtype=torch.bfloat16, backend=backend, plan_name="single_pass")
+    assert lowp
+    _close(*out, rtol=3e-2)
