@@ -18,8 +18,10 @@ The fused pass (alignkit.ops.token_pass, sums=True): each token's coefficients
     s = sg(p_y) under dft, else 1)
 are known as soon as its row is scored, so every tile is formed once: 3 GEMMs (logits, G·W, Gᵀ·h)
 with or without smoothing and z-loss; Σ_v z_v is one more per-row sum beside lse (no GEMM;
-alignkit/ops/vocab_tiles.py). float64 inputs and torch.compile take row chunks in plain torch
-under activation checkpointing (4 GEMMs), the recompute plan.
+alignkit/ops/vocab_tiles.py). The recompute plan (tiles.plan="recompute", memory="min",
+torch.compile) is the engine's generic op (4 GEMMs), lse and Σ_v z_v beside it from h·W_y and
+h·Σ_v W_v; float64, and smoothing under a soft cap, take row chunks of logits in torch under
+activation checkpointing (4 GEMMs).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignkit.losses.options import check_number
 from alignkit.ops.backends import autocast_head, resolve
+from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.pass_budget import NO_GRAD, effective_mode, pass_blocker, pinned_plan, tile_rows
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
@@ -109,7 +112,7 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
     if tiles is not None and not isinstance(tiles, TileOptions):
         raise TypeError(f"tiles must be an alignkit.TileOptions, got {tiles!r}")
     lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                             backend=backend, tiles=tiles or TileOptions())
+                             backend=backend, tiles=tiles or TileOptions(), return_entropy=True)
     V, H = weight.shape
     flat, y = hidden.reshape(-1, H), labels.reshape(-1).long()
     mask = y != ignore_index
@@ -123,6 +126,8 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
     compiling = torch.compiler.is_compiling()
 
     def recompute(h, w, b):
+        if h.dtype != torch.float64 and not (softcap is not None and label_smoothing):
+            return _engine_recompute(h, w, b, y, mask, a, lp_opts, terms)
         if not compiling:            # the pass checks the range in its one host read
             check_label_range(y, V, ignore_index)
         return _torch_chunks(h, w, b, y, mask, a, lp_opts, terms, tiles)
@@ -140,7 +145,7 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
         return run
 
     # float64 (the pass's kernels are fp32/bf16) and torch.compile (no timing, no host read in
-    # the graph) take the torch chunks; so does a plan pinned to "recompute"
+    # the graph) take the recompute; so does a plan pinned to "recompute"
     if compiling or mode == "recompute" or (why is not None and why != NO_GRAD):
         note("recompute", "pinned" if mode == "recompute" else why or "torch.compile")
         return recompute(flat, weight, bias)
@@ -227,10 +232,33 @@ def _rows(V, H, weight, tt, backend, softcap, eps):
     return max(1, r // 3) if softcap is not None and eps else r
 
 
+def _engine_recompute(h, w, b, y, mask, a, o, terms):
+    """The recompute plan on the engine's generic op (alignkit.ops.linear_logprobs: backward
+    recomputes each tile, 4 GEMMs, every backend): lp and H from the op; z_y = z(h·W_y + b_y)
+    (O(N·H)), lse = z_y − lp and, without a soft cap, Σ_v z_v = (h·Σ_v W_v + Σ_v b_v)/T, all
+    differentiable, so smoothing and z-loss need no logits here either."""
+    lp, ent, stats = linear_logprobs_stats(h, w, y, bias=b, opts=o)
+    ys = torch.where(mask, y, 0)
+    x_y = (h * w.index_select(0, ys)).sum(-1, dtype=torch.float32)
+    if b is not None:
+        x_y = x_y + b.index_select(0, ys).float()
+    z_y = (o.softcap * torch.tanh(x_y / o.softcap) if o.softcap is not None else x_y) * o.inv_temp
+    lse = z_y - lp
+    zsum = lse                    # not read without smoothing (sft_terms)
+    if terms["label_smoothing"]:
+        zsum = h.float() @ w.sum(0, dtype=torch.float32)
+        if b is not None:
+            zsum = zsum + b.sum(dtype=torch.float32)
+        zsum = zsum * o.inv_temp
+    loss = (sft_terms(lp, lse, zsum, **terms) * a).sum()
+    return loss, _metrics(ent, (lp.detach() + stats[:, 1]) >= 0, mask)
+
+
 def _torch_chunks(h, w, b, y, mask, a, lp_opts, terms, tiles):
-    """The recompute plan: row chunks of full logits in torch, each under activation
-    checkpointing (its logits are formed again in backward: 4 GEMMs), in the inputs' dtype
-    promoted to fp32 at least (float64 stays float64). Serves float64 and torch.compile."""
+    """The recompute plan where the engine's op cannot serve it (float64, whose GEMMs it runs in
+    fp32; Σ_v z_v under a soft cap, which needs every logit): row chunks of full logits in
+    torch, each under activation checkpointing (its logits are formed again in backward: 4
+    GEMMs), in the inputs' dtype promoted to fp32 at least (float64 stays float64)."""
     V = w.shape[0]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     t = tiles.resolved(head=tuple(w.shape))
