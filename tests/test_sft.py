@@ -141,3 +141,27 @@ def test_cpu_bf16_gemm_path(case, backend, monkeypatch):
     out = _run(case, seed=11, dtype=torch.bfloat16, backend=backend, plan_name="single_pass")
     assert lowp
     _close(*out, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kw", [dict(label_smoothing=0.1, z_loss=1e-4),
+                                dict(label_smoothing=0.1, softcap=30.0)],
+                         ids=["smooth-zloss", "smooth-softcap"])
+def test_peak_within_the_bound(kw):
+    # smoothing and z-loss keep the pass's memory: no [N, V] tensor, the peak within
+    # 1.3 x (grad_W + grad_h) + the tile budget (under a soft cap the tanh(x/c) buffer shares
+    # the budget: a third of the rows)
+    from alignkit.profiling import peak_memory_bytes
+    g = torch.Generator().manual_seed(31)
+    N, Hs, Vs = 600, 128, 8000
+    h = torch.randn(N, Hs, generator=g).requires_grad_()
+    W = (torch.randn(Vs, Hs, generator=g) / Hs ** 0.5).requires_grad_()
+    y = torch.randint(0, Vs, (N,), generator=g)
+    tiles = alignkit.TileOptions(single_pass_bytes=64 * Vs * 4, plan="single_pass")
+
+    def step():
+        alignkit.sft_loss(h, W, y, tiles=tiles, **kw)[0].backward()
+    step()
+    h.grad = W.grad = None         # freed outside the window (a free of a block from before it
+    peak = peak_memory_bytes(step)  # would count with an unknown size)
+    bound = 1.3 * (Vs * Hs * 4 + N * Hs * 4) + 64 * Vs * 4
+    assert peak <= bound and peak < N * Vs * 4, (peak, bound)
