@@ -137,7 +137,8 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
                               LogprobOptions(ignore_index=ignore_index, temperature=temperature,
                                              softcap=softcap, backend=backend, tiles=tt),
                               _rows(V, H, weight, tt, backend, softcap, label_smoothing),
-                              tt.resolved().vocab_block, entropy=True, sums=True)
+                              tt.resolved().vocab_block, entropy=True, sums=True,
+                              zsum=bool(label_smoothing))
 
         def run(h, w, b):
             loss, _, ent, stats = token_pass_loss(h, w, y, b, po)

@@ -33,7 +33,8 @@ class TokenPassOptions:
     smoothing and z-loss, sft_loss); coef then takes (ic, lp, ent, lse, zsum) and returns
     (dL/dlp, dL/dH, dL/dlse, dL/dzsum), finish takes (lp, ent, stats) with stats =
     {"lse", "zsum", "top1"} [N] each, and token_pass_loss returns stats [N, 3] (lse, zsum,
-    top1 as 0/1) as a fourth output. Not with coupled."""
+    top1 as 0/1) as a fourth output. Not with coupled. zsum=False: Σ_v z_v is not formed (reads
+    0; the loss has no smoothing)."""
     coef: object
     finish: object
     logprob: LogprobOptions
@@ -43,6 +44,7 @@ class TokenPassOptions:
     coupled: bool = False
     keep: int = 0
     sums: bool = False
+    zsum: bool = True
 
     def __post_init__(self):
         if self.sums and self.coupled:
@@ -58,7 +60,7 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
     M = idx.numel()
     n_keep = min(o.keep, M) if o.coupled and need else 0
     tiles = VocabTiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
-                   need_w, need_b, entropy=o.entropy, keep=n_keep, sums=o.sums)
+                   need_w, need_b, entropy=o.entropy, keep=n_keep, sums=o.sums, zsum=o.zsum)
     sel = torch.arange(M, device=hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
 

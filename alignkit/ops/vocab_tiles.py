@@ -5,7 +5,7 @@ coefficients are known, and fed to the two gradient GEMMs (G·W, Gᵀ·h); or, f
 coefficient is known only later, G formed with a unit coefficient and kept (finish_kept).
 
 With sums=True (sft_loss: label smoothing, z-loss) each row also gets lse = log Σ_v exp z_v and
-zsum = Σ_v z_v, and its coefficients may carry dL/dlse and dL/dzsum:
+zsum = Σ_v z_v (zsum=False: lse only), and its coefficients may carry dL/dlse and dL/dzsum:
     dL/dz_v = g_lp·(onehot − p_v) + g_lse·p_v + g_sum          (∂lse/∂z_v = p_v, ∂zsum/∂z_v = 1)
 served by the tile kernels unchanged (no new kernel, no extra GEMM, no ABI change): the kernel
 forms (g_lp − g_lse)·(onehot − p), the one-hot part is put right at one element a row
@@ -38,9 +38,10 @@ class VocabTiles:
     ``gw`` is zeroed first if nothing has written it yet."""
 
     def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
-                 need_h, need_w, need_b, entropy=False, keep=0, sums=False):
+                 need_h, need_w, need_b, entropy=False, keep=0, sums=False, zsum=True):
         H, V = weight.shape[1], weight.shape[0]
         self.sums, self._wsum, self._u, self._extra, self._c = sums, None, None, None, None
+        self.zsum = sums and zsum         # Σ_v z_v wanted (label smoothing); else lse only
         dev = hidden.device
         self.h2, self.y, self.idx = hidden.reshape(-1, H), labels.reshape(-1), idx
         self.weight, self.bias, self.o, self.rows = weight, bias, lp_opts, rows
@@ -208,7 +209,9 @@ class VocabTiles:
         if not self.sums:
             return None
         o, th = self.o, None
-        if o.softcap is not None:
+        if not self.zsum:                 # not read (no smoothing): no tanh pass, no matvec
+            zsum = torch.zeros_like(lse)
+        elif o.softcap is not None:
             th = t.float().div(o.softcap).tanh_() if t.dtype != torch.float32 else \
                 torch.div(t, o.softcap).tanh_()
             zsum = th.sum(1).mul_(o.softcap * o.inv_temp)
