@@ -6,7 +6,7 @@ from alignkit.api import (
     token_logprobs,
 )
 from alignkit.integrations.head import patch_model
-from alignkit.losses import policy_loss, preference_loss
+from alignkit.losses import policy_loss, preference_loss, sft_loss
 from alignkit.ops.backends import cpp_available
 from alignkit.ops.options import EngineOptions, TileOptions
 
@@ -28,6 +28,7 @@ __all__ = [
     "LinearTokenLogprobs",
     "preference_loss",
     "policy_loss",
+    "sft_loss",
     "cpp_available",
     "TileOptions",
     "EngineOptions",

@@ -95,3 +95,39 @@ def oracle_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, lo
                 lss.sum(-1) if segment_ids is None else torch.zeros(S, dtype=lss.dtype).index_add_(
                     0, segment_ids.reshape(-1).long(), lss.reshape(-1)))}
     return paired_loss_on_logps(loss, logps, sums, counts_f, ref, own)
+
+
+def oracle_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                    ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                    token_weights: Tensor | None = None, loss_type: str = "nll",
+                    num_items=None, temperature: float = 1.0, softcap: float | None = None):
+    """``alignkit.sft_loss`` from full logits, in the inputs' dtype (give float64): per token
+    ce = (1 − ε)·NLL + ε·mean_v(−log p_v) (F.cross_entropy's smoothing), times sg(p_y) under
+    "dft", plus z_loss·lse², times token_weights; summed over labelled tokens and divided by
+    their count (or num_items). Returns (loss, {"entropy", "mean_token_accuracy"})."""
+    from alignkit.losses.sft import sft_terms
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    z = softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+    z = z / temperature
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    lse = torch.logsumexp(z, -1)
+    logp = z - lse[:, None]
+    lp = logp.gather(1, torch.where(keep, y, 0).long()[:, None]).squeeze(1)
+    ce = sft_terms(lp, lse, z.sum(-1), vocab=weight.shape[0], label_smoothing=label_smoothing,
+                   z_loss=z_loss, loss_type=loss_type)
+    w = keep.to(z.dtype)
+    if token_weights is not None:
+        w = w * token_weights.reshape(-1).to(z.dtype)
+    n = keep.sum() if num_items is None else torch.as_tensor(num_items)
+    n = n.to(z.dtype).clamp(min=1)
+    loss = (torch.where(keep, ce, 0.0) * w).sum() / n
+    with torch.no_grad():
+        cnt = keep.sum().clamp(min=1).to(z.dtype)
+        ent = -(logp.exp() * logp).sum(-1)
+        top = z.gather(1, torch.where(keep, y, 0).long()[:, None]).squeeze(1) >= z.max(-1).values
+        metrics = {"entropy": (ent * keep).sum() / cnt,
+                   "mean_token_accuracy": (top & keep).sum().to(z.dtype) / cnt}
+    return loss, metrics

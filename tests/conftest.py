@@ -89,7 +89,7 @@ def op_calls(monkeypatch):
             return real(*a, **k)
         return counted
     # per-token fields (TRL's fused_lm_head call, patch_model) and the fused preference loss
-    for name in ("linear_logprobs_stats", "preference_loss"):
+    for name in ("linear_logprobs_stats", "preference_loss", "sft_loss_tokens"):
         monkeypatch.setattr(head, name, counting(getattr(head, name)))
     return calls
 

@@ -238,3 +238,21 @@ def test_option_costs_bench_runs_each_option(monkeypatch):
     assert {r.method for r in rows if r.seconds is not None} >= {
         "dpo", "dpo, use_weighting (WPO)", "dapo", "dapo, top_entropy_quantile=0.2"}
     assert calls
+
+
+def test_alignkit_bench_sft_on_a_tiny_shape():
+    # --loss sft: alignkit's rows (plain; smoothing + z-loss) beside the floor and the peers
+    from alignkit.bench import cli
+    lines = []
+    res = cli.run(["--hidden", "16", "--vocab", "64", "--tokens", "64", "--loss", "sft",
+                   "--dtype", "fp32", "--reps", "1", "--no-progress", "--no-memory"],
+                  log=lines.append)
+    by = {r.method: r for r in res["rows"]}
+    for name in ("GEMM floor (3 GEMMs)", "alignkit sft_loss",
+                 "alignkit sft_loss (label_smoothing=0.1, z_loss=1e-4)", "naive full logits",
+                 "TRL ChunkedLogProbFunction", "CCE torch_compile"):
+        assert by[name].seconds and by[name].seconds > 0, (name, by[name].note)
+    import torch.nn.functional as F
+    if hasattr(F, "linear_cross_entropy"):
+        assert by["torch F.linear_cross_entropy chunked"].seconds > 0
+    assert "Liger fused (eager)" in by and by["Liger fused (eager)"].seconds is None  # CPU

@@ -165,6 +165,28 @@ def test_sft_trains_on_the_response_tokens(setup, tmp_path):
         PreferenceTrainer(dict(cfg, packing="shared_prompt"))
 
 
+def test_sft_objective_runs_sft_loss(setup, tmp_path, monkeypatch):
+    # loss: sft is alignkit.sft_loss inside the model module, its options from loss_options
+    # (sft_loss itself is checked against the oracle in test_sft.py); a bad option is refused
+    # by name when the config is read
+    import alignkit.train.model as model_mod
+    calls = []
+    real = model_mod.sft_loss
+    monkeypatch.setattr(model_mod, "sft_loss",
+                        lambda *a, **k: calls.append(k.get("label_smoothing")) or real(*a, **k))
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    recs = []
+    cfg = config(setup, tmp_path / "s", loss="sft", data=str(setup / "sft.json"), max_steps=2,
+                 eval_data=None, loss_options=opts)
+    PreferenceTrainer(cfg, callbacks=[lambda tr, s, rec: recs.append(rec)]).train()
+    assert calls and set(calls) == {0.1}
+    assert {"sft", "entropy", "mean_token_accuracy", "tokens"} <= set(recs[0])
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        PreferenceTrainer(dict(cfg, loss_options={"label_smoothing": 2.0}))
+    with pytest.raises(ConfigError, match="beta"):
+        PreferenceTrainer(dict(cfg, loss_options={"beta": 0.1}))
+
+
 def test_bad_reward_data_is_named(setup, tmp_path):
     with pytest.raises(DataError, match="'ranked'-shaped but loss 'dpo' reads"):
         PreferenceTrainer(config(setup, tmp_path, data=str(setup / "ranked.json")))

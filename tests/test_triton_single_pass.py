@@ -130,3 +130,27 @@ def test_policy_token_pass_on_triton(monkeypatch, device):
         out[mode] = (loss.detach(), m["entropy"], h.grad, W.grad, b.grad)
     for a, r in zip(out["single_pass"], out["recompute"]):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [dict(label_smoothing=0.1, z_loss=1e-3, bias=True),
+                                  dict(label_smoothing=0.2, softcap=4.0, loss_type="dft"),
+                                  dict(loss_type="dft", temperature=0.7)],
+                         ids=["smooth-zloss", "smooth-softcap-dft", "dft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sft_token_pass_on_triton(monkeypatch, device, case, dtype):
+    # sft_loss's pass (lse and Σz with their coefficients) on the triton tile kernels, against
+    # the float64 oracle
+    monkeypatch.setenv("ALIGNKIT_TRITON_BLOCKS", "16,64,32")
+    import conftest
+    import test_sft
+    from alignkit.ops import triton_path
+    calls = []
+    bwd = triton_path.logits_backward
+    monkeypatch.setattr(triton_path, "logits_backward", lambda *a: calls.append(1) or bwd(*a))
+    monkeypatch.setattr(test_sft, "make_inputs",
+                        lambda *a, **k: on(device, *conftest.make_inputs(*a, **k)))
+    out = test_sft._run(case, seed=49, backend="triton", plan_name="single_pass", shape=(2, 23),
+                        dtype=dtype)
+    assert calls                                      # the triton tile kernels formed G
+    # bf16: G is written in bf16 beside the fp32 tile (the sums' fix-ups land on it there)
+    test_sft._close(*out, rtol=1e-4 if dtype == torch.float32 else 2e-2)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import alignkit
+from alignkit.bench import sft as sft_bench
 from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
 from alignkit.losses.policy import POLICY_LOSS_TYPES, policy_loss_from_logprobs
 from alignkit.ops.options import PLANS
@@ -324,7 +325,7 @@ PEERS = {
     "CCE torch_compile": (_cce_lp, "cut_cross_entropy", "cut-cross-entropy"),
 }
 LIGER = ("liger_kernel", "liger-kernel")
-LOSS_KINDS = ("logprobs",) + PREFERENCE + POLICY_LOSS_TYPES
+LOSS_KINDS = ("logprobs", "sft") + PREFERENCE + POLICY_LOSS_TYPES
 
 
 def missing(module):
@@ -338,6 +339,8 @@ def peer_step(name, loss, kw=None):
     def setup(case):
         if loss == "logprobs":
             return _step(case, lambda: lp_fn(case)[0])
+        if loss == "sft":
+            return lambda: sft_bench.peer_loss(lp_fn(case)[0], case).backward()
         if loss in PREFERENCE:
             def step():
                 lp = lp_fn(case)[0].reshape(case.S, case.T)
@@ -364,6 +367,8 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
     kw = dict(loss_type=loss, **(policy_kw or {})) if loss in POLICY_LOSS_TYPES else None
     if loss == "logprobs":
         steps[f"alignkit ({backend})"] = alignkit_op(backend)(case)
+    elif loss == "sft":
+        steps.update(sft_bench.alignkit_steps(case, backend, tiles))
     elif loss in PREFERENCE:
         if case.S % 2:
             raise ValueError(f"loss {loss!r} needs pairs: an even number of sequences")
@@ -372,7 +377,7 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
     else:
         n = f"alignkit policy_loss ({grad_mode})"
         steps[n] = alignkit_policy(kw, grad_mode, backend, tiles, n)(case)
-    if plans and loss != "logprobs":
+    if plans and loss not in ("logprobs", "sft"):
         # auto (the rows above) beside auto at memory="fast" and every plan, pinned
         more = plan_steps(case, loss if kw is None else None, kw,
                           memory=(tiles or alignkit.TileOptions()).memory)
@@ -395,6 +400,8 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
         liger = lambda c: liger_pref(loss, c)  # noqa: E731
     elif kw is not None:
         liger = lambda c: liger_grpo(kw, c)  # noqa: E731
+    elif loss == "sft":       # one Liger kernel (no compiled variant): the eager row
+        liger = lambda c: None if c else sft_bench.liger_flce  # noqa: E731
     for compiled in (False, True):
         name = f"Liger fused ({'compiled' if compiled else 'eager'})"
         if not wanted(name):
@@ -405,7 +412,11 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
             skipped[name] = f"not installed: pip install {LIGER[1]}"
         else:
             try:
-                steps[name] = liger(compiled)(case)
+                setup = liger(compiled)
+                if setup is None:
+                    raise NotImplementedError("Liger's fused linear cross-entropy has no "
+                                              "compiled variant")
+                steps[name] = setup(case)
             except (NotImplementedError, ValueError) as e:
                 skipped[name] = str(e)
     return steps, skipped

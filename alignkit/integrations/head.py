@@ -27,6 +27,7 @@ from torch import Tensor
 from alignkit.heads import head_options, match_head_dtypes
 from alignkit.ops.vocab_stats import vocab_row_stats
 from alignkit.losses import preference_loss
+from alignkit.losses.sft import sft_loss_tokens
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
 
@@ -176,6 +177,29 @@ def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Ten
     return _head_call(head, op, hidden)
 
 
+def head_sft_loss(model, hidden: Tensor, labels: Tensor, sft: dict, *, temperature: float = 1.0,
+                  backend: str = "auto", tiles: Optional[TileOptions] = None):
+    """hidden [B, T, H], labels [B, T] aligned (-100 ignored) -> (loss, entropy [B, T],
+    is_top1 [B, T], label_mask) of ``alignkit.sft_loss`` on the labelled rows, inside the head's
+    call (sharded heads gathered around it). ``sft``: sft_loss's options (label_smoothing,
+    num_items, ...); the model's soft cap and logit scale come from its config."""
+    head = model.get_output_embeddings()
+    opts_kw = head_options(model, temperature)
+    mask = labels != -100
+    idx, y = _labelled(labels)
+
+    def op(weight, bias, h):
+        rows, weight, bias = _head_rows(weight, bias, h, idx)
+        return sft_loss_tokens(rows, weight, y, bias=bias, backend=backend, tiles=tiles,
+                               **opts_kw, **sft)
+    loss, _, ent, top1 = _head_call(head, op, hidden)
+
+    def scatter(x, dtype):
+        z = torch.zeros(mask.numel(), dtype=dtype, device=hidden.device)
+        return z.index_copy(0, idx, x.to(dtype)).view(mask.shape)
+    return loss, scatter(ent, torch.float32), scatter(top1, torch.bool), mask
+
+
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
@@ -189,12 +213,15 @@ def _check_outputs(outputs):
 def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_batch=None,
                   outputs=("log_probs",), temperature: float = 1.0, backend: str = "auto",
                   preference: Optional[dict] = None, head_fp32: bool = False,
-                  tiles: Optional[TileOptions] = None,
+                  tiles: Optional[TileOptions] = None, sft: Optional[dict] = None,
                   **kwargs) -> FusedOutput:
     """Body, then the fused head: per-token fields of the next-token labels (see module doc).
     With ``preference`` (dict: sequence_ids [B, T] aligned with the shifted labels,
     num_sequences, and preference_loss's loss=..., ref_logprobs=..., options), the preference
-    loss through alignkit's fused engine instead: FusedOutput(loss=..., metrics=...)."""
+    loss through alignkit's fused engine instead: FusedOutput(loss=..., metrics=...). With
+    ``sft`` (alignkit.sft_loss's options: label_smoothing, z_loss, loss_type, num_items), the
+    SFT loss: FusedOutput(loss=..., entropy, is_top1, label_mask), the per-token metrics
+    detached."""
     _check_outputs(outputs)
     if kwargs.get("output_router_logits"):
         raise NotImplementedError("output_router_logits (MoE load-balancing loss) is not served by "
@@ -218,6 +245,13 @@ def fused_forward(model, *args, labels=None, shift_labels=None, num_items_in_bat
                                              temperature=temperature, backend=backend,
                                              tiles=tiles)
         return FusedOutput(loss=loss, metrics=metrics)
+    if sft is not None:
+        if head_fp32:
+            raise NotImplementedError("the fused SFT loss with head_fp32 is not served")
+        loss, ent, top1, mask = head_sft_loss(model, hidden, lab.to(hidden.device), sft,
+                                              temperature=temperature, backend=backend,
+                                              tiles=tiles)
+        return FusedOutput(loss=loss, entropy=ent, is_top1=top1, label_mask=mask)
     f = head_logprobs(model, hidden, lab.to(hidden.device), entropy="entropy" in outputs,
                       mean_logits="mean_logits" in outputs, is_top1="is_top1" in outputs,
                       log_sum_sq_probs="log_sum_sq_probs" in outputs,
@@ -242,19 +276,19 @@ def install_fused_forward(model, *, outputs=("log_probs",), temperature: float =
     original = model.forward
 
     def forward(self, *args, fused_lm_head=None, labels=None, shift_labels=None,
-                num_items_in_batch=None, alignkit_preference=None, **kw):
+                num_items_in_batch=None, alignkit_preference=None, alignkit_sft=None, **kw):
         if on == "fused_lm_head":
             fused = bool(fused_lm_head)
         else:
             fused = labels is not None or shift_labels is not None
             if fused_lm_head is not None:
                 kw["fused_lm_head"] = fused_lm_head
-        if fused or alignkit_preference is not None:
+        if fused or alignkit_preference is not None or alignkit_sft is not None:
             return fused_forward(self, *args, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, outputs=outputs,
                                  temperature=temperature, backend=backend,
                                  preference=alignkit_preference, head_fp32=head_fp32,
-                                 tiles=tiles, **kw)
+                                 tiles=tiles, sft=alignkit_sft, **kw)
         for k, v in (("labels", labels), ("shift_labels", shift_labels),
                      ("num_items_in_batch", num_items_in_batch)):
             if v is not None:

@@ -16,6 +16,14 @@ What changes, per trainer, and why no option can be dropped:
   CPO's the response), and ``logits/chosen|rejected`` -- means over positions and vocabulary --
   come from hidden · mean(W) + mean(b), which needs no logits. ``get_batch_loss_metrics`` and
   ``cpo_loss`` / ``odds_ratio_loss`` stay TRL's.
+- ``SFTTrainer`` calls ``model(..., fused_lm_head=True)`` for log_probs, entropy and is_top1;
+  the patch answers it, and TRL's own loss code (``loss_type`` "nll" and "dft",
+  ``num_items_in_batch``) and metrics run unchanged. With ``label_smoothing_factor`` TRL instead
+  runs a second, full-logits forward for transformers' ``LabelSmoother`` (its comment: "Label
+  smoothing needs the full logits"); the patch arms that forward to run the body once and
+  ``alignkit.sft_loss(label_smoothing=ε)`` on the fused head (the smoothing's Σ_v z_v is one more
+  per-row sum in the pass: no [N, V] logits), and TRL's metrics call that follows gets the same
+  call's per-token entropy and is_top1 (no second body forward).
 - ``GRPOConfig.cast_lm_head_to_fp32=True``: the head's GEMMs run in fp32 with autocast off, as
   TRL's own head does (policy and reference).
 - ``DPOConfig.use_weighting=True`` (WPO): the fused output carries ``log_sum_sq_probs``
@@ -75,12 +83,16 @@ def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
     names = {c.__name__ for c in type(trainer).__mro__}
     rl = names & {"GRPOTrainer", "RLOOTrainer"}
     if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
-            names & {"CPOTrainer", "ORPOTrainer"} and not rl:
+            names & {"CPOTrainer", "ORPOTrainer", "SFTTrainer"} and not rl:
         raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
-                        f"ORPOTrainer, GRPOTrainer and RLOOTrainer; got {type(trainer).__name__}")
+                        f"ORPOTrainer, GRPOTrainer, RLOOTrainer and SFTTrainer; got "
+                        f"{type(trainer).__name__}")
     if _patched(_base(trainer.model)):
         return trainer
     _check_common(trainer)
+    if "SFTTrainer" in names:
+        _patch_sft(trainer, kw)
+        return trainer
     if rl:
         # TRL's own loss code reads log_probs and entropy (with its gradient: the entropy bonus)
         # of the completion tokens; its temperature divides the logits, as TRL's head does
@@ -156,3 +168,60 @@ def _orpo_forward(self, model, batch):
     nll = -(lp[:n] * full[:n]).sum() / full[:n].sum()
     logps = (lp * resp).sum(-1) / resp.sum(-1)
     return (logps[:n], logps[n:], ml[:n].mean(), ml[n:].mean(), nll)
+
+
+# ---- SFTTrainer ---------------------------------------------------------------------------------
+
+class FusedLabelSmoother:
+    """Stands in for transformers' LabelSmoother in a patched SFTTrainer: TRL calls it on the
+    output of its full-logits forward, which the patch armed to return alignkit.sft_loss's
+    FusedOutput (the smoothed loss, computed without logits). epsilon is the trainer's."""
+
+    def __init__(self, epsilon: float):
+        self.epsilon = epsilon
+
+    def __call__(self, model_output, labels, shift_labels=False, num_items_in_batch=None):
+        loss = getattr(model_output, "loss", None)
+        if loss is None or getattr(model_output, "logits", None) is not None:
+            raise RuntimeError("alignkit's label smoother got a model output that its armed "
+                               "forward did not make (TRL's SFTTrainer.compute_loss changed?)")
+        return loss
+
+
+def _patch_sft(trainer, kw):
+    args = trainer.args
+    base = _base(trainer.model)
+    _install(base, ("log_probs", "entropy", "is_top1"), **kw)
+    smoother = getattr(trainer, "label_smoother", None)
+    if smoother is None or args.loss_type != "nll" or \
+            getattr(trainer, "compute_loss_func", None) is not None:
+        return          # TRL's fused-head path: its own loss code on our per-token fields
+    fused = base.__dict__["forward"]
+    arm = {}
+
+    def forward(*a, **k):
+        if not arm:
+            return fused(*a, **k)
+        if k.get("fused_lm_head"):
+            # TRL's metrics call after the smoothed loss, under no_grad: the armed call's fields
+            out = arm.pop("out", None)
+            if out is None:
+                raise RuntimeError("alignkit: TRL's metrics call came before the smoothed loss")
+            return out
+        out = fused(*a, labels=arm["labels"], alignkit_sft=arm["sft"], **k)
+        arm["out"] = out
+        return out
+    base.forward = forward
+    base._alignkit_forward = forward
+    trainer.label_smoother = FusedLabelSmoother(smoother.epsilon)
+    compute_loss = trainer.compute_loss
+
+    def armed_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        arm.update(labels=inputs["labels"],
+                   sft=dict(label_smoothing=float(smoother.epsilon), num_items=num_items_in_batch))
+        try:
+            return compute_loss(model, inputs, return_outputs=return_outputs,
+                                num_items_in_batch=num_items_in_batch)
+        finally:
+            arm.clear()
+    trainer.compute_loss = armed_compute_loss

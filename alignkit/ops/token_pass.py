@@ -27,7 +27,14 @@ class TokenPassOptions:
     importance sampling: w_s = mean of lp − old over s), with no gradient through the entropy.
     coef is not read: dL/dlp comes from finish by autograd at the end. The first `keep` tokens
     (keep_rows) are formed once with a unit coefficient and their G kept until then (3 GEMMs);
-    the others are scored first and formed again (4 GEMMs)."""
+    the others are scored first and formed again (4 GEMMs).
+
+    sums: each token's lse = log Σ_v exp z_v and zsum = Σ_v z_v too (VocabTiles' sums: label
+    smoothing and z-loss, sft_loss); coef then takes (ic, lp, ent, lse, zsum) and returns
+    (dL/dlp, dL/dH, dL/dlse, dL/dzsum), finish takes (lp, ent, stats) with stats =
+    {"lse", "zsum", "top1"} [N] each, and token_pass_loss returns stats [N, 3] (lse, zsum,
+    top1 as 0/1) as a fourth output. Not with coupled. zsum=False: Σ_v z_v is not formed (reads
+    0; the loss has no smoothing)."""
     coef: object
     finish: object
     logprob: LogprobOptions
@@ -36,6 +43,13 @@ class TokenPassOptions:
     entropy: bool = False
     coupled: bool = False
     keep: int = 0
+    sums: bool = False
+    zsum: bool = True
+
+    def __post_init__(self):
+        if self.sums and self.coupled:
+            raise ValueError("TokenPassOptions: sums with a coupled loss is not served (a kept G "
+                             "carries one scale per row; the sums' terms are two more)")
 
 
 def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
@@ -46,7 +60,7 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
     M = idx.numel()
     n_keep = min(o.keep, M) if o.coupled and need else 0
     tiles = VocabTiles(hidden, weight, labels, bias, idx, o.logprob, o.rows, o.vocab_block, need_h,
-                   need_w, need_b, entropy=o.entropy, keep=n_keep)
+                   need_w, need_b, entropy=o.entropy, keep=n_keep, sums=o.sums, zsum=o.zsum)
     sel = torch.arange(M, device=hidden.device)
     f32 = dict(dtype=torch.float32, device=hidden.device)
 
@@ -54,7 +68,13 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
         return torch.zeros(y.numel(), **f32).index_copy_(0, idx, x) if x is not None else None
     if not o.coupled:
         lp, ent = tiles.sweep(sel, o.coef if need else None)
-        return o.finish(full(lp), full(ent)), full(lp), full(ent), tiles.gh, tiles.gw, tiles.gb
+        if o.sums:
+            lse, zsum, top1 = (full(x.float()) for x in tiles.sums_out)
+            stats = dict(lse=lse, zsum=zsum, top1=top1)
+            return (o.finish(full(lp), full(ent), stats), full(lp), full(ent),
+                    torch.stack([lse, zsum, top1], 1), tiles.gh, tiles.gw, tiles.gb)
+        return (o.finish(full(lp), full(ent)), full(lp), full(ent), None, tiles.gh, tiles.gw,
+                tiles.gb)
     # coupled: the tokens past the keep budget scored first (forward only), the kept ones
     # formed with a unit coefficient; then dL/dlp of every token from the loss, by autograd
     k_sel, r_sel = sel[:n_keep], sel[n_keep:]
@@ -72,22 +92,22 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
             tiles.finish_kept(k_sel, g[:n_keep])
         if r_sel.numel():
             tiles.sweep(r_sel, g[n_keep:].contiguous())
-    return loss.detach(), lp_all, ent_all, tiles.gh, tiles.gw, tiles.gb
+    return loss.detach(), lp_all, ent_all, None, tiles.gh, tiles.gw, tiles.gb
 
 
 class _TokenPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, o: TokenPassOptions):
         need = needs(ctx, bias)
-        loss, lp, ent, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
+        loss, lp, ent, stats, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
         stash(ctx, (gh, gw, gb), _token_grads, o, need, hidden, weight, labels, bias)
-        ctx.mark_non_differentiable(lp)
-        if ent is not None:
-            ctx.mark_non_differentiable(ent)
-        return loss.detach(), lp, ent
+        for x in (lp, ent, stats):
+            if x is not None:
+                ctx.mark_non_differentiable(x)
+        return loss.detach(), lp, ent, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _glp, _gent):
+    def backward(ctx, grad_loss, _glp, _gent, _gstats):
         return scaled_grads(ctx, grad_loss)
 
 
@@ -95,5 +115,6 @@ def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
     """(loss, lp [N], ent [N] or None) of a token-level loss, its gradient w.r.t. hidden, weight
     and bias formed in the forward pass (see TokenPassOptions). The caller validated the inputs;
     the label range is checked in _token_grads, before any tile is formed (in the pass's one
-    host read)."""
-    return _TokenPass.apply(hidden, weight, labels.long(), bias, o)
+    host read). With o.sums, (loss, lp, ent, stats [N, 3]): see TokenPassOptions."""
+    loss, lp, ent, stats = _TokenPass.apply(hidden, weight, labels.long(), bias, o)
+    return (loss, lp, ent, stats) if o.sums else (loss, lp, ent)

@@ -3,6 +3,17 @@
 statistics, turned in place into G = g_lp·(onehot − p) − g_ent·p·(log p + H) where the rows'
 coefficients are known, and fed to the two gradient GEMMs (G·W, Gᵀ·h); or, for rows whose
 coefficient is known only later, G formed with a unit coefficient and kept (finish_kept).
+
+With sums=True (sft_loss: label smoothing, z-loss) each row also gets lse = log Σ_v exp z_v and
+zsum = Σ_v z_v (zsum=False: lse only), and its coefficients may carry dL/dlse and dL/dzsum:
+    dL/dz_v = g_lp·(onehot − p_v) + g_lse·p_v + g_sum          (∂lse/∂z_v = p_v, ∂zsum/∂z_v = 1)
+served by the tile kernels unchanged (no new kernel, no extra GEMM, no ABI change): the kernel
+forms (g_lp − g_lse)·(onehot − p), the one-hot part is put right at one element a row
+(+ g_lse·dz/dx at the label), and the constant g_sum·dz/dx_v is, without a soft cap, a rank-one
+term (g_sum/T)·1ᵀ: gh += c ⊗ Σ_v W_v, gW += 1_V ⊗ Σ_r c_r·h_r, gb += Σ_r c_r (O(rows·H), and one
+[V, H] add at the end); under a soft cap, dz/dx_v = (1 − tanh²(x_v/c))/T varies with v, so it is
+added elementwise from tanh(x/c), which the tile also sums for zsum. Without a soft cap zsum is
+h·Σ_v W_v/T + Σ_v b_v/T (no pass over the tile).
 """
 from __future__ import annotations
 
@@ -27,8 +38,10 @@ class VocabTiles:
     ``gw`` is zeroed first if nothing has written it yet."""
 
     def __init__(self, hidden, weight, labels, bias, idx, lp_opts, rows, vocab_block,
-                 need_h, need_w, need_b, entropy=False, keep=0):
+                 need_h, need_w, need_b, entropy=False, keep=0, sums=False, zsum=True):
         H, V = weight.shape[1], weight.shape[0]
+        self.sums, self._wsum, self._u, self._extra, self._c = sums, None, None, None, None
+        self.zsum = sums and zsum         # Σ_v z_v wanted (label smoothing); else lse only
         dev = hidden.device
         self.h2, self.y, self.idx = hidden.reshape(-1, H), labels.reshape(-1), idx
         self.weight, self.bias, self.o, self.rows = weight, bias, lp_opts, rows
@@ -89,6 +102,9 @@ class VocabTiles:
         if self._gw_fresh:
             self._gw.zero_()
             self._gw_fresh = False
+        if self._u is not None:         # the rank-one term of the rows' g_sum (see module doc)
+            self._gw.add_(self._u)
+            self._u = None
         return self._gw
 
     def _gw_addmm(self, a, b):
@@ -104,7 +120,7 @@ class VocabTiles:
         return (lambda v0, v1, x: self._gw[v0:v1].copy_(x)) if first else \
             (lambda v0, v1, x: self._gw[v0:v1].add_(x))
 
-    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent, keep=False):
+    def _lowp_grads(self, t, hc, yc, ic, lse2, g_lp, ent, g_ent, keep=False, fix=(None, None)):
         """CPU bf16: per vocab block, G from the kept bf16 logits (fp32), cast, then gh[ic] +=
         G·W_blk and gw_blk += Gᵀ·h as bf16 GEMMs (fp32 accumulation inside, bf16 out, added into
         the fp32 accumulators a block at a time: no second [V, H] buffer). keep: G (bf16)
@@ -117,6 +133,7 @@ class VocabTiles:
             v1 = min(V, v0 + self.vb)
             g, gl = self.gblk[:n, :v1 - v0], self.gblk_lp[:n, :v1 - v0]
             self.grad(t[:, v0:v1], g, yc, v0, lse2, g_lp, ent, g_ent, self.o)
+            _fix(g, yc, v0, *fix)
             if keep:
                 t[:, v0:v1].copy_(g)
                 continue
@@ -133,7 +150,7 @@ class VocabTiles:
     def _score(self, t, hc, yc, ic, coef, i0, keep=False, g_out=None):
         """Log-probs (and entropies) of the tile's rows; with coef, their gradient too (with
         keep, G only, left in t for finish_kept on CPU bf16). g_out: where triton writes G
-        (default: over t)."""
+        (default: over t). With sums, the rows' (lse, zsum, top1) go to self._extra."""
         o, V = self.o, self.V
         if self.backend == "triton":
             # one vendor GEMM for the fp32 tile (fp32 logits whatever the inputs' dtype: the
@@ -145,11 +162,16 @@ class VocabTiles:
             lp, m, logs, ent = triton_path.logits_forward(t, yc, o.inv_temp, o.ignore_index,
                                                           o.cap)
             ent = ent if self.entropy else None
-            g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+            th = self._row_sums(t, hc, m + logs, (lp + logs) >= 0)
+            g_lp, g_ent, g_lse, g_sum = self._coef(coef, ic, lp, ent, i0)
             if g_lp is not None:
-                triton_path.logits_backward(t, t if g_out is None else g_out, yc, m, logs, g_lp,
+                g_k, fix = self._prep(t, yc, th, g_lp, g_lse, g_sum)
+                out = t if g_out is None else g_out
+                triton_path.logits_backward(t, out, yc, m, logs, g_k,
                                             ent if g_ent is not None else None, g_ent,
                                             o.inv_temp, o.cap)
+                _fix(out, yc, 0, *fix)
+                self._rank_one(ic, hc, g_sum, th)
             return lp, ent, g_lp is not None
         st = RowStats.new(t.shape[0], self.entropy, self.dev)
         # the tile's logits a vocab block at a time, each folded while it is in cache:
@@ -166,23 +188,89 @@ class VocabTiles:
             self.fold(tb, yc, v0, st, o)
         lp = st.logprob()
         ent = st.entropy() if self.entropy else None
-        g_lp, g_ent = self._coef(coef, ic, lp, ent, i0)
+        th = self._row_sums(t, hc, st.m + st.s.log(), st.tgt >= st.m)
+        g_lp, g_ent, g_lse, g_sum = self._coef(coef, ic, lp, ent, i0)
         if g_lp is None:
             return lp, ent, False
         ent_in = ent if g_ent is not None else None
+        g_k, fix = self._prep(t, yc, th, g_lp, g_lse, g_sum)
         if self.cpu_lowp:
-            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_lp, ent_in, g_ent, keep)
+            self._lowp_grads(t, hc, yc, ic, st.lse2(), g_k, ent_in, g_ent, keep, fix)
         else:
-            self.grad(t, t, yc, 0, st.lse2(), g_lp, ent_in, g_ent, o)
+            self.grad(t, t, yc, 0, st.lse2(), g_k, ent_in, g_ent, o)
+            _fix(t, yc, 0, *fix)
+        self._rank_one(ic, hc, g_sum, th)
         return lp, ent, True
 
-    @staticmethod
-    def _coef(coef, ic, lp, ent, i0):
+    # ---- sums (module doc): lse and zsum per row, and their coefficients g_lse, g_sum --------
+    def _row_sums(self, t, hc, lse, top1):
+        """With sums: self._extra = (lse, zsum, top1) of the tile's rows; returns tanh(x/c)
+        [rows, V] fp32 under a soft cap (zsum's terms, and dz/dx for g_sum), else None."""
+        if not self.sums:
+            return None
+        o, th = self.o, None
+        if not self.zsum:                 # not read (no smoothing): no tanh pass, no matvec
+            zsum = torch.zeros_like(lse)
+        elif o.softcap is not None:
+            th = t.float().div(o.softcap).tanh_() if t.dtype != torch.float32 else \
+                torch.div(t, o.softcap).tanh_()
+            zsum = th.sum(1).mul_(o.softcap * o.inv_temp)
+        else:
+            zsum = (hc.float() @ self._wsum_()[0] + self._wsum_()[1]).mul_(o.inv_temp)
+        self._extra = (lse, zsum, top1)
+        return th
+
+    def _wsum_(self):
+        """(Σ_v W_v [H], Σ_v b_v) in fp32, once."""
+        if self._wsum is None:
+            b = self.bias.sum(dtype=torch.float32) if self.bias is not None else 0.0
+            self._wsum = (self.weight.sum(0, dtype=torch.float32), b)
+        return self._wsum
+
+    def _prep(self, t, yc, th, g_lp, g_lse, g_sum):
+        """Before the kernel: its coefficient g_lp − g_lse, and the fix-ups _fix applies to G
+        after it: (g_lse·dz/dx at each row's label, g_sum·dz/dx_v [rows, V] under a soft cap),
+        read from the raw logits t while the kernel has not overwritten them."""
+        if g_lse is None and g_sum is None:
+            return g_lp, (None, None)
+        o, tfix, corr = self.o, None, None
+        if g_lse is not None:
+            xy = t.gather(1, yc[:, None]).squeeze(1).float()
+            d = o.inv_temp if o.softcap is None else \
+                (1 - torch.tanh(xy / o.softcap) ** 2) * o.inv_temp
+            tfix = g_lse * d
+            g_lp = (g_lp - g_lse).contiguous()
+        if g_sum is not None and th is not None:
+            corr = th.square_().neg_().add_(1).mul_((g_sum * o.inv_temp)[:, None])
+        return g_lp, (tfix, corr)
+
+    def _rank_one(self, ic, hc, g_sum, th):
+        """Without a soft cap, g_sum's term of G is the constant c = g_sum/T a row: added to the
+        GEMMs' results (gh, gW via self._u, gb) instead of to G; sweep applies it to gh after
+        the tile's G·W (which writes those rows)."""
+        self._c = None
+        if g_sum is None or th is not None:
+            return
+        c = g_sum.float() * self.o.inv_temp
+        if self.gh is not None:
+            self._c = c
+        if self._gw is not None:
+            u = c @ hc.float()
+            self._u = u if self._u is None else self._u.add_(u)
+        if self.gb is not None:
+            self.gb.add_(c.sum())
+
+    def _coef(self, coef, ic, lp, ent, i0):
+        """(g_lp, g_ent, g_lse, g_sum) of the tile's rows (None where absent). With sums, a
+        callable coef takes (ic, lp, ent, lse, zsum) and returns all four."""
         if coef is None:
-            return None, None
+            return None, None, None, None
         if callable(coef):
-            return coef(ic, lp, ent)
-        return coef[i0:i0 + ic.numel()].contiguous(), None
+            if self.sums:
+                lse, zsum, _ = self._extra
+                return coef(ic, lp, ent, lse, zsum)
+            return (*coef(ic, lp, ent), None, None)
+        return coef[i0:i0 + ic.numel()].contiguous(), None, None, None
 
     def _w_g(self):
         """W in G's dtype for the gradient GEMMs, converted once."""
@@ -206,6 +294,9 @@ class VocabTiles:
         f32 = dict(dtype=torch.float32, device=self.dev)
         out = torch.empty(ids.numel(), **f32)
         ents = torch.empty(ids.numel(), **f32) if self.entropy else None
+        if self.sums:     # lse, zsum, top1 of idx[sel] (module doc)
+            self.sums_out = (torch.empty(ids.numel(), **f32), torch.empty(ids.numel(), **f32),
+                             torch.empty(ids.numel(), dtype=torch.bool, device=self.dev))
         for i0 in range(0, ids.numel(), self.rows):
             ic = ids[i0:i0 + self.rows]
             n = ic.numel()
@@ -214,21 +305,26 @@ class VocabTiles:
             t = self.kept[i0:i0 + n] if keep and self.kept_in_place else self.tile[:n]
             g_out = None if self.gbuf is None else (
                 self.kept[i0:i0 + n] if keep else self.gbuf[:n])
+            self._c = None
             lp, ent, formed = self._score(t, hc, yc, ic, coef, i0, keep, g_out)
             out[i0:i0 + n] = lp
             if ents is not None:
                 ents[i0:i0 + n] = ent
-            if not formed or self.cpu_lowp:
-                continue
-            if keep:      # G is in the kept rows already: formed in place, or triton's g_out
-                continue
-            g_t = t if g_out is None else g_out
-            if self.gh is not None:
-                self.gh.index_copy_(0, ic, mm32(g_t, self._w_g()))
-            if self._gw is not None:
-                self._gw_addmm(g_t.t(), hc.to(self.gdt))
-            if self.gb is not None:
-                self.gb.add_(g_t.sum(0, dtype=torch.float32))
+            if self.sums:
+                for buf, x in zip(self.sums_out, self._extra):
+                    buf[i0:i0 + n] = x
+            # keep: G is in the kept rows already (formed in place, or triton's g_out); CPU
+            # bf16 ran its GEMMs a vocab block at a time (_lowp_grads)
+            if formed and not self.cpu_lowp and not keep:
+                g_t = t if g_out is None else g_out
+                if self.gh is not None:
+                    self.gh.index_copy_(0, ic, mm32(g_t, self._w_g()))
+                if self._gw is not None:
+                    self._gw_addmm(g_t.t(), hc.to(self.gdt))
+                if self.gb is not None:
+                    self.gb.add_(g_t.sum(0, dtype=torch.float32))
+            if self._c is not None:       # g_sum's rank-one term of gh (_rank_one)
+                self.gh.index_add_(0, ic, self._c[:, None] * self._wsum_()[0][None, :])
         return out, ents
 
     def finish_kept(self, sel, scale):
@@ -272,3 +368,16 @@ class VocabTiles:
                 self.gb[v0:v1] += s32 @ kb.float()
         if ghk is not None:
             self.gh.index_copy_(0, ids, ghk.mul_(s32[:, None]))
+
+
+def _fix(g, yc, v0, tfix, corr):
+    """G [rows, w] of vocab columns [v0, v0 + w) += the sums' fix-ups (VocabTiles._prep):
+    tfix [rows] at each row's label (where it falls in this block), corr [rows, V] elementwise."""
+    w = g.shape[1]
+    if corr is not None:
+        g.add_(corr[:, v0:v0 + w])
+    if tfix is not None:
+        loc = yc - v0
+        hit = (loc >= 0) & (loc < w)
+        g.scatter_add_(1, loc.clamp(0, w - 1)[:, None],
+                       torch.where(hit, tfix, 0.0)[:, None].to(g.dtype))

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs
 from alignkit.body import body_hidden
-from alignkit.losses import preference_loss
+from alignkit.losses import preference_loss, sft_loss
 from alignkit.heads import head_options, match_head_dtypes
+from alignkit.train.objective import SFT
 
 
 class ModelError(ValueError):
@@ -50,7 +51,8 @@ class SequenceLogprobs(nn.Module):
     """forward(batch tensors) -> (sums [S], counts [S]) of the response tokens' log-probs; with
     ``objective`` (a paired loss: ``alignkit.train.objective.Paired``), the loss itself through
     ``alignkit.preference_loss`` on the response hidden states -> (loss, metrics), so that the
-    fused engine (its single pass included) runs inside this module's call."""
+    fused engine (its single pass included) runs inside this module's call; ``SFT``, through
+    ``alignkit.sft_loss``."""
 
     def __init__(self, model, backend: str = "auto", tiles=None):
         super().__init__()
@@ -67,6 +69,12 @@ class SequenceLogprobs(nn.Module):
                              position_ids2, attention_mask2, prefix, layout)
         h = hidden.index_select(0, gather)
         h, w, b = match_head_dtypes(h, head.weight, head.bias)
+        if isinstance(objective, SFT):
+            loss, metrics = sft_loss(h, w, labels, bias=b, backend=self.backend,
+                                     tiles=self.tiles, **self.head_opts, **objective.options)
+            key = "sft" if objective.options else "nll"
+            return loss, {key: loss.detach(), **metrics,
+                          "tokens": (labels != -100).sum().detach().float()}
         if objective is not None:
             return preference_loss(h, w, labels, bias=b, segment_ids=segment_ids,
                                    num_segments=num_sequences, loss=objective.loss,

@@ -1,6 +1,7 @@
 """The trainer's objective. The paired losses run as ``alignkit.preference_loss`` inside the
-model module (``Paired``: the fused engine, single pass included); ``compute_loss`` is the same
-objective on per-sequence log-prob sums (KTO, SFT, and the tests' cross-checks);
+model module (``Paired``: the fused engine, single pass included), and ``loss: sft`` as
+``alignkit.sft_loss`` (``SFT``: label smoothing, z-loss, DFT as loss_options); ``compute_loss``
+is the objective on per-sequence log-prob sums (KTO, and the tests' cross-checks);
 ``reward_objective`` is a reward model's, on its scores.
 
 KTO's reference point z₀ (``loss_options.kl_estimate``): ``mismatched`` (default, as in the paper
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.losses import kto_loss, logprob_loss
+from alignkit.losses import kto_loss, logprob_loss, sft_loss
 from alignkit.losses.reward import reward_ranking_loss
 from alignkit.losses.fused import GRAD_MODES, split_options
 from alignkit.losses.registry import LOSSES
@@ -23,7 +24,7 @@ from alignkit.losses.registry import LOSSES
 # the options of the losses the trainer runs outside the paired engine: KTO (the registry's), and
 # two that score no preference
 OWN_OPTIONS = {"kto": LOSSES["kto"].options, "reward": ("center_rewards_coefficient",),
-               "sft": ()}
+               "sft": ("label_smoothing", "z_loss", "loss_type")}
 
 
 def check_loss_options(loss: str, options: dict) -> None:
@@ -37,6 +38,9 @@ def check_loss_options(loss: str, options: dict) -> None:
                              f"{', '.join(OWN_OPTIONS[loss]) or 'none'}")
     if loss == "reward":
         reward_ranking_loss(torch.zeros(1, 2), **options)
+    if loss == "sft":         # sft_loss's own checks, on one dummy token
+        sft_loss(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long),
+                 **options)
     if loss in ("reward", "sft"):
         return
     if loss == "kto":
@@ -85,16 +89,27 @@ class Paired:
     options: dict
 
 
-def paired_objective(loss: str, options: dict) -> Optional[Paired]:
-    """The paired objective of a config's loss; None for KTO (unpaired: its loss runs on the
-    per-sequence sums, compute_loss)."""
+@dataclass(frozen=True)
+class SFT:
+    """``loss: sft`` as the model module runs it: alignkit.sft_loss(..., **options) on the
+    response hidden states (the fused token pass). Metrics: ``nll`` (plain NLL) or ``sft`` (with
+    options: the smoothed / z-loss / DFT loss), ``entropy``, ``mean_token_accuracy``,
+    ``tokens``."""
+    options: dict
+
+
+def paired_objective(loss: str, options: dict):
+    """The objective the model module runs for a config's loss (Paired, or SFT); None for KTO
+    (unpaired: its loss runs on the per-sequence sums, compute_loss) and the reward model."""
+    if loss == "sft":
+        return SFT(dict(options))
     return Paired(loss, dict(options)) if loss in LOSSES and LOSSES[loss].paired else None
 
 
 def ref_logprobs_of(loss: str, options: dict, ref: Optional[tuple], like: Tensor):
     """The reference log-probs a paired loss takes ([S] in its reduction), from the reference's
     (sums, counts); zeros for reference-free DPO (reference: none); None for the others."""
-    if not LOSSES[loss].reference:
+    if loss not in LOSSES or not LOSSES[loss].reference:
         return None
     if ref is None:
         return torch.zeros_like(like, dtype=torch.float32)
@@ -114,7 +129,7 @@ def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
     """sums/counts [S] from the policy; ref = (sums [S], counts [S]) or None (reference-free).
     Returns (loss, metrics)."""
     if loss == "sft":
-        return sft_loss(sums, counts)
+        return sft_from_sums(sums, counts)
     if loss == "kto":
         opts = {k: v for k, v in options.items() if k != "kl_estimate"}
         b = desirable.shape[0]
@@ -128,9 +143,10 @@ def compute_loss(loss: str, options: dict, sums: Tensor, counts: Tensor,
                                                                               sums), **options)
 
 
-def sft_loss(sums: Tensor, counts: Tensor):
+def sft_from_sums(sums: Tensor, counts: Tensor):
     """The response tokens' mean negative log-likelihood, −Σ log p / Σ tokens, over the
-    micro-batch (as TRL's SFTTrainer averages over tokens). Metrics: ``nll``, ``tokens``."""
+    micro-batch (as TRL's SFTTrainer averages over tokens), from per-sequence sums (the tests'
+    cross-check of the trainer's SFT objective). Metrics: ``nll``, ``tokens``."""
     loss = -sums.sum() / counts.sum().clamp(min=1).to(sums.dtype)
     return loss, {"nll": loss.detach(), "tokens": counts.sum().detach().float()}
 
