@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     from alignkit.train.data import DataError
     from alignkit.train.checkpoint import CheckpointError
     from alignkit.train.model import ModelError
-    from alignkit.body import BodyError
-    from alignkit.reward_model import RewardModelError
+    from alignkit.model.body import BodyError
+    from alignkit.model.reward_model import RewardModelError
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, DataError, ModelError, CheckpointError, BodyError,

@@ -227,7 +227,7 @@ def shares(a, work, out):
     from alignkit.train.packing import collate
     from alignkit.train.loading import model_from_config
     from alignkit.train.config import TrainConfig
-    import alignkit.attention as attention
+    import alignkit.model.attention as attention
     causal = attention._causal
     out += ["", "### What attention and the MLP take of forward+backward (padding_free, varlen, "
             "2 pairs)", "", "| L per sequence | whole s | attention | MLP | rest (embedding, "

@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from alignkit.profiling import MemoryWindow, resident_bytes
+from alignkit.bench.profiling import MemoryWindow, resident_bytes
 from alignkit.bench.harness import emit, machine
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000

@@ -118,7 +118,7 @@ def test_peak_within_the_bound_with_few_tokens_for_the_vocabulary(loss, pairs):
     (B2's case: 1024 tokens, V=151936, 0.08 MiB over before the keep default made room for
     them). Here: 64-row tiles, and more deferred tokens than the keep budget holds."""
     from alignkit.ops.options import TileOptions
-    from alignkit.profiling import peak_memory_bytes
+    from alignkit.bench.profiling import peak_memory_bytes
     g = torch.Generator().manual_seed(31)
     S, T, H, V = 2 * pairs, 160, 256, 8000
     h = torch.randn(S, T, H, generator=g).requires_grad_()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.profiling import peak_memory_bytes
+from alignkit.bench.profiling import peak_memory_bytes
 
 
 peak_bytes = peak_memory_bytes

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.heads import head_options, match_head_dtypes
+from alignkit.model.heads import head_options, match_head_dtypes
 from alignkit.ops.vocab_stats import vocab_row_stats
 from alignkit.losses import preference_loss
 from alignkit.ops.linear_logprobs import linear_logprobs_stats

@@ -5,7 +5,7 @@ Batch (HF conventions; ``pack_pairs`` builds one from token lists):
 - ``input_ids`` [R, L], ``attention_mask`` ([R, L], or a 4D float mask for packed rows),
   optional ``position_ids`` [R, L];
 - optional ``alignkit_layout``: a ``VarlenLayout`` (``pack_pairs(..., attention="varlen")``) for
-  a model whose attn_implementation is alignkit's varlen (``alignkit.attention``): packed rows
+  a model whose attn_implementation is alignkit's varlen (``alignkit.model.attention``): packed rows
   with no mask, passed down to every attention call;
 - ``labels`` [R, L]: the token ids where they are to be scored, -100 elsewhere (prompt,
   padding); label t is scored from position t-1, as HF's own loss shifts;
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from alignkit.api import reduce_sequences
-from alignkit.attention import require_varlen
+from alignkit.model.attention import require_varlen
 from alignkit.integrations.head import patch_model
 
 

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
-from alignkit.heads import match_head_dtypes
+from alignkit.model.heads import match_head_dtypes
 from alignkit.losses.options import check_number
-from alignkit.reward_model import SequenceScores, score_sequences
+from alignkit.model.reward_model import SequenceScores, score_sequences
 from alignkit.train.model import head_of
 
 IGNORE = -100

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from alignkit.reward_model import is_reward_model
+from alignkit.model.reward_model import is_reward_model
 from alignkit.rl.rollout import check_sampling, encode_prompts, sample, scores_of
 
 FORMATS = ("sft", "dpo")
@@ -110,7 +110,7 @@ def sample_to_file(policy_dir: str, reward_model_dir: str, prompts_path: str, ou
     "prompt", or plain strings, .json / .jsonl), sample, write out. Returns a summary."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.reward_model import load_reward_model
+    from alignkit.model.reward_model import load_reward_model
     from alignkit.train.data import DataError, load_rows
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")

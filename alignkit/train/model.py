@@ -6,7 +6,7 @@ weight: the model's logits path is never called. Wrapping the whole model in one
 what DDP and FSDP2 need: the head weight is used inside this module's forward, so DDP syncs its
 gradient and FSDP2 all-gathers it with the root's parameters (and reduce-scatters its gradient).
 
-Head transforms read from the config (alignkit.heads.head_options):
+Head transforms read from the config (alignkit.model.heads.head_options):
 ``final_logit_softcapping`` (Gemma 2/3) -> softcap, ``logits_scaling`` (Granite, logits / s) and
 ``logit_scale`` (Cohere, logits · s) -> temperature. A config with another logit multiplier is
 refused by ``head_of``.
@@ -16,9 +16,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from alignkit.api import sequence_logprobs
-from alignkit.body import body_hidden
+from alignkit.model.body import body_hidden
 from alignkit.losses import preference_loss
-from alignkit.heads import head_options, match_head_dtypes
+from alignkit.model.heads import head_options, match_head_dtypes
 
 
 class ModelError(ValueError):

@@ -23,7 +23,7 @@ shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, po
 [prompt, rejected], so both responses see the prompt and not each other, and the prompt's MLP,
 norms, projections and attention run once per pair. The rejected response's queries alone attend
 over the prompt's keys and values and their own:
-- CPU (no dropout, softcap or short sliding window): ``alignkit.prefix_attention``, the prompt
+- CPU (no dropout, softcap or short sliding window): ``alignkit.model.prefix_attention``, the prompt
   block (no mask) and the response's own causal block as two flash calls merged by their
   log-sum-exp. R·P + R²/2 scores, no mask, at any length.
 - otherwise, the prompt's keys and values copied in front of the response's, with the causal mask
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit import prefix_attention
+from alignkit.model import prefix_attention
 
 # shared_prompt's rejected response off the CPU merge (prefix_attention.applies): its R queries
 # alone over [prompt, response] take a bool [R, P + R] bottom-right causal mask, which SDPA saves
@@ -230,7 +230,7 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
             if prefix_attention.applies(qs[i], dropout, softcap, sliding_window,
                                         pe - ps + e - s):
                 # CPU: the prompt block and the response's own causal block, merged by their
-                # log-sum-exp (alignkit.prefix_attention): no mask, no prompt query again
+                # log-sum-exp (alignkit.model.prefix_attention): no mask, no prompt query again
                 outs.append(prefix_attention.prefix_causal(qs[i], prompt[1], prompt[2], ks[i],
                                                            vs[i], scaling))
                 continue
@@ -285,7 +285,7 @@ def require_varlen(model) -> None:
     if not uses_varlen(model):
         have = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise ValueError(f"a varlen layout (alignkit_layout) needs the model's attn_implementation "
-                         f"to be {VARLEN} or {FLASH_VARLEN} (alignkit.attention.register(), then "
+                         f"to be {VARLEN} or {FLASH_VARLEN} (alignkit.model.attention.register(), then "
                          f"model.set_attn_implementation({VARLEN!r})); {type(model).__name__} "
                          f"has {have!r}, which would ignore it and attend across sequences")
 

@@ -1,7 +1,7 @@
 """Causal attention of a sequence's last R queries over a shared prefix and their own keys, with
 no mask: two flash-attention calls, one per key block, merged by their log-sum-exp.
 
-shared_prompt's rejected response (alignkit.attention): its R queries sit at positions
+shared_prompt's rejected response (alignkit.model.attention): its R queries sit at positions
 P .. P+R-1 of the sequence [prompt (P), response (R)]. Causal attention over that sequence is
 
     o = softmax([q·Kpᵀ, q·Krᵀ + causal] · scale) · [Vp; Vr]
