@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.bench.profiling import peak_memory_bytes
 from alignkit.bench import harness
+from alignkit.bench.profiling import peak_memory_bytes
 
 OUT = Path(__file__).parent
 VOCABS = (8192, 32768, 131072)

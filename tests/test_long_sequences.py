@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from alignkit.bench.profiling import MemoryWindow  # noqa: E402
 import alignkit.model.attention as attention  # noqa: E402
 from alignkit.model.attention import FLASH_VARLEN, VARLEN, VarlenLayout, register  # noqa: E402
 from alignkit.model.body import body_hidden  # noqa: E402
-from alignkit.bench.profiling import MemoryWindow  # noqa: E402
 from alignkit.model.tiled_mlp import TiledMLP, chunk_tokens_for, tile_mlp, untile_mlp  # noqa: E402
 from alignkit.train.config import ConfigError, TrainConfig  # noqa: E402
 from alignkit.train.data import Example  # noqa: E402

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from alignkit.api import reduce_sequences
-from alignkit.model.attention import require_varlen
 from alignkit.integrations.head import patch_model
+from alignkit.model.attention import require_varlen
 
 
 def _unwrap(model):
@@ -109,8 +109,7 @@ def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0,
     all-ones mask and an ``alignkit_layout`` for a varlen model: no [N, N] mask
     (shared_prompt scores one position twice, which HF-style labels cannot express: use
     alignkit's own trainer for it)."""
-    from alignkit.train.data import Example
-    from alignkit.train.packing import collate
+    from alignkit.train import Example, collate
     if packing not in ("padded", "padding_free"):
         raise ValueError(f"packing must be padded or padding_free; got {packing!r}")
     exs = [Example(tuple(p), (tuple(c), tuple(r))) for p, c, r in pairs]

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from alignkit.model.attention import uses_varlen
-from alignkit.ops.backends import cpu_has_bf16
-from alignkit.model.tiled_mlp import tile_mlp
 from alignkit.model.reward_model import SequenceScores, as_reward_model
+from alignkit.model.tiled_mlp import tile_mlp
+from alignkit.ops.backends import cpu_has_bf16
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import distributed
 from alignkit.train.config import ConfigError, TrainConfig
