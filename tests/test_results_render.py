@@ -32,3 +32,17 @@ def test_a_written_run_is_rendered(tmp_path, monkeypatch):
     doc["tables"][0]["rows"][0][1] = "1.08x"
     json.dump(doc, open(path, "w"))
     assert render_results.render() != page
+
+
+def test_alignkit_bench_write(tmp_path, monkeypatch):
+    """`alignkit bench ... --write NAME` saves its table as rows, with the command that ran."""
+    from alignkit.bench import cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness, "this_machine_class", lambda: "testcpu-avx2-2core")
+    argv = ["--hidden", "16", "--vocab", "64", "--tokens", "64", "--loss", "dpo", "--no-peers",
+            "--reps", "1", "--no-memory", "--no-progress", "--dtype", "fp32"]
+    cli.run(argv + ["--write", "tiny"], log=lambda *a: None)
+    doc = json.load(open(tmp_path / "bench/out/rows/testcpu-avx2-2core/tiny.json"))
+    assert doc["command"] == "alignkit bench " + " ".join(argv)
+    methods = [r[0] for r in doc["tables"][0]["rows"]]
+    assert any(m.startswith("alignkit") for m in methods) and any("floor" in m for m in methods)
