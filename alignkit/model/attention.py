@@ -4,8 +4,8 @@
 Two implementations, one function:
 - ``alignkit_varlen`` (any device): ``F.scaled_dot_product_attention(is_causal=True)`` one
   sequence at a time. Memory O(N) (the CPU and CUDA flash kernels keep no [L, L] scores), time
-  Σ L_s² instead of N². Measured on this 2-core Xeon: 2.7-3.8x faster than SDPA with the dense
-  block-causal mask at N=2048 in 4 sequences (fwd+bwd), and no 4·N² bytes of mask.
+  Σ L_s² instead of N², and no 4·N² bytes of mask (against SDPA with the dense block-causal mask:
+  ``bench.long_sequences synthetic``, bench/RESULTS.md per machine class).
 - ``alignkit_fa_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
   ``flash_attn_varlen_func`` over the whole row with cumulative sequence lengths (``cu_seqlens``,
   int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows. The queries are the row
@@ -214,8 +214,8 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         return out.transpose(1, 2).contiguous(), None
     # the pieces' queries, keys and values as one split of the row each: split's backward lays
     # the pieces' gradients end to end in one copy, where a slice per piece zero-filled a whole
-    # row per piece and summed them (7% of the attention's fwd+bwd at L=1024, P=512, 2 pairs,
-    # on the Zen 5 EPYC; O(S·N) for padding_free's S sequences)
+    # row per piece and summed them (O(S·N) for padding_free's S sequences; bench/HISTORY.md,
+    # "shared_prompt's rejected response merged over its prompt")
     starts = [s for _, _, s, _ in layout.pieces]
     sizes = [e - s for _, _, s, e in layout.pieces]
     qs, ks, vs = (t.split(sizes, 2) for t in (query, key, value))
