@@ -65,3 +65,19 @@ def test_quick_start_yaml(tmp_path, monkeypatch):
     over = [x for k, v in tiny.items() for x in (f"--{k}", str(v))]
     assert main(argv + over) == 0
     assert os.path.isfile(tmp_path / "out" / "final" / "config.json")
+
+
+def test_headline_table_is_the_rendered_rows():
+    """Every row of the README's headline table is a row of the bench's own record (the one
+    bench/RESULTS.md renders), so the two cannot drift."""
+    import json
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text.split("## How it compares")[1].split("\n## ")[0]
+    rows = [[c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            for line in section.split("\n") if line.startswith("| ") and "---" not in line]
+    assert rows[0] == ["method", "time (s)", "x floor", "peak MiB", "x memory floor"], rows[0]
+    assert "xeon-amx-2core" in section
+    with open(os.path.join(REPO, "bench/out/rows/xeon-amx-2core/"
+                                 "alignkit_bench_dpo_H4096_V128256.json")) as f:
+        recorded = [r[:5] for r in json.load(f)["tables"][0]["rows"]]
+    assert len(rows) > 5 and all(r in recorded for r in rows[1:]), rows
