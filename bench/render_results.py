@@ -81,7 +81,7 @@ def _suite(path) -> list:
                  else "" for m in methods]
         rows.append([shape, loss, f"{floor:.4f}" if floor else ""] + cells)
     commit = doc.get("commit_info", {}).get("id", "")[:8]
-    lines = [f"### pytest-benchmark suite (`make bench-baseline`)", "",
+    lines = ["### pytest-benchmark suite (`make bench-baseline`)", "",
              f"Command: `pytest bench --benchmark-only --benchmark-json=bench/baselines/"
              f"{os.path.basename(path)}` · date {doc['datetime'][:10]} · commit {commit}", "",
              "Each case's median over the GEMM floor's of its shape; floor in seconds.", ""]

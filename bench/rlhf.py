@@ -150,6 +150,8 @@ def main(argv=None):
         out = OUT / "out"
         out.mkdir(exist_ok=True)
         (out / "rlhf.md").write_text(text)
+        harness.write_rows("rlhf", "python -m bench.rlhf " +
+                           " ".join(sys.argv[1:] if argv is None else argv), text)
 
 
 if __name__ == "__main__":
