@@ -10,7 +10,7 @@ PINS    ?= constraints.txt
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv demo rlhf-demo test bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-compile gpu-wheels update-constraints
+.PHONY: venv demo rlhf-demo test docs results bench bench-full bench-trainer bench-compare bench-baseline clean sanitize gpu-check gpu-compile gpu-wheels update-constraints
 
 # torch==2.13.0 first, by exact version: it is the CPU wheel (a bare `torch` would pull a CUDA build;
 # so the latest venv keeps it too). Then alignkit itself, editable, which builds the C++ extension
@@ -39,6 +39,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/alignkit demo
+
+# The docs site into site/ (mkdocs-material + mkdocstrings, the `docs` extra): --strict fails on any
+# warning. docs/hooks.py generates the API reference and the TrainConfig table at build time. The
+# python blocks of README.md and docs/ run in `make test` (tests/test_readme.py,
+# tests/test_docs_examples.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --quiet
+
+# bench/RESULTS.md rendered from the benches' rows (bench/out/rows/, bench/baselines/); tests/
+# test_results_render.py fails when the two differ.
+results: $(STAMP)
+	$(VPY) -m bench.render_results
 
 # SFT, a reward model and PPO on the demo task (examples/rlhf_demo.py, ~80 s on 2 cores)
 rlhf-demo: $(STAMP)
@@ -97,7 +109,7 @@ gpu-wheels: $(STAMP)
 	$(VPY) -m pip download -q --no-deps -d wheels "trl==1.16.*" "liger-kernel==0.8.*" cut-cross-entropy
 
 clean:
-	rm -rf .venv .venv-latest build alignkit/_C*.so *.egg-info
+	rm -rf .venv .venv-latest build alignkit/_C*.so *.egg-info site
 
 # The C++ kernels' own test binary under AddressSanitizer + UBSan (no Python involved).
 sanitize:

@@ -138,12 +138,12 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from alignkit.model.body import BodyError
+    from alignkit.model.reward_model import RewardModelError
+    from alignkit.train.checkpoint import CheckpointError
     from alignkit.train.config import ConfigError
     from alignkit.train.data import DataError
-    from alignkit.train.checkpoint import CheckpointError
     from alignkit.train.model import ModelError
-    from alignkit.body import BodyError
-    from alignkit.reward_model import RewardModelError
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, DataError, ModelError, CheckpointError, BodyError,

@@ -1,7 +1,7 @@
 """Core-op benchmark: per-token log-probs from hidden states, fwd+bwd of a sequence-level loss.
 
     python -m bench.core --preset small            # quick table (the README's main command)
-    python -m bench.core --preset full --write     # B1-B3, writes bench/RESULTS.md, CSV and PNG
+    python -m bench.core --preset full --write     # B1-B3, writes bench/out/ (rows, CSV) and a PNG
 
 Each method runs on the same inputs in one process: time (median after warm-up) and the exact peak
 of live tensor memory (profiler allocation events). Ratios are to the GEMM floor (the three GEMMs
@@ -60,7 +60,7 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="substrings of method names to run")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--write", action="store_true", help="write RESULTS section, CSV and PNG")
+    p.add_argument("--write", action="store_true", help="write bench/out/ (rows, CSV) and a PNG")
     a = p.parse_args(argv)
     t0 = time.time()
     rows = run(a.preset, a.only, a.reps, a.skip_memory)
@@ -77,6 +77,8 @@ def main(argv=None):
                    f"`python -m bench.core {' '.join(sys.argv[1:] if argv is None else argv)}` "
                    f"({time.time() - t0:.0f} s).\n\n{table}\n")
         (out / f"core_{a.preset}.md").write_text(section)
+        harness.write_rows(f"core_{a.preset}", "python -m bench.core " +
+                           " ".join(sys.argv[1:] if argv is None else argv), table)
         print(f"\nwrote {out}/core_{a.preset}.{{csv,md}} and bench/core_{a.preset}.png")
 
 

@@ -92,6 +92,7 @@ def main(argv=None):
         (out / "elementwise.md").write_text(
             f"## Elementwise share: cpp vs torch kernels\n\nMachine: {harness.machine()}. Command: "
             f"`python -m bench.elementwise --write`.\n\n{table}\n")
+        harness.write_rows("elementwise", "python -m bench.elementwise --write", table)
 
 
 if __name__ == "__main__":

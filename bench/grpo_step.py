@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from alignkit.bench.harness import machine, write_out
-from alignkit.profiling import MemoryWindow, resident_bytes
+from alignkit.bench.profiling import MemoryWindow, resident_bytes
 
 H, LAYERS, WORDS = 256, 4, 31996            # + 4 specials: a 32000-token vocabulary
 

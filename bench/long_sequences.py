@@ -223,11 +223,11 @@ def direct(a, work, out):
 
 
 def shares(a, work, out):
+    import alignkit.model.attention as attention
+    from alignkit.train.config import TrainConfig
+    from alignkit.train.loading import model_from_config
     from alignkit.train.model import SequenceLogprobs, forward_batch
     from alignkit.train.packing import collate
-    from alignkit.train.loading import model_from_config
-    from alignkit.train.config import TrainConfig
-    import alignkit.attention as attention
     causal = attention._causal
     out += ["", "### What attention and the MLP take of forward+backward (padding_free, varlen, "
             "2 pairs)", "", "| L per sequence | whole s | attention | MLP | rest (embedding, "

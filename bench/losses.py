@@ -143,6 +143,8 @@ def main(argv=None):
             f"`python -m bench.losses {' '.join(sys.argv[1:] if argv is None else argv)}` "
             f"({time.time() - t0:.0f} s)."
             f"\n\n{table}\n")
+        harness.write_rows(f"losses_{tag}", "python -m bench.losses " +
+                           " ".join(sys.argv[1:] if argv is None else argv), table)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def main(argv=None):
             f"## Options with a second look at the vocabulary\n\nMachine: {harness.machine()}. "
             f"Command: `python -m bench.option_costs {' '.join(sys.argv[1:] if argv is None else argv)}`"
             f" ({time.time() - t0:.0f} s).\n\n{table}\n")
+        harness.write_rows("option_costs", "python -m bench.option_costs " +
+                           " ".join(sys.argv[1:] if argv is None else argv), table)
 
 
 if __name__ == "__main__":

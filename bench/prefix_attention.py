@@ -1,7 +1,7 @@
 """shared_prompt's rejected response on CPU: its R queries over [prompt (P), own (R)] keys, three
 ways, forward + backward of one attention call (bench.trainer's heads: 4 heads, D=64, fp32):
 
-- merge: ``alignkit.prefix_attention.prefix_causal``, the prompt block and the own causal block
+- merge: ``alignkit.model.prefix_attention.prefix_causal``, the prompt block and the own causal block
   as two flash calls merged by log-sum-exp (R·P + R²/2 scores, no mask);
 - mask: SDPA with a bottom-right causal [R, P + R] bool mask (R·(P + R) scores; the varlen path
   before, within its 4 MiB mask budget, and the KV-cache path's second pass);
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.bench.harness import emit, interleaved_times, machine
-from alignkit.prefix_attention import prefix_causal
+from alignkit.model.prefix_attention import prefix_causal
 
 HEADS, D = 4, 64
 

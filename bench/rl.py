@@ -96,6 +96,8 @@ def main(argv=None):
             f"## RL policy losses, preset `{a.preset}`\n\nMachine: {harness.machine()}. Command: "
             f"`python -m bench.rl {' '.join(sys.argv[1:] if argv is None else argv)}` "
             f"({time.time() - t0:.0f} s).\n\n{table}\n")
+        harness.write_rows(f"rl_{a.preset}", "python -m bench.rl " +
+                           " ".join(sys.argv[1:] if argv is None else argv), table)
 
 
 if __name__ == "__main__":

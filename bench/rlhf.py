@@ -4,7 +4,7 @@
    clipped policy loss on the fused head, the value loss, backward) for one minibatch of a fixed
    synthetic rollout, at growing V, against the same update with the policy's log-probs taken
    from full logits (``dense``: the model's own logits path, what TRL's PPOTrainer does). The
-   peaks are exact (alignkit.profiling), with the gradients allocated inside the window. The
+   peaks are exact (alignkit.bench.profiling), with the gradients allocated inside the window. The
    parameter gradients (the policy's and the critic's, embeddings and head included: 3·V·H·4
    bytes of them grow with V) are written by any update; alignkit's peak is the larger of the
    backward's activations and those gradients, the dense update's adds the [B·T, V] logits and
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from alignkit.profiling import peak_memory_bytes
 from alignkit.bench import harness
+from alignkit.bench.profiling import peak_memory_bytes
 
 OUT = Path(__file__).parent
 VOCABS = (8192, 32768, 131072)
@@ -37,7 +37,7 @@ B, P, T, H = 8, 64, 256, 256              # rollouts in the minibatch, prompt, r
 def _models(V):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from alignkit.reward_model import as_reward_model
+    from alignkit.model.reward_model import as_reward_model
     conf = AutoConfig.for_model("llama", vocab_size=V, hidden_size=H, intermediate_size=2 * H,
                                 num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=P + T,
@@ -150,6 +150,8 @@ def main(argv=None):
         out = OUT / "out"
         out.mkdir(exist_ok=True)
         (out / "rlhf.md").write_text(text)
+        harness.write_rows("rlhf", "python -m bench.rlhf " +
+                           " ".join(sys.argv[1:] if argv is None else argv), text)
 
 
 if __name__ == "__main__":

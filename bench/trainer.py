@@ -30,8 +30,8 @@ import warnings
 
 import torch
 
-from alignkit.profiling import MemoryWindow, resident_bytes
 from alignkit.bench.harness import emit, machine
+from alignkit.bench.profiling import MemoryWindow, resident_bytes
 
 H, LAYERS, V, WORDS = 256, 4, 32000, 8000
 MODEL = dict(model_type="llama", vocab_size=V, hidden_size=H, intermediate_size=688,

@@ -10,8 +10,8 @@ from alignkit.integrations.hf import (  # noqa: E402
     pack_pairs,
     sequence_logprobs_from_model,
 )
-from alignkit.attention import VARLEN, register  # noqa: E402
 from alignkit.losses import dpo_loss  # noqa: E402
+from alignkit.model.attention import VARLEN, register  # noqa: E402
 
 V = 101
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.oracle import reference_linear_token_logprobs as ref
+from alignkit.testing.oracle import reference_linear_token_logprobs as ref
 from conftest import assert_oracle, make_inputs
 
 
@@ -214,7 +214,7 @@ def test_torch_compile():
 
 def test_memory_budget(backend, monkeypatch):
     """fwd+bwd peak ≤ 1.3·(grad_W + grad_h) + tile budget; no-grad forward ≤ budget + outputs."""
-    from alignkit.profiling import peak_memory_bytes
+    from alignkit.bench.profiling import peak_memory_bytes
     budget = 2 * 2**20
     monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(budget))
     S, T, H, V = 4, 256, 64, 8000
@@ -305,8 +305,8 @@ def test_a_low_precision_grad_w_is_never_held_in_fp32():
     [vocab_block, H] block. No [V, H] fp32 accumulator (V·H·4 bytes, twice the gradient) is
     made, so neither peak reaches bf16 grad_W plus half of one (the accumulator alone would
     exceed it), and the two schedules agree to bf16 rounding."""
+    from alignkit.bench.profiling import peak_memory_bytes
     from alignkit.ops.backends import gemm_dtype
-    from alignkit.profiling import peak_memory_bytes
     if gemm_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16:
         pytest.skip("this CPU runs bf16 GEMMs in fp32")
     V, H, N = 4096, 256, 48
@@ -348,8 +348,8 @@ def test_a_low_precision_backward_stays_within_the_memory_bound(V, H, N, budget)
     """bf16 GEMMs, several chunks of rows: the peak of fwd+bwd stays within 1.3 x (grad_W +
     grad_h) + the tile budget, with the gradients at their own (bf16) size: grad_W summed a vocab
     block at a time, grad_h over the labelled rows only, the fp32 block inside the budget."""
+    from alignkit.bench.profiling import peak_memory_bytes
     from alignkit.ops.backends import gemm_dtype
-    from alignkit.profiling import peak_memory_bytes
     if gemm_dtype(torch.bfloat16, torch.device("cpu")) != torch.bfloat16:
         pytest.skip("this CPU runs bf16 GEMMs in fp32")
     g = torch.Generator().manual_seed(3)

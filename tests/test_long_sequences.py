@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import alignkit.attention as attention  # noqa: E402
-from alignkit.attention import FLASH_VARLEN, VARLEN, VarlenLayout, register  # noqa: E402
-from alignkit.body import body_hidden  # noqa: E402
-from alignkit.profiling import MemoryWindow  # noqa: E402
-from alignkit.tiled_mlp import TiledMLP, chunk_tokens_for, tile_mlp, untile_mlp  # noqa: E402
+from alignkit.bench.profiling import MemoryWindow  # noqa: E402
+import alignkit.model.attention as attention  # noqa: E402
+from alignkit.model.attention import FLASH_VARLEN, VARLEN, VarlenLayout, register  # noqa: E402
+from alignkit.model.body import body_hidden  # noqa: E402
+from alignkit.model.tiled_mlp import TiledMLP, chunk_tokens_for, tile_mlp, untile_mlp  # noqa: E402
 from alignkit.train.config import ConfigError, TrainConfig  # noqa: E402
 from alignkit.train.data import Example  # noqa: E402
 from alignkit.train.model import SequenceLogprobs, forward_batch  # noqa: E402
@@ -65,9 +65,9 @@ def close(got, want, rel=2e-5):
 
 @pytest.fixture
 def causal_calls(monkeypatch):
-    """Counts the per-sequence attention calls of the varlen path (alignkit.attention._causal,
+    """Counts the per-sequence attention calls of the varlen path (alignkit.model.attention._causal,
     and shared_prompt's rejected responses merged over their prompt on CPU,
-    alignkit.prefix_attention.prefix_causal, recorded as ("prefix", queries))."""
+    alignkit.model.prefix_attention.prefix_causal, recorded as ("prefix", queries))."""
     calls = []
     real, real_merge = attention._causal, attention.prefix_attention.prefix_causal
 

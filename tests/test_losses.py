@@ -5,7 +5,7 @@ import torch
 import alignkit
 from alignkit.losses import (DPO_LOSS_TYPES, DPOLoss, kto_loss, preference_loss,
                              reward_pairwise_loss, reward_ranking_loss)
-from alignkit.oracle import reference_sequence_logprobs
+from alignkit.testing.oracle import reference_sequence_logprobs
 from conftest import assert_oracle, make_inputs
 
 B, T, H, V = 2, 37, 33, 1000

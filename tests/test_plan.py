@@ -138,7 +138,7 @@ def test_every_memory_option_holds_its_bound(memory):
     """Each plan a memory option lets the chooser take, pinned, peaks within the option's cap
     (exact peak: the profiler's memory events). A 64-row tile: the default keep budget holds
     part of the 480 deferred tokens, so the fast plan (all of them kept) is a plan of its own."""
-    from alignkit.profiling import peak_memory_bytes
+    from alignkit.bench.profiling import peak_memory_bytes
     S, T, H, V = 4, 160, 256, 8000
     h, W, y = _pair(S, T, H, V, seed=5)
     opts = dict(memory=memory, single_pass_bytes=64 * V * 4)

@@ -7,7 +7,7 @@ import torch
 
 import alignkit
 from alignkit.losses.policy import policy_loss_from_logprobs
-from alignkit.oracle import reference_linear_token_logprobs
+from alignkit.testing.oracle import reference_linear_token_logprobs
 
 trl = pytest.importorskip("trl")
 from trl_oracle import assert_matches_trl, trl_grpo  # noqa: E402

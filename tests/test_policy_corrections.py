@@ -9,7 +9,7 @@ import torch
 
 import alignkit
 from alignkit.losses.policy import policy_loss_from_logprobs
-from alignkit.oracle import reference_linear_token_logprobs
+from alignkit.testing.oracle import reference_linear_token_logprobs
 
 trl = pytest.importorskip("trl")
 from test_policy import _inputs, batch, ours  # noqa: E402

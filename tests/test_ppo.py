@@ -12,9 +12,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import alignkit.rl.ppo as ppo_mod  # noqa: E402
-from alignkit.reward_model import as_reward_model  # noqa: E402
+from alignkit.model.reward_model import as_reward_model  # noqa: E402
 from alignkit.rl import PPOConfig, PPOLoop, best_of_n  # noqa: E402
+import alignkit.rl.ppo as ppo_mod  # noqa: E402
 from alignkit.rl.rollout import token_logprobs_of, values_of  # noqa: E402
 from alignkit.rl.sample import to_rows  # noqa: E402
 from alignkit.train import PreferenceTrainer  # noqa: E402

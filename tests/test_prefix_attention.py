@@ -1,11 +1,11 @@
-"""alignkit.prefix_attention: a response's queries over [prompt, own] keys as two CPU flash calls
+"""alignkit.model.prefix_attention: a response's queries over [prompt, own] keys as two CPU flash calls
 merged by log-sum-exp, against a float64 oracle of the masked softmax, forward and every
 gradient (the trainer-level use:
 test_long_sequences.test_shared_prompt_runs_the_prompt_queries_once)."""
 import pytest
 import torch
 
-from alignkit.prefix_attention import applies, prefix_causal
+from alignkit.model.prefix_attention import applies, prefix_causal
 
 
 def oracle(q, kp, vp, k, v, scale):

@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from alignkit.losses import reward_ranking_loss  # noqa: E402
-from alignkit.reward_model import (  # noqa: E402
+from alignkit.model.reward_model import (  # noqa: E402
     SequenceScores,
     as_reward_model,
     is_reward_model,

@@ -2,7 +2,7 @@
 import torch
 
 import alignkit
-from alignkit.oracle import reference_sequence_logprobs
+from alignkit.testing.oracle import reference_sequence_logprobs
 from conftest import make_inputs
 
 

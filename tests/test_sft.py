@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import alignkit
 from alignkit.ops import plan
-from alignkit.oracle import oracle_sft_loss
+from alignkit.testing.oracle import oracle_sft_loss
 from conftest import make_inputs
 
 V, H = 301, 24
@@ -150,7 +150,7 @@ def test_peak_within_the_bound(kw):
     # smoothing and z-loss keep the pass's memory: no [N, V] tensor, the peak within
     # 1.3 x (grad_W + grad_h) + the tile budget (under a soft cap the tanh(x/c) buffer shares
     # the budget: a third of the rows)
-    from alignkit.profiling import peak_memory_bytes
+    from alignkit.bench.profiling import peak_memory_bytes
     g = torch.Generator().manual_seed(31)
     N, Hs, Vs = 600, 128, 8000
     h = torch.randn(N, Hs, generator=g).requires_grad_()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.oracle import oracle_preference_loss
+from alignkit.testing.oracle import oracle_preference_loss
 
 from conftest import BACKENDS, assert_oracle
 
@@ -70,7 +70,7 @@ def check_single_pass(loss, opts, shape, backend, dtype=torch.float32, device="c
     if loss == "dpo":
         ref_lp = -1450.0 + 60 * torch.randn(2 * B, generator=torch.Generator().manual_seed(7))
         ref_lp = ref_lp.to(device)
-    # the float64 oracle (alignkit.oracle): full logits, then the registry's loss, via autograd
+    # the float64 oracle (alignkit.testing.oracle): full logits, then the registry's loss, via autograd
     h64.requires_grad_(), W64.requires_grad_()
     if b64 is not None:
         b64.requires_grad_()

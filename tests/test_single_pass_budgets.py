@@ -14,8 +14,8 @@ def test_single_pass_tile_default_scales_with_a_big_vocabulary(monkeypatch):
     of grad_W. At the RL bench's R1 head (V=151936, H=1024) 64 MiB held 110 rows, below the 256
     where auto takes the token pass, which then ran 1.28x the GEMM floor when forced; 512 rows
     let auto take it (441 rows measured 0.97x, bench/RESULTS.md)."""
-    from alignkit.ops.pass_budget import long_tiles, tile_rows
     from alignkit.ops.options import TileOptions
+    from alignkit.ops.pass_budget import long_tiles, tile_rows
     monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
     assert tile_rows(151936, H=1024) == 512
     assert tile_rows(151936, H=384) == 192                  # half of grad_W caps it
@@ -32,8 +32,8 @@ def test_single_pass_tile_default_scales_with_a_big_vocabulary(monkeypatch):
 def test_tile_knobs_have_one_meaning_each(monkeypatch):
     """ALIGNKIT_TILE_BYTES is the recompute's tile budget only; the single pass has its own
     (ALIGNKIT_SINGLE_PASS_BYTES); a TileOptions field given in the call wins over both."""
-    from alignkit.ops.pass_budget import tile_rows
     from alignkit.ops.options import TileOptions
+    from alignkit.ops.pass_budget import tile_rows
     monkeypatch.setenv("ALIGNKIT_TILE_BYTES", str(4000 * 10))
     assert tile_rows(1000) == (64 << 20) // 4000                  # untouched by it
     monkeypatch.setenv("ALIGNKIT_SINGLE_PASS_BYTES", str(4000 * 7))
@@ -82,8 +82,8 @@ def test_kept_deferred_tokens(loss, opts, shape, budget, dtype, backend, kept_ro
 def test_keep_budget_knob(monkeypatch):
     """keep_bytes: default 3/10 of grad_W; ALIGNKIT_KEEP_BYTES; the call's TileOptions wins;
     the kept rows share the tile's budget (fp32: 4 bytes an element)."""
-    from alignkit.ops.pass_budget import keep_rows, tile_rows
     from alignkit.ops.options import TileOptions
+    from alignkit.ops.pass_budget import keep_rows, tile_rows
     monkeypatch.delenv("ALIGNKIT_KEEP_BYTES", raising=False)
     monkeypatch.delenv("ALIGNKIT_SINGLE_PASS_BYTES", raising=False)
     # the default: 3/10 of grad_W less the tile's two [rows, H] fp32 temporaries
@@ -117,8 +117,8 @@ def test_peak_within_the_bound_with_few_tokens_for_the_vocabulary(loss, pairs):
     budget even where the batch's grad_h is small beside the tile's two [rows, H] temporaries
     (B2's case: 1024 tokens, V=151936, 0.08 MiB over before the keep default made room for
     them). Here: 64-row tiles, and more deferred tokens than the keep budget holds."""
+    from alignkit.bench.profiling import peak_memory_bytes
     from alignkit.ops.options import TileOptions
-    from alignkit.profiling import peak_memory_bytes
     g = torch.Generator().manual_seed(31)
     S, T, H, V = 2 * pairs, 160, 256, 8000
     h = torch.randn(S, T, H, generator=g).requires_grad_()

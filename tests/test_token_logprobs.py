@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.profiling import peak_memory_bytes
-from alignkit.oracle import reference_token_logprobs as ref
+from alignkit.bench.profiling import peak_memory_bytes
+from alignkit.testing.oracle import reference_token_logprobs as ref
 from conftest import assert_oracle
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import alignkit
-from alignkit.oracle import reference_linear_token_logprobs as ref_lin
-from alignkit.oracle import reference_token_logprobs as ref_tok
+from alignkit.testing.oracle import reference_linear_token_logprobs as ref_lin
+from alignkit.testing.oracle import reference_token_logprobs as ref_tok
 from conftest import TRITON_INTERPRET as INTERPRET
 from conftest import assert_oracle, make_inputs, on, triton_devices
 from test_linear_logprobs import check_all

@@ -307,7 +307,7 @@ def test_preference_loss_options_against_float64_oracle(opts, shape):
     """preference_loss in fp32 (the recompute and the single pass) against the float64 oracle
     (full logits; WPO's log Σ p² from them): loss and the gradients of hidden, weight and bias,
     within a few times the recompute's own fp32 error; the two plans' metrics agree."""
-    from alignkit.oracle import oracle_preference_loss, reference_sequence_logprobs
+    from alignkit.testing.oracle import oracle_preference_loss, reference_sequence_logprobs
     from conftest import assert_oracle
     from test_single_pass import pair_inputs
     h64, W64, b64, y, seg = pair_inputs(T=29, H=24, V=700, bias=True, seed=5, **shape)
@@ -384,7 +384,7 @@ def test_trainer_config_checks_the_new_options(loss, options, ok):
 def test_cpo_reduction_follows_trl(loss_type):
     """TRL 1.16's CPOTrainer: sums for sigmoid and hinge, per-token averages for ipo, simpo and
     alphapo (average_log_prob=loss_type in ["ipo", "simpo"], alphapo being simpo there)."""
-    from alignkit.oracle import reference_sequence_logprobs
+    from alignkit.testing.oracle import reference_sequence_logprobs
     from test_single_pass import pair_inputs
     h, W, _, y, _ = pair_inputs(T=21, H=16, V=300, pairs=2, seed=4)
     sums, counts = reference_sequence_logprobs(h, W, y)
@@ -414,7 +414,7 @@ def test_ld_alpha_matches_trl_through_preference_loss(opts, packed):
     """preference_loss(ld_alpha=...) against TRL 1.16's DPOTrainer on the same per-token
     log-probs (the oracle's full float64 logits): loss and the gradients of hidden and weight.
     alignkit's op runs its GEMMs in fp32 even for float64 inputs: fp32 tolerances."""
-    from alignkit.oracle import reference_linear_token_logprobs
+    from alignkit.testing.oracle import reference_linear_token_logprobs
     h, W, y = _ld_case(packed)
     S, T = y.shape
     B_ = S // 2

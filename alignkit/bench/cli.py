@@ -101,6 +101,8 @@ def parser():
     p.add_argument("--csv")
     p.add_argument("--json")
     p.add_argument("--plot", help="a PNG of time / floor and peak / memory floor")
+    p.add_argument("--write", metavar="NAME", help="save the table as rows for bench/RESULTS.md: "
+                   "bench/out/rows/<machine class>/NAME.json (python -m bench.render_results)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -170,6 +172,9 @@ def run(argv=None, log=print) -> dict:
                        "rows": [row_dict(r) for r in rows]}, f, indent=1)
     if a.plot:
         harness.plot([r for r in rows if r.seconds is not None], a.plot, head.splitlines()[0])
+    if a.write:
+        cmd = "alignkit bench " + " ".join(sys.argv[1:] if argv is None else argv)
+        log("wrote " + harness.write_rows(a.write, cmd.replace(f" --write {a.write}", ""), table))
     return {"rows": rows, "table": table}
 
 

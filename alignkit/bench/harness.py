@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.profiling import peak_memory_bytes
+from alignkit.bench.profiling import peak_memory_bytes
 
 
 peak_bytes = peak_memory_bytes
@@ -224,13 +224,49 @@ def plot(rows: list[Row], path, title: str):
 
 
 def write_out(name: str, module: str, text: str) -> str:
-    """bench/out/<name>.md: the command line (``python -m <module> <argv>``), then the text.
-    Returns the path."""
+    """bench/out/<name>.md: the command line (``python -m <module> <argv>``), then the text; and
+    its tables as rows (write_rows). Returns the path."""
     import sys
     os.makedirs("bench/out", exist_ok=True)
     path = os.path.join("bench/out", f"{name}.md")
+    command = f"python -m {module} {' '.join(sys.argv[1:])}".strip()
     with open(path, "w") as f:
-        f.write(f"command: python -m {module} {' '.join(sys.argv[1:])}\n\n{text}\n")
+        f.write(f"command: {command}\n\n{text}\n")
+    write_rows(name, command, text)
+    return path
+
+
+def markdown_tables(text: str) -> list:
+    """[{"header": [...], "rows": [[...], ...]}] of the Markdown tables in a bench's text."""
+    tables, cur = [], None
+    for line in text.split("\n"):
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cur is None:
+                cur = {"header": cells, "rows": []}
+                tables.append(cur)
+            elif not all(set(c) <= set("-: ") for c in cells):
+                cur["rows"].append(cells)
+        else:
+            cur = None
+    return tables
+
+
+def write_rows(name: str, command: str, text: str, root: str = "bench/out/rows") -> str:
+    """The machine-readable record of one bench run, which bench/render_results.py turns into
+    bench/RESULTS.md: ``<root>/<machine class>/<name>.json`` with the command, the date, the
+    machine and the text's tables as rows. A later run of the same bench on the same class
+    replaces it (git keeps the history). Returns the path."""
+    import datetime
+    import json
+    cls = this_machine_class()
+    os.makedirs(os.path.join(root, cls), exist_ok=True)
+    path = os.path.join(root, cls, f"{name}.json")
+    doc = {"bench": name, "command": command, "date": datetime.date.today().isoformat(),
+           "machine": machine(), "machine_class": cls, "tables": markdown_tables(text)}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
     return path
 
 

@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from alignkit.heads import head_options, match_head_dtypes
-from alignkit.ops.vocab_stats import vocab_row_stats
 from alignkit.losses import preference_loss
 from alignkit.losses.sft import sft_loss_tokens
+from alignkit.model.heads import head_options, match_head_dtypes
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.vocab_stats import vocab_row_stats
 
 try:       # a transformers ModelOutput, so that hooks that walk outputs (ZeRO-3's) see the tensors
     from transformers.utils import ModelOutput as _OutputBase

@@ -5,7 +5,7 @@ Batch (HF conventions; ``pack_pairs`` builds one from token lists):
 - ``input_ids`` [R, L], ``attention_mask`` ([R, L], or a 4D float mask for packed rows),
   optional ``position_ids`` [R, L];
 - optional ``alignkit_layout``: a ``VarlenLayout`` (``pack_pairs(..., attention="varlen")``) for
-  a model whose attn_implementation is alignkit's varlen (``alignkit.attention``): packed rows
+  a model whose attn_implementation is alignkit's varlen (``alignkit.model.attention``): packed rows
   with no mask, passed down to every attention call;
 - ``labels`` [R, L]: the token ids where they are to be scored, -100 elsewhere (prompt,
   padding); label t is scored from position t-1, as HF's own loss shifts;
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from alignkit.api import reduce_sequences
-from alignkit.attention import require_varlen
 from alignkit.integrations.head import patch_model
+from alignkit.model.attention import require_varlen
 
 
 def _unwrap(model):
@@ -109,8 +109,7 @@ def pack_pairs(pairs: Sequence, *, packing: str = "padded", pad_id: int = 0,
     all-ones mask and an ``alignkit_layout`` for a varlen model: no [N, N] mask
     (shared_prompt scores one position twice, which HF-style labels cannot express: use
     alignkit's own trainer for it)."""
-    from alignkit.train.data import Example
-    from alignkit.train.packing import collate
+    from alignkit.train import Example, collate
     if packing not in ("padded", "padding_free"):
         raise ValueError(f"packing must be padded or padding_free; got {packing!r}")
     exs = [Example(tuple(p), (tuple(c), tuple(r))) for p, c, r in pairs]

@@ -40,7 +40,7 @@ def cpu_flags() -> frozenset:
 def cpu_has_bf16() -> bool:
     """The CPU has bf16 matrix units (avx512_bf16 or AMX): only there is a bf16 GEMM with fp32
     accumulation a candidate at all; without them bf16 matmul runs ~20x slower than fp32
-    (bench/RESULTS.md, "bf16 on CPU")."""
+    (bench/HISTORY.md, "bf16 on CPU")."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 

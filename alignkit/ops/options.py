@@ -52,12 +52,12 @@ class TileOptions:
                       ALIGNKIT_TILE_BYTES; default 16 MiB, or 1/16 of the weight gradient
                       (V·H·4 bytes) when that is larger: every chunk of rows reads and writes
                       all of grad_W once, so a big head wants fewer, longer chunks
-                      (bench/RESULTS.md, "Tile budget").
+                      (bench/HISTORY.md, "Tile budget").
     vocab_block       vocabulary columns per logits GEMM. ALIGNKIT_VOCAB_BLOCK, 2048.
     single_pass_bytes the single pass's full-vocabulary [rows, V] tile on CPU.
                       ALIGNKIT_SINGLE_PASS_BYTES; default 64 MiB, or 512 fp32 rows (512·V·4)
                       where that is larger and within half of grad_W: the pass's GEMMs want
-                      long tiles (bench/RESULTS.md, "Single pass or recompute").
+                      long tiles (bench/HISTORY.md, "Single pass or recompute").
     keep_bytes        the single pass's memory beyond its tile for the G tiles of sequences
                       whose scalar is not known yet (several pairs, untied losses): kept, they
                       cost 3 GEMMs per token instead of 4 (formed again). One buffer holds the

@@ -85,7 +85,7 @@ LONG_TILE_ROWS = 192
 
 def long_tiles(weight, tiles=None) -> bool:
     """Whether full-vocabulary tiles hold the >= 192 rows where the single pass's GEMMs ran at
-    speed (bench/RESULTS.md, "Single pass or recompute"); on CPU only in fp32, where the pass's
+    speed (bench/HISTORY.md, "Single pass or recompute"); on CPU only in fp32, where the pass's
     fp32 [V, H] accumulator is not twice a bf16 grad_W. torch.compile's fixed rule (a compiled
     graph cannot time candidates); eager calls measure (alignkit/ops/plan.py)."""
     if weight.device.type != "cuda" and weight.dtype != torch.float32:

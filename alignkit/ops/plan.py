@@ -36,7 +36,7 @@ and without a gradient the recompute's forward is one GEMM per tile).
 The plan key: the device and machine (CPU model and flags, or GPU name and capability), the loss
 kind (pair pass tied / untied, token pass, coupled token pass), dtype, backend, H, V (rounded up
 to 1024), the token count (rounded up to a power of 2), the number of sequences, and the memory
-option. Measurements behind the plans: bench/RESULTS.md, "The plan chooser".
+option. Measurements behind the plans: bench/HISTORY.md, "The plan chooser".
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ A big head changes the balance: each chunk of rows also reads and writes all of 
 (V·H·4 bytes; in bf16 with a cast of G and an fp32 add), so at H=4096, V=128256 the 16 MiB
 budget's 372-row chunks made backward 2.6x the GEMM floor in bf16. The default budget therefore
 grows to 1/16 of grad_W where that is larger (TileOptions.resolved): 128 MiB there, ~2,900-row
-chunks, 1.4-1.7x in bf16 and 1.13x in fp32 (RESULTS, "Tile budget"). An explicit tile_bytes (argument or
+chunks, 1.4-1.7x in bf16 and 1.13x in fp32 (bench/HISTORY.md, "Tile budget"). An explicit tile_bytes (argument or
 ALIGNKIT_TILE_BYTES) is taken as given.
 
 Set them per call with ``tiles=alignkit.TileOptions(tile_bytes=..., vocab_block=...)``; the

@@ -25,12 +25,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from alignkit.api import sequence_logprobs
-from alignkit.heads import match_head_dtypes
 from alignkit.losses import policy_loss
 from alignkit.losses.options import check_number
-from alignkit.ops.options import TileOptions
 from alignkit.losses.policy import KL_ESTIMATORS
-from alignkit.reward_model import as_reward_model, is_reward_model
+from alignkit.model.heads import match_head_dtypes
+from alignkit.model.reward_model import as_reward_model, is_reward_model
+from alignkit.ops.options import TileOptions
 from alignkit.rl.advantages import gae, kl_penalized_rewards, value_loss
 from alignkit.rl.rollout import (
     Rollout,
@@ -108,7 +108,7 @@ class PPOLoop:
     ref_policy=None, ptx_data=None)``.
 
     policy: a transformers CausalLM (trained in place). reward_model: a reward model
-    (alignkit.reward_model; frozen). tokenizer: shared by the policy and the reward model.
+    (alignkit.model.reward_model; frozen). tokenizer: shared by the policy and the reward model.
     prompts: strings or lists of {role, content} messages, rendered with the tokenizer's chat
     template (as the trainer renders them), or lists of token ids. value_model: the critic, default a copy of the
     reward model (InstructGPT initialises the value function from the RM). ref_policy: the KL
@@ -121,7 +121,7 @@ class PPOLoop:
 
     def __init__(self, policy, reward_model, tokenizer, prompts: Sequence, config=None,
                  value_model=None, ref_policy=None, ptx_data: Optional[Sequence] = None):
-        from alignkit.train.packing import pad_id_of
+        from alignkit.train import pad_id_of
         self.cfg = cfg = config if isinstance(config, PPOConfig) else PPOConfig(**(config or {}))
         if not is_reward_model(reward_model):
             raise ValueError("reward_model must be a reward model (a sequence-classification "

@@ -15,10 +15,9 @@ import torch
 from torch import Tensor
 
 from alignkit.api import linear_token_logprobs
-from alignkit.heads import match_head_dtypes
 from alignkit.losses.options import check_number
-from alignkit.reward_model import SequenceScores, score_sequences
-from alignkit.train.model import head_of
+from alignkit.model.heads import head_of, match_head_dtypes
+from alignkit.model.reward_model import SequenceScores, score_sequences
 
 IGNORE = -100
 
@@ -41,7 +40,7 @@ def encode_prompts(tokenizer, prompts: Sequence, max_prompt_length: int):
     as the trainer renders a prompt (its chat template, the generation prompt added) and keeps its
     last max_prompt_length tokens; a list of token ids is taken as is (messages: None). A bad
     prompt raises ValueError naming its index."""
-    from alignkit.train.data import Tokenise, prompt_of
+    from alignkit.train import Tokenise, prompt_of
     tk = Tokenise(tokenizer, max_prompt_length + 1, max_prompt_length, False)
     ids, msgs = [], []
     for i, p in enumerate(prompts):

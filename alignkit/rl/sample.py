@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from alignkit.reward_model import is_reward_model
+from alignkit.model.reward_model import is_reward_model
 from alignkit.rl.rollout import check_sampling, encode_prompts, sample, scores_of
 
 FORMATS = ("sft", "dpo")
@@ -44,7 +44,7 @@ def best_of_n(policy, reward_model, tokenizer, prompts: Sequence, config=None) -
     """For each prompt (a string or [{role, content}] messages): its n completions, best first,
     as {"prompt": [msg], "completions": [text, ...], "scores": [float, ...]}. The policy and the
     reward model share the tokenizer; prompts are rendered with its chat template."""
-    from alignkit.train.packing import pad_id_of
+    from alignkit.train import pad_id_of
     cfg = config if isinstance(config, SampleConfig) else SampleConfig(**(config or {}))
     if not is_reward_model(reward_model):
         raise ValueError("reward_model must be a reward model (num_labels=1); train one with "
@@ -110,8 +110,8 @@ def sample_to_file(policy_dir: str, reward_model_dir: str, prompts_path: str, ou
     "prompt", or plain strings, .json / .jsonl), sample, write out. Returns a summary."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.reward_model import load_reward_model
-    from alignkit.train.data import DataError, load_rows
+    from alignkit.model.reward_model import load_reward_model
+    from alignkit.train import DataError, load_rows
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     for name, d in (("policy", policy_dir), ("reward_model", reward_model_dir),

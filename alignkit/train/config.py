@@ -15,7 +15,7 @@ from alignkit.losses.registry import LOSSES as REGISTRY
 from alignkit.ops.options import is_real
 
 PACKINGS = ("padded", "padding_free", "shared_prompt")
-# auto: flash_attention_2 where flash-attn can run (CUDA, installed), else varlen (alignkit.attention)
+# auto: flash_attention_2 where flash-attn can run (CUDA, installed), else varlen (alignkit.model.attention)
 ATTN_IMPLEMENTATIONS = ("auto", "varlen", "flash_attention_2", "sdpa", "eager")
 REFERENCES = ("precompute", "live", "none")
 # dpo, simpo, cpo, orpo, kto (alignkit/losses/registry.py), and two that score no preference:
@@ -46,7 +46,7 @@ class TrainConfig:
     model_config: Optional[dict] = None      # e.g. {model_type: llama, hidden_size: 256, ...}
     tokenizer: Optional[str] = None          # a local tokenizer directory (default: model)
     # varlen / flash_attention_2: each sequence of a packed row attends to itself, with no mask
-    # (alignkit/attention.py); sdpa / eager: masks (padding_free's is dense, [N, N])
+    # (alignkit/model/attention.py); sdpa / eager: masks (padding_free's is dense, [N, N])
     attn_implementation: str = "auto"
     # data
     data: Optional[str] = None               # .json / .jsonl path (or a datasets.Dataset in Python)
@@ -77,7 +77,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"                  # auto: bf16 autocast where the device has bf16
     gradient_checkpointing: bool = False
-    tiled_mlp: bool = False                  # the MLP a chunk of tokens at a time (alignkit.tiled_mlp)
+    tiled_mlp: bool = False                  # the MLP a chunk of tokens at a time (alignkit.model.tiled_mlp)
     fsdp: bool = False                       # FSDP2 (fully_shard) under torchrun; else DDP
     logging_steps: int = 1
     eval_steps: int = 0                      # 0: eval at the end only (when there is eval data)
@@ -176,7 +176,7 @@ class TrainConfig:
                               "which gradient checkpointing turns off in training; use "
                               "attn_implementation auto or varlen (one row per pair, no cache)")
         if self.attn_implementation == "flash_attention_2":
-            from alignkit.attention import flash_attn_missing
+            from alignkit.model.attention import flash_attn_missing
             why = flash_attn_missing()
             if why:
                 raise ConfigError(f"attn_implementation flash_attention_2: {why}; use auto or "
@@ -208,8 +208,8 @@ class TrainConfig:
 
     def attention(self) -> str:
         """The transformers attn_implementation this config runs: sdpa, eager, or one of
-        alignkit.attention's varlen names (auto: flash-attn's where it can run)."""
-        from alignkit.attention import FLASH_VARLEN, VARLEN, flash_attn_missing, register
+        alignkit.model.attention's varlen names (auto: flash-attn's where it can run)."""
+        from alignkit.model.attention import FLASH_VARLEN, VARLEN, flash_attn_missing, register
         a = self.attn_implementation
         if a in ("sdpa", "eager"):
             return a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.reward_model import load_reward_model, reward_model_from_config
+from alignkit.model.reward_model import load_reward_model, reward_model_from_config
 from alignkit.train.config import ConfigError, TrainConfig
 
 

@@ -6,45 +6,21 @@ weight: the model's logits path is never called. Wrapping the whole model in one
 what DDP and FSDP2 need: the head weight is used inside this module's forward, so DDP syncs its
 gradient and FSDP2 all-gathers it with the root's parameters (and reduce-scatters its gradient).
 
-Head transforms read from the config (alignkit.heads.head_options):
+Head transforms read from the config (alignkit.model.heads.head_options):
 ``final_logit_softcapping`` (Gemma 2/3) -> softcap, ``logits_scaling`` (Granite, logits / s) and
 ``logit_scale`` (Cohere, logits · s) -> temperature. A config with another logit multiplier is
-refused by ``head_of``.
+refused by ``head_of`` (alignkit.model.heads).
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from alignkit.api import sequence_logprobs
-from alignkit.body import body_hidden
 from alignkit.losses import preference_loss, sft_loss
-from alignkit.heads import head_options, match_head_dtypes
+from alignkit.model.body import body_hidden
+# head_of and ModelError live with the head adapter (alignkit.rl uses them too); re-exported here
+from alignkit.model.heads import ModelError, head_of, match_head_dtypes  # noqa: F401
 from alignkit.train.objective import SFT
-
-
-class ModelError(ValueError):
-    """The model's body or LM head cannot be reached, or its head is not a plain linear map."""
-
-
-def head_of(model):
-    """(body, head module, op options) of a transformers CausalLM."""
-    get_dec = getattr(model, "get_decoder", None)
-    body = get_dec() if callable(get_dec) else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or body is model or not isinstance(head, nn.Module) or \
-            not isinstance(getattr(head, "weight", None), Tensor):
-        raise ModelError(f"{type(model).__name__}: cannot reach its body (get_decoder()) and LM "
-                         "head (get_output_embeddings() with a weight [V, H]); alignkit needs "
-                         "both to skip the logits")
-    if not isinstance(head, nn.Linear):
-        raise ModelError(f"{type(model).__name__}: LM head is {type(head).__name__}, not a "
-                         "linear layer")
-    try:
-        opts = head_options(model)
-    except NotImplementedError as e:
-        raise ModelError(str(e)) from None
-    opts = {k: v for k, v in opts.items() if v is not None and not (k == "temperature" and v == 1.0)}
-    return body, head, opts
 
 
 class SequenceLogprobs(nn.Module):

@@ -9,7 +9,7 @@ gathers positions P-1 .. P+R-2.
 
 Two attentions (``attention=``), chosen by the model's attn_implementation:
 
-- ``varlen`` (alignkit.attention: ``alignkit_varlen`` / ``alignkit_fa_varlen``): no mask at all.
+- ``varlen`` (alignkit.model.attention: ``alignkit_varlen`` / ``alignkit_fa_varlen``): no mask at all.
   ``layout`` (a ``VarlenLayout``) says which positions attend to which; ``attention_mask`` is all
   ones (O(N)), so transformers builds no mask either.
   - ``padded``: one row per sequence, right-padded; each row one causal sequence (a real token
@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from alignkit.attention import VarlenLayout
+from alignkit.model.attention import VarlenLayout
 
 ATTENTIONS = ("dense", "varlen")
 

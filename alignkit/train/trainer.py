@@ -19,10 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from alignkit.attention import uses_varlen
+from alignkit.model.attention import uses_varlen
+from alignkit.model.reward_model import SequenceScores, as_reward_model
+from alignkit.model.tiled_mlp import tile_mlp
 from alignkit.ops.backends import cpu_has_bf16
-from alignkit.tiled_mlp import tile_mlp
-from alignkit.reward_model import SequenceScores, as_reward_model
 from alignkit.train import checkpoint as ckpt
 from alignkit.train import distributed
 from alignkit.train.config import ConfigError, TrainConfig

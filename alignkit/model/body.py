@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignkit.attention import require_varlen
+from alignkit.model.attention import require_varlen
 
 
 class BodyError(ValueError):

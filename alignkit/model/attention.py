@@ -4,8 +4,8 @@
 Two implementations, one function:
 - ``alignkit_varlen`` (any device): ``F.scaled_dot_product_attention(is_causal=True)`` one
   sequence at a time. Memory O(N) (the CPU and CUDA flash kernels keep no [L, L] scores), time
-  Σ L_s² instead of N². Measured on this 2-core Xeon: 2.7-3.8x faster than SDPA with the dense
-  block-causal mask at N=2048 in 4 sequences (fwd+bwd), and no 4·N² bytes of mask.
+  Σ L_s² instead of N², and no 4·N² bytes of mask (against SDPA with the dense block-causal mask:
+  ``bench.long_sequences synthetic``, bench/RESULTS.md per machine class).
 - ``alignkit_fa_varlen`` (CUDA, ``pip install alignkit[gpu]``): flash-attn's
   ``flash_attn_varlen_func`` over the whole row with cumulative sequence lengths (``cu_seqlens``,
   int32 [S+1]) — how TRL, LLaMA-Factory and verl run packed rows. The queries are the row
@@ -23,7 +23,7 @@ shared_prompt's pairs are one sequence [prompt, chosen, rejected] in the row, po
 [prompt, rejected], so both responses see the prompt and not each other, and the prompt's MLP,
 norms, projections and attention run once per pair. The rejected response's queries alone attend
 over the prompt's keys and values and their own:
-- CPU (no dropout, softcap or short sliding window): ``alignkit.prefix_attention``, the prompt
+- CPU (no dropout, softcap or short sliding window): ``alignkit.model.prefix_attention``, the prompt
   block (no mask) and the response's own causal block as two flash calls merged by their
   log-sum-exp. R·P + R²/2 scores, no mask, at any length.
 - otherwise, the prompt's keys and values copied in front of the response's, with the causal mask
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit import prefix_attention
+from alignkit.model import prefix_attention
 
 # shared_prompt's rejected response off the CPU merge (prefix_attention.applies): its R queries
 # alone over [prompt, response] take a bool [R, P + R] bottom-right causal mask, which SDPA saves
@@ -214,8 +214,8 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         return out.transpose(1, 2).contiguous(), None
     # the pieces' queries, keys and values as one split of the row each: split's backward lays
     # the pieces' gradients end to end in one copy, where a slice per piece zero-filled a whole
-    # row per piece and summed them (7% of the attention's fwd+bwd at L=1024, P=512, 2 pairs,
-    # on the Zen 5 EPYC; O(S·N) for padding_free's S sequences)
+    # row per piece and summed them (O(S·N) for padding_free's S sequences; bench/HISTORY.md,
+    # "shared_prompt's rejected response merged over its prompt")
     starts = [s for _, _, s, _ in layout.pieces]
     sizes = [e - s for _, _, s, e in layout.pieces]
     qs, ks, vs = (t.split(sizes, 2) for t in (query, key, value))
@@ -230,7 +230,7 @@ def varlen_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
             if prefix_attention.applies(qs[i], dropout, softcap, sliding_window,
                                         pe - ps + e - s):
                 # CPU: the prompt block and the response's own causal block, merged by their
-                # log-sum-exp (alignkit.prefix_attention): no mask, no prompt query again
+                # log-sum-exp (alignkit.model.prefix_attention): no mask, no prompt query again
                 outs.append(prefix_attention.prefix_causal(qs[i], prompt[1], prompt[2], ks[i],
                                                            vs[i], scaling))
                 continue
@@ -285,7 +285,7 @@ def require_varlen(model) -> None:
     if not uses_varlen(model):
         have = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise ValueError(f"a varlen layout (alignkit_layout) needs the model's attn_implementation "
-                         f"to be {VARLEN} or {FLASH_VARLEN} (alignkit.attention.register(), then "
+                         f"to be {VARLEN} or {FLASH_VARLEN} (alignkit.model.attention.register(), then "
                          f"model.set_attn_implementation({VARLEN!r})); {type(model).__name__} "
                          f"has {have!r}, which would ignore it and attend across sequences")
 

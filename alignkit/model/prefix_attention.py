@@ -1,7 +1,7 @@
 """Causal attention of a sequence's last R queries over a shared prefix and their own keys, with
 no mask: two flash-attention calls, one per key block, merged by their log-sum-exp.
 
-shared_prompt's rejected response (alignkit.attention): its R queries sit at positions
+shared_prompt's rejected response (alignkit.model.attention): its R queries sit at positions
 P .. P+R-1 of the sequence [prompt (P), response (R)]. Causal attention over that sequence is
 
     o = softmax([q·Kpᵀ, q·Krᵀ + causal] · scale) · [Vp; Vr]
@@ -19,11 +19,10 @@ the merged o and l, returns that block's exact share; dq = dq_p + dq_r.
 
 Cost: R·P + R²/2 scores, against R·(P + R) under a bottom-right causal mask (the CPU flash kernel
 computes every masked block whole, and SDPA keeps the [R, P + R] mask for backward) and
-(P + R)²/2 when the prompt's queries run again. Measured fwd+bwd on the Zen 5 EPYC
-(``bench.prefix_attention``: 4 heads, D=64, fp32, P = R), against the mask and the prompt run
-again: 1.07x / 1.54x at 384, level (0.98x) / 1.40x at 512, 1.15x / 1.38x at 640, 1.23x / 1.37x
-at 1024, 1.46x / 1.36x at 4096. (Level at 512 most likely because the kernel's key blocks are
-512 long there, so the own causal block is computed whole.)
+(P + R)²/2 when the prompt's queries run again. What that buys fwd+bwd against both, per
+machine class: ``python -m bench.prefix_attention --write`` (bench/HISTORY.md, "shared_prompt's
+rejected response merged over its prompt"). Where P is one key block of the CPU kernel (512), the
+own causal block is computed whole and the merge runs level with the mask.
 
 CPU only: torch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``) returns
 its log-sum-exp, and takes GQA's fewer key/value heads as they are. Shapes: q [B, Hq, R, D];

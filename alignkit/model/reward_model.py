@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from alignkit.body import body_hidden
+from alignkit.model.body import body_hidden
 
 
 class RewardModelError(ValueError):
@@ -38,7 +38,7 @@ def reward_parts(model):
         raise RewardModelError(f"{type(model).__name__} is not a reward model: it needs a body "
                                "(model.<base_model_prefix>) and a linear score head with one "
                                "output (AutoModelForSequenceClassification, num_labels=1); "
-                               "convert a CausalLM with alignkit.reward_model.as_reward_model")
+                               "convert a CausalLM with alignkit.model.reward_model.as_reward_model")
     return getattr(model, model.base_model_prefix), model.score
 
 

@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: the float64 oracle (``alignkit.testing.oracle``)."""
