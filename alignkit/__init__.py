@@ -6,6 +6,7 @@ from alignkit.api import (
     token_logprobs,
 )
 from alignkit.integrations.head import patch_model
+from alignkit.losses.distill import distill_loss
 from alignkit.losses import policy_loss, preference_loss
 from alignkit.ops.backends import cpp_available
 from alignkit.ops.options import EngineOptions, TileOptions
@@ -28,6 +29,7 @@ __all__ = [
     "LinearTokenLogprobs",
     "preference_loss",
     "policy_loss",
+    "distill_loss",
     "cpp_available",
     "TileOptions",
     "EngineOptions",
