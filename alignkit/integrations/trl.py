@@ -16,6 +16,9 @@ What changes, per trainer, and why no option can be dropped:
   CPO's the response), and ``logits/chosen|rejected`` -- means over positions and vocabulary --
   come from hidden · mean(W) + mean(b), which needs no logits. ``get_batch_loss_metrics`` and
   ``cpo_loss`` / ``odds_ratio_loss`` stay TRL's.
+- ``DistillationTrainer``: its chunked divergence (``_chunked_divergence_loss`` and the
+  ``ChunkedDivergenceFunction`` inside it) is answered by alignkit.distill_loss, for the patched
+  trainer only (alignkit/integrations/trl_distill.py says how, and what it refuses).
 - ``GRPOConfig.cast_lm_head_to_fp32=True``: the head's GEMMs run in fp32 with autocast off, as
   TRL's own head does (policy and reference).
 - ``DPOConfig.use_weighting=True`` (WPO): the fused output carries ``log_sum_sq_probs``
@@ -74,10 +77,15 @@ def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
     from trl import DPOTrainer, KTOTrainer
     names = {c.__name__ for c in type(trainer).__mro__}
     rl = names & {"GRPOTrainer", "RLOOTrainer"}
+    if "DistillationTrainer" in names:
+        from alignkit.integrations.trl_distill import patch_distillation
+        _check_common(trainer)
+        return patch_distillation(trainer, **kw)
     if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
             names & {"CPOTrainer", "ORPOTrainer"} and not rl:
         raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
-                        f"ORPOTrainer, GRPOTrainer and RLOOTrainer; got {type(trainer).__name__}")
+                        f"ORPOTrainer, GRPOTrainer, RLOOTrainer and DistillationTrainer; got "
+                        f"{type(trainer).__name__}")
     if _patched(_base(trainer.model)):
         return trainer
     _check_common(trainer)
