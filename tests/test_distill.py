@@ -26,10 +26,11 @@ def inputs(shape=(3, 7), Hs=13, Ht=9, V=37, scale=1.0, bias=True, seed=0, ignore
     return hs, ws, bs, ht, wt, bt, y
 
 
-def small_tiles(plan, V=37, rows=2):
-    """Tiles of `rows` labelled rows, so every call runs several chunks."""
-    b = 4 * 5 * V * rows
-    return alignkit.TileOptions(plan=plan, single_pass_bytes=b, tile_bytes=b)
+def small_tiles(plan, V=37, rows=2, vb=16):
+    """Tiles of `rows` labelled rows and vocab blocks of `vb` columns, so every call runs several
+    chunks, each over several blocks (a ragged last one)."""
+    b = 4 * (2 * V + 3 * vb) * rows
+    return alignkit.TileOptions(plan=plan, single_pass_bytes=b, tile_bytes=b, vocab_block=vb)
 
 
 def ours(hs, ws, bs, ht, wt, bt, y, dtype, **kw):
@@ -130,7 +131,8 @@ def test_teacher_is_frozen_and_plans_are_chosen_by_memory():
         before = distill_pass.CALLS[plan]
         loss, _ = alignkit.distill_loss(s[0], s[1], t[0], t[1], y, beta=0.5,
                                         tiles=alignkit.TileOptions(memory=memory,
-                                                                   tile_bytes=4 * 5 * 37 * 2))
+                                                                   tile_bytes=4 * 5 * 37 * 2,
+                                                                   vocab_block=16))
         assert distill_pass.CALLS[plan] == before + 1
         assert plan_mod.LAST[0].plan == plan
         loss.backward()

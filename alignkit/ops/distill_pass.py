@@ -18,7 +18,8 @@ past it; the recompute's forward alone where no gradient is wanted. Not timed: t
 does a strict subset of the recompute's work.
 
 Tiles: single_pass_bytes (CPU) or gpu_chunk_bytes (CUDA) for the single pass, tile_bytes for the
-recompute, each divided among the divergence's live_tiles [rows, V] fp32 buffers. The GEMMs are
+recompute, each divided among the tile's two [rows, V] fp32 buffers (and three [rows,
+vocab_block] temporaries: alignkit/ops/divergence.py). The GEMMs are
 torch's (fp32 output: alignkit/ops/gemm32.py); the elementwise divergence is torch's too, in
 place on the preallocated buffers: neither the cpp kernels nor the triton ones compute a
 divergence (they fold log-probs of a label), so every backend runs this one path.
@@ -38,7 +39,7 @@ from alignkit.ops.gemm32 import addmm32, mm32
 from alignkit.ops.options import TileOptions, is_real
 from alignkit.ops.pass_autograd import needs, scaled_grads, stash
 from alignkit.ops.pass_budget import NO_GRAD
-from alignkit.ops.divergence import grad_factor, live_tiles, tile_divergence
+from alignkit.ops.divergence import LIVE_TILES, fold_lse, grad_factor, tile_divergence
 from alignkit.ops.validate import check_float, check_labels, check_same_device, compact
 
 # forwards run per plan ("single_pass", "recompute", "forward": no gradient wanted): tests
@@ -53,6 +54,7 @@ class DistillOptions:
     ignore_index: int
     num_items: object        # None (mean over the labelled tokens), a number or a 0-dim tensor
     rows: int                # labelled rows per tile
+    vocab_block: int         # vocab columns per logits GEMM and elementwise step
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -153,13 +155,13 @@ def _logits(out, h, w, b, inv_t, dt):
         out.mul_(inv_t)
 
 
-def rows_for(V: int, Hs: int, beta: float, device, tiles, recompute: bool) -> int:
+def rows_for(V: int, Hs: int, device, tiles, recompute: bool) -> int:
     """Labelled rows per tile: the plan's budget (TileOptions.resolved for the student's head)
-    over the live_tiles fp32 [rows, V] buffers."""
+    over the tile's fp32 buffers (LIVE_TILES [rows, V] and three [rows, vocab_block])."""
     t = (tiles or TileOptions()).resolved(head=(V, Hs))
     budget = t.tile_bytes if recompute else (
         t.gpu_chunk_bytes if torch.device(device).type == "cuda" else t.single_pass_bytes)
-    return max(1, budget // (4 * live_tiles(beta) * V))
+    return max(1, budget // (4 * (LIVE_TILES * V + 3 * min(t.vocab_block, V))))
 
 
 def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, need_b,
@@ -186,16 +188,27 @@ def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, ne
     gb = torch.zeros(V, **f) if need_b else None
     div = torch.empty(M, **f)
     ent = torch.zeros(N, **f)
-    n_rows = min(o.rows, max(M, 1))
-    bufs = [torch.empty(n_rows, V, **f) for _ in range(live_tiles(o.beta))]
+    n_rows, vb = min(o.rows, max(M, 1)), min(o.vocab_block, V)
+    zs_buf, zt_buf = (torch.empty(n_rows, V, **f) for _ in range(LIVE_TILES))
+    tmps = [torch.empty(n_rows, vb, **f) for _ in range(3)]
     for i0 in range(0, M, o.rows):
         ic = idx[i0:i0 + o.rows]
         n = ic.numel()
         hc = x.op(x.hs.index_select(0, ic))
-        zs, zt, *rest = (b[:n] for b in bufs)
-        _logits(zs, hc, x.ws, x.bs, o.inv_temp, x.dt)
-        _logits(zt, x.op(x.ht.index_select(0, ic)), x.wt, x.bt, o.inv_temp, x.dt)
-        d, e, G = tile_divergence(zs, zt, rest, o.beta, grad=need)
+        htc = x.op(x.ht.index_select(0, ic))
+        zs, zt, tm = zs_buf[:n], zt_buf[:n], [b[:n] for b in tmps]
+        lse = []
+        for z, h, wgt, b in ((zs, hc, x.ws, x.bs), (zt, htc, x.wt, x.bt)):
+            m = torch.full((n,), -torch.inf, **f)
+            acc = torch.zeros(n, **f)
+            # a vocab block of logits at a time, its log-sum-exp folded while it is in cache
+            for v0 in range(0, V, vb):
+                v1 = min(V, v0 + vb)
+                _logits(z[:, v0:v1], h, wgt[v0:v1], None if b is None else b[v0:v1],
+                        o.inv_temp, x.dt)
+                fold_lse(z[:, v0:v1], m, acc, tm[0])
+            lse.append((m, acc.log_()))
+        d, e, G = tile_divergence(zs, zt, lse[0], lse[1], o.beta, need, vb, tm)
         div[i0:i0 + n] = d
         ent.index_copy_(0, ic, e)
         if not need:
@@ -271,9 +284,9 @@ def choose_plan(hs, ws, bs, n_rows: int, beta: float, tiles) -> str:
     t = (tiles or TileOptions()).resolved(head=tuple(ws.shape))
     V, H = ws.shape
     dev = ws.device
-    k = live_tiles(beta)
-    sp_tile = min(rows_for(V, H, beta, dev, tiles, False), max(n_rows, 1)) * V * 4 * k
-    rc_tile = min(rows_for(V, H, beta, dev, tiles, True), max(n_rows, 1)) * V * 4 * k
+    per_row = 4 * (LIVE_TILES * V + 3 * min(t.vocab_block, V))
+    sp_tile = min(rows_for(V, H, dev, tiles, False), max(n_rows, 1)) * per_row
+    rc_tile = min(rows_for(V, H, dev, tiles, True), max(n_rows, 1)) * per_row
     grad_w = plan_mod.grad_w_bytes(V, H, dev, ws.dtype)
     grad_h = n_rows * H * 4
     acc_w = V * H * 4 + (V * H * ws.dtype.itemsize if ws.dtype != torch.float32 else 0)
@@ -310,7 +323,8 @@ def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=N
     V, H = ws.shape
     o = DistillOptions(beta=beta, inv_temp=1.0 / float(temperature), ignore_index=ignore_index,
                        num_items=num_items,
-                       rows=rows_for(V, H, beta, ws.device, tiles, plan != "single_pass"))
+                       rows=rows_for(V, H, ws.device, tiles, plan != "single_pass"),
+                       vocab_block=(tiles or TileOptions()).resolved().vocab_block)
     detach = (lambda x: None if x is None else x.detach())
     ht, wt, bt = detach(ht), detach(wt), detach(teacher_bias)
     if plan == "forward":

@@ -21,8 +21,11 @@ and the gradient with respect to the student's scaled logits z_s = logits_s / te
 (the β·KL(p_t ‖ m) term and the log m inside (1 − β)·KL(p_s ‖ m) cancel: Σ_k m_k ∂log m_k/∂z_j
 = 0). The student's entropy −Σ p_s s comes from the same tile.
 
-Everything runs in place on preallocated [rows, V] buffers (a fresh tile per chunk would fault its
-pages in again on CPU): 4 live tiles for beta 0 or 1, 5 for the JSD (log m).
+The tile is two [rows, V] buffers (the two heads' logits), worked a vocab block at a time so
+every elementwise step reads cache, not memory: the log-sum-exps are folded online while each
+block of logits is fresh from its GEMM (fold_lse), then tile_divergence sweeps the stored tile
+once (beta = 0: D and G together) or twice (the row sums D and KL(p_s ‖ m) must be complete
+before G). Its temporaries are three [rows, block] buffers.
 """
 from __future__ import annotations
 
@@ -30,25 +33,7 @@ import math
 
 import torch
 
-
-def live_tiles(beta: float) -> int:
-    """[rows, V] buffers tile_divergence works in: the two logits tiles, both probabilities, and
-    log m for the JSD."""
-    return 4 if beta in (0.0, 1.0) else 5
-
-
-def _log_softmax_(z, p):
-    """z -> log softmax(z) in place; p <- softmax(z). Rows are finite (GEMM outputs)."""
-    z.sub_(z.amax(-1, keepdim=True))
-    torch.exp(z, out=p)
-    total = p.sum(-1, keepdim=True)
-    z.sub_(total.log())
-    p.div_(total)
-
-
-def _rowdot(a, b):
-    """Σ_v a·b per row [rows], without a [rows, V] product."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+LIVE_TILES = 2          # [rows, V] buffers of a tile: the student's and the teacher's logits
 
 
 def grad_factor(beta: float) -> float:
@@ -58,32 +43,76 @@ def grad_factor(beta: float) -> float:
     return 1.0 - beta if 0.0 < beta < 1.0 else 1.0
 
 
-def tile_divergence(zs, zt, bufs, beta: float, grad: bool = False):
+def fold_lse(blk, m, acc, tmp):
+    """Online log-sum-exp over vocab blocks: folds blk [rows, b] into the running max m and
+    Σ exp(z − m) acc [rows] (start at −inf and 0); tmp: a [rows, ≥ b] buffer. Rows are finite
+    (GEMM outputs). log-sum-exp = m + log(acc), kept as the pair (m, log(acc)): z − m first,
+    then − log(acc), is exact to an ulp of log p where z − (m + log acc) would lose the digits
+    of a large max (logits of 300: ~3e-5)."""
+    m_new = torch.maximum(m, blk.amax(-1))
+    acc.mul_(torch.exp(m - m_new))
+    t = tmp[:, :blk.shape[1]]
+    torch.sub(blk, m_new[:, None], out=t)
+    acc.add_(t.exp_().sum(-1))
+    m.copy_(m_new)
+
+
+def _rowdot(a, b):
+    """Σ_v a·b per row [rows], without a [rows, V] product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def tile_divergence(zs, zt, lse_s, lse_t, beta: float, grad: bool, block: int, tmps):
     """(D [rows], entropy of p_s [rows], G or None) of one tile.
 
-    zs, zt: the student's and teacher's logits / temperature [rows, V] (overwritten); bufs: at
-    least live_tiles(beta) - 2 more [rows, V] buffers of their dtype. grad: G with ∂D/∂z_s =
-    grad_factor(beta)·G is formed in one of the four buffers and returned."""
-    ps, pt = bufs[0], bufs[1]
-    _log_softmax_(zs, ps)                 # zs = s
-    _log_softmax_(zt, pt)                 # zt = t
-    ent = -_rowdot(ps, zs)
-    if beta == 0.0:
-        zt.sub_(zs)                       # t − s
-        d = _rowdot(pt, zt)
-        return d, ent, ps.sub_(pt) if grad else None
-    if beta == 1.0:
-        torch.sub(zs, zt, out=zt)         # s − t
-        d = _rowdot(ps, zt)
-        return d, ent, zt.sub_(d[:, None]).mul_(ps) if grad else None
-    lm = bufs[2]
-    c_s, c_t = math.log1p(-beta), math.log(beta)
-    # logaddexp(s + c_s, t + c_t) = logaddexp(s + c_s − c_t, t) + c_t: one temporary-free call
-    torch.add(zs, c_s - c_t, out=lm)
-    torch.logaddexp(lm, zt, out=lm)
-    lm.add_(c_t)
-    zt.sub_(lm)                           # t − log m
-    zs.sub_(lm)                           # s − log m
-    kl_t, kl_s = _rowdot(pt, zt), _rowdot(ps, zs)
-    d = beta * kl_t + (1.0 - beta) * kl_s
-    return d, ent, zs.sub_(kl_s[:, None]).mul_(ps) if grad else None
+    zs, zt: the student's and teacher's logits / temperature [rows, V] (overwritten); lse_s,
+    lse_t: their log-sum-exps as pairs (max, log Σ exp(z − max)) of [rows] (fold_lse); tmps:
+    three [rows, ≥ block] buffers of their
+    dtype. grad: G with ∂D/∂z_s = grad_factor(beta)·G is formed in zs or zt and returned."""
+    n, V = zs.shape
+    ent = torch.zeros(n, dtype=zs.dtype, device=zs.device)
+    ka, kb = torch.zeros_like(ent), torch.zeros_like(ent)    # the row sums D is made of
+    jsd = 0.0 < beta < 1.0
+    c_s, c_t = (math.log1p(-beta), math.log(beta)) if jsd else (0.0, 0.0)
+    blocks = [(v0, min(V, v0 + block)) for v0 in range(0, V, block)]
+    # sweep 1: s and t in place, the entropy and the row sums; for beta = 0 also G
+    for v0, v1 in blocks:
+        s, t = zs[:, v0:v1], zt[:, v0:v1]
+        ps, pt, lm = (x[:, :v1 - v0] for x in tmps)
+        s.sub_(lse_s[0][:, None]).sub_(lse_s[1][:, None])
+        t.sub_(lse_t[0][:, None]).sub_(lse_t[1][:, None])
+        torch.exp(s, out=ps)
+        ent.sub_(_rowdot(ps, s))
+        if beta == 0.0:                    # D = Σ p_t (t − s);  G = p_s − p_t
+            torch.exp(t, out=pt)
+            t.sub_(s)
+            ka.add_(_rowdot(pt, t))
+            if grad:
+                torch.sub(ps, pt, out=s)
+        elif beta == 1.0:                  # D = Σ p_s (s − t); t becomes s − t for sweep 2
+            torch.sub(s, t, out=t)
+            ka.add_(_rowdot(ps, t))
+        else:                              # ka = KL(p_t ‖ m), kb = KL(p_s ‖ m)
+            torch.exp(t, out=pt)
+            # logaddexp(s + c_s, t + c_t) = logaddexp(s + c_s − c_t, t) + c_t
+            torch.add(s, c_s - c_t, out=lm)
+            torch.logaddexp(lm, t, out=lm)
+            lm.add_(c_t)
+            t.sub_(lm)
+            ka.add_(_rowdot(pt, t))
+            t.copy_(s)                     # s kept for sweep 2's p_s
+            s.sub_(lm)
+            kb.add_(_rowdot(ps, s))
+    d = ka if not jsd else beta * ka + (1.0 - beta) * kb
+    if not grad or beta == 0.0:
+        return d, ent, (zs if grad else None)
+    # sweep 2: G, once the row sums are complete
+    for v0, v1 in blocks:
+        ps = tmps[0][:, :v1 - v0]
+        if beta == 1.0:                    # G = p_s·(s − t − D), into zt
+            torch.exp(zs[:, v0:v1], out=ps)
+            zt[:, v0:v1].sub_(d[:, None]).mul_(ps)
+        else:                              # G = p_s·(s − log m − KL(p_s ‖ m)), into zs
+            torch.exp(zt[:, v0:v1], out=ps)
+            zs[:, v0:v1].sub_(kb[:, None]).mul_(ps)
+    return d, ent, (zt if beta == 1.0 else zs)
