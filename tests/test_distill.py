@@ -176,3 +176,26 @@ def test_bad_input_is_refused_by_name(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         alignkit.distill_loss(a["hs"], a["ws"], a["ht"], a["wt"], a["y"], student_bias=a["bs"],
                               teacher_bias=a["bt"], **opts)
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "bf16"])
+@pytest.mark.parametrize("plan", PLANS)
+def test_bf16_heads_on_cpu(plan, gemm, monkeypatch):
+    """bf16 heads on CPU: W converted a vocab block at a time, the GEMMs in fp32, or in bf16
+    where the CPU has bf16 units (forced here); against float64 on the bf16-rounded inputs, to
+    bf16's precision (the bf16 GEMMs round their outputs)."""
+    from alignkit.ops import distill_gemms
+    if gemm == "bf16":
+        monkeypatch.setattr(distill_gemms, "gemm_dtype", lambda dt, dev: torch.bfloat16)
+    x = [None if t is None else t.to(torch.bfloat16).double() for t in inputs(seed=5)[:6]]
+    y = inputs(seed=5)[6]
+    kw = dict(beta=0.5, temperature=1.2, tiles=small_tiles(plan))
+    l1, m1, g1 = ours(*x, y, torch.bfloat16, **kw)
+    l0, m0, g0 = oracle(*x, y, **kw)
+    tol = 2e-2 if gemm == "bf16" else 1e-5
+    assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=tol)
+    for a, b in zip(g1, g0):
+        assert a.dtype == torch.bfloat16
+        # handed back in bf16, then divided by ours()' upstream 2.5 in bf16: two roundings of
+        # bf16's unit roundoff 2^-8 on top of the GEMMs' error
+        assert (a.double() - b).abs().max() <= (tol + 2 ** -7) * b.abs().max()

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.ops import plan as plan_mod
-from alignkit.ops.gemm32 import addmm32, mm32
+from alignkit.ops.distill_gemms import HeadGemms
 from alignkit.ops.options import TileOptions, is_real
 from alignkit.ops.pass_autograd import needs, scaled_grads, stash
 from alignkit.ops.pass_budget import NO_GRAD
-from alignkit.ops.divergence import LIVE_TILES, fold_lse, grad_factor, tile_divergence
+from alignkit.ops.divergence import LIVE_TILES, grad_factor, tile_divergence
 from alignkit.ops.validate import check_float, check_labels, check_same_device, compact
 
 # forwards run per plan ("single_pass", "recompute", "forward": no gradient wanted): tests
@@ -117,44 +117,6 @@ def check_inputs(hs, ws, ht, wt, labels, bs, bt, beta, temperature, ignore_index
 
 # ---- the tiles -------------------------------------------------------------------------------
 
-class _Heads:
-    """Both heads' operands in the tile's dtype, converted once per call where a GEMM cannot
-    take them as they are (bf16/fp16 on CPU: torch's CPU GEMM has no fp32 output; float64)."""
-
-    def __init__(self, hs, ws, bs, ht, wt, bt):
-        self.dt = torch.float64 if hs.dtype == torch.float64 else torch.float32
-        dev = ws.device
-        self.hs, self.ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-
-        def op(w):              # a GEMM operand: as it is on CUDA (fp32 output), else the tile's
-            return w if w.dtype == self.dt or (dev.type == "cuda" and self.dt == torch.float32) \
-                else w.to(self.dt)
-        self.ws, self.wt = op(ws), op(wt)
-        self.op = op
-        self.bs = None if bs is None else bs.to(self.dt)
-        self.bt = None if bt is None else bt.to(self.dt)
-        # G's dtype in the gradient GEMMs: bf16 with bf16 weights on CUDA (tensor cores, fp32
-        # output), else the tile's (fp16's range would flush G's small entries)
-        self.gdt = torch.bfloat16 if dev.type == "cuda" and ws.dtype == torch.bfloat16 \
-            else self.dt
-        self.wg = self.ws if self.ws.dtype == self.gdt else ws.to(self.gdt)
-
-
-def _logits(out, h, w, b, inv_t, dt):
-    """out = (h·wᵀ + b)·inv_t, [rows, V] in out's dtype."""
-    if dt == torch.float64 or (h.dtype == torch.float32 and w.dtype == torch.float32):
-        if b is None:
-            torch.mm(h, w.t(), out=out)
-        else:
-            torch.addmm(b, h, w.t(), out=out)
-    else:
-        mm32(h, w.t(), out=out)
-        if b is not None:
-            out.add_(b)
-    if inv_t != 1.0:
-        out.mul_(inv_t)
-
-
 def rows_for(V: int, Hs: int, device, tiles, recompute: bool) -> int:
     """Labelled rows per tile: the plan's budget (TileOptions.resolved for the student's head)
     over the tile's fp32 buffers (LIVE_TILES [rows, V] and three [rows, vocab_block])."""
@@ -168,12 +130,14 @@ def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, ne
            upstream=None):
     """(loss, per-token entropy [N], gh, gw, gb): the divergence of every labelled token, and,
     where a gradient is needed, its gradient (times upstream, a 0-dim tensor, where given)."""
-    x = _Heads(hs, ws, bs, ht, wt, bt)
+    dt = torch.float64 if hs.dtype == torch.float64 else torch.float32
     dev, V = ws.device, ws.shape[0]
-    N = x.hs.shape[0]
+    vb = min(o.vocab_block, V)
+    x = HeadGemms(hs, ws, bs, ht, wt, bt, dt, vb)
+    N = x.s.h.shape[0]
     idx = compact(labels.reshape(-1) != o.ignore_index)
     M = idx.numel()
-    f = dict(dtype=x.dt, device=dev)
+    f = dict(dtype=dt, device=dev)
     w = (torch.as_tensor(o.num_items, **f).reshape(()).reciprocal() if o.num_items is not None
          else torch.tensor(1.0 / max(M, 1), **f))
     need = need_h or need_w or need_b
@@ -181,50 +145,28 @@ def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, ne
     # the divergence's own factor; applied on the [rows, H] side of the GEMMs
     c = w * (o.inv_temp * grad_factor(o.beta))
     if upstream is not None:
-        c = c * upstream.to(x.dt)
+        c = c * upstream.to(dt)
     gh = torch.zeros(N, hs.shape[-1], **f) if need_h else None
     gw = torch.zeros(V, ws.shape[1], **f) if need_w and M == 0 else (
         torch.empty(V, ws.shape[1], **f) if need_w else None)
     gb = torch.zeros(V, **f) if need_b else None
     div = torch.empty(M, **f)
     ent = torch.zeros(N, **f)
-    n_rows, vb = min(o.rows, max(M, 1)), min(o.vocab_block, V)
+    n_rows = min(o.rows, max(M, 1))
     zs_buf, zt_buf = (torch.empty(n_rows, V, **f) for _ in range(LIVE_TILES))
     tmps = [torch.empty(n_rows, vb, **f) for _ in range(3)]
     for i0 in range(0, M, o.rows):
         ic = idx[i0:i0 + o.rows]
         n = ic.numel()
-        hc = x.op(x.hs.index_select(0, ic))
-        htc = x.op(x.ht.index_select(0, ic))
         zs, zt, tm = zs_buf[:n], zt_buf[:n], [b[:n] for b in tmps]
-        lse = []
-        for z, h, wgt, b in ((zs, hc, x.ws, x.bs), (zt, htc, x.wt, x.bt)):
-            m = torch.full((n,), -torch.inf, **f)
-            acc = torch.zeros(n, **f)
-            # a vocab block of logits at a time, its log-sum-exp folded while it is in cache
-            for v0 in range(0, V, vb):
-                v1 = min(V, v0 + vb)
-                _logits(z[:, v0:v1], h, wgt[v0:v1], None if b is None else b[v0:v1],
-                        o.inv_temp, x.dt)
-                fold_lse(z[:, v0:v1], m, acc, tm[0])
-            lse.append((m, acc.log_()))
-        d, e, G = tile_divergence(zs, zt, lse[0], lse[1], o.beta, need, vb, tm)
+        hc = x.s.rows(ic)
+        lse_s = x.logits(zs, hc, x.s, o.inv_temp, tm[0])
+        lse_t = x.logits(zt, x.t.rows(ic), x.t, o.inv_temp, tm[0])
+        d, e, G = tile_divergence(zs, zt, lse_s, lse_t, o.beta, need, vb, tm)
         div[i0:i0 + n] = d
         ent.index_copy_(0, ic, e)
-        if not need:
-            continue
-        g = G if G.dtype == x.gdt else G.to(x.gdt)
-        if gh is not None:
-            gh.index_copy_(0, ic, mm32(g, x.wg).mul_(c) if x.dt != torch.float64
-                           else (g @ x.wg).mul_(c))
-        if gw is not None:
-            hsc = (hc.to(x.dt) * c).to(x.gdt)
-            if x.dt == torch.float64:
-                torch.mm(g.t(), hsc, out=gw) if i0 == 0 else gw.addmm_(g.t(), hsc)
-            else:
-                addmm32(gw, g.t(), hsc, first=i0 == 0)
-        if gb is not None:
-            gb.add_(G.sum(0).mul_(c))
+        if need:
+            x.grads(G, hc, ic, c, gh, gw, gb, first=i0 == 0)
     loss = div.sum() * w
     return loss, ent, gh, gw, gb
 
