@@ -199,3 +199,20 @@ def test_bf16_heads_on_cpu(plan, gemm, monkeypatch):
         # handed back in bf16, then divided by ours()' upstream 2.5 in bf16: two roundings of
         # bf16's unit roundoff 2^-8 on top of the GEMMs' error
         assert (a.double() - b).abs().max() <= (tol + 2 ** -7) * b.abs().max()
+
+
+def test_a_byte_cap_takes_the_single_pass_where_it_fits_else_the_recompute():
+    hs, ws, bs, ht, wt, bt, y = inputs()               # 21 rows, V=37, H_s=13
+    h = hs.float().requires_grad_()
+    acc = 37 * 13 * 4 + 21 * 13 * 4                    # grad_W_s and grad_h_s, fp32
+    per_row = 4 * (2 * 37 + 3 * 16)                    # two [rows, V] tiles, three blocks
+    sp, rc = acc + 21 * per_row, acc + 2 * per_row     # 21 rows against tile_bytes' 2
+
+    def run(cap):
+        t = alignkit.TileOptions(memory=cap, tile_bytes=2 * per_row, vocab_block=16)
+        return alignkit.distill_loss(h, ws.float(), ht.float(), wt.float(), y, tiles=t)
+    for cap, plan in ((sp, "single_pass"), (sp - 1, "recompute"), (rc, "recompute")):
+        run(cap)
+        assert plan_mod.LAST[0].plan == plan, cap
+    with pytest.raises(ValueError, match="memory=.* is below the recompute's"):
+        run(rc - 1)

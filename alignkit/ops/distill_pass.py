@@ -12,15 +12,14 @@ that one tile, and G goes straight into the two gradient GEMMs:
     recompute    forward scores the tiles only (2 GEMMs); backward forms them again with G
                  (4 more): 6 GEMMs, nothing held between the two but the inputs.
 The plan: TileOptions.plan where pinned ("single_pass_fast" is the single pass: there is nothing
-deferred to keep); else the single pass where its peak fits TileOptions.memory (the chooser's
-limit(), alignkit/ops/plan.py: "bound", the default, admits it for fp32 heads), the recompute
-past it; the recompute's forward alone where no gradient is wanted. Not timed: the single pass
-does a strict subset of the recompute's work.
+deferred to keep); else the single pass where its peak fits TileOptions.memory, the recompute
+past it (choose_plan); the recompute's forward alone where no gradient is wanted. Not timed:
+the single pass does a strict subset of the recompute's work.
 
 Tiles: single_pass_bytes (CPU) or gpu_chunk_bytes (CUDA) for the single pass, tile_bytes for the
 recompute, each divided among the tile's two [rows, V] fp32 buffers (and three [rows,
 vocab_block] temporaries: alignkit/ops/divergence.py). The GEMMs are
-torch's (fp32 output: alignkit/ops/gemm32.py); the elementwise divergence is torch's too, in
+torch's (alignkit/ops/distill_gemms.py); the elementwise divergence is torch's too, in
 place on the preallocated buffers: neither the cpp kernels nor the triton ones compute a
 divergence (they fold log-probs of a label), so every backend runs this one path.
 
@@ -217,8 +216,15 @@ class _Recompute(torch.autograd.Function):
 
 # ---- the plan --------------------------------------------------------------------------------
 
-def choose_plan(hs, ws, bs, n_rows: int, beta: float, tiles) -> str:
-    """"single_pass", "recompute" or "forward" (no gradient wanted: the recompute's forward)."""
+def choose_plan(hs, ws, bs, n_rows: int, tiles) -> str:
+    """"single_pass", "recompute" or "forward" (no gradient wanted: the recompute's forward).
+
+    Both plans peak with the same accumulators (grad_W_s and grad_h_s in fp32, and grad_W_s
+    handed back in the weight's dtype): the single pass from its forward on, the recompute in
+    its backward, and in a step nothing is allocated between the loss's forward and its
+    backward. They differ in the tile: single_pass_bytes (gpu_chunk_bytes on CUDA) against
+    tile_bytes. So memory="min" (the recompute's footprint) takes the recompute, a byte cap the
+    single pass where its peak fits and else the recompute, "bound" and "fast" the single pass."""
     if not (torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hs, ws, bs))):
         plan_mod.note("recompute", NO_GRAD)
@@ -227,29 +233,27 @@ def choose_plan(hs, ws, bs, n_rows: int, beta: float, tiles) -> str:
     V, H = ws.shape
     dev = ws.device
     per_row = 4 * (LIVE_TILES * V + 3 * min(t.vocab_block, V))
-    sp_tile = min(rows_for(V, H, dev, tiles, False), max(n_rows, 1)) * per_row
-    rc_tile = min(rows_for(V, H, dev, tiles, True), max(n_rows, 1)) * per_row
-    grad_w = plan_mod.grad_w_bytes(V, H, dev, ws.dtype)
-    grad_h = n_rows * H * 4
-    acc_w = V * H * 4 + (V * H * ws.dtype.itemsize if ws.dtype != torch.float32 else 0)
-    peaks = {"single_pass": acc_w + grad_h + sp_tile, "recompute": grad_w + grad_h + rc_tile}
-    cap = plan_mod.limit(t.memory, V, H, n_rows, max(sp_tile, rc_tile), dev, ws.dtype, rc_tile)
+    acc = V * H * 4 + n_rows * H * 4 + (
+        V * H * ws.dtype.itemsize if ws.dtype not in (torch.float32, torch.float64) else 0)
+    peaks = {"single_pass": acc + min(rows_for(V, H, dev, tiles, False), n_rows) * per_row,
+             "recompute": acc + min(rows_for(V, H, dev, tiles, True), n_rows) * per_row}
+    cap = t.memory if isinstance(t.memory, int) else None
     pinned = {"single_pass_fast": "single_pass"}.get(t.plan, t.plan)
     if pinned is not None:
-        if peaks[pinned] > cap and (tiles or TileOptions()).memory_given():
+        if cap is not None and peaks[pinned] > cap:
             raise ValueError(f"plan {t.plan!r} needs {peaks[pinned] / 2**20:.1f} MiB, over "
-                             f"memory={t.memory!r} ({cap / 2**20:.1f} MiB here): raise memory, "
-                             "or leave plan unset")
+                             f"memory={cap} ({cap / 2**20:.1f} MiB): raise memory, or leave "
+                             "plan unset")
         plan_mod.note(pinned, "pinned")
         return pinned
-    if peaks["single_pass"] <= cap:
-        plan_mod.note("single_pass", "memory")
-        return "single_pass"
-    if peaks["recompute"] > cap:
-        raise ValueError(f"memory={t.memory!r} allows {cap / 2**20:.1f} MiB here, and the "
-                         f"recompute needs {peaks['recompute'] / 2**20:.1f} MiB")
-    plan_mod.note("recompute", "memory")
-    return "recompute"
+    if t.memory == "min" or (cap is not None and peaks["single_pass"] > cap):
+        if cap is not None and peaks["recompute"] > cap:
+            raise ValueError(f"memory={cap} ({cap / 2**20:.1f} MiB) is below the recompute's "
+                             f"{peaks['recompute'] / 2**20:.1f} MiB")
+        plan_mod.note("recompute", "memory")
+        return "recompute"
+    plan_mod.note("single_pass", "memory")
+    return "single_pass"
 
 
 def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=None,
@@ -261,7 +265,7 @@ def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=N
                  ignore_index, num_items, tiles)
     beta = float(beta)
     n_rows = labels.numel()
-    plan = choose_plan(hs, ws, student_bias, n_rows, beta, tiles)
+    plan = choose_plan(hs, ws, student_bias, max(n_rows, 1), tiles)
     V, H = ws.shape
     o = DistillOptions(beta=beta, inv_temp=1.0 / float(temperature), ignore_index=ignore_index,
                        num_items=num_items,
