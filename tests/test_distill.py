@@ -216,3 +216,18 @@ def test_a_byte_cap_takes_the_single_pass_where_it_fits_else_the_recompute():
         assert plan_mod.LAST[0].plan == plan, cap
     with pytest.raises(ValueError, match="memory=.* is below the recompute's"):
         run(rc - 1)
+
+
+def test_a_bf16_teacher_beside_an_fp32_student():
+    """The heads' dtypes are their own: a bf16 teacher (its GEMMs as bf16 heads on CPU take
+    them) beside an fp32 student, against float64 on the bf16-rounded teacher."""
+    hs, ws, bs, ht, wt, bt, y = inputs(seed=9)
+    ht, wt, bt = (t.to(torch.bfloat16) for t in (ht, wt, bt))
+    leaves = [t.float().requires_grad_() for t in (hs, ws, bs)]
+    l1, _ = alignkit.distill_loss(leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2],
+                                  teacher_bias=bt, beta=0.5)
+    g1 = torch.autograd.grad(l1, leaves)
+    l0, _, g0 = oracle(hs, ws, bs, ht.double(), wt.double(), bt.double(), y, beta=0.5)
+    assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=1e-5)
+    for a, b in zip(g1, g0):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()

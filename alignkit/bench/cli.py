@@ -167,7 +167,8 @@ def run(argv=None, log=print) -> dict:
         table += "\n\nThe plan auto chose, against the best plan it could take:\n\n" + \
             methods.auto_table(methods.auto_against_plans(renamed))
     log(table)
-    log(f"({time.time() - t_all:.0f} s; time / floor: the {'four' if a.loss == 'distill' else 'three'}"
+    gemms = "four" if a.loss == "distill" else "three"
+    log(f"({time.time() - t_all:.0f} s; time / floor: the {gemms}"
         " GEMMs over the labelled tokens in the same dtype, timed in the same rounds; memory "
         "floor: grad_W + grad_h)")
     if a.csv:

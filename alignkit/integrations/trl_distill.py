@@ -44,7 +44,8 @@ def patch_distillation(trainer, *, backend: str = "auto", tiles=None):
     if backend != "auto":
         raise ValueError(f"backend={backend!r}: DistillationTrainer's divergence has one path "
                          "(torch GEMMs and elementwise ops on every device); leave backend='auto'")
-    for who, m in (("student", trainer.model), ("teacher", getattr(trainer, "teacher_model", None))):
+    teacher = getattr(trainer, "teacher_model", None)
+    for who, m in (("student", trainer.model), ("teacher", teacher)):
         if m is not None and _softcap(m) is not None:
             raise NotImplementedError(f"the {who}'s final_logit_softcapping={_softcap(m)} is not "
                                       "served by alignkit.distill_loss (no softcap)")
