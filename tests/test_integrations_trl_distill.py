@@ -105,3 +105,48 @@ def test_softcapping_is_refused_by_name(tok, prompts, tmp_path):
     Fake.teacher_model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="teacher's final_logit_softcapping"):
         patch_distillation(Fake())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_dropin_function_matches_trls_with_logit_scales_biases_and_num_items(beta):
+    """The function the patch puts in TRL's place, against TRL's own on the same call: logit
+    scales (folded into the hidden states), biases, a padded mask, num_items_in_batch; loss,
+    entropy sum, valid count and the student's gradients."""
+    import trl.trainer.distillation_trainer as dt
+
+    from alignkit.integrations import trl_distill
+    g = torch.Generator().manual_seed(11)
+    B, K, Hs, Ht, V = 2, 5, 12, 20, 40
+    hs, ht = torch.randn(B, K, Hs, generator=g), torch.randn(B, K, Ht, generator=g)
+    ws, wt = torch.randn(V, Hs, generator=g) / 2, torch.randn(V, Ht, generator=g) / 3
+    bs, bt = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[0, 3:] = 0
+    kw = dict(num_items_in_batch=torch.tensor(7.0), student_logit_scale=0.7,
+              teacher_logit_scale=1.3, temperature=0.8)
+    trl_distill._hook_module()
+    original = trl_distill._ORIGINAL["fn"]
+    out = {}
+    for who in ("trl", "alignkit"):
+        leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
+        args = (leaves[0], ht, leaves[1], wt, mask, beta)
+        kws = dict(kw, student_lm_head_bias=leaves[2], teacher_lm_head_bias=bt)
+        before = sum(distill_pass.CALLS.values())
+        if who == "trl":
+            res = original(*args, **kws)
+            assert sum(distill_pass.CALLS.values()) == before
+        else:
+            token = trl_distill._ACTIVE.set(trl_distill._DEFAULT)
+            try:
+                res = dt._chunked_divergence_loss(*args, **kws)   # the hooked module function
+            finally:
+                trl_distill._ACTIVE.reset(token)
+            assert sum(distill_pass.CALLS.values()) == before + 1
+        out[who] = res, torch.autograd.grad(res[0], leaves)
+    (l0, e0, n0), g0 = out["trl"]
+    (l1, e1, n1), g1 = out["alignkit"]
+    assert int(n1) == int(n0) == 8
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    assert float(e1) == pytest.approx(float(e0), rel=1e-5)
+    for a, b in zip(g1, g0):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
