@@ -3,10 +3,12 @@ at a time into the fp32 tile, each block's log-sum-exp folded while it is in cac
 student's two gradient GEMMs G·W_s and Gᵀ·h_s.
 
 Where the GEMMs run, per head:
-- fp32 (and float64) heads, and every head on CUDA: one GEMM per vocab block of logits, with fp32
-  output (alignkit/ops/gemm32.py: the vendor GEMM's out_dtype on CUDA), and the gradient GEMMs over
-  the whole tile (G cast to bf16 for bf16 weights on CUDA; fp16 keeps fp32 G, whose small
-  entries fp16 would flush).
+- fp32 (and float64) heads on CPU: one GEMM per vocab block of logits, folded while in cache
+  (block GEMMs ran faster here than one [rows, V] GEMM: alignkit/ops/vocab_tiles.py), and the
+  gradient GEMMs over the whole tile.
+- every head on CUDA: one GEMM for the whole tile with fp32 output (alignkit/ops/gemm32.py: the
+  vendor GEMM's out_dtype), and the gradient GEMMs over the whole tile (G cast to bf16 for
+  bf16 weights; fp16 keeps fp32 G, whose small entries fp16 would flush).
 - bf16 / fp16 heads on CPU: in the dtype gemm_dtype picks (bf16 on CPUs with bf16 units, fp32
   elsewhere), a vocab block at a time for the gradient GEMMs too, W converted a block at a time
   (no fp32 copy of a [V, H] head is held). torch's CPU GEMM has no fp32 output: a bf16 block's
@@ -58,6 +60,17 @@ class HeadGemms:
         while it is in cache; returns it as (max, log Σ exp(z − max)) [n] (fold_lse)."""
         n, f = z.shape[0], dict(dtype=self.dt, device=z.device)
         m, acc = torch.full((n,), -torch.inf, **f), torch.zeros(n, **f)
+        if z.is_cuda:
+            # one GEMM for the whole tile on a card (block GEMMs would each be a small launch),
+            # into the contiguous tile; the folds then read it a block at a time
+            mm32(hc, head.wg.t(), out=z)
+            if head.b is not None:
+                z.add_(head.b)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            for v0 in range(0, self.V, self.vb):
+                fold_lse(z[:, v0:min(self.V, v0 + self.vb)], m, acc, tmp)
+            return m, acc.log_()
         for v0 in range(0, self.V, self.vb):
             v1 = min(self.V, v0 + self.vb)
             zb, wb = z[:, v0:v1], head.w_block(v0, v1)
@@ -68,8 +81,6 @@ class HeadGemms:
                 else:
                     torch.addmm(b, hc, wb.t(), out=zb)
                     b = None
-            elif zb.is_cuda:
-                mm32(hc, wb.t(), out=zb)
             else:                                        # a bf16 GEMM on CPU: bf16 out
                 zb.copy_(hc @ wb.t())
             if b is not None:

@@ -122,7 +122,17 @@ def rows_for(V: int, Hs: int, device, tiles, recompute: bool) -> int:
     t = (tiles or TileOptions()).resolved(head=(V, Hs))
     budget = t.tile_bytes if recompute else (
         t.gpu_chunk_bytes if torch.device(device).type == "cuda" else t.single_pass_bytes)
-    return max(1, budget // (4 * (LIVE_TILES * V + 3 * min(t.vocab_block, V))))
+    return max(1, budget // (4 * (LIVE_TILES * V + 3 * vocab_block(V, device, tiles))))
+
+
+def vocab_block(V: int, device, tiles) -> int:
+    """Vocab columns per elementwise step: TileOptions.vocab_block on CPU (a block in cache);
+    the whole vocabulary on CUDA, where each step is a kernel launch (63 blocks of 2048 at
+    V=128256 would be ~3000 launches a tile) and the card's bandwidth, not a cache, is what
+    the steps read."""
+    if torch.device(device).type == "cuda":
+        return V
+    return min((tiles or TileOptions()).resolved().vocab_block, V)
 
 
 def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, need_b,
@@ -232,7 +242,7 @@ def choose_plan(hs, ws, bs, n_rows: int, tiles) -> str:
     t = (tiles or TileOptions()).resolved(head=tuple(ws.shape))
     V, H = ws.shape
     dev = ws.device
-    per_row = 4 * (LIVE_TILES * V + 3 * min(t.vocab_block, V))
+    per_row = 4 * (LIVE_TILES * V + 3 * vocab_block(V, dev, tiles))
     acc = V * H * 4 + n_rows * H * 4 + (
         V * H * ws.dtype.itemsize if ws.dtype not in (torch.float32, torch.float64) else 0)
     peaks = {"single_pass": acc + min(rows_for(V, H, dev, tiles, False), n_rows) * per_row,
@@ -270,7 +280,7 @@ def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=N
     o = DistillOptions(beta=beta, inv_temp=1.0 / float(temperature), ignore_index=ignore_index,
                        num_items=num_items,
                        rows=rows_for(V, H, ws.device, tiles, plan != "single_pass"),
-                       vocab_block=(tiles or TileOptions()).resolved().vocab_block)
+                       vocab_block=vocab_block(V, ws.device, tiles))
     detach = (lambda x: None if x is None else x.detach())
     ht, wt, bt = detach(ht), detach(wt), detach(teacher_bias)
     if plan == "forward":

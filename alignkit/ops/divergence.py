@@ -67,8 +67,8 @@ def tile_divergence(zs, zt, lse_s, lse_t, beta: float, grad: bool, block: int, t
 
     zs, zt: the student's and teacher's logits / temperature [rows, V] (overwritten); lse_s,
     lse_t: their log-sum-exps as pairs (max, log Σ exp(z − max)) of [rows] (fold_lse); tmps:
-    three [rows, ≥ block] buffers of their
-    dtype. grad: G with ∂D/∂z_s = grad_factor(beta)·G is formed in zs or zt and returned."""
+    three [rows, ≥ block] buffers of their dtype. grad: G with ∂D/∂z_s = grad_factor(beta)·G
+    is formed in zs (beta = 0) or zt and returned."""
     n, V = zs.shape
     ent = torch.zeros(n, dtype=zs.dtype, device=zs.device)
     ka, kb = torch.zeros_like(ent), torch.zeros_like(ent)    # the row sums D is made of
@@ -100,19 +100,15 @@ def tile_divergence(zs, zt, lse_s, lse_t, beta: float, grad: bool, block: int, t
             lm.add_(c_t)
             t.sub_(lm)
             ka.add_(_rowdot(pt, t))
-            t.copy_(s)                     # s kept for sweep 2's p_s
-            s.sub_(lm)
-            kb.add_(_rowdot(ps, s))
+            torch.sub(s, lm, out=t)        # t's slot: s − log m; s stays for sweep 2's p_s
+            kb.add_(_rowdot(ps, t))
     d = ka if not jsd else beta * ka + (1.0 - beta) * kb
     if not grad or beta == 0.0:
         return d, ent, (zs if grad else None)
     # sweep 2: G, once the row sums are complete
     for v0, v1 in blocks:
         ps = tmps[0][:, :v1 - v0]
-        if beta == 1.0:                    # G = p_s·(s − t − D), into zt
-            torch.exp(zs[:, v0:v1], out=ps)
-            zt[:, v0:v1].sub_(d[:, None]).mul_(ps)
-        else:                              # G = p_s·(s − log m − KL(p_s ‖ m)), into zs
-            torch.exp(zt[:, v0:v1], out=ps)
-            zs[:, v0:v1].sub_(kb[:, None]).mul_(ps)
-    return d, ent, (zt if beta == 1.0 else zs)
+        # zs holds s; zt holds s − t (beta = 1) or s − log m (JSD): G into zt
+        torch.exp(zs[:, v0:v1], out=ps)
+        zt[:, v0:v1].sub_((d if beta == 1.0 else kb)[:, None]).mul_(ps)
+    return d, ent, zt
