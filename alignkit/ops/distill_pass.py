@@ -35,10 +35,10 @@ import torch
 
 from alignkit.ops import plan as plan_mod
 from alignkit.ops.distill_gemms import HeadGemms
+from alignkit.ops.divergence import LIVE_TILES, grad_factor, tile_divergence
 from alignkit.ops.options import TileOptions, is_real
 from alignkit.ops.pass_autograd import needs, scaled_grads, stash
 from alignkit.ops.pass_budget import NO_GRAD
-from alignkit.ops.divergence import LIVE_TILES, grad_factor, tile_divergence
 from alignkit.ops.validate import check_float, check_labels, check_same_device, compact
 
 # forwards run per plan ("single_pass", "recompute", "forward": no gradient wanted): tests
