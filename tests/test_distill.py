@@ -231,3 +231,20 @@ def test_a_bf16_teacher_beside_an_fp32_student():
     assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=1e-5)
     for a, b in zip(g1, g0):
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_under_autocast_both_heads_run_in_its_dtype():
+    """torch.autocast (TRL's bf16=True): both heads' tensors in bf16, as autocast runs a
+    matmul; the fp32 leaves get fp32 gradients; against float64 on the bf16-rounded inputs."""
+    hs, ws, bs, ht, wt, bt, y = inputs(seed=4)
+    leaves = [t.float().requires_grad_() for t in (hs, ws, bs)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l1, _ = alignkit.distill_loss(leaves[0], leaves[1], ht.float(), wt.float(), y,
+                                      student_bias=leaves[2], teacher_bias=bt.float(), beta=0.5)
+    g1 = torch.autograd.grad(l1, leaves)
+    r = [t.to(torch.bfloat16).double() for t in (hs, ws, bs, ht, wt, bt)]
+    l0, _, g0 = oracle(*r, y, beta=0.5)
+    assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=2e-2)
+    for a, b in zip(g1, g0):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()

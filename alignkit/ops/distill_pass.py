@@ -271,6 +271,22 @@ def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=N
     """(loss 0-dim, per-token student entropy [labels' shape], detached; 0 at ignored tokens,
     labelled-token count). Validates, chooses the plan, runs it. No gradient reaches the
     teacher's tensors, even where they require one: the teacher is a constant."""
+    dev = hs.device.type if isinstance(hs, torch.Tensor) else None
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # as torch.autocast runs a matmul (and alignkit.ops.backends.autocast_head the other
+        # heads): both heads' fp32/bf16/fp16 tensors in the autocast dtype (differentiable
+        # casts: an fp32 master weight gets an fp32 gradient), the pass with autocast off
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            ok = isinstance(t, torch.Tensor) and t.dtype in (
+                torch.float32, torch.bfloat16, torch.float16)
+            return t.to(dt) if ok and t.dtype != dt else t
+        with torch.autocast(dev, enabled=False):
+            return distill(cast(hs), cast(ws), cast(ht), cast(wt), labels, beta=beta,
+                           temperature=temperature, student_bias=cast(student_bias),
+                           teacher_bias=cast(teacher_bias), ignore_index=ignore_index,
+                           num_items=num_items, tiles=tiles)
     check_inputs(hs, ws, ht, wt, labels, student_bias, teacher_bias, beta, temperature,
                  ignore_index, num_items, tiles)
     beta = float(beta)
