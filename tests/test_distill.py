@@ -248,3 +248,26 @@ def test_under_autocast_both_heads_run_in_its_dtype():
     for a, b in zip(g1, g0):
         assert a.dtype == torch.float32
         assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_cuda_matches_oracle(beta, plan, dtype):
+    """On a card (one logits GEMM per head and tile, whole-vocabulary elementwise steps, bf16 G
+    for bf16 heads): against float64 on the inputs as the card sees them."""
+    x = inputs(seed=6, V=300)
+    cast = [None if t is None else t.to(dtype) for t in x[:6]]
+    leaves = [t.cuda().requires_grad_() for t in cast[:3]]
+    l1, m1 = alignkit.distill_loss(leaves[0], leaves[1], cast[3].cuda(), cast[4].cuda(),
+                                   x[6].cuda(), student_bias=leaves[2],
+                                   teacher_bias=cast[5].cuda(), beta=beta, temperature=0.9,
+                                   tiles=alignkit.TileOptions(plan=plan, gpu_chunk_bytes=4 * 5 *
+                                                              300 * 4, tile_bytes=4 * 5 * 300 * 4))
+    g1 = torch.autograd.grad(l1, leaves)
+    l0, m0, g0 = oracle(*[t.double() for t in cast], x[6], beta=beta, temperature=0.9)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert float(l1.detach()) == pytest.approx(float(l0.detach()), rel=tol, abs=tol * 1e-2)
+    for a, b in zip(g1, g0):
+        assert (a.double().cpu() - b).abs().max() <= tol * b.abs().max()
