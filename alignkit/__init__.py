@@ -7,6 +7,7 @@ from alignkit.api import (
 )
 from alignkit.integrations.head import patch_model
 from alignkit.losses import policy_loss, preference_loss, sft_loss
+from alignkit.losses.distill import distill_loss
 from alignkit.ops.backends import cpp_available
 from alignkit.ops.options import EngineOptions, TileOptions
 
@@ -29,6 +30,7 @@ __all__ = [
     "preference_loss",
     "policy_loss",
     "sft_loss",
+    "distill_loss",
     "cpp_available",
     "TileOptions",
     "EngineOptions",

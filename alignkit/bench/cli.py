@@ -113,6 +113,14 @@ def run(argv=None, log=print) -> dict:
     p = parser()
     a = p.parse_args(argv)
     S, T, info = _shape(a, p)
+    if a.loss == "distill":
+        # distill_loss has one path and no chooser to compare: its plan is the memory option's
+        for flag, v in (("--backend", a.backend), ("--grad-mode", a.grad_mode)):
+            if v != "auto":
+                p.error(f"{flag} {v}: --loss distill has one path (pin a plan with --plan)")
+        if a.plans:
+            p.error("--plans: --loss distill takes the single pass or, past --memory, the "
+                    "recompute; pin one with --plan")
     dtype = a.dtype
     if dtype == "auto":
         dtype = "bf16" if (torch.cuda.is_available() or cpu_has_bf16()) else "fp32"
@@ -148,7 +156,7 @@ def run(argv=None, log=print) -> dict:
     _, rows = harness.measure(name, steps, reset=case.reset, reps=a.reps,
                               grads_mib=case.grads_mib,
                               skip_memory=a.no_memory, log=lambda *x: None, budget_s=a.budget,
-                              progress=tick, skipped=skipped)
+                              progress=tick, skipped=skipped, floor=next(iter(steps)))
     if bar:
         bar.close()
     table = harness.markdown(rows, shape_column=False)
@@ -161,8 +169,10 @@ def run(argv=None, log=print) -> dict:
         table += "\n\nThe plan auto chose, against the best plan it could take:\n\n" + \
             methods.auto_table(methods.auto_against_plans(renamed))
     log(table)
-    log(f"({time.time() - t_all:.0f} s; time / floor: the three GEMMs over the labelled tokens "
-        "in the same dtype, timed in the same rounds; memory floor: grad_W + grad_h)")
+    gemms = "four" if a.loss == "distill" else "three"
+    log(f"({time.time() - t_all:.0f} s; time / floor: the {gemms}"
+        " GEMMs over the labelled tokens in the same dtype, timed in the same rounds; memory "
+        "floor: grad_W + grad_h)")
     if a.csv:
         harness.write_csv(rows, a.csv)
     if a.json:

@@ -78,7 +78,7 @@ FLOOR = "GEMM floor (3 GEMMs)"
 
 def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip_memory: bool,
             unlisted=(), log=print, paired: bool = False, budget_s: float | None = None,
-            progress=None, skipped: dict | None = None):
+            progress=None, skipped: dict | None = None, floor: str = FLOOR):
     """The one measuring loop of every bench (bench.core / losses / rl, the pytest-benchmark
     suite, ``alignkit bench``). Returns (median seconds per step, rows).
 
@@ -93,13 +93,14 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
        say that `reps` would not fit in it. paired: each step's ratio to the floor is instead
        the median of `reps` (floor, step) back-to-back pairs (paired_ratios).
     Steps named in `unlisted` are timed but get no row (the caller reports them against another
-    baseline); `skipped` {name: why} become rows with the reason (a peer not installed)."""
+    baseline); `skipped` {name: why} become rows with the reason (a peer not installed).
+    floor: the step every ratio is to (FLOOR; bench.distill's 4-GEMM floor)."""
     notes, mem = {}, {}
     tick = progress or (lambda k: None)
     for k in list(steps):
         try:
             reset()
-            if skip_memory or k == FLOOR:
+            if skip_memory or k == floor:
                 steps[k]()
             else:
                 mem[k] = peak_bytes(steps[k]) / 2**20
@@ -113,7 +114,7 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
     for k, fn in steps.items():
         warm[k] = timed_run(fn, reset)
         tick(k)
-    slow = {k for k in steps if warm[k] > 8 * warm[FLOOR]}
+    slow = {k for k in steps if warm[k] > 8 * warm[floor]}
     if budget_s is not None and not paired:
         per_round = sum(warm[k] for k in steps if k not in slow)
         reps = max(1, min(reps, int(budget_s / max(per_round, 1e-9))))
@@ -121,12 +122,12 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
         f"{'(floor, step) pairs' if paired else 'interleaved rounds'}")
     ratio = {}
     if paired:
-        ratio, t = paired_ratios(steps, FLOOR, warmup=0, reps=reps, reset=reset)
+        ratio, t = paired_ratios(steps, floor, warmup=0, reps=reps, reset=reset)
     else:
         fast = {k: v for k, v in steps.items() if k not in slow}
         t = interleaved_times(fast, warmup=0, reps=reps, reset=reset, progress=tick)
         t.update({k: warm[k] for k in slow})
-    floor_s = t[FLOOR]
+    floor_s = t[floor]
     rows = []
     for k in steps:
         if k in unlisted:

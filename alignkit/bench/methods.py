@@ -325,7 +325,7 @@ PEERS = {
     "CCE torch_compile": (_cce_lp, "cut_cross_entropy", "cut-cross-entropy"),
 }
 LIGER = ("liger_kernel", "liger-kernel")
-LOSS_KINDS = ("logprobs", "sft") + PREFERENCE + POLICY_LOSS_TYPES
+LOSS_KINDS = ("logprobs", "sft") + PREFERENCE + POLICY_LOSS_TYPES + ("distill",)
 
 
 def missing(module):
@@ -363,6 +363,9 @@ def steps_for(case, loss, grad_mode="auto", backend="auto", policy_kw=None, peer
     from alignkit.bench.harness import FLOOR
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
+    if loss == "distill":                # a teacher head beside the case's: its own set
+        from alignkit.bench.distill import distill_steps
+        return distill_steps(case, tiles=tiles, peers=peers)
     steps, skipped = {FLOOR: floor(case)}, {}
     kw = dict(loss_type=loss, **(policy_kw or {})) if loss in POLICY_LOSS_TYPES else None
     if loss == "logprobs":

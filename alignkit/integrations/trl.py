@@ -24,6 +24,9 @@ What changes, per trainer, and why no option can be dropped:
   ``alignkit.sft_loss(label_smoothing=ε)`` on the fused head (the smoothing's Σ_v z_v is one more
   per-row sum in the pass: no [N, V] logits), and TRL's metrics call that follows gets the same
   call's per-token entropy and is_top1 (no second body forward).
+- ``DistillationTrainer``: its chunked divergence (``_chunked_divergence_loss`` and the
+  ``ChunkedDivergenceFunction`` inside it) is answered by alignkit.distill_loss, for the patched
+  trainer only (alignkit/integrations/trl_distill.py says how, and what it refuses).
 - ``GRPOConfig.cast_lm_head_to_fp32=True``: the head's GEMMs run in fp32 with autocast off, as
   TRL's own head does (policy and reference).
 - ``DPOConfig.use_weighting=True`` (WPO): the fused output carries ``log_sum_sq_probs``
@@ -82,11 +85,15 @@ def patch_trainer(trainer, *, backend: str = "auto", tiles=None):
     from trl import DPOTrainer, KTOTrainer
     names = {c.__name__ for c in type(trainer).__mro__}
     rl = names & {"GRPOTrainer", "RLOOTrainer"}
+    if "DistillationTrainer" in names:
+        from alignkit.integrations.trl_distill import patch_distillation
+        _check_common(trainer)
+        return patch_distillation(trainer, **kw)
     if not isinstance(trainer, (DPOTrainer, KTOTrainer)) and not \
             names & {"CPOTrainer", "ORPOTrainer", "SFTTrainer"} and not rl:
         raise TypeError(f"patch_trainer serves TRL's DPOTrainer, KTOTrainer, CPOTrainer, "
-                        f"ORPOTrainer, GRPOTrainer, RLOOTrainer and SFTTrainer; got "
-                        f"{type(trainer).__name__}")
+                        f"ORPOTrainer, GRPOTrainer, RLOOTrainer, SFTTrainer and "
+                        f"DistillationTrainer; got {type(trainer).__name__}")
     if _patched(_base(trainer.model)):
         return trainer
     _check_common(trainer)

@@ -131,3 +131,33 @@ def oracle_sft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         metrics = {"entropy": (ent * keep).sum() / cnt,
                    "mean_token_accuracy": (top & keep).sum().to(z.dtype) / cnt}
     return loss, metrics
+def oracle_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                        teacher_weight: Tensor, labels: Tensor, *, beta: float = 1.0,
+                        temperature: float = 1.0, student_bias: Tensor | None = None,
+                        teacher_bias: Tensor | None = None, ignore_index: int = -100,
+                        num_items=None):
+    """``alignkit.distill_loss`` from full logits, in the inputs' dtype (give float64), by its
+    definition (TRL 1.16's generalized JSD): s, t = log_softmax((h·Wᵀ + b) / temperature) of
+    student and teacher; beta = 0: KL(p_t ‖ p_s); beta = 1: KL(p_s ‖ p_t); else
+    β·KL(p_t ‖ m) + (1 − β)·KL(p_s ‖ m) with m = (1 − β)·p_s + β·p_t (log m by logaddexp).
+    Summed over labelled tokens / their count (or num_items). The teacher is detached; autograd
+    gives the student's gradients. Returns (loss, {"entropy": mean student entropy})."""
+    def log_probs(h, w, b):
+        z = h @ w.t() + (b if b is not None else 0)
+        return torch.log_softmax(z / temperature, dim=-1)
+    s = log_probs(student_hidden, student_weight, student_bias)
+    t = log_probs(teacher_hidden, teacher_weight, teacher_bias).detach()
+    if beta == 0:
+        d = (t.exp() * (t - s)).sum(-1)
+    elif beta == 1:
+        d = (s.exp() * (s - t)).sum(-1)
+    else:
+        lm = torch.logaddexp(s + torch.log1p(torch.tensor(-beta, dtype=s.dtype)),
+                             t + torch.log(torch.tensor(beta, dtype=s.dtype)))
+        d = beta * (t.exp() * (t - lm)).sum(-1) + (1 - beta) * (s.exp() * (s - lm)).sum(-1)
+    keep = labels != ignore_index
+    n = keep.sum().clamp(min=1).to(d.dtype)
+    denom = n if num_items is None else torch.as_tensor(num_items, dtype=d.dtype)
+    ent = -(s.exp() * s).sum(-1)
+    return (torch.where(keep, d, 0.0).sum() / denom,
+            {"entropy": (torch.where(keep, ent, 0.0).sum() / n).detach()})
