@@ -22,7 +22,10 @@ def test_readme_has_three_short_quick_starts():
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     assert len(text.split("\n")) <= 250
     quick = [b for lang in ("python", "yaml") for b in blocks("README.md", lang)]
-    assert len(quick) == 3 and all(len(b.strip().split("\n")) <= 15 for b in quick)
+    # the three quick starts, then the short SFT / distillation and tensor-parallel examples
+    assert len(quick) >= 3 and all(len(b.strip().split("\n")) <= 15 for b in quick)
+    assert [h for h in re.findall(r"^## (Quick start \d)", text, re.M)] == [
+        "Quick start 1", "Quick start 2", "Quick start 3"]
 
 
 def test_quick_start_trl(tmp_path, monkeypatch, op_calls):
@@ -44,6 +47,15 @@ def test_quick_start_loop(monkeypatch):
     exec(compile(blocks("README.md", "python")[1], "README.md quick start 2", "exec"), ns)
     assert calls == ["preference_loss", "policy_loss"]
     assert ns["loss"].isfinite() and ns["hidden"].grad is not None and ns["hidden"].grad.abs().sum() > 0
+    # the SFT / distillation example continues quick start 2's namespace
+    for name in ("sft_loss", "distill_loss"):
+        real = getattr(alignkit, name)
+        monkeypatch.setattr(alignkit, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n),
+                                                                                _r(*a, **k))[1])
+    ns["hidden"].grad = None
+    exec(compile(blocks("README.md", "python")[2], "README.md SFT and distillation", "exec"), ns)
+    assert calls[2:] == ["sft_loss", "distill_loss"]
+    assert ns["loss"].isfinite() and ns["hidden"].grad.abs().sum() > 0
 
 
 def test_quick_start_yaml(tmp_path, monkeypatch):
