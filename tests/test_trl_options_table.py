@@ -1,4 +1,4 @@
-"""The README's "TRL options" table: generated from alignkit/losses/trl_options.py, complete
+"""The "TRL options" table of docs/dropins.md: generated from alignkit/losses/trl_options.py, complete
 against the installed TRL 1.16's config dataclasses, and each refused option refused at the call
 with its reason."""
 import dataclasses
@@ -10,7 +10,7 @@ import torch
 from alignkit.losses.trl_options import NOT_LOSS_SHAPING, OPTIONS, render
 
 trl = pytest.importorskip("trl")
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "dropins.md")
 
 
 def _configs():
@@ -37,8 +37,8 @@ def test_every_trl_field_is_classified_and_no_entry_is_stale():
     assert other <= every, f"NOT_LOSS_SHAPING names no TRL field: {sorted(other - every)}"
 
 
-def test_readme_table_is_the_rendered_one():
-    text = open(README, encoding="utf-8").read()
+def test_dropins_page_table_is_the_rendered_one():
+    text = open(PAGE, encoding="utf-8").read()
     start, end = "<!-- trl-options:start -->\n", "\n<!-- trl-options:end -->"
     assert start in text and end in text
     table = text[text.index(start) + len(start):text.index(end)]

@@ -5,9 +5,9 @@ preference_loss / logprob_loss, kto_loss, cpo_loss, ...) and in the drop-in
 
 Status words: ``supported`` (the alignkit name follows), ``refused`` (raises at the call, naming
 the option and the reason below), ``caller`` (not an argument of a loss: what the caller does
-instead). The README's "TRL options" table is ``render()`` of this list, and
+instead). The "TRL options" table of docs/dropins.md is ``render()`` of this list, and
 tests/test_trl_options_table.py checks it against the installed TRL's config fields (every field
-is here or in NOT_LOSS_SHAPING) and against README.md.
+is here or in NOT_LOSS_SHAPING) and against docs/dropins.md.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def _cell(s: str) -> str:
 
 
 def render() -> str:
-    """The README's table (markdown), one row per option (configs sharing a treatment share
+    """The docs' table (markdown), one row per option (configs sharing a treatment share
     the row)."""
     lines = ["| TRL option | configs | standalone | drop-in | notes |", "|---|---|---|---|---|"]
     for o in OPTIONS:
