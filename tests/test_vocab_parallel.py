@@ -1,0 +1,57 @@
+"""The vocab-parallel head (alignkit/ops/vocab_parallel.py, issue 37) on 2 and 3 gloo ranks:
+every rank runs tests/vocab_parallel_worker.py, which checks each op and loss on its shard
+against the whole head in one process (fp32, 1e-5 relative: loss, outputs, grad_h, grad_W and
+grad_b as shards), for a plain shard with vocab_group and for a DTensor Shard(0) head; V = 203
+gives uneven shards at both sizes. Here: every rank finished every case, the path ran, the
+collectives and their bytes, and the per-rank peak memory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(tmp_path, world):
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNKIT_PLAN_CACHE=str(tmp_path / "plans.json"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "vocab_parallel_worker.py"),
+                               str(r), str(world), store, f"{out}.{r}"], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    errs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank hung (world {world})")
+        errs.append((p.returncode, err))
+    for rc, err in errs:
+        assert rc == 0, err[-4000:]
+    return [json.load(open(f"{out}.{r}")) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_one_process(tmp_path, world):
+    res = _run(tmp_path, world)
+    for r in res:
+        assert r["cases"] == ["plain", "dtensor", "refusals"]
+        assert r["calls"] >= 20                      # the sharded op ran, case after case
+        c = r["comm"]
+        n, tokens, H = c["labelled"], c["tokens"], c["H"]
+        # forward: one MAX of [M] fp32 and one SUM of [M, 2] (+1 column with entropy)
+        assert c["fwd_plain"] == [["all_reduce", 4 * n], ["all_reduce", 8 * n]]
+        assert c["fwd"] == [["all_reduce", 4 * n], ["all_reduce", 12 * n]]
+        assert sum(b for _, b in c["fwd_plain"]) <= 12 * n
+        assert sum(b for _, b in c["fwd"]) <= 16 * n
+        # backward: grad_h, N x H x 4 bytes, once per op call; nothing V-sized anywhere
+        assert c["bwd"] == [["all_reduce", tokens * H * 4]] * 2
+        assert all(b < c["V"] * 4 or b == tokens * H * 4
+                   for _, b in c["fwd"] + c["fwd_plain"] + c["bwd"])
+        m = r["mem"]
+        assert m["peak"] <= m["target"] and m["peak"] <= m["engine"], m
+        assert m["peak"] < m["whole_grad_w"] / world * 1.5, m     # a shard's, not the whole's

@@ -1,0 +1,259 @@
+"""One gloo rank of tests/test_vocab_parallel.py (run as a script: rank, world size, a FileStore
+path and an output path on the command line). Every case runs the op or loss on this rank's shard
+of a head and on the whole head in this process (the single-process engine), and compares the
+loss, the per-token outputs and every gradient (grad_W and grad_b as this rank's shard of the
+whole head's) in fp32 within 1e-5 relative. Writes {"cases": [...], "calls": n, "comm": {...}}."""
+import json
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import alignkit
+from alignkit.losses import kto_loss
+from alignkit.ops import plan, vocab_parallel
+
+V, H = 203, 24          # V prime: uneven shards at every world size
+
+
+def close(a, b, what):
+    a, b = a.detach(), b.detach()
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-5 * scale):
+        err = float((a - b).abs().max()) if a.shape == b.shape else "shape"
+        raise AssertionError(f"{what}: max error {err} (scale {scale}) on rank {dist.get_rank()}")
+
+
+def plain_shard(t, rank, world):
+    """Megatron's layout, uneven the other way from torch.chunk: the first ranks longer."""
+    return torch.tensor_split(t, world)[rank]
+
+
+class Comm:
+    """Counts the collectives and their bytes (patching torch.distributed's functions)."""
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
+             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter")
+
+    def __init__(self):
+        self.log, self.real = [], {}
+
+    def __enter__(self):
+        for n in self.NAMES:
+            real = getattr(dist, n)
+            self.real[n] = real
+
+            def wrapped(*a, _n=n, _real=real, **k):
+                ts = [x for x in list(a) + list(k.values()) if isinstance(x, torch.Tensor)]
+                ts += [x for x in a if isinstance(x, list) for x in x]
+                self.log.append((_n, max((t.numel() * t.element_size() for t in ts), default=0)))
+                return _real(*a, **k)
+            setattr(dist, n, wrapped)
+        return self
+
+    def __exit__(self, *e):
+        for n, real in self.real.items():
+            setattr(dist, n, real)
+
+
+def inputs(seed, S=4, T=9, ignore=-100):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, H, generator=g) * 0.5
+    b = torch.randn(V, generator=g)
+    h = torch.randn(S, T, H, generator=g) * 2
+    y = torch.randint(0, V, (S, T), generator=g)
+    y[:, :3] = ignore                        # prompts
+    y[1, -2:] = ignore                       # padding
+    y[0, 3] = V - 1                          # the last shard's last row
+    y[2, 4] = 0
+    return W, b, h, y
+
+
+def heads(W, b, form, mesh, rank, world):
+    """(weight, bias, tiles kw, local shard of grad: fn(full grad) -> rank's part)."""
+    if form == "dtensor":
+        w = distribute_tensor(W.clone(), mesh, [Shard(0)]).requires_grad_()
+        bb = distribute_tensor(b.clone(), mesh, [Shard(0)]).requires_grad_()
+        return w, bb, {}, lambda g: torch.chunk(g, world)[rank] if rank < len(
+            torch.chunk(g, world)) else g[:0]
+    w = plain_shard(W, rank, world).clone().requires_grad_()
+    bb = plain_shard(b, rank, world).clone().requires_grad_()
+    return w, bb, {"vocab_group": dist.group.WORLD}, lambda g: plain_shard(g, rank, world)
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def run_case(name, fn, W, b, h, form, mesh, rank, world, tiles_kw=None):
+    """fn(h, w, bias, tiles) -> (scalar loss, dict of outputs); checks sharded vs whole."""
+    w, bb, kw, part = heads(W, b, form, mesh, rank, world)
+    hs = h.clone().requires_grad_()
+    plan.LAST[:] = []
+    loss, out = fn(hs, w, bb, alignkit.TileOptions(**kw, **(tiles_kw or {})))
+    chosen = list(plan.LAST)
+    loss.backward()
+    Wf, bf, hf = W.clone().requires_grad_(), b.clone().requires_grad_(), h.clone().requires_grad_()
+    ref_loss, ref_out = fn(hf, Wf, bf, alignkit.TileOptions(autotune=False, **(tiles_kw or {})))
+    ref_loss.backward()
+    close(loss, ref_loss, f"{name}/{form} loss")
+    for k in ref_out:
+        close(out[k], ref_out[k], f"{name}/{form} {k}")
+    close(hs.grad, hf.grad, f"{name}/{form} grad_h")
+    close(local(w.grad), part(Wf.grad), f"{name}/{form} grad_W")
+    close(local(bb.grad), part(bf.grad), f"{name}/{form} grad_b")
+    if hasattr(w.grad, "placements"):
+        assert tuple(w.grad.placements) == (Shard(0),), w.grad.placements
+    return chosen
+
+
+def cases(rank, world, mesh):
+    done = []
+    W, b, h, y = inputs(1)
+    g = torch.Generator().manual_seed(7)
+    g_lp, g_ent = torch.randn(y.shape, generator=g), torch.randn(y.shape, generator=g)
+
+    def token_fn(softcap, temp):
+        def fn(hs, w, bb, tiles):
+            lp, ent = alignkit.linear_token_logprobs(hs, w, y, bias=bb, return_entropy=True,
+                                                     softcap=softcap, temperature=temp,
+                                                     tiles=tiles)
+            return (lp * g_lp).sum() + (ent * g_ent).sum(), {"lp": lp, "ent": ent}
+        return fn
+
+    seg = torch.arange(4).repeat_interleave(9)          # packed: 4 segments of 9 tokens
+
+    def packed_fn(hs, w, bb, tiles):
+        s, c = alignkit.sequence_logprobs(hs.reshape(-1, H), w, y.reshape(-1), segment_ids=seg,
+                                          num_segments=4, bias=bb, tiles=tiles)
+        return (s * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum(), {"sums": s}
+
+    def padded_fn(hs, w, bb, tiles):
+        s, c = alignkit.sequence_logprobs(hs, w, y, average=True, bias=bb, tiles=tiles)
+        return s.pow(2).sum(), {"means": s}
+
+    for form in ("plain", "dtensor"):
+        for softcap, temp in ((None, 1.0), (30.0, 0.7)):
+            run_case(f"token(softcap={softcap},T={temp})", token_fn(softcap, temp), W, b, h,
+                     form, mesh, rank, world)
+        run_case("sequence packed", packed_fn, W, b, h, form, mesh, rank, world)
+        run_case("sequence padded", padded_fn, W, b, h, form, mesh, rank, world)
+        # a small tile budget: several row chunks and vocab blocks per shard
+        run_case("token small tiles", token_fn(None, 1.0), W, b, h, form, mesh, rank, world,
+                 dict(tile_bytes=4096, vocab_block=16))
+        ref = torch.randn(4, generator=torch.Generator().manual_seed(3)) - 20
+        for loss in ("dpo", "simpo", "orpo"):
+            def pref_fn(hs, w, bb, tiles, loss=loss):
+                kw = {"ref_logprobs": ref} if loss == "dpo" else {}
+                val, m = alignkit.preference_loss(hs, w, y, loss=loss, bias=bb, tiles=tiles,
+                                                  softcap=20.0, **kw)
+                return val, {"chosen": m["logps/chosen"], "rejected": m["logps/rejected"]}
+            chosen = run_case(f"preference {loss}", pref_fn, W, b, h, form, mesh, rank, world)
+            # the chooser's one candidate: the sharded recompute, named with its reason
+            assert chosen[0].plan == "recompute" and "vocab-parallel" in chosen[0].how, chosen
+        pol = torch.Generator().manual_seed(5)
+        adv = torch.randn(4, generator=pol)
+        old = -torch.rand(y.shape, generator=pol) * 5
+
+        def dapo_fn(hs, w, bb, tiles):
+            val, m = alignkit.policy_loss(hs, w, y, advantages=adv, old_logprobs=old,
+                                          loss_type="dapo", bias=bb, tiles=tiles, beta=0.0,
+                                          temperature=0.9)
+            return val, {}
+        run_case("policy dapo", dapo_fn, W, b, h, form, mesh, rank, world)
+        desirable = torch.tensor([True, False, True, False])
+        ref_kto = torch.randn(4, generator=torch.Generator().manual_seed(9)) - 20
+
+        def kto_fn(hs, w, bb, tiles):
+            s, c = alignkit.sequence_logprobs(hs, w, y, bias=bb, tiles=tiles)
+            val, m = kto_loss(s, ref_kto, desirable)
+            return val, {"sums": s}
+        run_case("kto", kto_fn, W, b, h, form, mesh, rank, world)
+        done.append(form)
+    # a pinned single pass is refused by name; the chooser's note names the sharded recompute
+    w, bb, kw, _ = heads(W, b, "plain", mesh, rank, world)
+    try:
+        alignkit.preference_loss(h, w, y, loss="simpo", grad_mode="single_pass",
+                                 tiles=alignkit.TileOptions(**kw))
+        raise AssertionError("single_pass on a sharded head was not refused")
+    except ValueError as e:
+        assert "vocab-parallel" in str(e), e
+    for bad, why in ((dict(backend="triton"), "triton"),):
+        try:
+            alignkit.linear_token_logprobs(h, w, y, tiles=alignkit.TileOptions(**kw), **bad)
+            raise AssertionError(f"{bad} on a sharded head was not refused")
+        except NotImplementedError as e:
+            assert why in str(e), e
+    try:
+        alignkit.preference_loss(h, w, y, loss="dpo", ref_logprobs=torch.zeros(4),
+                                 use_weighting=True, tiles=alignkit.TileOptions(**kw))
+        raise AssertionError("use_weighting on a sharded head was not refused")
+    except ValueError as e:
+        assert "use_weighting" in str(e), e
+    try:       # given starts that overlap
+        alignkit.linear_token_logprobs(h, w, y, tiles=alignkit.TileOptions(**kw, vocab_start=0))
+        raise AssertionError("overlapping vocab_start was not refused")
+    except ValueError as e:
+        assert "without gap or overlap" in str(e), e
+    done.append("refusals")
+    return done
+
+
+def memory(rank, world):
+    """Per-rank peak of one forward + backward beyond the inputs (alignkit.profiling's exact
+    peak), and its bounds."""
+    from alignkit.profiling import peak_memory_bytes
+    Vm, Hm, N, tile = 4001, 64, 96, 64 << 10
+    g = torch.Generator().manual_seed(4)
+    w = plain_shard(torch.randn(Vm, Hm, generator=g), rank, world).clone().requires_grad_()
+    h = torch.randn(N, Hm, generator=g).requires_grad_()
+    y = torch.randint(0, Vm, (N,), generator=g)
+    tiles = alignkit.TileOptions(vocab_group=dist.group.WORLD, tile_bytes=tile)
+    alignkit.linear_token_logprobs(h, w, y, tiles=tiles)          # layout exchanged, cached
+
+    def step():
+        alignkit.linear_token_logprobs(h, w, y, return_entropy=False, tiles=tiles).sum().backward()
+    peak = peak_memory_bytes(step)
+    gw, gh = w.numel() * 4, N * Hm * 4
+    # the issue's target, (grad_W + W)/p + grad_h + the tile (W's shard is an input, held before
+    # the window opens), and the single-process engine's own, 1.3 x (grad_W + grad_h) + the tile,
+    # on the shard's grad_W
+    return {"peak": peak, "target": 2 * gw + gh + tile, "engine": 1.3 * (gw + gh) + tile,
+            "whole_grad_w": Vm * Hm * 4}
+
+
+def comm_counts(rank, world):
+    """The bytes of every collective in one forward and one backward of the entropy op."""
+    W, b, h, y = inputs(2, S=3, T=17)
+    w = plain_shard(W, rank, world).clone().requires_grad_()
+    hs = h.clone().requires_grad_()
+    tiles = alignkit.TileOptions(vocab_group=dist.group.WORLD)
+    alignkit.linear_token_logprobs(hs, w, y, tiles=tiles)          # layout exchanged, cached
+    with Comm() as fwd:
+        lp, ent = alignkit.linear_token_logprobs(hs, w, y, return_entropy=True, tiles=tiles)
+    with Comm() as fwd_plain:
+        lp2 = alignkit.linear_token_logprobs(hs, w, y, tiles=tiles)
+    with Comm() as bwd:
+        (lp.sum() + ent.sum() + lp2.sum()).backward()
+    labelled = int((y != -100).sum())
+    return {"fwd": fwd.log, "fwd_plain": fwd_plain.log, "bwd": bwd.log, "labelled": labelled,
+            "tokens": y.numel(), "H": H, "V": V}
+
+
+def main(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (world,))
+    done = cases(rank, world, mesh)
+    comm = comm_counts(rank, world)
+    mem = memory(rank, world)
+    with open(out, "w") as f:
+        json.dump({"cases": done, "calls": vocab_parallel.CALLS[0], "comm": comm, "mem": mem}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
