@@ -3,7 +3,8 @@ every rank runs tests/vocab_parallel_worker.py, which checks each op and loss on
 against the whole head in one process (fp32, 1e-5 relative: loss, outputs, grad_h, grad_W and
 grad_b as shards), for a plain shard with vocab_group and for a DTensor Shard(0) head; V = 203
 gives uneven shards at both sizes. Here: every rank finished every case, the path ran, the
-collectives and their bytes, and the per-rank peak memory."""
+collectives and their bytes, and the per-rank peak memory. At 2 ranks also the HF drop-in on a
+transformers model with a DTensor lm_head, which must never call full_tensor()."""
 import json
 import os
 import subprocess
@@ -39,7 +40,8 @@ def _run(tmp_path, world):
 def test_vocab_parallel_matches_one_process(tmp_path, world):
     res = _run(tmp_path, world)
     for r in res:
-        assert r["cases"] == ["plain", "dtensor", "refusals"]
+        # the HF drop-in on a hand-sharded lm_head runs at 2 ranks only (transformers' import)
+        assert r["cases"] == ["plain", "dtensor", "refusals"] + (["dropin"] if world == 2 else [])
         assert r["calls"] >= 20                      # the sharded op ran, case after case
         c = r["comm"]
         n, tokens, H = c["labelled"], c["tokens"], c["H"]

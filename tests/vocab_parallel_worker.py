@@ -242,12 +242,67 @@ def comm_counts(rank, world):
             "tokens": y.numel(), "H": H, "V": V}
 
 
+def dropin(rank, world, mesh):
+    """The HF drop-ins on a transformers model whose lm_head is hand-sharded (a DTensor, Shard(0)
+    over the vocabulary, as a tp_plan leaves it): per-token outputs, the preference loss and every
+    gradient equal the unsharded model's, and full_tensor() is never called."""
+    import transformers
+    from torch.distributed.tensor import DTensor
+
+    from alignkit.integrations.hf import fused_preference_loss, pack_pairs
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(transformers.LlamaForCausalLM(cfg))
+    ref, tp = models
+    tp.lm_head.weight = torch.nn.Parameter(
+        distribute_tensor(tp.lm_head.weight.detach().clone(), mesh, [Shard(0)]))
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 101, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    pairs = [([1, 2, 3], [4, 5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14], [15, 16, 17, 18])]
+    before = vocab_parallel.CALLS[0]
+
+    def forbidden(*a, **k):
+        raise AssertionError("the drop-in gathered the vocab-parallel head (full_tensor)")
+    real_full, DTensor.full_tensor = DTensor.full_tensor, forbidden
+    try:
+        outs = []
+        for m in (tp, ref):
+            with alignkit.patch_model(m, entropy=True):
+                o = m(ids, labels=labels)
+                (o.loss + 0.1 * o.entropy.sum()).backward()
+                pl, _ = fused_preference_loss(m, pack_pairs(pairs), loss="simpo")
+                pl.backward()
+            outs.append((o, pl))
+    finally:
+        DTensor.full_tensor = real_full
+    assert vocab_parallel.CALLS[0] > before
+    (o, pl), (o_ref, pl_ref) = outs
+    for k in ("loss", "log_probs", "entropy"):
+        close(getattr(o, k), getattr(o_ref, k), f"drop-in {k}")
+    close(pl, pl_ref, "drop-in preference loss")
+    gw = tp.lm_head.weight.grad
+    assert tuple(gw.placements) == (Shard(0),), gw.placements
+    close(gw.to_local(), torch.chunk(ref.lm_head.weight.grad, world)[rank], "drop-in grad_W")
+    for (n, p), (_, q) in zip(tp.model.named_parameters(), ref.model.named_parameters()):
+        close(p.grad, q.grad, f"drop-in grad {n}")
+    return "dropin"
+
+
 def main(rank, world, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (world,))
     done = cases(rank, world, mesh)
+    if world == 2:
+        done.append(dropin(rank, world, mesh))
     comm = comm_counts(rank, world)
     mem = memory(rank, world)
     with open(out, "w") as f:

@@ -190,3 +190,19 @@ def all_reduce_sum(t: Tensor, group) -> Tensor:
     c = t.to(dev)
     dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
     return c.to(t.device)
+
+
+def vocab_mean(weight, bias):
+    """(mean over the vocabulary of W's rows [H] fp32, of b's entries: a 0-dim tensor or 0.0),
+    for the whole head or a vocab-parallel DTensor one: each shard's sums, then one all-reduce of
+    H + 1 floats (a DTensor's own mean would average uneven shards' means)."""
+    if not is_dtensor(weight):
+        return (weight.mean(0, dtype=torch.float32),
+                bias.mean(dtype=torch.float32) if bias is not None else 0.0)
+    w, b, sh = local_head(weight, bias, None)
+    b_sum = b.sum(dtype=torch.float32) if b is not None else w.new_zeros((), dtype=torch.float32)
+    sums = torch.cat([w.sum(0, dtype=torch.float32), b_sum.reshape(1)])
+    if sh is not None:
+        sums = all_reduce_sum(sums, sh.group)
+    V = weight.shape[0]
+    return sums[:-1] / V, (sums[-1] / V if bias is not None else 0.0)
