@@ -41,7 +41,7 @@ def test_vocab_parallel_matches_one_process(tmp_path, world):
     res = _run(tmp_path, world)
     for r in res:
         # the HF drop-in on a hand-sharded lm_head runs at 2 ranks only (transformers' import)
-        assert r["cases"] == ["plain", "dtensor", "refusals"] + (["dropin"] if world == 2 else [])
+        assert r["cases"] == ["plain", "dtensor", "dtensor2d", "plain-start", "refusals"] + (["dropin"] if world == 2 else [])
         assert r["calls"] >= 20                      # the sharded op ran, case after case
         c = r["comm"]
         n, tokens, H = c["labelled"], c["tokens"], c["H"]

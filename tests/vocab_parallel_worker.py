@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import alignkit
 from alignkit.losses import kto_loss
@@ -73,14 +73,22 @@ def inputs(seed, S=4, T=9, ignore=-100):
 
 def heads(W, b, form, mesh, rank, world):
     """(weight, bias, tiles kw, local shard of grad: fn(full grad) -> rank's part)."""
-    if form == "dtensor":
-        w = distribute_tensor(W.clone(), mesh, [Shard(0)]).requires_grad_()
-        bb = distribute_tensor(b.clone(), mesh, [Shard(0)]).requires_grad_()
+    if form.startswith("dtensor"):
+        if form == "dtensor2d":      # the vocab split on the second dim of a (dp, tp) mesh
+            mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+            pl = [Replicate(), Shard(0)]
+        else:
+            pl = [Shard(0)]
+        w = distribute_tensor(W.clone(), mesh, pl).requires_grad_()
+        bb = distribute_tensor(b.clone(), mesh, pl).requires_grad_()
         return w, bb, {}, lambda g: torch.chunk(g, world)[rank] if rank < len(
             torch.chunk(g, world)) else g[:0]
     w = plain_shard(W, rank, world).clone().requires_grad_()
     bb = plain_shard(b, rank, world).clone().requires_grad_()
-    return w, bb, {"vocab_group": dist.group.WORLD}, lambda g: plain_shard(g, rank, world)
+    kw = {"vocab_group": dist.group.WORLD}
+    if form == "plain-start":        # the offset given rather than derived
+        kw["vocab_start"] = sum(len(x) for x in torch.tensor_split(W, world)[:rank])
+    return w, bb, kw, lambda g: plain_shard(g, rank, world)
 
 
 def local(t):
@@ -105,7 +113,7 @@ def run_case(name, fn, W, b, h, form, mesh, rank, world, tiles_kw=None):
     close(local(w.grad), part(Wf.grad), f"{name}/{form} grad_W")
     close(local(bb.grad), part(bf.grad), f"{name}/{form} grad_b")
     if hasattr(w.grad, "placements"):
-        assert tuple(w.grad.placements) == (Shard(0),), w.grad.placements
+        assert tuple(w.grad.placements) == tuple(w.placements), w.grad.placements
     return chosen
 
 
@@ -172,6 +180,10 @@ def cases(rank, world, mesh):
             return val, {"sums": s}
         run_case("kto", kto_fn, W, b, h, form, mesh, rank, world)
         done.append(form)
+    for form in ("dtensor2d", "plain-start"):
+        run_case("token", token_fn(30.0, 0.7), W, b, h, form, mesh, rank, world)
+        run_case("sequence packed", packed_fn, W, b, h, form, mesh, rank, world)
+        done.append(form)
     # a pinned single pass is refused by name; the chooser's note names the sharded recompute
     w, bb, kw, _ = heads(W, b, "plain", mesh, rank, world)
     try:
@@ -192,8 +204,9 @@ def cases(rank, world, mesh):
         raise AssertionError("use_weighting on a sharded head was not refused")
     except ValueError as e:
         assert "use_weighting" in str(e), e
-    try:       # given starts that overlap
-        alignkit.linear_token_logprobs(h, w, y, tiles=alignkit.TileOptions(**kw, vocab_start=0))
+    try:       # given starts that overlap (a fresh group: layouts are cached per group)
+        alignkit.linear_token_logprobs(h, w, y, tiles=alignkit.TileOptions(
+            vocab_group=dist.new_group(list(range(world))), vocab_start=0))
         raise AssertionError("overlapping vocab_start was not refused")
     except ValueError as e:
         assert "without gap or overlap" in str(e), e

@@ -123,7 +123,9 @@ _LAYOUTS: dict = {}
 def _layout(group, local: int, start: Optional[int], device):
     """(this rank's start, V) of a plain-shard head: one all-gather of (start, length) per group
     and shard, cached (the layout of a head does not change between steps). Given starts must
-    tile [0, V) without gap or overlap."""
+    tile [0, V) without gap or overlap. The cache is per rank: every rank of a group keeps one
+    layout for the group's life (a rank that alone changed its shard would wait on the others
+    in this all-gather while they skip it)."""
     key = (group, local, start)
     if key not in _LAYOUTS:
         p = dist.get_world_size(group)
