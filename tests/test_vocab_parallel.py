@@ -57,3 +57,15 @@ def test_vocab_parallel_matches_one_process(tmp_path, world):
         m = r["mem"]
         assert m["peak"] <= m["target"] and m["peak"] <= m["engine"], m
         assert m["peak"] < m["whole_grad_w"] / world * 1.5, m     # a shard's, not the whole's
+
+
+def test_bench_vocab_parallel_smoke():
+    """bench.vocab_parallel at 2 ranks on a tiny head: the sharded step's bytes are O(tokens)
+    and below gather-then-compute's, its peak within the target."""
+    from bench.vocab_parallel import main
+    N, H, V = 40, 16, 301
+    res = main(["--ranks", "2", "--V", str(V), "--H", str(H), "--N", str(N), "--reps", "1"])[2]
+    s, g = res["sharded"], res["gather"]
+    assert s["bytes"] <= 16 * N + N * H * 4 and all(b < V * H * 2 for _, b in s["collectives"])
+    assert g["bytes"] >= V * H * 4 > s["bytes"]
+    assert s["peak"] <= res["target"] and s["peak"] < g["peak"]

@@ -15,6 +15,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import alignkit
 from alignkit.losses import kto_loss
 from alignkit.ops import plan, vocab_parallel
+from alignkit.profiling import CollectiveLog
 
 V, H = 203, 24          # V prime: uneven shards at every world size
 
@@ -30,32 +31,6 @@ def close(a, b, what):
 def plain_shard(t, rank, world):
     """Megatron's layout, uneven the other way from torch.chunk: the first ranks longer."""
     return torch.tensor_split(t, world)[rank]
-
-
-class Comm:
-    """Counts the collectives and their bytes (patching torch.distributed's functions)."""
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
-             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter")
-
-    def __init__(self):
-        self.log, self.real = [], {}
-
-    def __enter__(self):
-        for n in self.NAMES:
-            real = getattr(dist, n)
-            self.real[n] = real
-
-            def wrapped(*a, _n=n, _real=real, **k):
-                ts = [x for x in list(a) + list(k.values()) if isinstance(x, torch.Tensor)]
-                ts += [x for x in a if isinstance(x, list) for x in x]
-                self.log.append((_n, max((t.numel() * t.element_size() for t in ts), default=0)))
-                return _real(*a, **k)
-            setattr(dist, n, wrapped)
-        return self
-
-    def __exit__(self, *e):
-        for n, real in self.real.items():
-            setattr(dist, n, real)
 
 
 def inputs(seed, S=4, T=9, ignore=-100):
@@ -244,11 +219,11 @@ def comm_counts(rank, world):
     hs = h.clone().requires_grad_()
     tiles = alignkit.TileOptions(vocab_group=dist.group.WORLD)
     alignkit.linear_token_logprobs(hs, w, y, tiles=tiles)          # layout exchanged, cached
-    with Comm() as fwd:
+    with CollectiveLog() as fwd:
         lp, ent = alignkit.linear_token_logprobs(hs, w, y, return_entropy=True, tiles=tiles)
-    with Comm() as fwd_plain:
+    with CollectiveLog() as fwd_plain:
         lp2 = alignkit.linear_token_logprobs(hs, w, y, tiles=tiles)
-    with Comm() as bwd:
+    with CollectiveLog() as bwd:
         (lp.sum() + ent.sum() + lp2.sum()).backward()
     labelled = int((y != -100).sum())
     return {"fwd": fwd.log, "fwd_plain": fwd_plain.log, "bwd": bwd.log, "labelled": labelled,

@@ -164,9 +164,11 @@ def merge_stats(m: Tensor, s: Tensor, a: Optional[Tensor], tgt: Tensor, group):
     """Per-shard row statistics [M] -> (logp [M], entropy [M] or None, lse2 [M, 2]) of the whole
     vocabulary (module docstring): an all-reduce MAX of [M] and an all-reduce SUM of [M, 2]
     ([M, 3] with entropy), fp32."""
+    one = dist.get_world_size(group) == 1     # a group of one: the merge is the shard's own
     dev = comm_device(group, m.device)
     big = m.to(dev, copy=True)
-    dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
+    if not one:
+        dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
     big = big.to(m.device)
     live = s > 0                      # an empty shard (m = −inf, s = 0) adds nothing
     scale = torch.where(live, torch.exp(m - big), 0.0)
@@ -174,7 +176,8 @@ def merge_stats(m: Tensor, s: Tensor, a: Optional[Tensor], tgt: Tensor, group):
     if a is not None:
         cols.append(torch.where(live, (a + (m - big) * s) * scale, 0.0))
     sums = torch.stack(cols, 1).to(dev)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    if not one:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     sums = sums.to(m.device)
     log_s = sums[:, 0].log()
     lp = (sums[:, 1] - big) - log_s
@@ -185,6 +188,8 @@ def merge_stats(m: Tensor, s: Tensor, a: Optional[Tensor], tgt: Tensor, group):
 def all_reduce_sum(t: Tensor, group) -> Tensor:
     """The backward's grad_h: Σ over the group of every rank's G·W_shard, in place where the
     group's backend takes t's device."""
+    if dist.get_world_size(group) == 1:
+        return t
     dev = comm_device(group, t.device)
     if dev == t.device:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
