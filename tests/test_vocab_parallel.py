@@ -59,6 +59,15 @@ def test_vocab_parallel_matches_one_process(tmp_path, world):
         assert m["peak"] < m["whole_grad_w"] / world * 1.5, m     # a shard's, not the whole's
 
 
+@pytest.mark.slow
+def test_a_dp_by_vocab_mesh_with_fsdp2_on_the_body(tmp_path):
+    """4 ranks, a (dp=2, tp=2) mesh: FSDP2 shards the body over dp, the head is split over the
+    vocabulary on tp; losses and gradients equal one process on both batches
+    (vocab_parallel_worker.fsdp2d)."""
+    for r in _run(tmp_path, 4):
+        assert r["cases"] == ["fsdp2d"] and r["calls"] >= 1
+
+
 def test_bench_vocab_parallel_smoke():
     """bench.vocab_parallel at 2 ranks on a tiny head: the sharded step's bytes are O(tokens)
     and below gather-then-compute's, its peak within the target."""

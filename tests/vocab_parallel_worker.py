@@ -283,10 +283,61 @@ def dropin(rank, world, mesh):
     return "dropin"
 
 
+def fsdp2d(rank, world):
+    """4 ranks as a (dp=2, tp=2) mesh: FSDP2 on the body over dp, the head a DTensor
+    (Replicate on dp, Shard(0) on tp). Each dp group has its own batch; the loss of each group,
+    the head's gradient (averaged over dp by hand: FSDP does not hold the head) and the body's
+    (FSDP's average over dp) equal one process on both batches. The drop-in's rule: the head is
+    not FSDP's, so it goes to the op sharded; FSDP's own sharded parameter would be gathered."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from alignkit.integrations.head import _head_tensors
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    dp, tp = mesh.get_local_rank(0), mesh.get_local_rank(1)
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Embedding(V, H), torch.nn.Linear(H, H), torch.nn.Tanh())
+    ref_body = copy.deepcopy(body)
+    W = torch.randn(V, H) * 0.5
+    fully_shard(body, mesh=mesh["dp"])
+    head = distribute_tensor(W.clone(), mesh, [Replicate(), Shard(0)]).requires_grad_()
+    assert _head_tensors(body, head, None)[0] is head
+    assert not hasattr(_head_tensors(body, body[1].weight, None)[0], "placements")  # gathered
+    batches = []
+    for s in range(2):
+        g = torch.Generator().manual_seed(20 + s)
+        ids = torch.randint(0, V, (2, 11), generator=g)
+        lab = torch.roll(ids, -1, 1)
+        lab[:, :3] = -100
+        lab[:, -1] = -100
+        batches.append((ids, lab))
+    ids, lab = batches[dp]
+    loss, _ = alignkit.preference_loss(body(ids), head, lab, loss="simpo")
+    loss.backward()
+    ref_head = W.clone().requires_grad_()
+    ref_losses = [alignkit.preference_loss(ref_body(i), ref_head, y, loss="simpo",
+                                           tiles=alignkit.TileOptions(autotune=False))[0]
+                  for i, y in batches]
+    (sum(ref_losses) / 2).backward()
+    close(loss, ref_losses[dp], "fsdp2d loss")
+    gw = head.grad.to_local().clone()
+    dist.all_reduce(gw, group=mesh.get_group("dp"))
+    close(gw / 2, torch.chunk(ref_head.grad, world // 2)[tp], "fsdp2d grad_W")
+    for (n, p), (_, q) in zip(body.named_parameters(), ref_body.named_parameters()):
+        close(p.grad.full_tensor(), q.grad, f"fsdp2d grad {n}")
+    return ["fsdp2d"]
+
+
 def main(rank, world, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     torch.manual_seed(0)
+    if world == 4:
+        with open(out, "w") as f:
+            json.dump({"cases": fsdp2d(rank, world), "calls": vocab_parallel.CALLS[0]}, f)
+        dist.destroy_process_group()
+        return
     mesh = init_device_mesh("cpu", (world,))
     done = cases(rank, world, mesh)
     if world == 2:

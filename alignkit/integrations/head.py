@@ -10,8 +10,8 @@ The gather hook: the op runs *inside the LM head module's own call* (``head(hidd
 forward and backward -- FSDP2 on a separately wrapped head, DeepSpeed ZeRO-3's module hooks, the
 stand-in in tests/test_integrations_sharded.py -- therefore runs around ours too; reading
 ``lm_head.weight`` directly, as Liger's drop-in did, sees ZeRO-3's empty partition. A head left
-as a DTensor under FSDP2 (root group read outside the root's forward) is gathered with
-full_tensor(); a DTensor head without FSDP2 is tensor parallel, split over the vocabulary, and
+as FSDP2's sharded DTensor (root group read outside the root's forward) is gathered with
+full_tensor(); any other DTensor head is tensor parallel, split over the vocabulary, and
 goes to the op as it is (alignkit/ops/vocab_parallel.py): it is never gathered, except for
 log_sum_sq_probs and soft-capped mean_logits, which need every logit (with a warning).
 
@@ -81,27 +81,42 @@ def _head_call(head, fn, *args):
 
 
 def _full(t):
-    """A DTensor head gathered whole: only for an FSDP-managed model (whose DTensors outside the
-    root's forward are data-parallel shards, not a vocab split; see _head_tensors) and for an
-    option that truly needs every logit (then with a warning)."""
+    """A DTensor head gathered whole: only FSDP2's sharded parameter (data-parallel shards, not
+    a vocab split; see _head_tensors) and for an option that truly needs every logit (then with
+    a warning)."""
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def _fsdp_managed(model) -> bool:
+def _fsdp_shard(model, t) -> bool:
+    """Whether t is a parameter FSDP2 holds sharded over data-parallel ranks (its sharded
+    DTensor: a head in an FSDP group read outside that group's forward). A head that FSDP2 does
+    not manage (FSDP2 on the body only), or that it has unsharded for its forward (the TP
+    DTensor of FSDP2 + TP), is not."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:                          # pragma: no cover - torch without FSDP2
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            group = m._get_fsdp_state()._fsdp_param_group
+            params = group.fsdp_params if group is not None else ()
+        except AttributeError:                   # FSDP2's internals moved: gather, as before
+            return True
+        if any(p.sharded_param is t for p in params):
+            return True
+    return False
 
 
 def _head_tensors(model, weight, bias):
-    """The head's weight and bias as the op takes them. A DTensor head of a model without FSDP2
-    (transformers' tp_plan, torchtitan, a hand-sharded lm_head) is passed on as it is: split over
-    the vocabulary (Shard(0)), the op runs on each rank's shard with O(tokens) communication
-    (alignkit/ops/vocab_parallel.py), never full_tensor(). Under FSDP2 a DTensor seen here is
-    FSDP's data-parallel shard, whose ranks hold different batches: gathered, as FSDP would."""
-    if is_dtensor(weight) and _fsdp_managed(model):
+    """The head's weight and bias as the op takes them. A DTensor head that is not FSDP2's shard
+    (transformers' tp_plan, torchtitan, a hand-sharded lm_head, FSDP2 on the body only, or the
+    TP DTensor FSDP2 + TP unshards for the forward) is passed on as it is: split over the
+    vocabulary (Shard(0)), the op runs on each rank's shard with O(tokens) communication
+    (alignkit/ops/vocab_parallel.py), never full_tensor(). FSDP2's own sharded parameter holds
+    data-parallel shards, whose ranks hold different batches: gathered, as FSDP would."""
+    if is_dtensor(weight) and _fsdp_shard(model, weight):
         return _full(weight), _full(bias)
     return weight, bias
 
