@@ -15,13 +15,19 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run(tmp_path, world):
-    store, out = str(tmp_path / "store"), str(tmp_path / "out")
-    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNKIT_PLAN_CACHE=str(tmp_path / "plans.json"),
+def _spawn(tmp_path, world):
+    d = tmp_path / f"world{world}"
+    d.mkdir()
+    store, out = str(d / "store"), str(d / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ALIGNKIT_PLAN_CACHE=str(d / "plans.json"),
                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "vocab_parallel_worker.py"),
                                str(r), str(world), store, f"{out}.{r}"], env=env,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return procs, out
+
+
+def _wait(procs, out, world):
     errs = []
     for p in procs:
         try:
@@ -36,27 +42,37 @@ def _run(tmp_path, world):
     return [json.load(open(f"{out}.{r}")) for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_matches_one_process(tmp_path, world):
-    res = _run(tmp_path, world)
-    for r in res:
-        # the HF drop-in on a hand-sharded lm_head runs at 2 ranks only (transformers' import)
-        assert r["cases"] == ["plain", "dtensor", "dtensor2d", "plain-start", "refusals"] + (["dropin"] if world == 2 else [])
-        assert r["calls"] >= 20                      # the sharded op ran, case after case
-        c = r["comm"]
-        n, tokens, H = c["labelled"], c["tokens"], c["H"]
-        # forward: one MAX of [M] fp32 and one SUM of [M, 2] (+1 column with entropy)
-        assert c["fwd_plain"] == [["all_reduce", 4 * n], ["all_reduce", 8 * n]]
-        assert c["fwd"] == [["all_reduce", 4 * n], ["all_reduce", 12 * n]]
-        assert sum(b for _, b in c["fwd_plain"]) <= 12 * n
-        assert sum(b for _, b in c["fwd"]) <= 16 * n
-        # backward: grad_h, N x H x 4 bytes, once per op call; nothing V-sized anywhere
-        assert c["bwd"] == [["all_reduce", tokens * H * 4]] * 2
-        assert all(b < c["V"] * 4 or b == tokens * H * 4
-                   for _, b in c["fwd"] + c["fwd_plain"] + c["bwd"])
-        m = r["mem"]
-        assert m["peak"] <= m["target"] and m["peak"] <= m["engine"], m
-        assert m["peak"] < m["whole_grad_w"] / world * 1.5, m     # a shard's, not the whole's
+def _run(tmp_path, *worlds):
+    """Every world's ranks at once (the machine's cores overlap their start-up)."""
+    started = {w: _spawn(tmp_path, w) for w in worlds}
+    return {w: _wait(*started[w], w) for w in worlds}
+
+
+def test_vocab_parallel_matches_one_process(tmp_path):
+    for world, res in _run(tmp_path, 2, 3).items():
+        for r in res:
+            _check(r, world)
+
+
+def _check(r, world):
+    # the HF drop-in on a hand-sharded lm_head runs at 2 ranks only (transformers' import)
+    assert r["cases"] == ["plain", "dtensor", "dtensor2d", "plain-start", "refusals"] + (
+        ["dropin"] if world == 2 else [])
+    assert r["calls"] >= 20                      # the sharded op ran, case after case
+    c = r["comm"]
+    n, tokens, H = c["labelled"], c["tokens"], c["H"]
+    # forward: one MAX of [M] fp32 and one SUM of [M, 2] (+1 column with entropy)
+    assert c["fwd_plain"] == [["all_reduce", 4 * n], ["all_reduce", 8 * n]]
+    assert c["fwd"] == [["all_reduce", 4 * n], ["all_reduce", 12 * n]]
+    assert sum(b for _, b in c["fwd_plain"]) <= 12 * n
+    assert sum(b for _, b in c["fwd"]) <= 16 * n
+    # backward: grad_h, N x H x 4 bytes, once per op call; nothing V-sized anywhere
+    assert c["bwd"] == [["all_reduce", tokens * H * 4]] * 2
+    assert all(b < c["V"] * 4 or b == tokens * H * 4
+               for _, b in c["fwd"] + c["fwd_plain"] + c["bwd"])
+    m = r["mem"]
+    assert m["peak"] <= m["target"] and m["peak"] <= m["engine"], m
+    assert m["peak"] < m["whole_grad_w"] / world * 1.5, m     # a shard's, not the whole's
 
 
 @pytest.mark.slow
@@ -64,7 +80,7 @@ def test_a_dp_by_vocab_mesh_with_fsdp2_on_the_body(tmp_path):
     """4 ranks, a (dp=2, tp=2) mesh: FSDP2 shards the body over dp, the head is split over the
     vocabulary on tp; losses and gradients equal one process on both batches
     (vocab_parallel_worker.fsdp2d)."""
-    for r in _run(tmp_path, 4):
+    for r in _run(tmp_path, 4)[4]:
         assert r["cases"] == ["fsdp2d"] and r["calls"] >= 1
 
 
