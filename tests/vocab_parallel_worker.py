@@ -155,6 +155,14 @@ def cases(rank, world, mesh):
             return val, {"sums": s}
         run_case("kto", kto_fn, W, b, h, form, mesh, rank, world)
         done.append(form)
+    # V = 4 over 3 ranks: torch.chunk gives (2, 2, 0), so rank 2's shard is empty
+    y4 = torch.where(y == -100, y, y % 4)
+
+    def tiny_fn(hs, w, bb, tiles):
+        lp, ent = alignkit.linear_token_logprobs(hs, w, y4, bias=bb, return_entropy=True,
+                                                 tiles=tiles)
+        return (lp * g_lp).sum() + (ent * g_ent).sum(), {"lp": lp, "ent": ent}
+    run_case("V=4", tiny_fn, W[:4], b[:4], h, "dtensor", mesh, rank, world)
     for form in ("dtensor2d", "plain-start"):
         run_case("token", token_fn(30.0, 0.7), W, b, h, form, mesh, rank, world)
         run_case("sequence packed", packed_fn, W, b, h, form, mesh, rank, world)
