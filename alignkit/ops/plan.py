@@ -29,6 +29,9 @@ Under torch.distributed the plan key leaves out the token count (ranks see diffe
 the same calls) and rank 0's cached or measured choice is broadcast, so every rank runs one plan.
 torch.compile and no_grad keep their fixed rules (the front doors: a compiled graph cannot time,
 and without a gradient the recompute's forward is one GEMM per tile).
+A head split over the vocabulary across ranks (alignkit/ops/vocab_parallel.py) has one candidate,
+the recompute on the shards: the single passes need full-vocabulary tiles, and
+pass_budget.pass_blocker says so before the chooser runs (a pinned single pass is refused).
 
 The plan key: the device and machine (CPU model and flags, or GPU name and capability), the loss
 kind (pair pass tied / untied, token pass, coupled token pass), dtype, backend, H, V (rounded up
