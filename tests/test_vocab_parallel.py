@@ -84,6 +84,16 @@ def test_a_dp_by_vocab_mesh_with_fsdp2_on_the_body(tmp_path):
         assert r["cases"] == ["fsdp2d"] and r["calls"] >= 1
 
 
+def test_the_vocab_options_are_checked_by_name():
+    import alignkit
+    with pytest.raises(TypeError, match="vocab_group"):
+        alignkit.TileOptions(vocab_group="tp")
+    with pytest.raises(ValueError, match="vocab_group too"):
+        alignkit.TileOptions(vocab_start=3)
+    with pytest.raises(ValueError, match="vocab_start"):
+        alignkit.TileOptions(vocab_start=-1)
+
+
 def test_bench_vocab_parallel_smoke():
     """bench.vocab_parallel at 2 ranks on a tiny head: the sharded step's bytes are O(tokens)
     and below gather-then-compute's, its peak within the target."""
