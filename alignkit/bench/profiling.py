@@ -73,3 +73,44 @@ def resident_bytes(modules=(), optimizer=None) -> int:
             for v in state.values():
                 add(v)
     return total
+
+
+class CollectiveLog:
+    """Counts torch.distributed's collectives and their bytes while open:
+    ``with CollectiveLog() as c: ...`` -> c.log, [(name, bytes)] in call order, bytes the largest
+    tensor or tensor list (summed: an all_gather's output) of the call: the payload one rank
+    hands in or gets back.
+    It patches the module's functions, so it sees calls made as ``dist.all_reduce(...)``."""
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
+             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
+             "reduce", "send", "recv")
+
+    def __init__(self):
+        self.log, self._real = [], {}
+
+    def __enter__(self):
+        import torch
+        import torch.distributed as dist
+        for n in self.NAMES:
+            real = getattr(dist, n)
+            self._real[n] = real
+
+            def wrapped(*a, _n=n, _real=real, **k):
+                args = list(a) + list(k.values())
+                one = [x.numel() * x.element_size() for x in args if isinstance(x, torch.Tensor)]
+                lists = [sum(t.numel() * t.element_size() for t in x if isinstance(t, torch.Tensor))
+                         for x in args if isinstance(x, (list, tuple))]
+                self.log.append((_n, max(one + lists, default=0)))
+                return _real(*a, **k)
+            setattr(dist, n, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        for n, real in self._real.items():
+            setattr(dist, n, real)
+        return False
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.log)

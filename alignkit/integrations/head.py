@@ -10,7 +10,10 @@ The gather hook: the op runs *inside the LM head module's own call* (``head(hidd
 forward and backward -- FSDP2 on a separately wrapped head, DeepSpeed ZeRO-3's module hooks, the
 stand-in in tests/test_integrations_sharded.py -- therefore runs around ours too; reading
 ``lm_head.weight`` directly, as Liger's drop-in did, sees ZeRO-3's empty partition. A head left
-as a DTensor (FSDP2 root group read outside the root's forward) is gathered with full_tensor().
+as FSDP2's sharded DTensor (root group read outside the root's forward) is gathered with
+full_tensor(); any other DTensor head is tensor parallel, split over the vocabulary, and
+goes to the op as it is (alignkit/ops/vocab_parallel.py): it is never gathered, except for
+log_sum_sq_probs and soft-capped mean_logits, which need every logit (with a warning).
 
 ``patch_model(model)`` installs this as the model's forward for calls that pass ``labels``
 (generation, which passes none, is untouched); as a context manager it removes itself on exit.
@@ -18,6 +21,7 @@ as a DTensor (FSDP2 root group read outside the root's forward) is gathered with
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +34,7 @@ from alignkit.model.heads import head_options, match_head_dtypes
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
 from alignkit.ops.options import LogprobOptions, TileOptions
 from alignkit.ops.vocab_stats import vocab_row_stats
+from alignkit.ops.vocab_shard import is_dtensor, vocab_mean
 
 try:       # a transformers ModelOutput, so that hooks that walk outputs (ZeRO-3's) see the tensors
     from transformers.utils import ModelOutput as _OutputBase
@@ -77,7 +82,54 @@ def _head_call(head, fn, *args):
 
 
 def _full(t):
+    """A DTensor head gathered whole: only FSDP2's sharded parameter (data-parallel shards, not
+    a vocab split; see _head_tensors) and for an option that truly needs every logit (then with
+    a warning)."""
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def _fsdp_shard(model, t) -> bool:
+    """Whether t is a parameter FSDP2 holds sharded over data-parallel ranks (its sharded
+    DTensor: a head in an FSDP group read outside that group's forward). A head that FSDP2 does
+    not manage (FSDP2 on the body only), or that it has unsharded for its forward (the TP
+    DTensor of FSDP2 + TP), is not."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                          # pragma: no cover - torch without FSDP2
+        return False
+    for m in model.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        try:
+            group = m._get_fsdp_state()._fsdp_param_group
+            params = group.fsdp_params if group is not None else ()
+        except AttributeError:                   # FSDP2's internals moved: gather, as before
+            return True
+        if any(p.sharded_param is t for p in params):
+            return True
+    return False
+
+
+def _head_tensors(model, weight, bias):
+    """The head's weight and bias as the op takes them. A DTensor head that is not FSDP2's shard
+    (transformers' tp_plan, torchtitan, a hand-sharded lm_head, FSDP2 on the body only, or the
+    TP DTensor FSDP2 + TP unshards for the forward) is passed on as it is: split over the
+    vocabulary (Shard(0)), the op runs on each rank's shard with O(tokens) communication
+    (alignkit/ops/vocab_parallel.py), never full_tensor(). FSDP2's own sharded parameter holds
+    data-parallel shards, whose ranks hold different batches: gathered, as FSDP would."""
+    if is_dtensor(weight) and _fsdp_shard(model, weight):
+        return _full(weight), _full(bias)
+    return weight, bias
+
+
+def _whole_for(option: str, weight, bias):
+    """weight and bias whole for an option that needs every logit of a row in one place; a
+    vocab-parallel head is gathered for it, with a warning naming the option."""
+    if is_dtensor(weight):
+        warnings.warn(f"{option} needs the whole vocabulary's logits in one place: the "
+                      "vocab-parallel LM head is gathered (full_tensor) for it", stacklevel=3)
+        return _full(weight), _full(bias)
+    return weight, bias
 
 
 def _labelled(labels):
@@ -86,10 +138,11 @@ def _labelled(labels):
     return idx, labels.reshape(-1).index_select(0, idx)
 
 
-def _head_rows(weight, bias, h, idx):
-    """Inside the head's call: the head's weight and bias whole (sharded heads gathered), the
-    labelled rows of hidden, all in the dtypes the op meets them in."""
-    weight, bias = _full(weight), _full(bias)
+def _head_rows(model, weight, bias, h, idx):
+    """Inside the head's call: the head's weight and bias (_head_tensors: a vocab-parallel
+    DTensor stays sharded), the labelled rows of hidden, all in the dtypes the op meets them
+    in."""
+    weight, bias = _head_tensors(model, weight, bias)
     hs, weight, bias = match_head_dtypes(h.reshape(-1, h.shape[-1]), weight, bias)
     return hs.index_select(0, idx), weight, bias
 
@@ -113,24 +166,25 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
 
     def op(weight, bias, h):
         if head_fp32:
-            weight, bias = _full(weight).float(), (_full(bias).float() if bias is not None
-                                                   else None)
-        rows, weight, bias = _head_rows(weight, bias, h, idx)
+            weight, bias = _head_tensors(model, weight, bias)
+            weight, bias = weight.float(), (bias.float() if bias is not None else None)
+        rows, weight, bias = _head_rows(model, weight, bias, h, idx)
         lp, ent, lse = linear_logprobs_stats(rows, weight, y, bias=bias, opts=opts)
         out = {"log_probs": lp, "entropy": ent}
         if is_top1:
             out["is_top1"] = (lp.detach() + lse[:, 1]) >= 0
         capped_mean = mean_logits and opts.softcap is not None
         if capped_mean or log_sum_sq_probs:
-            out.update(vocab_row_stats(rows, weight, bias, temperature=opts.temperature,
+            w_all, b_all = _whole_for("log_sum_sq_probs" if log_sum_sq_probs else
+                                      "mean_logits under a soft cap", weight, bias)
+            out.update(vocab_row_stats(rows, w_all, b_all, temperature=opts.temperature,
                                        softcap=opts.softcap, lse=lse[:, 0] + lse[:, 1],
                                        mean=capped_mean, sum_sq=log_sum_sq_probs))
         if mean_logits and not capped_mean:
             with torch.no_grad():
                 # fp32 means without an fp32 copy of a bf16 weight
-                wbar = weight.mean(0, dtype=torch.float32)
-                ml = rows.float() @ wbar + (bias.mean(dtype=torch.float32) if bias is not None
-                                            else 0.0)
+                wbar, bbar = vocab_mean(weight, bias)
+                ml = rows.float() @ wbar + bbar
                 out["mean_logits"] = ml * (1.0 / opts.temperature)
         return out
 
@@ -170,7 +224,7 @@ def head_preference_loss(model, hidden: Tensor, labels: Tensor, segment_ids: Ten
     seg = segment_ids.reshape(-1).index_select(0, idx)
 
     def op(weight, bias, h):
-        rows, weight, bias = _head_rows(weight, bias, h, idx)
+        rows, weight, bias = _head_rows(model, weight, bias, h, idx)
         return preference_loss(rows, weight, y, bias=bias, segment_ids=seg,
                                num_segments=num_sequences, backend=backend, tiles=tiles,
                                **opts_kw, **preference)

@@ -44,6 +44,7 @@ from alignkit.ops.pass_budget import (GRAD_MODES, NO_GRAD, effective_mode, keep_
 from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.validate import check_linear_inputs, sequence_layout
+from alignkit.ops.vocab_shard import is_dtensor, is_vocab_parallel
 
 # options every loss takes: the reduction and the log-prob op's own options
 _COMMON = ("average", "num_segments", "ignore_index", "temperature", "softcap", "backend",
@@ -135,6 +136,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
         check_ld(ld_alpha, own, average, grad_mode)
     if own.get("use_weighting", False):
         LogprobOptions(**common)         # bad head options raise before the extra GEMM
+        if is_vocab_parallel(weight, common.get("tiles")) or is_dtensor(bias):
+            raise ValueError("use_weighting (WPO) needs log Σ p² over the whole vocabulary, which "
+                             "alignkit does not compute on a vocab-parallel head; it is refused")
         if "log_sum_sq_probs" in own:
             raise ValueError("log_sum_sq_probs is computed inside preference_loss from hidden "
                              "and weight (use_weighting=True); passing it is refused")
@@ -155,8 +159,8 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     tiles = common.get("tiles") or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     # a plan pinned by tiles.plan leaves grad_mode "auto": without a gradient, the recompute
-    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto") \
-        if mode != "recompute" else mode
+    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto",
+                       tiles) if mode != "recompute" else mode
     seg = _sequence_ids(S, labels, segment_ids) if why is None else None
     tied = REGISTRY[loss].tie(own, S // 2) != "untied"
 

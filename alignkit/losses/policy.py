@@ -133,7 +133,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
     tiles = tiles or TileOptions()
     mode = effective_mode(grad_mode, tiles)
     coupled = o["coupled"] is not None
-    why = _pass_blocker(mode, grad_mode, o, flat, weight, bias)
+    why = _pass_blocker(mode, grad_mode, o, flat, weight, bias, tiles)
 
     def recompute(h, w, b):
         lp, ent = linear_token_logprobs(h, w, y, bias=b, ignore_index=ignore_index,
@@ -256,13 +256,13 @@ def _prepare(o, labels, segment_ids, advantages, old_logprobs, ref_logprobs, ign
                 seq_adv=seq_adv, rollout=rollout, is_ratio=is_ratio)
 
 
-def _pass_blocker(mode, grad_mode, o, hidden, weight, bias):
+def _pass_blocker(mode, grad_mode, o, hidden, weight, bias, tiles=None):
     """Why the token pass cannot serve this call (None where it can); the pair pass's reasons
     (pass_budget.pass_blocker) and one of its own. A plan pinned by tiles.plan leaves grad_mode
     "auto": without a gradient, the recompute."""
     if mode == "recompute":
         return "recompute"
-    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto")
+    why = pass_blocker(hidden, weight, bias, grad_mode if grad_mode != "auto" else "auto", tiles)
     coupled = o.get("coupled", "sequence-level importance sampling" if o["level"] != "token"
                     else None)                 # _prepare sets it; a bare option dict may not
     if why is None and coupled is not None and o["entropy_coef"] != 0:

@@ -29,6 +29,7 @@ from alignkit.ops.gemm32 import addmm32
 from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_linear_inputs, compact, labelled_rows
+from alignkit.ops.vocab_shard import is_dtensor, is_vocab_parallel
 
 _EMPTY = (0,)
 
@@ -348,7 +349,15 @@ def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
                           bias: Optional[Tensor], opts: LogprobOptions):
     """As linear_logprobs, plus the per-token row statistics [..., 2] = (max logit m,
     log Σ exp(z − m)) of the transformed logits z, without gradient: the drop-ins derive TRL's
-    is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m))."""
+    is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m)).
+
+    A head split over the vocabulary across ranks (a DTensor weight, or a local shard with
+    opts.tiles.vocab_group) takes alignkit/ops/vocab_parallel.py: the same outputs, merged over
+    the ranks with O(tokens) communication."""
+    if is_vocab_parallel(weight, opts.tiles) or is_dtensor(bias):
+        # imported here: vocab_parallel builds on this module's tile loop and backward
+        from alignkit.ops.vocab_parallel import vocab_parallel_stats
+        return vocab_parallel_stats(hidden, weight, labels, bias=bias, opts=opts)
     check_linear_inputs(hidden, weight, labels, bias)
     backend = resolve(opts.backend, hidden.device)
     t = opts.tiles.resolved(head=tuple(weight.shape))

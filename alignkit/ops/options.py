@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from alignkit.ops.env import env, env_flag, env_int
 
@@ -43,6 +44,14 @@ class TileOptions:
                       an int  a byte cap on the engine's peak: the plans whose peak fits it.
                       ALIGNKIT_MEMORY.
     plan              pins one plan of PLANS (ALIGNKIT_PLAN); None: chosen by measuring.
+    vocab_group       a torch.distributed ProcessGroup: the weight (and bias) passed to the op is
+                      this rank's shard of a head split over the vocabulary across the group
+                      (Megatron style; alignkit/ops/vocab_parallel.py). None (default): the
+                      weight is the whole head, or a DTensor that says how it is split. Not an
+                      environment variable: a group exists only in the running program.
+    vocab_start       with vocab_group, the first vocabulary id of this rank's shard; None: the
+                      shards follow one another in rank order (their sizes are exchanged once
+                      per group and shard size, one all-gather of an int).
     autotune          True (default): the first call of a new plan key times the candidates on
                       its own inputs and caches the winner on disk; False: a cost model with
                       this machine's measured GEMM rate and bandwidth picks, with no timing of
@@ -81,6 +90,8 @@ class TileOptions:
     memory: str | int | None = None
     plan: str | None = None
     autotune: bool | None = None
+    vocab_group: object = None
+    vocab_start: int | None = None
 
     _ENV = (("tile_bytes", "ALIGNKIT_TILE_BYTES", 16 << 20),
             ("vocab_block", "ALIGNKIT_VOCAB_BLOCK", 2048),
@@ -103,6 +114,15 @@ class TileOptions:
             raise ValueError(f"plan must be None or one of {PLANS}, got {self.plan!r}")
         if self.autotune is not None and not isinstance(self.autotune, bool):
             raise TypeError(f"autotune must be None or a bool, got {self.autotune!r}")
+        if self.vocab_group is not None:
+            if not isinstance(self.vocab_group, dist.ProcessGroup):
+                raise TypeError("vocab_group must be None or a torch.distributed.ProcessGroup, "
+                                f"got {type(self.vocab_group).__name__}")
+        v = self.vocab_start
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"vocab_start must be None or an int >= 0, got {v!r}")
+        if v is not None and self.vocab_group is None:
+            raise ValueError("vocab_start applies to a vocab-parallel head: give vocab_group too")
 
     def memory_given(self) -> bool:
         """Whether the caller set the memory option (here or by ALIGNKIT_MEMORY): a pinned plan
@@ -155,7 +175,8 @@ class TileOptions:
             flag = env_flag("ALIGNKIT_AUTOTUNE")
             autotune = True if flag is None else flag
         return TileOptions(**vals, triton_bwd=mode, keep_bytes=keep, memory=memory, plan=plan,
-                           autotune=autotune)
+                           autotune=autotune, vocab_group=self.vocab_group,
+                           vocab_start=self.vocab_start)
 
 
 EngineOptions = TileOptions

@@ -10,6 +10,7 @@ import torch
 
 from alignkit.ops.backends import gemm_dtype, resolve
 from alignkit.ops.options import TileOptions
+from alignkit.ops.vocab_shard import is_dtensor, is_vocab_parallel
 
 def tile_rows(V: int, device=None, dtype: torch.dtype = torch.float32, tiles=None,
               H: int | None = None, backend: str = "auto") -> int:
@@ -58,10 +59,12 @@ def keep_rows(V: int, H: int, device=None, dtype: torch.dtype = torch.float32,
 GRAD_MODES = ("recompute", "single_pass", "auto")
 
 
-def pass_blocker(hidden, weight, bias, grad_mode: str):
+def pass_blocker(hidden, weight, bias, grad_mode: str, tiles=None):
     """Why a single pass (the pair pass or the token pass) cannot serve a call, or, under
     grad_mode "auto", should not; None where it can. Both front doors (preference_loss,
-    policy_loss) ask this one function."""
+    policy_loss) ask this one function. tiles: the call's TileOptions (its vocab_group)."""
+    if is_vocab_parallel(weight, tiles) or is_dtensor(bias):
+        return VOCAB_PARALLEL
     dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
     if len(dtypes) != 1:
         return f"hidden, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
@@ -74,6 +77,12 @@ def pass_blocker(hidden, weight, bias, grad_mode: str):
         return NO_GRAD
     return None
 
+
+# a head split over the vocabulary across ranks: the single passes form G from full-vocabulary
+# tiles, which no rank holds; the recompute plan's op merges the shards' statistics
+# (alignkit/ops/vocab_parallel.py), so the chooser's one candidate is the sharded recompute
+VOCAB_PARALLEL = ("a vocab-parallel head (split over ranks) takes the recompute plan: the single "
+                  "passes need full-vocabulary tiles")
 
 # pass_blocker's reason under grad_mode "auto" (a plan pinned by TileOptions.plan included): not an
 # error, the recompute's forward is the whole work

@@ -32,6 +32,9 @@ order, and broadcasts), and no collective depends on a rank's own batch, so the 
 wait on each other (_choose_across_ranks).
 torch.compile and no_grad keep their fixed rules (the front doors: a compiled graph cannot time,
 and without a gradient the recompute's forward is one GEMM per tile).
+A head split over the vocabulary across ranks (alignkit/ops/vocab_parallel.py) has one candidate,
+the recompute on the shards: the single passes need full-vocabulary tiles, and
+pass_budget.pass_blocker says so before the chooser runs (a pinned single pass is refused).
 
 The plan key: the device and machine (CPU model and flags, or GPU name and capability), the loss
 kind (pair pass tied / untied, token pass, coupled token pass), dtype, backend, H, V (rounded up
