@@ -243,7 +243,9 @@ def head_sft_loss(model, hidden: Tensor, labels: Tensor, sft: dict, *, temperatu
     idx, y = _labelled(labels)
 
     def op(weight, bias, h):
-        rows, weight, bias = _head_rows(weight, bias, h, idx)
+        rows, weight, bias = _head_rows(model, weight, bias, h, idx)
+        # sft_loss has no vocab-parallel pass (its Σz and lse would need the sharded merge too)
+        weight, bias = _whole_for("sft_loss", weight, bias)
         return sft_loss_tokens(rows, weight, y, bias=bias, backend=backend, tiles=tiles,
                                **opts_kw, **sft)
     loss, _, ent, top1 = _head_call(head, op, hidden)
