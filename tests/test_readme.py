@@ -93,3 +93,22 @@ def test_headline_table_is_the_rendered_rows():
                                  "alignkit_bench_dpo_H4096_V128256.json")) as f:
         recorded = [r[:5] for r in json.load(f)["tables"][0]["rows"]]
     assert len(rows) > 5 and all(r in recorded for r in rows[1:]), rows
+
+
+def test_tensor_parallel_example(monkeypatch):
+    """The README's DTensor head example runs on a 1-rank gloo group, through the vocab-parallel
+    op (counted), and leaves no process group behind."""
+    import torch.distributed as dist
+    from alignkit.ops import vocab_parallel
+    calls = []
+    real = vocab_parallel._VocabParallelLogprobs.apply
+    monkeypatch.setattr(vocab_parallel._VocabParallelLogprobs, "apply",
+                        lambda *a: (calls.append(1), real(*a))[1])
+    created = not dist.is_initialized()
+    ns = {}
+    try:
+        exec(compile(blocks("README.md", "python")[3], "README.md tensor parallel", "exec"), ns)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    assert calls and ns["W"].grad is not None and ns["W"].grad.placements == ns["W"].placements
