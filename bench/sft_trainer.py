@@ -70,7 +70,8 @@ def main(argv=None):
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--write", action="store_true", help="append the table to bench/out/")
+    p.add_argument("--write", action="store_true",
+                   help="record the table as rows (bench/out/rows/<machine class>/sft_trainer.json)")
     a = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="ak-sft-bench-")
     res = {name: run_sft(a.vocab, a.length, a.batch, a.steps, patch, work)
@@ -88,9 +89,11 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if a.write:
-        os.makedirs("bench/out", exist_ok=True)
-        with open("bench/out/sft_trainer.md", "w") as f:
-            f.write(text + "\n")
+        import sys
+
+        from alignkit.bench.harness import write_rows
+        print("wrote", write_rows("sft_trainer", "python -m bench.sft_trainer " +
+                                  " ".join(sys.argv[1:] if argv is None else argv), text))
 
 
 if __name__ == "__main__":
