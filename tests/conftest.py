@@ -75,6 +75,14 @@ def bpe_tokenizer(data_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tok(bpe_tokenizer):
+    """The BPE above as a transformers tokenizer, one per test module (trainers may set its
+    padding side or template)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(bpe_tokenizer)
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts the calls of alignkit's head ops that the drop-ins route through (the fused

@@ -19,11 +19,6 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def tok(bpe_tokenizer):
-    return transformers.AutoTokenizer.from_pretrained(bpe_tokenizer)
-
-
-@pytest.fixture(scope="module")
 def pair_rows(data_dir):
     with open(os.path.join(data_dir, "dpo_en_demo.json")) as f:
         rows = json.load(f)

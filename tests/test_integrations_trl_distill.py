@@ -35,11 +35,6 @@ def _watch_masks(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tok(bpe_tokenizer):
-    return transformers.AutoTokenizer.from_pretrained(bpe_tokenizer)
-
-
-@pytest.fixture(scope="module")
 def prompts(data_dir):
     with open(os.path.join(data_dir, "dpo_en_demo.json")) as f:
         rows = json.load(f)

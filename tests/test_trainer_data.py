@@ -10,12 +10,6 @@ from alignkit.train.config import ConfigError, TrainConfig, parse_overrides  # n
 from alignkit.train.data import DataError, Tokenise, load_rows, tokenise_rows  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tok(bpe_tokenizer):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(bpe_tokenizer)
-
-
 def test_sharegpt_rows_mask_the_prompt_and_keep_the_response(tok, data_dir):
     for name in ("dpo_en_demo.json", "dpo_zh_demo.json"):
         rows = load_rows(os.path.join(data_dir, name))

@@ -7,7 +7,7 @@ import pytest
 
 trl = pytest.importorskip("trl")
 
-from test_integrations_trl import compare, pair_rows, run, tok  # noqa: E402,F401
+from test_integrations_trl import compare, pair_rows, run  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def sft_rows(pair_rows):  # noqa: F811
     (dict(loss_type="dft"), "linear_logprobs_stats"),
     (dict(label_smoothing_factor=0.1), "sft_loss_tokens"),
 ], ids=["nll", "dft", "label_smoothing"])
-def test_sft_trainer_patched_matches_unpatched(tok, sft_rows, tmp_path, op_calls, cfg, op):  # noqa: F811
+def test_sft_trainer_patched_matches_unpatched(tok, sft_rows, tmp_path, op_calls, cfg, op):
     a = run(trl.SFTTrainer, trl.SFTConfig, tok, sft_rows, tmp_path, False, calls=op_calls, **cfg)
     b = run(trl.SFTTrainer, trl.SFTConfig, tok, sft_rows, tmp_path, True, calls=op_calls, **cfg)
     assert op_calls.count(op) >= 3                  # the op under test answered every step
