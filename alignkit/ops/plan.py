@@ -90,7 +90,7 @@ class Choice:
     """What the chooser did for the last call (alignkit bench prints it; tests read it)."""
     key: tuple
     plan: str
-    how: str            # pinned | only | cache | disk | tuning | measured | model | broadcast
+    how: str            # pinned | only | cache | disk | tuning | measured | model
     feasible: tuple
 
 
@@ -341,12 +341,9 @@ def _choose_across_ranks(key, names, feasible, t, hidden, weight, bias, rows):
     every rank, and its last call broadcasts rank 0's measured winner. A rank whose own batch
     does not fit the agreed plan under the memory option runs its smallest feasible plan (no
     collective depends on which plan a rank runs)."""
-    cands = feasible
     if key in _DECIDED:
-        plan = _DECIDED[key]
-        if plan not in feasible:
-            plan = _smallest(feasible)
-        return _ran(Choice(key, plan, "cache", names), cands, hidden, weight, bias)
+        return _ran(Choice(key, _fitting(_DECIDED[key], feasible), "cache", names), feasible,
+                    hidden, weight, bias)
     if key not in _TUNING:
         proposal = None
         if _rank() == 0:
@@ -362,11 +359,16 @@ def _choose_across_ranks(key, names, feasible, t, hidden, weight, bias, rows):
         how, what = _broadcast(proposal)
         if how != "tune":
             _DECIDED[key] = what
-            plan = what if what in feasible else _smallest(feasible)
-            return _ran(Choice(key, plan, how, names), cands, hidden, weight, bias)
+            return _ran(Choice(key, _fitting(what, feasible), how, names), feasible, hidden,
+                        weight, bias)
         _TUNING[key] = _tuning(what)
     return _tune_step(key, _TUNING[key], feasible, names, hidden, weight, bias, rows,
                       across_ranks=True)
+
+
+def _fitting(plan: str, feasible: dict) -> str:
+    """The agreed plan where this rank's batch fits it, else this rank's smallest plan."""
+    return plan if plan in feasible else _smallest(feasible)
 
 
 def _smallest(feasible: dict) -> str:
