@@ -119,8 +119,10 @@ def main(argv=None):
     which.add_argument("--keep", action="store_true",
                        help="the single pass's keep budget (none, the default, every deferred "
                             "token) beside auto, the recompute and CCE")
+    methods.plan_cache_flag(p)
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
+    methods.use_plan_cache(a.cached_plans)
     t0 = time.time()
     rows = run(a.preset, a.losses, a.reps, a.skip_memory, a.shapes, only_alignkit=a.only_alignkit,
                auto_only=a.auto_only, bf16=a.bf16, keep=a.keep)

@@ -78,8 +78,10 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", help="substrings of shape names to run (default: all)")
     p.add_argument("--no-peers", action="store_true",
                    help="the floor and alignkit only (no naive, TRL or Liger rows)")
+    methods.plan_cache_flag(p)
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
+    methods.use_plan_cache(a.cached_plans)
     t0 = time.time()
     rows = run(a.preset, a.reps, a.skip_memory, runs=a.runs, shapes=a.shapes,
                peers=not a.no_peers)

@@ -42,7 +42,20 @@ def _step(h, W, y, **kw):
 TUNED = alignkit.TileOptions(autotune=True)
 
 
-def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path):
+def _steady(monkeypatch, per_plan=None):
+    """time_candidate runs the candidate but reports a fixed time per plan: the rounds agree
+    (tiny shapes on a shared machine time too noisily to test the order on)."""
+    real = plan.time_candidate
+    per_plan = per_plan or {"recompute": 2.0, "single_pass": 1.0, "single_pass_fast": 1.0}
+
+    def steady(c, *a):
+        out, _ = real(c, *a)
+        return out, per_plan[c.name]
+    monkeypatch.setattr(plan, "time_candidate", steady)
+
+
+def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path, monkeypatch):
+    _steady(monkeypatch)
     h, W, y = _pair()
     runs = []
     n = 2 * plan.ROUNDS
@@ -55,7 +68,9 @@ def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path
     assert [r[1] for r in runs] == ["tuning"] * (n - 1) + ["measured", "cache"]
     with open(plan.cache_path()) as f:
         cached = json.load(f)
-    assert list(cached.values()) == [runs[-1][0]]
+    (rec,) = cached.values()           # the plan, with the times it was decided by
+    assert rec["plan"] == runs[-1][0] == "single_pass" and rec["spread"] == 0
+    assert rec["ns_per_token"]["recompute"] == pytest.approx(2 * rec["ns_per_token"]["single_pass"])
     code = ("from test_plan import _pair, _step, TUNED; from alignkit.ops import plan\n"
             "h, W, y = _pair(); _step(h, W, y, loss='simpo', tiles=TUNED); "
             "print(plan.LAST[0].how, plan.LAST[0].plan)\n"
@@ -75,15 +90,60 @@ def test_the_chooser_picks_the_faster_candidate(monkeypatch, tmp_path):
     for slow, want in (("single_pass", "recompute"), ("recompute", "single_pass")):
         plan.forget()
         monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path / slow))
-
-        def patched(c, *a, slow=slow):
-            out, dt = real(c, *a)
-            return out, dt + (0.5 if c.name == slow else 0.0)
-        monkeypatch.setattr(plan, "time_candidate", patched)
+        monkeypatch.setattr(plan, "time_candidate", real)
+        _steady(monkeypatch, {"recompute": 1.0, "single_pass": 1.0, slow: 1.5})
         h, W, y = _pair()
         for _ in range(2 * plan.ROUNDS + 1):
             _step(h, W, y, loss="simpo", tiles=TUNED)
         assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", want)
+
+
+def test_rounds_that_disagree_get_one_more_round_and_are_not_cached_on_disk(monkeypatch):
+    """A candidate whose runs disagree (another process took the cores) gets one more round;
+    still disagreeing, the choice holds in this process but is not written to disk, so the next
+    process measures again instead of reading a disturbed decision for good."""
+    real = plan.time_candidate
+    seen = []
+
+    def jumpy(c, *a):
+        out, _ = real(c, *a)
+        seen.append(c.name)
+        return out, (1.0 if c.name == "recompute" else [1.0, 3.0][len(seen) % 2])
+    monkeypatch.setattr(plan, "time_candidate", jumpy)
+    h, W, y = _pair()
+    runs = []
+    n = 2 * plan.ROUNDS + 2                          # the rounds, and one more of each
+    for _ in range(n + 1):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+        runs.append(plan.LAST[0].how)
+    assert runs == ["tuning"] * (n - 1) + ["measured", "cache"]
+    assert len(seen) == n
+    assert not os.path.exists(plan.cache_path()) or not any(
+        "|pair:" in k for k in json.load(open(plan.cache_path())))
+    plan.forget()                                     # a new process: it measures again
+    _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert plan.LAST[0].how == "tuning"
+
+
+def test_the_bench_measures_afresh_over_a_cached_plan(monkeypatch):
+    """alignkit bench (without --cached-plans) reads no decided plan from disk: a plan cached by
+    an earlier process, measured under other load, is measured again."""
+    from alignkit.ops import plan_store
+    _steady(monkeypatch)
+    h, W, y = _pair()
+    for _ in range(2 * plan.ROUNDS + 1):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+    key = plan.LAST[0].key
+    plan._write_disk({plan._skey(key): plan_store.plan_record("recompute", {}, 0.0)})
+    plan.forget()
+    _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert (plan.LAST[0].how, plan.LAST[0].plan) == ("disk", "recompute")
+    plan.forget()
+    monkeypatch.setattr(plan_store, "_READ_PLANS", [False])
+    for _ in range(2 * plan.ROUNDS + 1):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", "single_pass")
+    assert json.load(open(plan.cache_path()))[plan._skey(key)]["plan"] == "single_pass"
 
 
 def test_autotune_off_times_no_candidate(monkeypatch):

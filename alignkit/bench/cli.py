@@ -87,6 +87,7 @@ def parser():
     p.add_argument("--plan", default=None, choices=PLANS, help="pin one plan")
     p.add_argument("--autotune", type=int, choices=(0, 1), default=None,
                    help="1: measure the plans on the first calls (default); 0: the cost model")
+    methods.plan_cache_flag(p)
     p.add_argument("--plans", action="store_true",
                    help="also time every plan of the chooser, pinned, beside auto")
     p.add_argument("--reps", type=int, default=3, help="timing rounds (at most)")
@@ -112,6 +113,7 @@ def run(argv=None, log=print) -> dict:
     from alignkit.ops.backends import cpu_has_bf16
     p = parser()
     a = p.parse_args(argv)
+    methods.use_plan_cache(a.cached_plans)
     S, T, info = _shape(a, p)
     if a.loss == "distill":
         # distill_loss has one path and no chooser to compare: its plan is the memory option's

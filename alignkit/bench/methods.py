@@ -145,6 +145,22 @@ def _loss_from_seq(loss, sums, counts, case):
     return orpo_loss(avg[:B], avg[B:], nll=nll)[0]
 
 
+def plan_cache_flag(p):
+    """--cached-plans on a bench's parser (alignkit bench, bench.losses, bench.rl); use_plan_cache
+    applies it."""
+    p.add_argument("--cached-plans", action="store_true",
+                   help="let auto take the plans the disk cache decided before (what a user's "
+                        "later runs do); default: auto measures afresh, as on a first run, and "
+                        "its fresh choice replaces the cached one")
+
+
+def use_plan_cache(on: bool):
+    """A bench times what auto decides now, not what some earlier process cached (a decision
+    measured while another process took the cores would sit in every later table)."""
+    from alignkit.ops import plan_store
+    plan_store.read_disk_plans(on)
+
+
 # what the plan chooser took for each alignkit row of the last steps_for (alignkit bench prints it)
 CHOSEN: dict = {}
 

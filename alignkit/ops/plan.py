@@ -14,15 +14,18 @@ Filter: TileOptions.memory ("min", "bound", "fast" or a byte cap) keeps the plan
 Choice, in order:
   1. a pinned plan (TileOptions.plan, or the front door's grad_mode);
   2. the one feasible plan, where only one fits;
-  3. the plan cache: this process's, then the disk's ($XDG_CACHE_HOME/alignkit/plans-v1.json,
-     ALIGNKIT_PLAN_CACHE; JSON only);
+  3. the plan cache: this process's, then the disk's ($XDG_CACHE_HOME/alignkit/plans-v2.json,
+     ALIGNKIT_PLAN_CACHE; JSON only: each plan with the times it was decided by);
   4. autotune=True (the default): measured on the calls' own inputs. The next calls of a new key
      each run one candidate, timed forward and backward: a timed candidate forms its gradient in
      forward (the single passes always do; the recompute does so while it is timed), so the
      call's own work is the measurement and tuning costs no extra call, only the slower
      candidates' excess on 3 x (candidates) calls. Rounds interleave the candidates (A B, B A, ...),
      and the winner is the least-memory candidate within MARGIN of the fastest (per token). It
-     is cached in memory and on disk;
+     is cached in memory, and on disk where the rounds agree: a candidate whose median run is
+     more than NOISE over its fastest gets one more round each; if the rounds still disagree
+     (another process took the cores), the choice holds for this process only and the next
+     one measures again, so one disturbed measurement is not kept for good;
   5. autotune=False: the cost model (GEMM FLOPs at this machine's measured GEMM rate, tile
      traffic at its measured bandwidth; machine_constants), with the same margin.
 Under torch.distributed the plan key leaves out what a rank's own batch sets (its token count and
@@ -56,8 +59,8 @@ from alignkit.ops.options import PLANS, TileOptions
 from alignkit.ops.pass_budget import keep_rows, tile_rows
 # the store's names, here too: callers (and tests) read them from the chooser
 from alignkit.ops.plan_store import (_distributed, _read_disk, _skey, _sync, _write_disk,
-                                     cache_path, machine_constants, machine_id, model_cost,
-                                     plan_key)
+                                     cache_path, disk_plan, machine_constants, machine_id,
+                                     model_cost, plan_key, plan_record)
 
 __all__ = ["Candidate", "Choice", "LAST", "budgets", "limit", "candidates", "choose_and_run",
            "time_candidate", "forget", "note", "plan_key", "cache_path", "machine_id",
@@ -67,6 +70,7 @@ log = logging.getLogger("alignkit.plan")
 
 ROUNDS = 3          # timed runs of each candidate before a new key is decided (min of them)
 MARGIN = 0.03       # a larger-memory plan must be this much faster (per token) to be chosen
+NOISE = 0.10        # a candidate's median run this much over its fastest: the rounds disagree
 FAST_TILE_FACTOR = 4
 
 
@@ -285,8 +289,8 @@ def choose_and_run(key: tuple, candidates: list, t: TileOptions, hidden, weight,
     if key in _DECIDED and _DECIDED[key] in feasible:
         return _ran(Choice(key, _DECIDED[key], "cache", names), cands, hidden, weight, bias)
     if key not in _TUNING:
-        found = _read_disk().get(_skey(key))
-        if isinstance(found, str) and found in feasible:
+        found = disk_plan(key)
+        if found in feasible:
             _DECIDED[key] = found
             return _ran(Choice(key, found, "disk", names), cands, hidden, weight, bias)
         if not t.autotune:
@@ -304,30 +308,50 @@ def _modelled(names, feasible, weight) -> str:
 
 def _tuning(names) -> dict:
     return {"order": list(names) + list(reversed(names)) * (ROUNDS - 1),
-            "times": {n: [] for n in names}}
+            "times": {n: [] for n in names}, "extended": False}
+
+
+def spread(runs: list) -> float:
+    """How far a candidate's median run sits over its fastest (0 for fewer than two runs): the
+    first run of a candidate in a process may carry one-time costs, so the median, not the
+    slowest, tells a disturbed measurement from a warm-up."""
+    if len(runs) < 2:
+        return 0.0
+    s = sorted(runs)
+    return s[(len(s) - 1) // 2 + (len(s) % 2 == 0)] / s[0] - 1
 
 
 def _tune_step(key, state, feasible, names, hidden, weight, bias, rows, across_ranks=False):
     """One tuning call: runs (and times) the next candidate in the key's order; after the last,
-    decides (rank 0 decides and broadcasts when across_ranks) and caches the winner."""
+    decides (rank 0 decides and broadcasts when across_ranks) and caches the winner: on disk
+    only where the rounds agree (NOISE), after at most one more round."""
     name = state["order"].pop(0)
     run = name if name in feasible else _smallest(feasible)
     (value, metrics), dt = time_candidate(feasible[run], hidden, weight, bias)
     if run == name:
         state["times"][name].append(dt / max(rows, 1))
     how = "tuning"
+    runs = {n: v for n, v in state["times"].items() if v and n in feasible}
+    noisy = max((spread(v) for v in runs.values()), default=0.0)
+    if not state["order"] and noisy > NOISE and not state["extended"] and not across_ranks:
+        # one more interleaved round before deciding (not across ranks: each rank's noise is its
+        # own, and every rank's order must stay the same length)
+        state["extended"] = True
+        state["order"] = list(reversed(names))
     if not state["order"]:
         _TUNING.pop(key, None)
-        times = {n: min(v) for n, v in state["times"].items() if v and n in feasible}
+        times = {n: min(v) for n, v in runs.items()}
         win = _least_memory_within_margin(times, feasible) if times else _smallest(feasible)
         rank0 = not across_ranks or _rank() == 0
         if across_ranks:
             win = _broadcast(win)
         _DECIDED[key] = win
-        if rank0:
-            _write_disk({_skey(key): win})
-        log.debug("plan %s for %s: measured %s", win, key,
-                  {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()})
+        if rank0 and noisy <= NOISE:
+            _write_disk({_skey(key): plan_record(win, times, noisy)})
+        log.debug("plan %s for %s: measured %s (rounds %s)", win, key,
+                  {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()},
+                  f"agree, spread {noisy:.1%}" if noisy <= NOISE else
+                  f"disagree, spread {noisy:.1%}: not cached on disk")
         how = "measured"
     LAST[:] = [Choice(key, run, how, names)]
     return value, metrics
@@ -347,8 +371,8 @@ def _choose_across_ranks(key, names, feasible, t, hidden, weight, bias, rows):
     if key not in _TUNING:
         proposal = None
         if _rank() == 0:
-            found = _read_disk().get(_skey(key))
-            if isinstance(found, str) and found in PLANS:
+            found = disk_plan(key)
+            if found in PLANS:
                 proposal = ("disk", found)
             elif len(names) == 1:
                 proposal = ("only", names[0])

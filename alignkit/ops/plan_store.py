@@ -1,5 +1,10 @@
 """The plan chooser's store (alignkit/ops/plan.py): the plan key, the on-disk cache (JSON only)
-and this machine's measured constants for the cost model (GEMM rate, bandwidth)."""
+and this machine's measured constants for the cost model (GEMM rate, bandwidth).
+
+The cache file maps a plan key to a record {"plan": name, "ns_per_token": {candidate: ns},
+"spread": the noisiest candidate's median / fastest run - 1, "date": ISO date}: what was measured
+stays beside what was decided, so a stale or doubtful entry can be read and judged (alignkit
+bench --cached-plans shows how each was decided)."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +21,9 @@ from alignkit.ops.backends import cpu_flags, gemm_dtype
 from alignkit.ops.env import env
 
 log = logging.getLogger("alignkit.plan")
-CACHE_FILE = "plans-v1.json"
+# v2: records with their measurements, keyed by a machine id with the CPU's family and model
+# (v1 held bare plan names under the model name alone, which a Zen 2 and a Zen 3 VM can share)
+CACHE_FILE = "plans-v2.json"
 _MACHINE: dict = {}
 
 
@@ -33,17 +40,23 @@ def _machine_id(device: str) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"cuda:{p.name}:sm{p.major}{p.minor}"
-    model = "cpu"
+    # the model name alone can be "AMD EPYC" on a VM whatever the generation: the family and model
+    # numbers tell a Zen 2 from a Zen 3, which the flags do not
+    info = {"model name": "cpu", "cpu family": "?", "model": "?"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in info and info[k] in ("cpu", "?"):
+                    info[k] = v.strip()
+                if not line.strip():
                     break
     except OSError:
         pass
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
-    return f"cpu:{model}:{os.cpu_count()}c:{','.join(flags)}"
+    return (f"cpu:{info['model name']}:f{info['cpu family']}m{info['model']}:{os.cpu_count()}c:"
+            f"{','.join(flags)}")
 
 
 def _distributed() -> bool:
@@ -80,6 +93,32 @@ def _read_disk() -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+# alignkit bench (without --cached-plans) measures afresh: it reads no decided plan from disk,
+# and writes what it measures (read_disk_plans)
+_READ_PLANS = [True]
+
+
+def read_disk_plans(on: bool):
+    """Whether the chooser takes decided plans from the disk cache (default True). Off, every new
+    key is decided afresh in this process and the fresh decision is written over the old one; the
+    machine constants are still read."""
+    _READ_PLANS[0] = bool(on)
+
+
+def disk_plan(key: tuple):
+    """The plan the disk cache holds for a key, or None (none, an unknown name, reading off)."""
+    if not _READ_PLANS[0]:
+        return None
+    rec = _read_disk().get(_skey(key))
+    return rec.get("plan") if isinstance(rec, dict) else None
+
+
+def plan_record(plan: str, times: dict, spread: float) -> dict:
+    """A decided plan as the cache stores it, with its measurements (seconds per token)."""
+    return {"plan": plan, "ns_per_token": {n: round(t * 1e9, 3) for n, t in times.items()},
+            "spread": round(spread, 4), "date": time.strftime("%Y-%m-%d")}
 
 
 def _write_disk(entries: dict):
