@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from alignkit.ops.linear_logprobs import linear_logprobs
 from alignkit.ops.logits_logprobs import logits_logprobs
-from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.options import LogprobArgs, TileOptions
 from alignkit.ops.validate import sequence_layout
 
 
@@ -41,7 +41,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *,
     NaN, NaN in weight makes every labelled token's NaN, a logit of +inf gives NaN and a logit of
     -inf a probability of exactly 0. Ignored positions never touch W and stay 0.0.
     """
-    opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+    opts = LogprobArgs(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                           return_entropy=return_entropy, backend=backend,
                           tiles=tiles or TileOptions())
     lp, ent = linear_logprobs(hidden, weight, labels, bias=bias, opts=opts)
@@ -56,7 +56,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -100,
     Same semantics and return values as linear_token_logprobs. The forward makes no second
     [N, V] fp32 tensor; the backward writes one [N, V] gradient in the logits' dtype.
     """
-    opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+    opts = LogprobArgs(ignore_index=ignore_index, temperature=temperature,
                           return_entropy=return_entropy, backend=backend,
                           tiles=tiles or TileOptions())
     lp, ent = logits_logprobs(logits, labels, opts=opts)
@@ -121,7 +121,7 @@ class LinearTokenLogprobs(nn.Module):
                  softcap: Optional[float] = None, return_entropy: bool = False,
                  backend: str = "auto", tiles: Optional[TileOptions] = None):
         super().__init__()
-        self.opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+        self.opts = LogprobArgs(ignore_index=ignore_index, temperature=temperature,
                                    softcap=softcap, return_entropy=return_entropy, backend=backend,
                                    tiles=tiles or TileOptions())
 

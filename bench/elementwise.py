@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobArgs
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES
 from alignkit.bench import harness
 
@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--write", action="store_true")
     a = p.parse_args(argv)
-    opts = LogprobOptions()
+    opts = LogprobArgs()
     lines = ["| shape | GEMM floor (s) | cpp total (s) | torch total (s) | cpp / floor | torch / floor "
              "| cpp kernels (s) | torch kernels (s) | torch / cpp kernels |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -256,3 +256,22 @@ def test_alignkit_bench_sft_on_a_tiny_shape():
     if hasattr(F, "linear_cross_entropy"):
         assert by["torch F.linear_cross_entropy chunked"].seconds > 0
     assert "Liger fused (eager)" in by and by["Liger fused (eager)"].seconds is None  # CPU
+
+
+def test_plan_gap_bench_pairs_auto_with_every_plan_it_could_take(monkeypatch, capsys, tmp_path):
+    """bench.plan_gap: auto decides afresh (tuning calls timed), then its plan is paired with
+    every other feasible plan and with itself pinned; every pinned plan ran."""
+    import bench.plan_gap as pg
+    from alignkit.ops import plan
+    monkeypatch.setattr(pg, "SHAPES", {"A": ("A 2x24 H16 V300", 2, 24, 16, 300, ["dpo"]),
+                                       "R2": ("R2 2x24 H16 V300", 2, 24, 16, 300, ["gspo"])})
+    monkeypatch.setenv("ALIGNKIT_AUTOTUNE", "1")
+    monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path))    # main points it at its own
+    ran = []
+    real = plan._ran
+    monkeypatch.setattr(plan, "_ran", lambda c, *a: ran.append((c.plan, c.how)) or real(c, *a))
+    pg.main(["--pairs", "1", "--dtypes", "fp32"])
+    out = capsys.readouterr().out
+    assert "| A | dpo | fp32 | " in out and "| R2 | gspo | fp32 | " in out
+    pinned = {p for p, how in ran if how == "pinned"}
+    assert {"recompute", "single_pass"} <= pinned

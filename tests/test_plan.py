@@ -69,7 +69,8 @@ def test_a_new_key_is_measured_then_cached_then_read_by_another_process(tmp_path
     with open(plan.cache_path()) as f:
         cached = json.load(f)
     (rec,) = cached.values()           # the plan, with the times it was decided by
-    assert rec["plan"] == runs[-1][0] == "single_pass" and rec["spread"] == 0
+    assert rec["plan"] == runs[-1][0] == "single_pass"
+    assert rec["ratio"] == {"recompute": 1.0, "single_pass": 0.5}
     assert rec["ns_per_token"]["recompute"] == pytest.approx(2 * rec["ns_per_token"]["single_pass"])
     code = ("from test_plan import _pair, _step, TUNED; from alignkit.ops import plan\n"
             "h, W, y = _pair(); _step(h, W, y, loss='simpo', tiles=TUNED); "
@@ -99,16 +100,18 @@ def test_the_chooser_picks_the_faster_candidate(monkeypatch, tmp_path):
 
 
 def test_rounds_that_disagree_get_one_more_round_and_are_not_cached_on_disk(monkeypatch):
-    """A candidate whose runs disagree (another process took the cores) gets one more round;
-    still disagreeing, the choice holds in this process but is not written to disk, so the next
-    process measures again instead of reading a disturbed decision for good."""
+    """Each round alone must pick the winner (after the first, a warm-up): where the rounds
+    disagree (the candidates too close to call, or another process took the cores) one more
+    round runs; still disagreeing, the choice holds in this process but is not written to disk,
+    so the next process measures again instead of reading a disturbed decision for good."""
     real = plan.time_candidate
     seen = []
 
     def jumpy(c, *a):
         out, _ = real(c, *a)
         seen.append(c.name)
-        return out, (1.0 if c.name == "recompute" else [1.0, 3.0][len(seen) % 2])
+        k = seen.count(c.name) - 1                   # this candidate's k-th run: its round
+        return out, (1.0 if c.name == "recompute" else [0.5, 2.0][k % 2])
     monkeypatch.setattr(plan, "time_candidate", jumpy)
     h, W, y = _pair()
     runs = []
@@ -125,6 +128,25 @@ def test_rounds_that_disagree_get_one_more_round_and_are_not_cached_on_disk(monk
     assert plan.LAST[0].how == "tuning"
 
 
+def test_a_round_is_scored_against_its_own_first_candidate(monkeypatch):
+    """The machine slows down after the first call (drift): each round's times are compared
+    within the round, so the candidate that is faster in every round wins; the fastest run of
+    each over the whole tuning would pick the other (its one run in the fast round)."""
+    real = plan.time_candidate
+    seen = []
+
+    def drifting(c, *a):
+        out, _ = real(c, *a)
+        seen.append(c.name)
+        speed = 1.0 if len(seen) == 1 else 3.0        # the first call fast, the rest slow
+        return out, speed * (1.0 if c.name == "recompute" else 0.8)
+    monkeypatch.setattr(plan, "time_candidate", drifting)
+    h, W, y = _pair()
+    for _ in range(2 * plan.ROUNDS + 1):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", "single_pass")
+
+
 def test_the_bench_measures_afresh_over_a_cached_plan(monkeypatch):
     """alignkit bench (without --cached-plans) reads no decided plan from disk: a plan cached by
     an earlier process, measured under other load, is measured again."""
@@ -134,7 +156,7 @@ def test_the_bench_measures_afresh_over_a_cached_plan(monkeypatch):
     for _ in range(2 * plan.ROUNDS + 1):
         _step(h, W, y, loss="simpo", tiles=TUNED)
     key = plan.LAST[0].key
-    plan._write_disk({plan._skey(key): plan_store.plan_record("recompute", {}, 0.0)})
+    plan._write_disk({plan._skey(key): plan_store.plan_record("recompute", {}, {})})
     plan.forget()
     _step(h, W, y, loss="simpo", tiles=TUNED)
     assert (plan.LAST[0].how, plan.LAST[0].plan) == ("disk", "recompute")

@@ -32,7 +32,7 @@ from alignkit.losses import preference_loss
 from alignkit.losses.sft import sft_loss_tokens
 from alignkit.model.heads import head_options, match_head_dtypes
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
-from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.options import LogprobArgs, TileOptions
 from alignkit.ops.vocab_stats import vocab_row_stats
 from alignkit.ops.vocab_shard import is_dtensor, vocab_mean
 
@@ -161,7 +161,7 @@ def head_logprobs(model, hidden: Tensor, labels: Tensor, *, entropy=False, mean_
     opts_kw = head_options(model, temperature)
     mask = labels != -100
     idx, y = _labelled(labels)
-    opts = LogprobOptions(ignore_index=-100, return_entropy=entropy, backend=backend,
+    opts = LogprobArgs(ignore_index=-100, return_entropy=entropy, backend=backend,
                           tiles=tiles or TileOptions(), **opts_kw)
 
     def op(weight, bias, h):

@@ -37,10 +37,10 @@ from alignkit.losses.ld import check_ld, ld_loss, ld_reference
 from alignkit.losses.registry import PAIRED, default_average, paired_loss_on_logps
 from alignkit.losses.trl_options import refusal
 from alignkit.ops.backends import autocast_head, resolve
-from alignkit.ops.options import LogprobOptions, TileOptions
-from alignkit.ops.pair_pass import SinglePassOptions, single_pass_loss
-from alignkit.ops.pass_budget import (GRAD_MODES, NO_GRAD, effective_mode, keep_rows,
-                                      long_tiles, pass_blocker, pinned_plan, tile_rows)
+from alignkit.ops.options import LogprobArgs, TileOptions
+from alignkit.ops.pair_pass import PairPassSpec, single_pass_loss
+from alignkit.ops.pass_budget import (NO_GRAD, check_grad_mode, effective_mode,
+                                      keep_rows, long_tiles, pass_blocker, pinned_plan, tile_rows)
 from alignkit.ops.pass_op import compiled_pair_pass, register_pass_builder
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
 from alignkit.ops.validate import check_linear_inputs, sequence_layout
@@ -121,8 +121,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     average = default_avg if average is None else bool(average)
     num_segments = common.pop("num_segments", None)
     grad_mode = common.pop("grad_mode", "auto")
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
+    check_grad_mode(grad_mode)          # before any work (check_ld reads it)
     _, S = sequence_layout(labels, segment_ids, num_segments, who="preference_loss",
                            hidden=hidden)
     if S == 0 or S % 2:
@@ -135,7 +134,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, loss: str
     if ld_alpha is not None:
         check_ld(ld_alpha, own, average, grad_mode)
     if own.get("use_weighting", False):
-        LogprobOptions(**common)         # bad head options raise before the extra GEMM
+        LogprobArgs(**common)         # bad head options raise before the extra GEMM
         if is_vocab_parallel(weight, common.get("tiles")) or is_dtensor(bias):
             raise ValueError("use_weighting (WPO) needs log Σ p² over the whole vocabulary, which "
                              "alignkit does not compute on a vocab-parallel head; it is refused")
@@ -246,13 +245,13 @@ def pair_loss_fn(loss: str, own: dict, average: bool, ref: Optional[Tensor]):
 
 
 def pass_options(loss: str, own: dict, common: dict, average: bool, S: int, weight: Tensor,
-                 ref: Optional[Tensor]) -> SinglePassOptions:
+                 ref: Optional[Tensor]) -> PairPassSpec:
     """The pair pass's options for this loss and head: its loss_fn, the tie, the tile rows and
     the keep budget (eager and compiled paths alike: the custom op rebuilds them through
     register_pass_builder)."""
-    lp_opts = LogprobOptions(**common)
+    lp_opts = LogprobArgs(**common)
     V, H = weight.shape
-    return SinglePassOptions(
+    return PairPassSpec(
         pair_loss_fn(loss, own, average, ref), S, average, REGISTRY[loss].tie(own, S // 2),
         lp_opts, tile_rows(V, weight.device, weight.dtype, lp_opts.tiles, H=H,
                            backend=lp_opts.backend),

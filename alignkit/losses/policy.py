@@ -43,11 +43,11 @@ from alignkit.losses.options import check_number
 from alignkit.losses.policy_corrections import correction_options, coupling_reason, rollout_ratio
 from alignkit.losses.policy_terms import KL_ESTIMATORS, kl_estimate, policy_terms, token_terms
 from alignkit.ops.backends import autocast_head, resolve
-from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.options import LogprobArgs, TileOptions
 from alignkit.ops.pass_budget import (NO_GRAD, effective_mode, keep_rows, pass_blocker,
                                       pinned_plan, tile_rows)
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
-from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
+from alignkit.ops.token_pass import TokenPassSpec, token_pass_loss
 from alignkit.ops.validate import check_linear_inputs, sequence_layout
 
 POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "ppo", "vespo")
@@ -142,10 +142,10 @@ def policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, advantages: T
         return policy_terms(lp, ent if o["entropy_coef"] != 0 else ent.detach(), **P)
 
     def run_pass(tt):
-        lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+        lp_opts = LogprobArgs(ignore_index=ignore_index, temperature=temperature,
                                  softcap=softcap, backend=backend, tiles=tt)
         V, H = weight.shape
-        po = TokenPassOptions(
+        po = TokenPassSpec(
             _coefficients(P), lambda lp, ent: policy_terms(lp, ent, **P)[0], lp_opts,
             tile_rows(V, weight.device, weight.dtype, tt, H=H, backend=backend),
             tt.resolved().vocab_block, entropy=True, coupled=coupled,

@@ -34,10 +34,10 @@ from torch.utils.checkpoint import checkpoint
 from alignkit.losses.options import check_number
 from alignkit.ops.backends import autocast_head, resolve
 from alignkit.ops.linear_logprobs import linear_logprobs_stats
-from alignkit.ops.options import LogprobOptions, TileOptions
+from alignkit.ops.options import LogprobArgs, TileOptions
 from alignkit.ops.pass_budget import NO_GRAD, effective_mode, pass_blocker, pinned_plan, tile_rows
 from alignkit.ops.plan import candidates, choose_and_run, note, plan_key
-from alignkit.ops.token_pass import TokenPassOptions, token_pass_loss
+from alignkit.ops.token_pass import TokenPassSpec, token_pass_loss
 from alignkit.ops.validate import check_label_range, check_linear_inputs
 
 SFT_LOSS_TYPES = ("nll", "dft")
@@ -111,7 +111,7 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
         raise ValueError(f"loss_type must be one of {', '.join(SFT_LOSS_TYPES)}, got {loss_type!r}")
     if tiles is not None and not isinstance(tiles, TileOptions):
         raise TypeError(f"tiles must be an alignkit.TileOptions, got {tiles!r}")
-    lp_opts = LogprobOptions(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+    lp_opts = LogprobArgs(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                              backend=backend, tiles=tiles or TileOptions(), return_entropy=True)
     V, H = weight.shape
     flat, y = hidden.reshape(-1, H), labels.reshape(-1).long()
@@ -133,8 +133,8 @@ def _sft(hidden, weight, labels, bias, ignore_index, label_smoothing, z_loss, to
         return _torch_chunks(h, w, b, y, mask, a, lp_opts, terms, tiles)
 
     def run_pass(tt):
-        po = TokenPassOptions(_coefficients(a, terms), lambda lp, ent, st: _finish(lp, st, a, terms),
-                              LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+        po = TokenPassSpec(_coefficients(a, terms), lambda lp, ent, st: _finish(lp, st, a, terms),
+                              LogprobArgs(ignore_index=ignore_index, temperature=temperature,
                                              softcap=softcap, backend=backend, tiles=tt),
                               _rows(V, H, weight, tt, backend, softcap, label_smoothing),
                               tt.resolved().vocab_block, entropy=True, sums=True,

@@ -47,7 +47,9 @@ CALLS: Counter = Counter()
 
 
 @dataclass(frozen=True, eq=False)
-class DistillOptions:
+class DistillSpec:
+    """What one distillation pass runs (distill_loss's arguments and its tile sizes), built per
+    call; not an options object (the engine's options are TileOptions)."""
     beta: float
     inv_temp: float
     ignore_index: int
@@ -135,7 +137,7 @@ def vocab_block(V: int, device, tiles) -> int:
     return min((tiles or TileOptions()).resolved().vocab_block, V)
 
 
-def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, need_b,
+def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillSpec, need_h, need_w, need_b,
            upstream=None):
     """(loss, per-token entropy [N], gh, gw, gb): the divergence of every labelled token, and,
     where a gradient is needed, its gradient (times upstream, a 0-dim tensor, where given)."""
@@ -184,7 +186,7 @@ def _sweep(hs, ws, labels, bs, ht, wt, bt, o: DistillOptions, need_h, need_w, ne
 
 class _SinglePass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, labels, bs, ht, wt, bt, o: DistillOptions):
+    def forward(ctx, hs, ws, labels, bs, ht, wt, bt, o: DistillSpec):
         need = needs(ctx, bs)
         CALLS["single_pass"] += 1
         loss, ent, gh, gw, gb = _sweep(hs, ws, labels, bs, ht, wt, bt, o, *need)
@@ -204,7 +206,7 @@ def _form(hs, ws, labels, bs, ht, wt, bt, o, need_h, need_w, need_b):
 
 class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, labels, bs, ht, wt, bt, o: DistillOptions):
+    def forward(ctx, hs, ws, labels, bs, ht, wt, bt, o: DistillSpec):
         CALLS["recompute"] += 1
         loss, ent, *_ = _sweep(hs, ws, labels, bs, ht, wt, bt, o, False, False, False)
         ctx.o, ctx.need = o, needs(ctx, bs)
@@ -293,7 +295,7 @@ def distill(hs, ws, ht, wt, labels, *, beta=1.0, temperature=1.0, student_bias=N
     n_rows = labels.numel()
     plan = choose_plan(hs, ws, student_bias, max(n_rows, 1), tiles)
     V, H = ws.shape
-    o = DistillOptions(beta=beta, inv_temp=1.0 / float(temperature), ignore_index=ignore_index,
+    o = DistillSpec(beta=beta, inv_temp=1.0 / float(temperature), ignore_index=ignore_index,
                        num_items=num_items,
                        rows=rows_for(V, H, ws.device, tiles, plan != "single_pass"),
                        vocab_block=vocab_block(V, ws.device, tiles))

@@ -26,7 +26,7 @@ from torch import Tensor
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import autocast_head, gemm_dtype, resolve
 from alignkit.ops.gemm32 import addmm32
-from alignkit.ops.options import LogprobOptions, TileOptions, materialize_grads
+from alignkit.ops.options import LogprobArgs, TileOptions, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_linear_inputs, compact, labelled_rows
 from alignkit.ops.vocab_shard import is_dtensor, is_vocab_parallel
@@ -74,8 +74,8 @@ def _logits_tile(buf: Tensor, hc: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 
 def _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_bytes, vocab_block,
-          gpu_chunk_bytes=None, triton_bwd=None) -> LogprobOptions:
-    return LogprobOptions(ignore_index=ignore_index, temperature=temperature,
+          gpu_chunk_bytes=None, triton_bwd=None) -> LogprobArgs:
+    return LogprobArgs(ignore_index=ignore_index, temperature=temperature,
                           softcap=softcap if softcap > 0 else None,
                           return_entropy=return_entropy, backend=backend,
                           tiles=TileOptions(tile_bytes=tile_bytes, vocab_block=vocab_block,
@@ -84,7 +84,7 @@ def _opts(ignore_index, temperature, softcap, return_entropy, backend, tile_byte
 
 
 def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-                 opts: LogprobOptions, backend: str):
+                 opts: LogprobArgs, backend: str):
     """Returns (logprobs[N], entropy[N] or [0], lse2[N, 2], M) for flattened inputs.
 
     lse2 holds (running max m, log Σexp(z − m)) per token: lse = m + log s, kept in two parts
@@ -129,7 +129,7 @@ def forward_impl(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[
 
 def backward_impl(grad_lp: Tensor, grad_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
                   labels: Tensor, bias: Optional[Tensor], lse: Tensor, entropy: Optional[Tensor],
-                  opts: LogprobOptions, backend: str, need_h: bool, need_w: bool, need_b: bool,
+                  opts: LogprobArgs, backend: str, need_h: bool, need_w: bool, need_b: bool,
                   M: int):
     V, H = weight.shape
     h2 = hidden.reshape(-1, H)
@@ -338,7 +338,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor],
-                    opts: LogprobOptions):
+                    opts: LogprobArgs):
     """Launcher: validates, resolves the backend, calls the op. Returns (logprobs, entropy|None)."""
     lp, ent, _ = linear_logprobs_stats(hidden, weight, labels, bias=bias, opts=opts)
     return lp, ent
@@ -346,7 +346,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
 
 @autocast_head
 def linear_logprobs_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
-                          bias: Optional[Tensor], opts: LogprobOptions):
+                          bias: Optional[Tensor], opts: LogprobArgs):
     """As linear_logprobs, plus the per-token row statistics [..., 2] = (max logit m,
     log Σ exp(z − m)) of the transformed logits z, without gradient: the drop-ins derive TRL's
     is_top1 from them (the label is the argmax iff z_label = m, i.e. logp = −log Σ exp(z − m)).

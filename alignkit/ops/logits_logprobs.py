@@ -14,7 +14,7 @@ from torch import Tensor
 from alignkit.ops import tiling, triton_path
 from alignkit.ops.backends import resolve
 from alignkit.ops.linear_logprobs import _opts
-from alignkit.ops.options import LogprobOptions, materialize_grads
+from alignkit.ops.options import LogprobArgs, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, LIVE_TILES, RowStats
 from alignkit.ops.validate import check_float, check_label_range, check_labels, check_same_device
 
@@ -37,7 +37,7 @@ def _kernel_view(chunk: Tensor, backend: str) -> Tensor:
     return chunk.float()
 
 
-def forward_impl(logits: Tensor, labels: Tensor, opts: LogprobOptions, backend: str):
+def forward_impl(logits: Tensor, labels: Tensor, opts: LogprobArgs, backend: str):
     x = _rows2d(logits)
     N, V = x.shape
     y = labels.reshape(-1).long()
@@ -66,7 +66,7 @@ def forward_impl(logits: Tensor, labels: Tensor, opts: LogprobOptions, backend: 
 
 
 def backward_impl(grad_lp: Tensor, grad_ent, logits: Tensor, labels: Tensor, lse: Tensor, entropy,
-                  opts: LogprobOptions, backend: str) -> Tensor:
+                  opts: LogprobArgs, backend: str) -> Tensor:
     x = _rows2d(logits)
     N, V = x.shape
     y = labels.reshape(-1).long()
@@ -149,7 +149,7 @@ def _backward(ctx, grad_lp, grad_ent, _grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def logits_logprobs(logits: Tensor, labels: Tensor, *, opts: LogprobOptions):
+def logits_logprobs(logits: Tensor, labels: Tensor, *, opts: LogprobArgs):
     """Launcher: validates, resolves the backend, calls the op. Returns (logprobs, entropy|None)."""
     check_float("logits", logits)
     if logits.dim() < 1:

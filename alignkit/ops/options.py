@@ -1,5 +1,5 @@
-"""The engine's options: TileOptions (alias EngineOptions), the one public options object, and
-LogprobOptions, the per-call record of a log-prob op's own arguments."""
+"""The engine's options: TileOptions (alias EngineOptions), the one options object, and
+LogprobArgs, the record of one log-prob call's own arguments (not options: see its doc)."""
 from __future__ import annotations
 
 import math
@@ -195,8 +195,10 @@ def check_memory(name: str, v, allow_none: bool = False):
 
 
 @dataclass(frozen=True)
-class LogprobOptions:
-    """Options shared by every layer of the log-prob ops.
+class LogprobArgs:
+    """One log-prob call's own arguments, carried down the layers as one record. Not an options
+    object: a user gives these as the public functions' keywords (sequence_logprobs,
+    linear_token_logprobs, the losses), and the engine's knobs are TileOptions alone (``tiles``).
 
     ignore_index:   label value that marks a position with no target; its outputs are exactly 0.0.
     temperature:    logits are divided by it (after the softcap), > 0.

@@ -44,25 +44,28 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobArgs
 from alignkit.ops.pass_autograd import eager_autograd, needs, scaled_grads, stash
 from alignkit.ops.validate import compact, labelled_per_segment
 from alignkit.ops.vocab_tiles import VocabTiles
 
 
 @dataclass(frozen=True)
-class SinglePassOptions:
+class PairPassSpec:
+    """What one pair-pass call runs: the loss's math (loss_fn) and layout, and the tile sizes of
+    the plan the chooser took (from that plan's TileOptions). Built per call by the front door
+    (preference_loss); not an options object (the engine's options are TileOptions)."""
     loss_fn: object                  # (logps [2B], counts [2B]) -> (loss, metrics)
     num_sequences: int               # 2B
     average: bool
     norm: str                        # 'unit' | 'count' | 'untied'
-    logprob: LogprobOptions
+    logprob: LogprobArgs
     rows: int                        # token rows per [rows, V] tile (tile_rows)
     vocab_block: int = 2048          # columns per logits GEMM inside a tile (TileOptions)
     keep: int = 0                    # deferred token rows whose G may be kept (keep_rows)
 
 
-def _grads(hidden, weight, labels, bias, seg, o: SinglePassOptions, need_h, need_w, need_b):
+def _grads(hidden, weight, labels, bias, seg, o: PairPassSpec, need_h, need_w, need_b):
     """The single pass of B pairs: (loss, sums, counts, gh, gw, gb), gradients of the loss formed
     here (None where not needed)."""
     S = o.num_sequences
@@ -142,7 +145,7 @@ def unscaled_group(counts, tied: bool):
 
 class _SinglePass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, seg, o: SinglePassOptions):
+    def forward(ctx, hidden, weight, labels, bias, seg, o: PairPassSpec):
         need = needs(ctx, bias)
         loss, sums, counts, gh, gw, gb = _grads(hidden, weight, labels, bias, seg, o, *need)
         stash(ctx, (gh, gw, gb), _grads, o, need, hidden, weight, labels, bias, seg)
@@ -154,7 +157,7 @@ class _SinglePass(torch.autograd.Function):
         return scaled_grads(ctx, grad_loss)
 
 
-def single_pass_loss(hidden, weight, labels, bias, seg, o: SinglePassOptions):
+def single_pass_loss(hidden, weight, labels, bias, seg, o: PairPassSpec):
     """(loss, sums [2B], counts [2B]) for B pairs (seg: each token's sequence in [0, 2B));
     loss differentiable w.r.t. hidden, weight, bias. The callers (preference_loss) have checked
     shapes, dtypes, devices and segment ids; the label range is checked in _grads, as the

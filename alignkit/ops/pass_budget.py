@@ -103,11 +103,16 @@ def long_tiles(weight, tiles=None) -> bool:
                      H=weight.shape[1]) >= LONG_TILE_ROWS
 
 
+def check_grad_mode(grad_mode):
+    """grad_mode's one check (the front doors, the trainer's config): one of GRAD_MODES."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
+
+
 def effective_mode(grad_mode: str, tiles: TileOptions) -> str:
     """grad_mode with TileOptions.plan folded in: a pinned plan implies "recompute" or
     "single_pass"; a grad_mode other than "auto" that contradicts it raises, naming both."""
-    if grad_mode not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got {grad_mode!r}")
+    check_grad_mode(grad_mode)
     plan = tiles.resolved().plan
     if plan is None:
         return grad_mode

@@ -11,7 +11,7 @@ op instead. It is one opaque node with a fake implementation:
   tracing; the eager path has no such copy.
 A custom op takes tensors and plain values only, so the loss travels by name. The spec string
 holds the loss's registry name, its options as a Python literal, the reduction, the sequence
-count and the LogprobOptions fields. From it the op rebuilds the same SinglePassOptions as the
+count and the LogprobArgs fields. From it the op rebuilds the same PairPassSpec as the
 eager path, through the builder the losses layer registers (register_pass_builder): ops never
 import losses.
 
@@ -34,7 +34,7 @@ _BUILDER = []
 
 
 def register_pass_builder(build):
-    """build(loss, own, common, average, S, weight, ref) -> pair_pass.SinglePassOptions: the
+    """build(loss, own, common, average, S, weight, ref) -> pair_pass.PairPassSpec: the
     losses layer's loss_fn and tie for a registry name (alignkit/losses/fused.py registers it at
     import). The custom op rebuilds its options through it from the spec string."""
     _BUILDER[:] = [build]

@@ -21,11 +21,13 @@ Choice, in order:
      forward (the single passes always do; the recompute does so while it is timed), so the
      call's own work is the measurement and tuning costs no extra call, only the slower
      candidates' excess on 3 x (candidates) calls. Rounds interleave the candidates (A B, B A, ...),
-     and the winner is the least-memory candidate within MARGIN of the fastest (per token). It
-     is cached in memory, and on disk where the rounds agree: a candidate whose median run is
-     more than NOISE over its fastest gets one more round each; if the rounds still disagree
-     (another process took the cores), the choice holds for this process only and the next
-     one measures again, so one disturbed measurement is not kept for good;
+     and the winner is the least-memory candidate within MARGIN of the fastest, each scored by
+     its time over the first candidate's in the same round (the median over the rounds: drift
+     cancels within a round). It is cached in memory, and on disk where the rounds agree (each
+     round after the first, alone, picks the same winner); where they do not, one more round;
+     still disagreeing (the candidates are too close to call on this machine, or another process
+     took the cores), the choice holds for this process only and the next one measures again,
+     so one disturbed measurement is not kept for good;
   5. autotune=False: the cost model (GEMM FLOPs at this machine's measured GEMM rate, tile
      traffic at its measured bandwidth; machine_constants), with the same margin.
 Under torch.distributed the plan key leaves out what a rank's own batch sets (its token count and
@@ -47,6 +49,7 @@ option. Measurements behind the plans: bench/HISTORY.md, "The plan chooser".
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -70,7 +73,6 @@ log = logging.getLogger("alignkit.plan")
 
 ROUNDS = 3          # timed runs of each candidate before a new key is decided (min of them)
 MARGIN = 0.03       # a larger-memory plan must be this much faster (per token) to be chosen
-NOISE = 0.10        # a candidate's median run this much over its fastest: the rounds disagree
 FAST_TILE_FACTOR = 4
 
 
@@ -311,48 +313,59 @@ def _tuning(names) -> dict:
             "times": {n: [] for n in names}, "extended": False}
 
 
-def spread(runs: list) -> float:
-    """How far a candidate's median run sits over its fastest (0 for fewer than two runs): the
-    first run of a candidate in a process may carry one-time costs, so the median, not the
-    slowest, tells a disturbed measurement from a warm-up."""
-    if len(runs) < 2:
-        return 0.0
-    s = sorted(runs)
-    return s[(len(s) - 1) // 2 + (len(s) % 2 == 0)] / s[0] - 1
+def _decide(runs: dict, feasible: dict):
+    """(winner, rounds agree, {candidate: median ratio}) from the tuning runs {candidate: [s per
+    token, one a round]}. Round i holds each candidate's i-th run, seconds apart, so each
+    candidate is scored by its time over the round's first candidate's, the median over the
+    rounds: a drift of the machine's speed (up to ~30% over minutes on a shared 2-core VM)
+    cancels within a round, where a minimum per candidate over the whole tuning keeps it. The
+    rounds agree when every round after the first (a candidate's first run may carry one-time
+    costs) alone picks the same winner."""
+    names = [n for n in runs if runs[n]]
+    if not names:
+        return _smallest(feasible), True, {}
+    k = min(len(runs[n]) for n in names)
+    ref = names[0]
+    ratio = {n: [runs[n][i] / runs[ref][i] for i in range(k)] for n in names}
+    med = {n: statistics.median(r) for n, r in ratio.items()}
+    win = _least_memory_within_margin(med, feasible)
+    agree = all(_least_memory_within_margin({n: ratio[n][i] for n in names}, feasible) == win
+                for i in range(1, k))
+    return win, agree, med
 
 
 def _tune_step(key, state, feasible, names, hidden, weight, bias, rows, across_ranks=False):
     """One tuning call: runs (and times) the next candidate in the key's order; after the last,
     decides (rank 0 decides and broadcasts when across_ranks) and caches the winner: on disk
-    only where the rounds agree (NOISE), after at most one more round."""
+    only where the rounds agree (_decide), after at most one more round."""
     name = state["order"].pop(0)
     run = name if name in feasible else _smallest(feasible)
     (value, metrics), dt = time_candidate(feasible[run], hidden, weight, bias)
     if run == name:
         state["times"][name].append(dt / max(rows, 1))
     how = "tuning"
-    runs = {n: v for n, v in state["times"].items() if v and n in feasible}
-    noisy = max((spread(v) for v in runs.values()), default=0.0)
-    if not state["order"] and noisy > NOISE and not state["extended"] and not across_ranks:
-        # one more interleaved round before deciding (not across ranks: each rank's noise is its
-        # own, and every rank's order must stay the same length)
-        state["extended"] = True
-        state["order"] = list(reversed(names))
     if not state["order"]:
-        _TUNING.pop(key, None)
-        times = {n: min(v) for n, v in runs.items()}
-        win = _least_memory_within_margin(times, feasible) if times else _smallest(feasible)
-        rank0 = not across_ranks or _rank() == 0
-        if across_ranks:
-            win = _broadcast(win)
-        _DECIDED[key] = win
-        if rank0 and noisy <= NOISE:
-            _write_disk({_skey(key): plan_record(win, times, noisy)})
-        log.debug("plan %s for %s: measured %s (rounds %s)", win, key,
-                  {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()},
-                  f"agree, spread {noisy:.1%}" if noisy <= NOISE else
-                  f"disagree, spread {noisy:.1%}: not cached on disk")
-        how = "measured"
+        runs = {n: v for n, v in state["times"].items() if n in feasible}
+        win, agree, med = _decide(runs, feasible)
+        if not agree and not state["extended"] and not across_ranks:
+            # one more round before deciding (not across ranks: each rank's noise is its own,
+            # and every rank's order must stay the same length)
+            state["extended"] = True
+            state["order"] = list(reversed(names))
+        else:
+            _TUNING.pop(key, None)
+            rank0 = not across_ranks or _rank() == 0
+            if across_ranks:
+                win = _broadcast(win)
+            _DECIDED[key] = win
+            times = {n: min(v) for n, v in runs.items() if v}
+            if rank0 and agree:
+                _write_disk({_skey(key): plan_record(win, times, med)})
+            log.debug("plan %s for %s: measured %s, time over %s's per round (median) %s: %s",
+                      win, key, {n: f"{t * 1e9:.1f} ns/token" for n, t in times.items()},
+                      next(iter(med), None), {n: f"{r:.3f}" for n, r in med.items()},
+                      "the rounds agree" if agree else "the rounds disagree: not cached on disk")
+            how = "measured"
     LAST[:] = [Choice(key, run, how, names)]
     return value, metrics
 

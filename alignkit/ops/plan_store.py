@@ -1,8 +1,8 @@
 """The plan chooser's store (alignkit/ops/plan.py): the plan key, the on-disk cache (JSON only)
 and this machine's measured constants for the cost model (GEMM rate, bandwidth).
 
-The cache file maps a plan key to a record {"plan": name, "ns_per_token": {candidate: ns},
-"spread": the noisiest candidate's median / fastest run - 1, "date": ISO date}: what was measured
+The cache file maps a plan key to a record {"plan": name, "ns_per_token": {candidate: fastest
+run}, "ratio": {candidate: time over the first candidate's in the same round, median}, "date"}: what was measured
 stays beside what was decided, so a stale or doubtful entry can be read and judged (alignkit
 bench --cached-plans shows how each was decided)."""
 from __future__ import annotations
@@ -115,10 +115,12 @@ def disk_plan(key: tuple):
     return rec.get("plan") if isinstance(rec, dict) else None
 
 
-def plan_record(plan: str, times: dict, spread: float) -> dict:
-    """A decided plan as the cache stores it, with its measurements (seconds per token)."""
+def plan_record(plan: str, times: dict, ratios: dict) -> dict:
+    """A decided plan as the cache stores it, with its measurements: each candidate's fastest
+    run (ns per token) and its time over the first candidate's in the same round (median)."""
     return {"plan": plan, "ns_per_token": {n: round(t * 1e9, 3) for n, t in times.items()},
-            "spread": round(spread, 4), "date": time.strftime("%Y-%m-%d")}
+            "ratio": {n: round(r, 4) for n, r in ratios.items()},
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _write_disk(entries: dict):

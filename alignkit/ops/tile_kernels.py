@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.ops.backends import cpp_module
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobArgs
 
 
 @dataclass
@@ -58,7 +58,7 @@ class RowStats:
 _ZM_MIN = -1e4
 
 
-def _z(tile: torch.Tensor, opts: LogprobOptions) -> torch.Tensor:
+def _z(tile: torch.Tensor, opts: LogprobArgs) -> torch.Tensor:
     z = tile.float()
     if opts.softcap is not None:
         z = z if z is not tile else z.clone()
@@ -76,7 +76,7 @@ def _local(targets: torch.Tensor, col0: int, cols: int):
 
 
 # ----------------------------------------------------------------------------------------- torch
-def fold_torch(tile, targets, col0, st: RowStats, opts: LogprobOptions):
+def fold_torch(tile, targets, col0, st: RowStats, opts: LogprobArgs):
     z = _z(tile, opts)
     m_new = torch.maximum(st.m, z.amax(dim=1))
     # a block of −inf logits only: shift by 0 (no −inf − (−inf)); the rescale drops its sums
@@ -94,7 +94,7 @@ def fold_torch(tile, targets, col0, st: RowStats, opts: LogprobOptions):
     st.tgt.copy_(torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), st.tgt))
 
 
-def grad_torch(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobOptions):
+def grad_torch(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobArgs):
     zm = (_z(tile, opts) - lse2[:, :1]).clamp_(min=_ZM_MIN)
     logs = lse2[:, 1:]
     p = torch.exp(zm - logs)
@@ -122,7 +122,7 @@ def _check_tile(tile: torch.Tensor):
                          f"strides {tile.stride()}")
 
 
-def fold_cpp(tile, targets, col0, st: RowStats, opts: LogprobOptions):
+def fold_cpp(tile, targets, col0, st: RowStats, opts: LogprobArgs):
     _check_tile(tile)
     cpp_module().fold(
         _ptr(tile), _ptr(targets), _ptr(st.m), _ptr(st.s), _ptr(st.a), _ptr(st.tgt),
@@ -131,7 +131,7 @@ def fold_cpp(tile, targets, col0, st: RowStats, opts: LogprobOptions):
     )
 
 
-def grad_cpp(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobOptions):
+def grad_cpp(tile, out, targets, col0, lse2, g_lp, ent, g_ent, opts: LogprobArgs):
     _check_tile(tile)
     if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != tile.shape:
         raise ValueError("cpp grad output must be fp32 [rows, cols] with unit column stride")

@@ -10,15 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.ops.options import LogprobOptions
+from alignkit.ops.options import LogprobArgs
 from alignkit.ops.pass_autograd import needs, scaled_grads, stash
 from alignkit.ops.validate import labelled_rows
 from alignkit.ops.vocab_tiles import VocabTiles
 
 
 @dataclass(frozen=True)
-class TokenPassOptions:
-    """A token-level loss L = Σ_t f_t(lp_t, H_t): each token's coefficients are known as soon as
+class TokenPassSpec:
+    """What one token-pass call runs, built per call by the front door (policy_loss, sft_loss)
+    from the loss's math and the chosen plan's TileOptions; not an options object.
+    A token-level loss L = Σ_t f_t(lp_t, H_t): each token's coefficients are known as soon as
     its row is scored, so every tile is formed once (3 GEMMs for any number of sequences).
     coef: (token indices, lp, ent) -> (dL/dlp, dL/dH or None) of a tile's rows; finish: (lp [N],
     ent [N] or None) -> the loss (0-dim); entropy: fold the entropy statistics.
@@ -37,7 +39,7 @@ class TokenPassOptions:
     0; the loss has no smoothing)."""
     coef: object
     finish: object
-    logprob: LogprobOptions
+    logprob: LogprobArgs
     rows: int
     vocab_block: int = 2048
     entropy: bool = False
@@ -48,11 +50,11 @@ class TokenPassOptions:
 
     def __post_init__(self):
         if self.sums and self.coupled:
-            raise ValueError("TokenPassOptions: sums with a coupled loss is not served (a kept G "
+            raise ValueError("TokenPassSpec: sums with a coupled loss is not served (a kept G "
                              "carries one scale per row; the sums' terms are two more)")
 
 
-def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need_w, need_b):
+def _token_grads(hidden, weight, labels, bias, o: TokenPassSpec, need_h, need_w, need_b):
     y = labels.reshape(-1)
     # the label range check and the labelled tokens: one host read (labelled_rows)
     idx = labelled_rows(y, weight.shape[0], o.logprob.ignore_index)
@@ -97,7 +99,7 @@ def _token_grads(hidden, weight, labels, bias, o: TokenPassOptions, need_h, need
 
 class _TokenPass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, o: TokenPassOptions):
+    def forward(ctx, hidden, weight, labels, bias, o: TokenPassSpec):
         need = needs(ctx, bias)
         loss, lp, ent, stats, gh, gw, gb = _token_grads(hidden, weight, labels, bias, o, *need)
         stash(ctx, (gh, gw, gb), _token_grads, o, need, hidden, weight, labels, bias)
@@ -111,10 +113,10 @@ class _TokenPass(torch.autograd.Function):
         return scaled_grads(ctx, grad_loss)
 
 
-def token_pass_loss(hidden, weight, labels, bias, o: TokenPassOptions):
+def token_pass_loss(hidden, weight, labels, bias, o: TokenPassSpec):
     """(loss, lp [N], ent [N] or None) of a token-level loss, its gradient w.r.t. hidden, weight
-    and bias formed in the forward pass (see TokenPassOptions). The caller validated the inputs;
+    and bias formed in the forward pass (see TokenPassSpec). The caller validated the inputs;
     the label range is checked in _token_grads, before any tile is formed (in the pass's one
-    host read). With o.sums, (loss, lp, ent, stats [N, 3]): see TokenPassOptions."""
+    host read). With o.sums, (loss, lp, ent, stats [N, 3]): see TokenPassSpec."""
     loss, lp, ent, stats = _TokenPass.apply(hidden, weight, labels.long(), bias, o)
     return (loss, lp, ent, stats) if o.sums else (loss, lp, ent)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from alignkit.ops.backends import gemm_dtype, resolve
 from alignkit.ops.linear_logprobs import _chunks, _logits_tile, _plan, backward_impl
-from alignkit.ops.options import LogprobOptions, materialize_grads
+from alignkit.ops.options import LogprobArgs, materialize_grads
 from alignkit.ops.tile_kernels import KERNELS, RowStats
 from alignkit.ops.validate import check_float, check_labels, check_same_device, labelled_rows
 from alignkit.ops.vocab_shard import (VocabShard, all_reduce_sum, is_dtensor, local_head,
@@ -43,7 +43,7 @@ _IGNORED, _ELSEWHERE = -1, -2
 CALLS = [0]          # calls of the vocab-parallel forward (tests prove the path ran)
 
 
-def _backend(opts: LogprobOptions, device) -> str:
+def _backend(opts: LogprobArgs, device) -> str:
     if opts.backend == "triton":
         raise NotImplementedError("backend='triton' does not take a vocab-parallel head (its "
                                   "kernels span the whole vocabulary); use 'auto', 'torch' or "
@@ -59,7 +59,7 @@ def _local_labels(y: Tensor, sh: VocabShard, ignore_index: int) -> Tensor:
 
 
 def _shard_stats(h2: Tensor, w: Tensor, b: Optional[Tensor], y_loc: Tensor, idx: Tensor,
-                 opts: LogprobOptions, backend: str):
+                 opts: LogprobArgs, backend: str):
     """(m, s, a or None, t) [M] of the labelled rows idx over this rank's shard w [V_r, H]."""
     M, dev = idx.numel(), h2.device
     st = RowStats.new(M, opts.return_entropy, dev)
@@ -89,7 +89,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     entropy [...] or [0], lse2 [..., 2]); gradients for hidden (summed over the group), W_r, b_r."""
 
     @staticmethod
-    def forward(ctx, hidden, w, b, labels, sh: VocabShard, opts: LogprobOptions, backend: str):
+    def forward(ctx, hidden, w, b, labels, sh: VocabShard, opts: LogprobArgs, backend: str):
         CALLS[0] += 1
         H = w.shape[1]
         h2 = hidden.reshape(-1, H)
@@ -141,7 +141,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 
 def vocab_parallel_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *,
-                         bias: Optional[Tensor], opts: LogprobOptions):
+                         bias: Optional[Tensor], opts: LogprobArgs):
     """linear_logprobs_stats on a vocab-parallel head (a DTensor weight, or a local shard with
     opts.tiles.vocab_group): (logp, entropy or None, lse2 detached), equal on every rank of the
     group, with the whole vocabulary's values. The gradient of a DTensor weight is a DTensor

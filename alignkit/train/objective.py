@@ -18,7 +18,8 @@ from torch import Tensor
 
 from alignkit.losses import kto_loss, logprob_loss, sft_loss
 from alignkit.losses.reward import reward_ranking_loss
-from alignkit.losses.fused import GRAD_MODES, split_options
+from alignkit.losses.fused import split_options
+from alignkit.ops.pass_budget import check_grad_mode
 from alignkit.losses.registry import LOSSES
 
 # the options of the losses the trainer runs outside the paired engine: KTO (the registry's), and
@@ -61,9 +62,7 @@ def check_loss_options(loss: str, options: dict) -> None:
     if extra:
         raise ValueError(f"option(s) {extra} are set by the trainer (backend: a config key; "
                          "softcap / temperature: from the model's config), not in loss_options")
-    if common.get("grad_mode", "auto") not in GRAD_MODES:
-        raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}; got "
-                         f"{common['grad_mode']!r}")
+    check_grad_mode(common.get("grad_mode", "auto"))
     options = {k: v for k, v in options.items() if k != "grad_mode"}
     if "average" in common and not isinstance(common["average"], bool):
         raise ValueError(f"average must be true or false, got {common['average']!r}")

@@ -1,0 +1,125 @@
+"""How far auto's plan sits from the best plan it could take (issue #33: within 3%), measured so
+that the machine's drift does not decide it.
+
+`alignkit bench --plans` times auto and every pinned plan in interleaved rounds and compares
+medians; on a 2-core VM that drifts by up to ~30% over minutes, two rows of the same plan differ
+by up to 10% there, which hides a 3% question. Here, for each shape, loss and dtype:
+
+1. auto decides afresh in this process, as on a user's first run (no decided plan is read from
+   disk): its tuning calls, then its plan P (`how` says whether the rounds agreed and P was
+   cached on disk, or disagreed and held for the process only).
+2. P against every other plan q it could take under the same memory option (the default,
+   "bound"), each pinned, in back-to-back pairs whose order alternates: the median over the
+   pairs of t(P) / t(q). Two runs a second apart see the same machine speed.
+   auto's gap = the largest of those ratios - 1: positive where some plan it could take is
+   faster, at most 0 where P is the fastest.
+3. auto against P pinned, paired the same way: what the chooser itself costs a call.
+
+    python -m bench.plan_gap [--pairs 7] [--shapes A B R2] [--dtypes fp32 bf16] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import alignkit
+from alignkit.bench import harness, methods
+from alignkit.ops import plan
+
+# the issue's two preference shapes and bench.rl's small policy shape
+SHAPES = {"A": ("A 4x512 H512 V32000", 4, 512, 512, 32000, ["dpo"]),
+          "B": ("B 2x1024 H256 V128256", 2, 1024, 256, 128256, ["dpo"]),
+          "R2": ("R2 16x256 H512 V32000", 16, 256, 512, 32000, ["dapo", "grpo beta=0.04", "gspo"])}
+POLICY = {"dapo": dict(loss_type="dapo"), "grpo beta=0.04": dict(loss_type="grpo", beta=0.04),
+          "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _step(case, loss, tiles, name):
+    if loss in POLICY:
+        return methods.alignkit_policy(POLICY[loss], "auto", tiles=tiles, name=name)(case)
+    return methods.alignkit_fused(loss, "auto", tiles=tiles, name=name)(case)
+
+
+def paired(a, b, reset, pairs: int) -> float:
+    """Median over `pairs` back-to-back runs of t(a) / t(b), the order alternating."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            tb = harness.timed_run(b, reset)
+            ta = harness.timed_run(a, reset)
+        else:
+            ta = harness.timed_run(a, reset)
+            tb = harness.timed_run(b, reset)
+        ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
+def one(case, loss, pairs: int, log=print) -> list:
+    """[shape, loss, dtype, auto chose (how), t(P)/t(q) per q, auto's gap, auto / P pinned]."""
+    plan.forget()
+    auto = _step(case, loss, None, "auto")       # settled: tuned afresh, then decided
+    c = methods.CHOSEN["auto"]
+    # how the decision was taken: the tuning call that ended it says measured; settled stops at
+    # the first call after it, which reads the process's cache
+    disk = plan._read_disk().get(plan._skey(c.key))
+    how = "measured, cached on disk" if isinstance(disk, dict) else \
+        "measured, rounds disagreed: this process only"
+    ratios = {}
+    for q in c.feasible:
+        if q == c.plan:
+            continue
+        other = _step(case, loss, alignkit.TileOptions(plan=q), f"plan={q}")
+        mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
+        ratios[q] = paired(mine, other, case.reset, pairs)
+    mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
+    own = paired(auto, mine, case.reset, pairs)
+    gap = max(ratios.values()) - 1 if ratios else 0.0
+    dt = "bf16" if case.h.dtype == torch.bfloat16 else "fp32"
+    row = [case.name.split()[0], loss, dt, f"{c.plan} ({how})",
+           ", ".join(f"{q} {r:.3f}" for q, r in ratios.items()) or "only plan",
+           f"{gap:+.1%}", f"{own:.3f}"]
+    log("  " + " | ".join(row))
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--write", action="store_true")
+    a = p.parse_args(argv)
+    # auto measures afresh, as a user's first run does, into a plan cache of this run's own
+    # (ALIGNKIT_PLAN_CACHE, the documented override): whether a decision reached the disk is then
+    # this run's, and the user's cache is left as it was
+    os.environ["ALIGNKIT_PLAN_CACHE"] = tempfile.mkdtemp(prefix="alignkit-plan-gap-")
+    t0 = time.time()
+    rows = []
+    for s in a.shapes:
+        name, S, T, H, V, losses = SHAPES[s]
+        base = methods.make_case(name, S, T, H, V)
+        for d in a.dtypes:
+            case = base if d == "fp32" else methods.case_as(base, DTYPES[d])
+            for loss in losses:
+                rows.append(one(case, loss, a.pairs))
+    head = ["shape", "loss", "dtype", "auto chose", f"t(auto's plan) / t(other plan), median "
+            f"of {a.pairs} pairs", "auto's gap to the best", "auto / its plan pinned"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    print(f"({time.time() - t0:.0f} s; machine: {harness.machine()})")
+    if a.write:
+        cmd = "python -m bench.plan_gap " + " ".join(argv if argv is not None else sys.argv[1:])
+        print("wrote", harness.write_rows("plan_gap", cmd.strip(), text))
+
+
+if __name__ == "__main__":
+    main()
