@@ -113,8 +113,8 @@ def main(argv=None):
                        help="alignkit with bf16 inputs (auto, recompute, single_pass) beside fp32 "
                             "auto, against the fp32 and the bf16 GEMM floors")
     which.add_argument("--auto-only", action="store_true",
-                       help="the floor and alignkit's default (auto) only, each run right after "
-                            "a floor run: ratio = median of the back-to-back pairs (the targets' "
+                       help="the floor and alignkit's default (auto) only, in back-to-back "
+                            "(floor, auto, auto, floor) quads: ratio = their median (the targets' "
                             "table)")
     which.add_argument("--keep", action="store_true",
                        help="the single pass's keep budget (none, the default, every deferred "

@@ -9,17 +9,18 @@ by up to 10% there, which hides a 3% question. Here, for each shape, loss and dt
    disk): its tuning calls, then its plan P (`how` says whether the rounds agreed and P was
    cached on disk, or disagreed and held for the process only).
 2. P against every other plan q it could take under the same memory option (the default,
-   "bound"), each pinned, in back-to-back pairs whose order alternates: the median over the
-   pairs of t(P) / t(q). Two runs a second apart see the same machine speed.
+   "bound"), each pinned, in back-to-back quads (P, q, q, P): the median over the quads of
+   t(P) / t(q). Runs seconds apart see the same machine speed, and a quad holds both orders.
    auto's gap = the largest of those ratios - 1: positive where some plan it could take is
    faster, at most 0 where P is the fastest.
 3. auto against P pinned, paired the same way: what the chooser itself costs a call.
 
-    python -m bench.plan_gap [--pairs 7] [--shapes A B R2] [--dtypes fp32 bf16] [--write]
+    python -m bench.plan_gap [--quads 4] [--shapes A B R2] [--dtypes fp32 bf16] [--write]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -47,21 +48,23 @@ def _step(case, loss, tiles, name):
     return methods.alignkit_fused(loss, "auto", tiles=tiles, name=name)(case)
 
 
-def paired(a, b, reset, pairs: int) -> float:
-    """Median over `pairs` back-to-back runs of t(a) / t(b), the order alternating."""
+def paired(a, b, reset, quads: int) -> float:
+    """t(a) / t(b) from `quads` runs of (a, b, b, a): each quad's ratio sqrt(t_a1·t_a2 /
+    (t_b1·t_b2)), the median over the quads. Both orders in every quad: on this machine the
+    second run of a back-to-back pair is a few percent slower or faster than the first (5% in
+    a run of single pairs that alternated their order, with one order more often), and the
+    product cancels any such order effect."""
     ratios = []
-    for i in range(pairs):
-        if i % 2:
-            tb = harness.timed_run(b, reset)
-            ta = harness.timed_run(a, reset)
-        else:
-            ta = harness.timed_run(a, reset)
-            tb = harness.timed_run(b, reset)
-        ratios.append(ta / tb)
+    for _ in range(quads):
+        a1 = harness.timed_run(a, reset)
+        b1 = harness.timed_run(b, reset)
+        b2 = harness.timed_run(b, reset)
+        a2 = harness.timed_run(a, reset)
+        ratios.append(math.sqrt(a1 * a2 / (b1 * b2)))
     return statistics.median(ratios)
 
 
-def one(case, loss, pairs: int, log=print) -> list:
+def one(case, loss, quads: int, log=print) -> list:
     """[shape, loss, dtype, auto chose (how), t(P)/t(q) per q, auto's gap, auto / P pinned]."""
     plan.forget()
     auto = _step(case, loss, None, "auto")       # settled: tuned afresh, then decided
@@ -69,7 +72,8 @@ def one(case, loss, pairs: int, log=print) -> list:
     # how the decision was taken: the tuning call that ended it says measured; settled stops at
     # the first call after it, which reads the process's cache
     disk = plan._read_disk().get(plan._skey(c.key))
-    how = "measured, cached on disk" if isinstance(disk, dict) else \
+    how = "the only plan it could take" if len(c.feasible) == 1 else \
+        "measured, cached on disk" if isinstance(disk, dict) else \
         "measured, rounds disagreed: this process only"
     ratios = {}
     for q in c.feasible:
@@ -77,9 +81,9 @@ def one(case, loss, pairs: int, log=print) -> list:
             continue
         other = _step(case, loss, alignkit.TileOptions(plan=q), f"plan={q}")
         mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
-        ratios[q] = paired(mine, other, case.reset, pairs)
+        ratios[q] = paired(mine, other, case.reset, quads)
     mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
-    own = paired(auto, mine, case.reset, pairs)
+    own = paired(auto, mine, case.reset, quads)
     gap = max(ratios.values()) - 1 if ratios else 0.0
     dt = "bf16" if case.h.dtype == torch.bfloat16 else "fp32"
     row = [case.name.split()[0], loss, dt, f"{c.plan} ({how})",
@@ -91,7 +95,8 @@ def one(case, loss, pairs: int, log=print) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--quads", type=int, default=4, help="(auto's plan, other, other, auto's "
+                   "plan) runs per comparison")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--write", action="store_true")
@@ -108,9 +113,9 @@ def main(argv=None):
         for d in a.dtypes:
             case = base if d == "fp32" else methods.case_as(base, DTYPES[d])
             for loss in losses:
-                rows.append(one(case, loss, a.pairs))
+                rows.append(one(case, loss, a.quads))
     head = ["shape", "loss", "dtype", "auto chose", f"t(auto's plan) / t(other plan), median "
-            f"of {a.pairs} pairs", "auto's gap to the best", "auto / its plan pinned"]
+            f"of {a.quads} quads", "auto's gap to the best", "auto / its plan pinned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines)

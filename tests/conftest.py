@@ -161,7 +161,8 @@ def plan_environment(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def plan_chooser(plan_environment):
-    from alignkit.ops import plan
+    from alignkit.ops import plan, plan_store
     plan.forget()
     yield plan
     plan.forget()
+    plan_store.read_disk_plans(True)      # a bench run in a test (use_plan_cache) turned it off

@@ -276,7 +276,7 @@ def test_plan_gap_bench_pairs_auto_with_every_plan_it_could_take(monkeypatch, ca
     import alignkit.losses.policy as policy
     for m in (fused, policy):
         monkeypatch.setattr(m, "note", plan.note, raising=False)
-    pg.main(["--pairs", "1", "--dtypes", "fp32"])
+    pg.main(["--quads", "1", "--dtypes", "fp32"])
     out = capsys.readouterr().out
     assert "| A | dpo | fp32 | " in out and "| R2 | gspo | fp32 | " in out
     assert {"recompute", "single_pass"} <= set(ran)

@@ -94,6 +94,11 @@ def parser():
     p.add_argument("--budget", type=float, default=90.0,
                    help="seconds for the timing rounds: fewer rounds (at least one) when "
                         "--reps would not fit")
+    p.add_argument("--paired", action="store_true",
+                   help="each time / floor as the median of --reps back-to-back (floor, method, "
+                        "method, floor) quads, which the machine's drift and the order of a pair "
+                        "do not reach (for ratios a few percent apart on a shared machine); "
+                        "ignores --budget")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-peers", action="store_true", help="alignkit and the floor only")
     p.add_argument("--peers", nargs="*", metavar="NAME",
@@ -158,6 +163,7 @@ def run(argv=None, log=print) -> dict:
     _, rows = harness.measure(name, steps, reset=case.reset, reps=a.reps,
                               grads_mib=case.grads_mib,
                               skip_memory=a.no_memory, log=lambda *x: None, budget_s=a.budget,
+                              paired=a.paired,
                               progress=tick, skipped=skipped, floor=next(iter(steps)))
     if bar:
         bar.close()
@@ -172,8 +178,10 @@ def run(argv=None, log=print) -> dict:
             methods.auto_table(methods.auto_against_plans(renamed))
     log(table)
     gemms = "four" if a.loss == "distill" else "three"
+    how = f"the median of {a.reps} back-to-back (floor, method, method, floor) quads" \
+        if a.paired else "timed in the same rounds"
     log(f"({time.time() - t_all:.0f} s; time / floor: the {gemms}"
-        " GEMMs over the labelled tokens in the same dtype, timed in the same rounds; memory "
+        f" GEMMs over the labelled tokens in the same dtype, {how}; memory "
         "floor: grad_W + grad_h)")
     if a.csv:
         harness.write_csv(rows, a.csv)

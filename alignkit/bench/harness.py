@@ -9,6 +9,7 @@ before the run (inputs, weights) are not counted; gradients and everything the m
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import time
@@ -53,10 +54,12 @@ def interleaved_times(steps: dict, warmup: int = 1, reps: int = 3, reset=None,
 
 
 def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=None):
-    """Each step's time over the `base` step's, the base run right before it in every round:
-    median of the per-pair ratios, plus the median seconds of each step. Two runs seconds
-    apart see the same machine speed, so the ratio loses most of the drift that a ratio of
-    two medians keeps (up to ~30% here). Returns (ratios, seconds)."""
+    """Each step's time over the `base` step's from `reps` back-to-back quads (base, step, step,
+    base): each quad's ratio sqrt(t_s1·t_s2 / (t_b1·t_b2)), the median over the quads, plus the
+    median seconds of each step. Runs seconds apart see the same machine speed, so the ratio
+    loses most of the drift that a ratio of two medians keeps (up to ~30% here); a quad holds
+    both orders, so the few percent by which the second run of a pair differs from the first
+    cancel too. Returns (ratios, seconds)."""
     for fn in steps.values():
         for _ in range(warmup):
             timed_run(fn, reset)
@@ -64,11 +67,13 @@ def paired_ratios(steps: dict, base: str, warmup: int = 1, reps: int = 5, reset=
     secs = {k: [] for k in steps}
     for _ in range(reps):
         for k in ratios:
-            b = timed_run(steps[base], reset)
-            t = timed_run(steps[k], reset)
-            secs[base].append(b)
-            secs[k].append(t)
-            ratios[k].append(t / b)
+            b1 = timed_run(steps[base], reset)
+            t1 = timed_run(steps[k], reset)
+            t2 = timed_run(steps[k], reset)
+            b2 = timed_run(steps[base], reset)
+            secs[base] += [b1, b2]
+            secs[k] += [t1, t2]
+            ratios[k].append(math.sqrt(t1 * t2 / (b1 * b2)))
     return ({k: statistics.median(v) for k, v in ratios.items()},
             {k: statistics.median(v) for k, v in secs.items()})
 
@@ -91,7 +96,7 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
     3. `reps` interleaved rounds (one run of every step a round), so that the machine's drift
        hits every method alike; with budget_s, fewer rounds (at least one) when the warm runs
        say that `reps` would not fit in it. paired: each step's ratio to the floor is instead
-       the median of `reps` (floor, step) back-to-back pairs (paired_ratios).
+       the median of `reps` back-to-back (floor, step, step, floor) quads (paired_ratios).
     Steps named in `unlisted` are timed but get no row (the caller reports them against another
     baseline); `skipped` {name: why} become rows with the reason (a peer not installed).
     floor: the step every ratio is to (FLOOR; bench.distill's 4-GEMM floor)."""
@@ -119,7 +124,7 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
         per_round = sum(warm[k] for k in steps if k not in slow)
         reps = max(1, min(reps, int(budget_s / max(per_round, 1e-9))))
     log(f"[{label}] timing {len(steps)} steps x {reps} "
-        f"{'(floor, step) pairs' if paired else 'interleaved rounds'}")
+        f"{'(floor, step, step, floor) quads' if paired else 'interleaved rounds'}")
     ratio = {}
     if paired:
         ratio, t = paired_ratios(steps, floor, warmup=0, reps=reps, reset=reset)
@@ -134,7 +139,7 @@ def measure(label: str, steps: dict, *, reset, reps: int, grads_mib: float, skip
             continue
         note = "one warm run (> 8x floor)" if k in slow else ""
         if k in ratio:
-            note = f"median of {reps} (floor, step) pairs"
+            note = f"median of {reps} (floor, step, step, floor) quads"
         rows.append(Row(label, k, t[k], mem.get(k), floor_s, grads_mib, note=note,
                         ratio=ratio.get(k)))
         log(f"  {k:40s} {t[k]:7.3f}s  {rows[-1].x_floor:5.2f}x floor  "
