@@ -15,7 +15,8 @@ by up to 10% there, which hides a 3% question. Here, for each shape, loss and dt
    faster, at most 0 where P is the fastest.
 3. auto against P pinned, paired the same way: what the chooser itself costs a call.
 
-    python -m bench.plan_gap [--quads 4] [--shapes A B R2] [--dtypes fp32 bf16] [--write]
+    python -m bench.plan_gap [--quads 4] [--shapes A B R2] [--dtypes fp32 bf16] [--write [NAME]]
+    python -m bench.plan_gap --shapes B1 B2 B3 long R3 --dtypes fp32 --write plan_gap_full
 """
 from __future__ import annotations
 
@@ -33,10 +34,18 @@ import alignkit
 from alignkit.bench import harness, methods
 from alignkit.ops import plan
 
-# the issue's two preference shapes and bench.rl's small policy shape
+# the issue's two preference shapes and bench.rl's small policy shape (the default), then the
+# other bench shapes: bench.losses' full preset (DPO and ORPO, an untied loss) and bench.rl's R3
+RL = ["dapo", "grpo beta=0.04", "gspo"]
 SHAPES = {"A": ("A 4x512 H512 V32000", 4, 512, 512, 32000, ["dpo"]),
           "B": ("B 2x1024 H256 V128256", 2, 1024, 256, 128256, ["dpo"]),
-          "R2": ("R2 16x256 H512 V32000", 16, 256, 512, 32000, ["dapo", "grpo beta=0.04", "gspo"])}
+          "R2": ("R2 16x256 H512 V32000", 16, 256, 512, 32000, RL),
+          "B1": ("B1 4x1024 H1024 V32000", 4, 1024, 1024, 32000, ["dpo", "orpo"]),
+          "B2": ("B2 2x512 H384 V151936", 2, 512, 384, 151936, ["dpo", "orpo"]),
+          "B3": ("B3 2x4096 H256 V32000", 2, 4096, 256, 32000, ["dpo", "orpo"]),
+          "long": ("long 2x8192 H256 V32000", 2, 8192, 256, 32000, ["dpo", "orpo"]),
+          "R3": ("R3 2x8192 H256 V32000", 2, 8192, 256, 32000, RL)}
+DEFAULT = ["A", "B", "R2"]
 POLICY = {"dapo": dict(loss_type="dapo"), "grpo beta=0.04": dict(loss_type="grpo", beta=0.04),
           "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,9 +106,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quads", type=int, default=4, help="(auto's plan, other, other, auto's "
                    "plan) runs per comparison")
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=DEFAULT, choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--write", action="store_true")
+    p.add_argument("--write", metavar="NAME", nargs="?", const="plan_gap",
+                   help="save the table as rows for bench/RESULTS.md (default name plan_gap)")
     a = p.parse_args(argv)
     # auto measures afresh, as a user's first run does, into a plan cache of this run's own
     # (ALIGNKIT_PLAN_CACHE, the documented override): whether a decision reached the disk is then
@@ -123,7 +133,7 @@ def main(argv=None):
     print(f"({time.time() - t0:.0f} s; machine: {harness.machine()})")
     if a.write:
         cmd = "python -m bench.plan_gap " + " ".join(argv if argv is not None else sys.argv[1:])
-        print("wrote", harness.write_rows("plan_gap", cmd.strip(), text))
+        print("wrote", harness.write_rows(a.write, cmd.strip(), text))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,7 @@ def test_plan_gap_bench_pairs_auto_with_every_plan_it_could_take(monkeypatch, ca
     from alignkit.ops import plan
     monkeypatch.setattr(pg, "SHAPES", {"A": ("A 2x24 H16 V300", 2, 24, 16, 300, ["dpo"]),
                                        "R2": ("R2 2x24 H16 V300", 2, 24, 16, 300, ["gspo"])})
+    monkeypatch.setattr(pg, "DEFAULT", ["A", "R2"])
     monkeypatch.setenv("ALIGNKIT_AUTOTUNE", "1")
     monkeypatch.setenv("ALIGNKIT_PLAN_CACHE", str(tmp_path))    # main points it at its own
     ran = []

@@ -128,6 +128,19 @@ def test_rounds_that_disagree_get_one_more_round_and_are_not_cached_on_disk(monk
     assert plan.LAST[0].how == "tuning"
 
 
+def test_a_close_call_takes_the_least_memory_plan_for_this_process_only(monkeypatch):
+    """The single pass at 0.99 of the recompute's time in every round: within the margin, so the
+    recompute (less memory) serves, but a close call is not written to disk: one process's
+    phase of the machine should not settle it for every later process."""
+    _steady(monkeypatch, {"recompute": 1.0, "single_pass": 0.99})
+    h, W, y = _pair()
+    for _ in range(2 * plan.ROUNDS + 3):
+        _step(h, W, y, loss="simpo", tiles=TUNED)
+    assert (plan.LAST[0].how, plan.LAST[0].plan) == ("cache", "recompute")
+    assert not os.path.exists(plan.cache_path()) or not any(
+        "|pair:" in k for k in json.load(open(plan.cache_path())))
+
+
 def test_a_round_is_scored_against_its_own_first_candidate(monkeypatch):
     """The machine slows down after the first call (drift): each round's times are compared
     within the round, so the candidate that is faster in every round wins; the fastest run of

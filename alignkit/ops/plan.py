@@ -24,7 +24,8 @@ Choice, in order:
      and the winner is the least-memory candidate within MARGIN of the fastest, each scored by
      its time over the first candidate's in the same round (the median over the rounds: drift
      cancels within a round). It is cached in memory, and on disk where the rounds agree (each
-     round after the first, alone, picks the same winner); where they do not, one more round;
+     round after the first, alone, picks the same winner, with no margin and with twice the
+     margin too, so a close call is not kept); where they do not, one more round;
      still disagreeing (the candidates are too close to call on this machine, or another process
      took the cores), the choice holds for this process only and the next one measures again,
      so one disturbed measurement is not kept for good;
@@ -245,9 +246,9 @@ def candidates(weight, hidden, rows: int, backend: str, t: TileOptions, run_reco
 
 # ---- the choice ------------------------------------------------------------------------------
 
-def _least_memory_within_margin(times: dict, cands: dict) -> str:
+def _least_memory_within_margin(times: dict, cands: dict, margin: float = MARGIN) -> str:
     best = min(times.values())
-    ok = [n for n, t in times.items() if t <= best * (1 + MARGIN)]
+    ok = [n for n, t in times.items() if t <= best * (1 + margin)]
     return min(ok, key=lambda n: (cands[n].peak, PLANS.index(n)))
 
 
@@ -320,7 +321,9 @@ def _decide(runs: dict, feasible: dict):
     rounds: a drift of the machine's speed (up to ~30% over minutes on a shared 2-core VM)
     cancels within a round, where a minimum per candidate over the whole tuning keeps it. The
     rounds agree when every round after the first (a candidate's first run may carry one-time
-    costs) alone picks the same winner."""
+    costs) alone picks the same winner, and would with no margin and with twice MARGIN: a
+    candidate that sits near the margin (0.99 of the recompute's time, say) is a close call,
+    which one process's measurement should not settle for every later process."""
     names = [n for n in runs if runs[n]]
     if not names:
         return _smallest(feasible), True, {}
@@ -329,8 +332,8 @@ def _decide(runs: dict, feasible: dict):
     ratio = {n: [runs[n][i] / runs[ref][i] for i in range(k)] for n in names}
     med = {n: statistics.median(r) for n, r in ratio.items()}
     win = _least_memory_within_margin(med, feasible)
-    agree = all(_least_memory_within_margin({n: ratio[n][i] for n in names}, feasible) == win
-                for i in range(1, k))
+    agree = all(_least_memory_within_margin({n: ratio[n][i] for n in names}, feasible, m) == win
+                for i in range(1, k) for m in (0.0, MARGIN, 2 * MARGIN))
     return win, agree, med
 
 
