@@ -332,8 +332,10 @@ def _decide(runs: dict, feasible: dict):
     ratio = {n: [runs[n][i] / runs[ref][i] for i in range(k)] for n in names}
     med = {n: statistics.median(r) for n, r in ratio.items()}
     win = _least_memory_within_margin(med, feasible)
-    agree = all(_least_memory_within_margin({n: ratio[n][i] for n in names}, feasible, m) == win
-                for i in range(1, k) for m in (0.0, MARGIN, 2 * MARGIN))
+    # (fewer than two rounds, where a candidate did not fit some calls: nothing to agree with)
+    agree = k >= 2 and all(
+        _least_memory_within_margin({n: ratio[n][i] for n in names}, feasible, m) == win
+        for i in range(1, k) for m in (0.0, MARGIN, 2 * MARGIN))
     return win, agree, med
 
 
