@@ -9,7 +9,7 @@ by up to 10% there, which hides a 3% question. Here, for each shape, loss and dt
    disk): its tuning calls, then its plan P (`how` says whether the rounds agreed and P was
    cached on disk, or disagreed and held for the process only).
 2. P against every other plan q it could take under the same memory option (the default,
-   "bound"), each pinned, in back-to-back quads (P, q, q, P): the median over the quads of
+   "bound"), each pinned, in back-to-back quads (q, P, P, q): the median over the quads of
    t(P) / t(q). Runs seconds apart see the same machine speed, and a quad holds both orders.
    auto's gap = the largest of those ratios - 1: positive where some plan it could take is
    faster, at most 0 where P is the fastest.
@@ -21,9 +21,7 @@ by up to 10% there, which hides a 3% question. Here, for each shape, loss and dt
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +30,8 @@ import torch
 
 import alignkit
 from alignkit.bench import harness, methods
-from alignkit.ops import plan
+from alignkit.ops import plan, plan_store
+from bench.rl import RUNS
 
 # the issue's two preference shapes and bench.rl's small policy shape (the default), then the
 # other bench shapes: bench.losses' full preset (DPO and ORPO, an untied loss) and bench.rl's R3
@@ -46,8 +45,8 @@ SHAPES = {"A": ("A 4x512 H512 V32000", 4, 512, 512, 32000, ["dpo"]),
           "long": ("long 2x8192 H256 V32000", 2, 8192, 256, 32000, ["dpo", "orpo"]),
           "R3": ("R3 2x8192 H256 V32000", 2, 8192, 256, 32000, RL)}
 DEFAULT = ["A", "B", "R2"]
-POLICY = {"dapo": dict(loss_type="dapo"), "grpo beta=0.04": dict(loss_type="grpo", beta=0.04),
-          "gspo": dict(loss_type="grpo", importance_sampling_level="sequence")}
+# bench.rl's runs of those names (label -> policy_loss keywords)
+POLICY = {k: v for k, v in RUNS if k in RL}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -58,19 +57,10 @@ def _step(case, loss, tiles, name):
 
 
 def paired(a, b, reset, quads: int) -> float:
-    """t(a) / t(b) from `quads` runs of (a, b, b, a): each quad's ratio sqrt(t_a1·t_a2 /
-    (t_b1·t_b2)), the median over the quads. Both orders in every quad: on this machine the
-    second run of a back-to-back pair is a few percent slower or faster than the first (5% in
-    a run of single pairs that alternated their order, with one order more often), and the
-    product cancels any such order effect."""
-    ratios = []
-    for _ in range(quads):
-        a1 = harness.timed_run(a, reset)
-        b1 = harness.timed_run(b, reset)
-        b2 = harness.timed_run(b, reset)
-        a2 = harness.timed_run(a, reset)
-        ratios.append(math.sqrt(a1 * a2 / (b1 * b2)))
-    return statistics.median(ratios)
+    """t(a) / t(b), the median of `quads` back-to-back (b, a, a, b) quads (harness.paired_ratios:
+    a quad holds both orders, which cancels the few percent by which the second run of a pair
+    differs from the first here)."""
+    return harness.paired_ratios({"a": a, "b": b}, "b", warmup=0, reps=quads, reset=reset)[0]["a"]
 
 
 def one(case, loss, quads: int, log=print) -> list:
@@ -80,18 +70,13 @@ def one(case, loss, quads: int, log=print) -> list:
     c = methods.CHOSEN["auto"]
     # how the decision was taken: the tuning call that ended it says measured; settled stops at
     # the first call after it, which reads the process's cache
-    disk = plan._read_disk().get(plan._skey(c.key))
     how = "the only plan it could take" if len(c.feasible) == 1 else \
-        "measured, cached on disk" if isinstance(disk, dict) else \
+        "measured, cached on disk" if plan_store.disk_plan(c.key) is not None else \
         "measured, rounds disagreed: this process only"
-    ratios = {}
-    for q in c.feasible:
-        if q == c.plan:
-            continue
-        other = _step(case, loss, alignkit.TileOptions(plan=q), f"plan={q}")
-        mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
-        ratios[q] = paired(mine, other, case.reset, quads)
     mine = _step(case, loss, alignkit.TileOptions(plan=c.plan), f"plan={c.plan}")
+    ratios = {q: paired(mine, _step(case, loss, alignkit.TileOptions(plan=q), f"plan={q}"),
+                        case.reset, quads)
+              for q in c.feasible if q != c.plan}
     own = paired(auto, mine, case.reset, quads)
     gap = max(ratios.values()) - 1 if ratios else 0.0
     dt = "bf16" if case.h.dtype == torch.bfloat16 else "fp32"
@@ -104,8 +89,8 @@ def one(case, loss, quads: int, log=print) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quads", type=int, default=4, help="(auto's plan, other, other, auto's "
-                   "plan) runs per comparison")
+    p.add_argument("--quads", type=int, default=4, help="(other plan, auto's plan, auto's "
+                   "plan, other plan) runs per comparison")
     p.add_argument("--shapes", nargs="*", default=DEFAULT, choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--write", metavar="NAME", nargs="?", const="plan_gap",

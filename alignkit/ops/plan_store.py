@@ -2,9 +2,9 @@
 and this machine's measured constants for the cost model (GEMM rate, bandwidth).
 
 The cache file maps a plan key to a record {"plan": name, "ns_per_token": {candidate: fastest
-run}, "ratio": {candidate: time over the first candidate's in the same round, median}, "date"}: what was measured
-stays beside what was decided, so a stale or doubtful entry can be read and judged (alignkit
-bench --cached-plans shows how each was decided)."""
+run}, "ratio": {candidate: time over the first candidate's in the same round, median}, "date"}:
+what was measured stays beside what was decided, so a stale or doubtful entry can be read and
+judged."""
 from __future__ import annotations
 
 import functools
@@ -42,18 +42,17 @@ def _machine_id(device: str) -> str:
         return f"cuda:{p.name}:sm{p.major}{p.minor}"
     # the model name alone can be "AMD EPYC" on a VM whatever the generation: the family and model
     # numbers tell a Zen 2 from a Zen 3, which the flags do not
-    info = {"model name": "cpu", "cpu family": "?", "model": "?"}
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k in info and info[k] in ("cpu", "?"):
-                    info[k] = v.strip()
-                if not line.strip():
+                if not line.strip():            # the first processor's block is enough
                     break
+                k, _, v = line.partition(":")
+                info[k.strip()] = v.strip()
     except OSError:
         pass
+    info = {"model name": "cpu", "cpu family": "?", "model": "?", **info}
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
     return (f"cpu:{info['model name']}:f{info['cpu family']}m{info['model']}:{os.cpu_count()}c:"
             f"{','.join(flags)}")

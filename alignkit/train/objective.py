@@ -19,8 +19,8 @@ from torch import Tensor
 from alignkit.losses import kto_loss, logprob_loss, sft_loss
 from alignkit.losses.reward import reward_ranking_loss
 from alignkit.losses.fused import split_options
-from alignkit.ops.pass_budget import check_grad_mode
 from alignkit.losses.registry import LOSSES
+from alignkit.ops.pass_budget import check_grad_mode
 
 # the options of the losses the trainer runs outside the paired engine: KTO (the registry's), and
 # two that score no preference
